@@ -1,0 +1,43 @@
+"""RGMModel, its layer specs and the builder used by training and tools."""
+
+from __future__ import annotations
+
+from megatron_rgm.model.rgm_model import RGMModel, SPRMHead
+from megatron_rgm.model.specs import RGMNorm, block_spec, layer_spec
+
+__all__ = ["RGMModel", "SPRMHead", "RGMNorm", "block_spec", "layer_spec", "build_model"]
+
+
+def build_model(args) -> list[RGMModel]:
+    """This rank's model chunks (one per virtual pipeline stage).
+
+    Args:
+        args: :class:`megatron_rgm.arguments.Args`; ``parallel_state`` must be
+            initialised with the same layout.
+
+    Returns:
+        A list of :class:`RGMModel`, one per virtual stage (one without
+        virtual pipelining).
+    """
+    from megatron.core import parallel_state
+
+    vp = args.parallel.virtual_pipeline_model_parallel_size
+    chunks = []
+    for vp_stage in range(vp or 1):
+        stage = vp_stage if vp else None
+        chunks.append(
+            RGMModel(
+                config=args.transformer,
+                rgm_config=args.rgm,
+                transformer_layer_spec=block_spec(args.transformer, args.run.transformer_impl, vp_stage=stage),
+                vocab_size=args.vocab_size,
+                max_sequence_length=args.max_position_embeddings,
+                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+                share_embeddings_and_output_weights=args.share_embeddings_and_output_weights,
+                position_embedding_type=args.position_embedding_type,
+                rotary_base=args.rotary_base,
+                vp_stage=stage,
+            )
+        )
+    return chunks

@@ -1,0 +1,253 @@
+"""RGMModel: a megatron-core GPTModel that is also its own process reward model.
+
+The SPRM head lives on the last pipeline stage and reads the output of
+transformer layer ``sprm_layer`` (default -2, the penultimate layer) at the
+positions of a step mask. That layer's output is either produced on the last
+stage (captured by a forward hook) or, when the last stage starts right after
+it, is the stage's input tensor.
+
+Full activation recomputation runs the captured layer under ``no_grad`` first
+and again inside the backward pass. The feature captured in the first pass has
+no graph, so the head's gradient w.r.t. the feature is handed over explicitly:
+the decoder's output is routed through :class:`_Bridge`, whose backward runs
+before the recomputation (the recomputation is upstream of the decoder output)
+and leaves the head's feature gradient where the recomputed layer output picks
+it up (:class:`_AddGrad`).
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_rgm.config import ConfigError, RGMConfig
+
+
+class SPRMHead(torch.nn.Sequential):
+    """``Linear(c, m*c) -> ReLU -> Dropout(p) -> Linear(m*c, 1)``.
+
+    A ``Sequential`` so that its state dict keys are ``0.weight 0.bias 3.weight
+    3.bias``, the format of the reference release's ``score_module.pt``.
+    """
+
+    def __init__(self, hidden_size: int, hidden_mult: int = 2, dropout: float = 0.5, dtype=torch.float32):
+        inner = hidden_mult * hidden_size
+        super().__init__(
+            torch.nn.Linear(hidden_size, inner, dtype=dtype),
+            torch.nn.ReLU(),
+            torch.nn.Dropout(dropout),
+            torch.nn.Linear(inner, 1, dtype=dtype),
+        )
+
+    @staticmethod
+    def num_parameters(hidden_size: int, hidden_mult: int = 2) -> int:
+        """Parameter count: ``2c^2 + 3c + 1`` for ``hidden_mult=2``."""
+        inner = hidden_mult * hidden_size
+        return hidden_size * inner + inner + inner + 1
+
+
+class _Bridge(torch.autograd.Function):
+    """Identity on the decoder output that also emits the feature as a graph leaf.
+
+    Backward hands the feature gradient to ``capture.pending_grad`` and passes
+    the decoder-output gradient through unchanged.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, feature, capture):
+        ctx.capture = capture
+        return hidden.view_as(hidden), feature.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad_hidden, grad_feature):
+        ctx.capture.pending_grad = grad_feature
+        return grad_hidden, None, None
+
+
+class _AddGrad(torch.autograd.Function):
+    """Identity whose backward adds a stored gradient (the head's) to the incoming one."""
+
+    @staticmethod
+    def forward(ctx, x, extra):
+        ctx.save_for_backward(extra)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (extra,) = ctx.saved_tensors
+        return grad + extra.to(grad.dtype), None
+
+
+class _FeatureCapture:
+    """Holds the feature of the current forward pass; see the module docstring."""
+
+    def __init__(self):
+        self.feature: torch.Tensor | None = None
+        self.needs_bridge = False
+        self.pending_grad: torch.Tensor | None = None
+
+    def reset(self):
+        self.feature = None
+        self.needs_bridge = False
+
+    def layer_hook(self, module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        if torch.is_grad_enabled() and self.pending_grad is not None:
+            # Recomputation inside backward: attach the head's feature gradient.
+            extra, self.pending_grad = self.pending_grad, None
+            hidden = _AddGrad.apply(hidden, extra)
+            return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+        self.feature = hidden
+        self.needs_bridge = not torch.is_grad_enabled()
+        return None
+
+    def decoder_hook(self, module, args, output):
+        if self.needs_bridge and torch.is_tensor(output) and output.requires_grad:
+            output, self.feature = _Bridge.apply(output, self.feature, self)
+            self.needs_bridge = False
+            return output
+        return None
+
+
+class RGMModel(GPTModel):
+    """GPTModel + SPRM head on the last pipeline stage.
+
+    Args:
+        config: megatron TransformerConfig of the backbone.
+        rgm_config: head options (:class:`RGMConfig`).
+        transformer_layer_spec: layer or block spec (see :mod:`megatron_rgm.model.specs`).
+        vocab_size, max_sequence_length, pre_process, post_process, **kwargs:
+            as for megatron-core's ``GPTModel``.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        rgm_config: RGMConfig,
+        transformer_layer_spec,
+        vocab_size: int,
+        max_sequence_length: int,
+        pre_process: bool = True,
+        post_process: bool = True,
+        **kwargs,
+    ):
+        super().__init__(
+            config,
+            transformer_layer_spec,
+            vocab_size,
+            max_sequence_length,
+            pre_process=pre_process,
+            post_process=post_process,
+            **kwargs,
+        )
+        self.rgm_config = rgm_config
+        self.feature_layer = rgm_config.resolve_layer(config.num_layers)
+        self._capture = _FeatureCapture()
+        self.sprm_head = None
+        if not post_process:
+            return
+        if config.context_parallel_size > 1:
+            raise ConfigError("the SPRM head does not support context parallelism yet: use --context-parallel-size 1")
+        layers = self.decoder.layers
+        first = layers[0].layer_number - 1 if len(layers) else config.num_layers
+        if first <= self.feature_layer < first + len(layers):
+            layers[self.feature_layer - first].register_forward_hook(self._capture.layer_hook)
+            self.decoder.register_forward_hook(self._capture.decoder_hook)
+            self._feature_from_input = False
+        elif self.feature_layer == first - 1:
+            self._feature_from_input = True
+        else:
+            raise ConfigError(
+                f"--sprm-layer {rgm_config.sprm_layer} (layer {self.feature_layer}) is not on the last "
+                f"pipeline stage, which holds layers {first}..{first + len(layers) - 1}; the head reads "
+                "a layer of the last stage or the last layer of the stage before it: choose such a "
+                "--sprm-layer or move layers with --decoder-last-pipeline-num-layers"
+            )
+        self.sprm_head = SPRMHead(
+            config.hidden_size, rgm_config.sprm_hidden_mult, rgm_config.sprm_dropout, dtype=config.params_dtype
+        )
+        self._sync_head_over_tp()
+
+    def _sync_head_over_tp(self) -> None:
+        # The head is replicated over tensor-parallel ranks; start them equal.
+        if not torch.distributed.is_initialized():
+            return
+        if parallel_state.get_tensor_model_parallel_world_size() == 1:
+            return
+        group = parallel_state.get_tensor_model_parallel_group()
+        src = torch.distributed.get_global_rank(group, 0)
+        for p in self.sprm_head.parameters():
+            torch.distributed.broadcast(p.data, src, group=group)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        decoder_input: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        step_mask: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        """Backbone forward plus head logits at the step positions.
+
+        Args:
+            input_ids: ``[b, s]`` token ids (first stage).
+            position_ids: ``[b, s]``.
+            attention_mask: as for GPTModel (None: causal).
+            labels: ``[b, s]``; when given the LM output is the per-token loss ``[b, s]``.
+            step_mask: ``[b, s]`` bool, True at the positions whose hidden state
+                is scored (the position *before* each step token).
+
+        Returns:
+            Not last stage: the hidden states to send on. Last stage, no
+            ``step_mask``: the LM output (logits ``[b, s, v/tp]`` or loss
+            ``[b, s]``). Last stage with ``step_mask``: ``(lm_output,
+            step_logits)`` with ``step_logits`` ``[S]`` float32, in row-major
+            order of ``step_mask`` (trajectory by trajectory: the packed layout).
+        """
+        self._capture.reset()
+        lm_output = super().forward(
+            input_ids, position_ids, attention_mask, decoder_input=decoder_input, labels=labels, **kwargs
+        )
+        if not self.post_process or step_mask is None:
+            return lm_output
+        return lm_output, self.score_positions(self.sprm_feature(), step_mask)
+
+    def sprm_feature(self) -> torch.Tensor:
+        """The head's input of the last forward: ``[s, b, h]`` (``[s/tp, b, h]`` under SP)."""
+        if self._feature_from_input:
+            return self.decoder.input_tensor
+        if self._capture.feature is None:
+            raise RuntimeError("no SPRM feature captured: call forward on the last pipeline stage first")
+        return self._capture.feature
+
+    def score_positions(self, feature: torch.Tensor, step_mask: torch.Tensor) -> torch.Tensor:
+        """Head logits at the masked positions of a ``[s, b, h]`` feature.
+
+        Args:
+            feature: ``[s, b, h]``, sequence-sharded ``[s/tp, b, h]`` under sequence parallelism.
+            step_mask: ``[b, s]`` bool.
+
+        Returns:
+            ``[S]`` float32 logits, S = ``step_mask.sum()``.
+        """
+        if self.config.sequence_parallel:
+            # Every TP rank runs the replicated head on the whole sequence; the
+            # backward hands each rank the gradient of its own slice.
+            feature = tensor_parallel.gather_from_sequence_parallel_region(
+                feature, tensor_parallel_output_grad=False
+            )
+        if step_mask.shape != (feature.shape[1], feature.shape[0]):
+            raise ValueError(
+                f"step_mask has shape {tuple(step_mask.shape)} but the batch is "
+                f"[b={feature.shape[1]}, s={feature.shape[0]}]: pass one flag per token"
+            )
+        selected = feature.transpose(0, 1)[step_mask.to(torch.bool)]  # [S, h]
+        scale = self.rgm_config.sprm_backbone_grad_scale
+        if scale != 1.0:
+            selected = selected * scale + selected.detach() * (1.0 - scale)
+        head_dtype = self.sprm_head[0].weight.dtype
+        return self.sprm_head(selected.to(head_dtype)).squeeze(-1).float()

@@ -1,0 +1,98 @@
+"""Layer specs: megatron-core's local modules (default) or Transformer Engine's.
+
+The local spec is megatron-core's own, with one change: its norms are
+:class:`RGMNorm`, which, unlike ``WrappedTorchNorm``, accepts sequence
+parallelism (megatron-core's local norm refuses it, and the TE/apex norms that
+allow it need a GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_rgm.config import ConfigError
+
+
+def transformer_engine_available() -> bool:
+    """Whether Transformer Engine imports (it needs a GPU build)."""
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+class RGMNorm(torch.nn.Module):
+    """LayerNorm or RMSNorm (``config.normalization``) that runs under sequence parallelism.
+
+    Under sequence parallelism each tensor-parallel rank normalises its own
+    slice of the sequence, so its weight gradient is partial; the weights carry
+    ``sequence_parallel=True`` and megatron's ``finalize_model_grads`` sums them
+    over the tensor-parallel group.
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_unused):
+        super().__init__()
+        if config.normalization not in ("LayerNorm", "RMSNorm"):
+            raise ConfigError(f"normalization {config.normalization!r} is not supported: use LayerNorm or RMSNorm")
+        self.rms = config.normalization == "RMSNorm"
+        self.eps = eps
+        self.hidden_size = hidden_size
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        self.bias = None if self.rms else torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype))
+        for p in self.parameters():
+            setattr(p, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rms:
+            return F.rms_norm(x, (self.hidden_size,), self.weight, self.eps)
+        return F.layer_norm(x, (self.hidden_size,), self.weight, self.bias, self.eps)
+
+
+def layer_spec(config: TransformerConfig, transformer_impl: str = "local") -> ModuleSpec:
+    """Spec of one transformer layer.
+
+    Args:
+        config: the model's TransformerConfig (normalization, qk_layernorm).
+        transformer_impl: ``local`` (megatron-core modules, CPU and GPU) or
+            ``transformer_engine`` (needed for FP8).
+    """
+    if transformer_impl == "transformer_engine":
+        if not transformer_engine_available():
+            raise ConfigError(
+                "--transformer-impl transformer_engine needs Transformer Engine, which does not import "
+                "here: pip install 'megatron-rgm[te]' on a CUDA machine, or use --transformer-impl local"
+            )
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
+    if transformer_impl != "local":
+        raise ConfigError(f"--transformer-impl must be local or transformer_engine, got {transformer_impl!r}")
+    spec = get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization=config.normalization)
+    sub = spec.submodules
+    sub.input_layernorm = RGMNorm
+    sub.pre_mlp_layernorm = RGMNorm
+    attn = sub.self_attention.submodules
+    if attn.q_layernorm is not IdentityOp:
+        attn.q_layernorm = RGMNorm
+        attn.k_layernorm = RGMNorm
+    return spec
+
+
+def block_spec(config: TransformerConfig, transformer_impl: str = "local", vp_stage: int | None = None):
+    """Spec of this pipeline stage's transformer block (its layers and final norm)."""
+    spec = layer_spec(config, transformer_impl)
+    if transformer_impl == "transformer_engine":
+        return spec  # megatron picks TENorm for the final norm itself
+    return TransformerBlockSubmodules(
+        layer_specs=[spec] * get_num_layers_to_build(config, vp_stage=vp_stage), layer_norm=RGMNorm
+    )
