@@ -30,6 +30,7 @@ class RunConfig:
     load: str | None = None
     save_interval: int | None = None
     transformer_impl: str = "local"
+    use_distributed_optimizer: bool = False
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -98,6 +99,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save")
     g.add_argument("--load")
     g.add_argument("--save-interval", type=int)
+    g.add_argument("--use-distributed-optimizer", action="store_true")
 
 
 def add_sprm_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -319,6 +321,7 @@ def validate(ns: argparse.Namespace) -> Args:
         load=ns.load,
         save_interval=ns.save_interval,
         transformer_impl=ns.transformer_impl,
+        use_distributed_optimizer=ns.use_distributed_optimizer,
     )
     return Args(
         transformer=transformer,

@@ -32,9 +32,13 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def torchrun(script: str, nproc: int, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run ``tests/workers/<script>`` on ``nproc`` gloo ranks; fail the test with its output."""
+    """Run ``tests/workers/<script>`` (or ``-m package.module``) on ``nproc`` gloo ranks.
+
+    Fails the test with the launch's output when any rank fails.
+    """
+    target = script.split() if script.startswith("-m ") else [str(WORKERS / script)]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           f"--master-port={free_port()}", str(WORKERS / script), *args]
+           f"--master-port={free_port()}", *target, *args]
     proc = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
     if proc.returncode != 0:
         pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n"
@@ -44,3 +48,16 @@ def torchrun(script: str, nproc: int, args: list[str], timeout: int = 600) -> su
 
 def read_rank_results(out: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
+
+
+@pytest.fixture(scope="session")
+def single_rank():
+    """This pytest process as a one-rank gloo job (megatron's parallel state re-initialised per use)."""
+    import torch.distributed as dist
+
+    from megatron_rgm import distributed
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    yield distributed
+    distributed.shutdown()

@@ -48,6 +48,6 @@ def fixed_batch(seed: int = 0):
     return ids, pos, mask, logit_w, head_w
 
 
-def test_loss(logits_full: torch.Tensor, head_logits: torch.Tensor, logit_w, head_w) -> torch.Tensor:
+def probe_loss(logits_full: torch.Tensor, head_logits: torch.Tensor, logit_w, head_w) -> torch.Tensor:
     """A loss touching every logit and every head logit with fixed random weights."""
     return (logits_full * logit_w).sum() + (head_logits * head_w).sum()

@@ -16,7 +16,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from common import fixed_batch, test_loss, tiny_args
+from common import fixed_batch, probe_loss, tiny_args
 
 from megatron_rgm import distributed
 from megatron_rgm.model import build_model
@@ -44,7 +44,7 @@ def reference(layout: dict):
     full = full_state(model)
     ids, pos, mask, logit_w, head_w = fixed_batch()
     logits, head = model(ids, pos, None, step_mask=mask)
-    test_loss(logits, head, logit_w, head_w).backward()
+    probe_loss(logits, head, logit_w, head_w).backward()
     grads = gather_full(model, {n: p.grad for n, p in model.named_parameters()})
     return full, logits.detach(), head.detach(), grads
 
@@ -68,7 +68,7 @@ def run_layout(layout: dict, full: dict):
         logits, head = output
         logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
         seen["logits"], seen["head"] = logits.detach(), head.detach()
-        return test_loss(logits, head, logit_w, head_w), {}
+        return probe_loss(logits, head, logit_w, head_w), {}
 
     def step(data_iterator, model):
         batch_ids, batch_pos, batch_mask = next(data_iterator)
@@ -104,7 +104,7 @@ def main():
         from megatron.core import parallel_state as ps
 
         r = {"tp_rank": ps.get_tensor_model_parallel_rank(), "pp_rank": ps.get_pipeline_model_parallel_rank(),
-             "params": len(grads), "grad_diff": {}}
+             "reference_params": sorted(ref_grads), "grad_diff": {}}
         if "logits" in seen:
             r["logits_diff"] = max_diff(seen["logits"], ref_logits)
             r["head_diff"] = max_diff(seen["head"], ref_head)

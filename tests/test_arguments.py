@@ -1,0 +1,78 @@
+"""Command line -> configs: presets, overrides, and one clear message per invalid combination."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_rgm.arguments import padded_vocab_size, parse_args
+from megatron_rgm.config import ConfigError, RGMConfig
+from megatron_rgm.model.presets import PRESETS
+
+
+def test_preset_sets_geometry_and_flags_override_it():
+    args = parse_args(["--preset", "qwen3-32b"])
+    t = args.transformer
+    assert (t.num_layers, t.hidden_size, t.num_attention_heads, t.num_query_groups) == (64, 5120, 64, 8)
+    assert t.kv_channels == 128 and t.qk_layernorm and not t.add_qkv_bias
+    args = parse_args(["--preset", "qwen3-32b", "--num-layers", "8", "--sprm-layer", "-3"])
+    assert args.transformer.num_layers == 8 and args.rgm.sprm_layer == -3
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_validates(name):
+    args = parse_args(["--preset", name])
+    assert args.vocab_size % 128 == 0 and args.vocab_size >= PRESETS[name]["vocab_size"]
+
+
+def test_qwq_head_size_matches_paper():
+    c = parse_args(["--preset", "qwq-32b"]).transformer.hidden_size
+    assert round((2 * c * c + 4 * c + 1) / 1e6) == 52
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--tensor-model-parallel-size", "3"], "does not divide --num-attention-heads 4"),
+        (["--tensor-model-parallel-size", "4"], "does not divide --num-query-groups 2"),
+        (["--pipeline-model-parallel-size", "8"], "larger than --num-layers 4"),
+        (["--sprm-layer", "4"], "--sprm-layer 4 is outside a model of 4 layers"),
+        (["--sprm-layer", "-5"], "--sprm-layer -5 is outside"),
+        (["--pipeline-model-parallel-size", "2", "--sprm-layer", "0"], "not on the last pipeline stage"),
+        (["--sequence-parallel"], "--sequence-parallel needs --tensor-model-parallel-size > 1"),
+        (["--bf16", "--fp16"], "exclusive"),
+        (["--fp8-format", "hybrid"], "needs --transformer-impl transformer_engine"),
+        (["--recompute-granularity", "full"], "needs --recompute-method"),
+        (["--preset", "nope"], "unknown --preset 'nope'"),
+        (["--sprm-dropout", "1.5"], "--sprm-dropout must be in [0, 1)"),
+        (["--hidden-size", "130"], "not divisible by --num-attention-heads"),
+    ],
+)
+def test_invalid_combinations_have_one_clear_message(argv, message):
+    with pytest.raises(ConfigError) as err:
+        parse_args(argv)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_last_stage_layers_move_the_head_boundary():
+    # 4 layers, last stage holds 3: layer 0 is the last layer of stage 0 -> allowed.
+    args = parse_args(["--pipeline-model-parallel-size", "2", "--decoder-last-pipeline-num-layers", "3",
+                       "--sprm-layer", "0"])
+    assert args.rgm.resolve_layer(4) == 0
+
+
+def test_step_token_escapes_are_decoded():
+    args = parse_args(["--sprm-step-tokens", "\\n\\n", "。"])
+    assert args.rgm.sprm_step_tokens == ["\n\n", "。"]
+
+
+def test_vocab_padding_follows_megatron():
+    assert padded_vocab_size(151936, 128, 1) == 151936
+    assert padded_vocab_size(151937, 128, 2) == 152064
+    assert padded_vocab_size(500, 128, 2) == 512
+
+
+def test_rgm_config_defaults_are_the_papers():
+    c = RGMConfig()
+    assert (c.sprm_layer, c.sprm_hidden_mult, c.sprm_dropout, c.sprm_backbone_grad_scale) == (-2, 2, 0.5, 1e-4)
+    assert c.sprm_step_tokens == [".\n\n"] and c.sprm_aggregation == "geometric"
