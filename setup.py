@@ -1,6 +1,12 @@
 """megatron-rgm: Reflective Generative Model (policy + SPRM head) on megatron-core."""
 
+import os
+import shutil
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+HERE = Path(__file__).resolve().parent
 
 INSTALL_REQUIRES = [
     "torch>=2.4",
@@ -20,9 +26,66 @@ EXTRAS = {
 }
 
 
+def _cuda_home() -> str | None:
+    """CUDA_HOME, else the toolkit behind nvcc (a wrapper script in /usr/local/bin hides it)."""
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    for candidate in ("/usr/local/cuda", "/usr/local/cuda-13.0", "/usr/local/cuda-12"):
+        if Path(candidate, "bin", "nvcc").exists() and Path(candidate, "include", "cuda_runtime.h").exists():
+            return candidate
+    nvcc = shutil.which("nvcc")
+    return str(Path(nvcc).resolve().parent.parent) if nvcc else None
+
+
 def ext_modules():
-    """The C++/CUDA extension megatron_rgm._C is added here (csrc/)."""
-    return []
+    """megatron_rgm._C from csrc/: C++ CPU kernels, plus CUDA kernels when nvcc and a CUDA torch exist.
+
+    MEGATRON_RGM_NO_CUDA=1 builds the CPU kernels only; TORCH_CUDA_ARCH_LIST
+    picks the GPU targets (default 8.0 and 9.0a).
+    """
+    try:
+        import torch
+    except ImportError:  # metadata-only builds; the install itself needs torch (see README)
+        return []
+    cuda_home = _cuda_home()
+    if cuda_home:
+        os.environ.setdefault("CUDA_HOME", cuda_home)
+    from torch.utils import cpp_extension
+
+    sources = ["csrc/rgm_ops.cpp", "csrc/cpu_default.cpp", "csrc/cpu_avx2.cpp"]
+    cxx = ["-O3", "-fopenmp"]
+    use_cuda = (
+        torch.version.cuda is not None
+        and cpp_extension.CUDA_HOME is not None
+        and os.environ.get("MEGATRON_RGM_NO_CUDA", "0") != "1"
+    )
+    if not use_cuda:
+        return [cpp_extension.CppExtension("megatron_rgm._C", sources, extra_compile_args={"cxx": cxx},
+                                           extra_link_args=["-fopenmp"])]
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+    include_dirs = []
+    # CUDA library headers torch includes (cusparse.h, ...) ship in the nvidia wheels.
+    import site
+
+    for root in site.getsitepackages():
+        for sub in ("nvidia/cu13/include", "nvidia/cuda_runtime/include", "nvidia/cusparse/include"):
+            if Path(root, sub).is_dir():
+                include_dirs.append(str(Path(root, sub)))
+    return [cpp_extension.CUDAExtension(
+        "megatron_rgm._C", sources + ["csrc/rgm_ops_cuda.cu"],
+        include_dirs=include_dirs,
+        define_macros=[("WITH_CUDA", None)],
+        extra_compile_args={"cxx": cxx + ["-DWITH_CUDA"], "nvcc": ["-O3", "-DWITH_CUDA"]},
+        extra_link_args=["-fopenmp"],
+    )]
+
+
+def cmdclass():
+    try:
+        from torch.utils.cpp_extension import BuildExtension
+    except ImportError:
+        return {}
+    return {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
 setup(
@@ -34,4 +97,5 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     ext_modules=ext_modules(),
+    cmdclass=cmdclass(),
 )
