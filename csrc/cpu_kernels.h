@@ -6,10 +6,12 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "rgm_ops.h"
@@ -29,20 +31,51 @@ torch::Tensor widened(const torch::Tensor& t) {
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
 
+// Scalar twins of the Vectorized operations, so one generic lambda serves the
+// vector body of a loop and its scalar tail.
+template <typename T> inline T v_exp(T x) { return std::exp(x); }
+template <typename T> inline Vec<T> v_exp(const Vec<T>& x) { return x.exp(); }
+template <typename T> inline T v_log(T x) { return std::log(x); }
+template <typename T> inline Vec<T> v_log(const Vec<T>& x) { return x.log(); }
+template <typename T> inline T v_log1p(T x) { return std::log1p(x); }
+template <typename T> inline Vec<T> v_log1p(const Vec<T>& x) { return x.log1p(); }
+template <typename T> inline T v_abs(T x) { return std::abs(x); }
+template <typename T> inline Vec<T> v_abs(const Vec<T>& x) { return x.abs(); }
+template <typename T> inline T v_max(T a, T b) { return std::max(a, b); }
+template <typename T> inline Vec<T> v_max(const Vec<T>& a, const Vec<T>& b) { return at::vec::maximum(a, b); }
+// `m ? v : 0` for a bool or a lane mask.
+template <typename T> inline T keep(bool m, T v) { return m ? v : T(0); }
+template <typename T> inline Vec<T> keep(const Vec<T>& m, const Vec<T>& v) { return m & v; }
+template <typename T> inline void store(T* p, int64_t i, T v) { p[i] = v; }
+template <typename T> inline void store(T* p, int64_t i, const Vec<T>& v) { v.store(p + i); }
+
 // softplus(x) = log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|)).
-template <typename T>
-inline Vec<T> vsoftplus(const Vec<T>& x) {
-  return at::vec::maximum(x, Vec<T>(T(0))) + x.abs().neg().exp().log1p();
+template <typename V>
+inline V softplus(const V& x) {
+  return v_max(x, V(0)) + v_log1p(v_exp(V(0) - v_abs(x)));
+}
+
+template <typename V>
+inline V sigmoid(const V& x) {
+  return V(1) / (V(1) + v_exp(V(0) - x));
+}
+
+// f(i, x, w) over steps [lo, hi): x = a[i], w = b[i - lo]; Vec<T> on full vectors, T on the tail.
+template <typename T, typename F>
+inline void elementwise(const T* a, const T* b, int64_t lo, int64_t hi, F&& f) {
+  int64_t i = lo;
+  for (; i + Vec<T>::size() <= hi; i += Vec<T>::size())
+    f(i, Vec<T>::loadu(a + i), Vec<T>::loadu(b + (i - lo)));
+  for (; i < hi; ++i) f(i, a[i], b[i - lo]);
 }
 
 template <typename T>
-inline T softplus(T x) {
-  return std::max(x, T(0)) + std::log1p(std::exp(-std::abs(x)));
-}
-
-template <typename T>
-inline Vec<T> vsigmoid(const Vec<T>& x) {
-  return Vec<T>(T(1)) / (Vec<T>(T(1)) + x.neg().exp());
+inline T horizontal_sum(const Vec<T>& v) {
+  T buf[Vec<T>::size()];
+  v.store(buf);
+  T r = 0;
+  for (int j = 0; j < Vec<T>::size(); ++j) r += buf[j];
+  return r;
 }
 
 // Call f(lo, hi, t) for each piece of a trajectory inside steps [begin, end).
@@ -56,39 +89,54 @@ inline void for_pieces(const index_t* cu, int64_t num_traj, int64_t begin, int64
   }
 }
 
-// Steps per parallel task: big enough to amortise a task, small enough to split 2 x 32k steps.
-constexpr int64_t kGrain = 2048;
+// Steps are processed in blocks: per-trajectory values (label, coefficient) are
+// first expanded into a per-step buffer, so the math runs in full vectors
+// across trajectory boundaries (10^5 two-step trajectories vectorise as well
+// as one long one).
+constexpr int64_t kBlock = 2048;
 
+// For each block [lo, hi) inside [begin, end): buf[k] = value(t) of step lo + k, then body(lo, hi, buf).
+template <typename T, typename index_t, typename V, typename B>
+inline void blocks(const index_t* cu, int64_t num_traj, int64_t begin, int64_t end, V&& value, B&& body) {
+  T buf[kBlock];
+  for (int64_t lo = begin; lo < end; lo += kBlock) {
+    const int64_t hi = std::min(end, lo + kBlock);
+    for_pieces(cu, num_traj, lo, hi, [&](int64_t a, int64_t b, int64_t t) {
+      std::fill(buf + (a - lo), buf + (b - lo), value(t));
+    });
+    body(lo, hi, buf);
+  }
+}
+
+// The SPR math runs on u = x for a wrong trajectory and u = -x for a correct one:
+// a step is masked exactly when u < 0, its BCE term is softplus(u) = log1p(exp(u))
+// (exp(u) <= 1 there), and dBCE/dx = sign * sigmoid(u). One transcendental pair a step.
 template <typename T, typename index_t>
 void spr_stats_impl(const T* z, const index_t* cu, const bool* y, int64_t S, int64_t num_traj, double* out) {
   const int nthreads = at::get_num_threads();
   std::vector<double> partial(4 * static_cast<size_t>(nthreads), 0.0);
-  at::parallel_for(0, S, kGrain, [&](int64_t b, int64_t e) {
-    Vec<T> cnt_p(T(0)), cnt_n(T(0)), sum_p(T(0)), sum_n(T(0));
-    const Vec<T> zero(T(0)), one(T(1));
-    for_pieces(cu, num_traj, b, e, [&](int64_t lo, int64_t hi, int64_t t) {
-      const bool pos = y[t];
-      for (int64_t i = lo; i < hi; i += Vec<T>::size()) {
-        const int64_t n = std::min<int64_t>(Vec<T>::size(), hi - i);
-        const Vec<T> x = Vec<T>::loadu(z + i, n);  // zero-filled tail: neither > 0 nor < 0
-        if (pos) {
-          const Vec<T> m = x > zero;
-          cnt_p += m & one;
-          sum_p += m & vsoftplus(x.neg());
-        } else {
-          const Vec<T> m = x < zero;
-          cnt_n += m & one;
-          sum_n += m & vsoftplus(x);
-        }
-      }
+  at::parallel_for(0, S, kBlock, [&](int64_t b, int64_t e) {
+    // [count+, count-, bce+, bce-] in vector lanes and in scalars (tails).
+    Vec<T> va[4] = {Vec<T>(T(0)), Vec<T>(T(0)), Vec<T>(T(0)), Vec<T>(T(0))};
+    T sa[4] = {0, 0, 0, 0};
+    blocks<T>(cu, num_traj, b, e, [&](int64_t t) { return y[t] ? T(-1) : T(1); },
+              [&](int64_t lo, int64_t hi, const T* sign) {
+      elementwise(z, sign, lo, hi, [&](int64_t, auto x, auto sg) {
+        using V = decltype(x);
+        auto* acc = [&] { if constexpr (std::is_same_v<V, T>) return sa; else return va; }();
+        const V u = x * sg;
+        const auto m = u < V(0);
+        const auto correct = sg < V(0);
+        const V cnt = keep(m, V(1)), bce = keep(m, v_log1p(v_exp(u)));
+        const V cnt_pos = keep(correct, cnt), bce_pos = keep(correct, bce);
+        acc[0] += cnt_pos;
+        acc[1] += cnt - cnt_pos;
+        acc[2] += bce_pos;
+        acc[3] += bce - bce_pos;
+      });
     });
     double* acc = partial.data() + 4 * at::get_thread_num();
-    const Vec<T>* parts[4] = {&cnt_p, &cnt_n, &sum_p, &sum_n};
-    for (int k = 0; k < 4; ++k) {
-      T buf[Vec<T>::size()];
-      parts[k]->store(buf);
-      for (int j = 0; j < Vec<T>::size(); ++j) acc[k] += buf[j];
-    }
+    for (int k = 0; k < 4; ++k) acc[k] += horizontal_sum(va[k]) + sa[k];
   });
   for (int th = 0; th < nthreads; ++th)
     for (int k = 0; k < 4; ++k) out[k] += partial[4 * th + k];
@@ -97,63 +145,70 @@ void spr_stats_impl(const T* z, const index_t* cu, const bool* y, int64_t S, int
 template <typename T, typename index_t>
 void spr_backward_impl(const T* z, const index_t* cu, const bool* y, int64_t S, int64_t num_traj, T sp, T sn,
                        T* g) {
-  at::parallel_for(0, S, kGrain, [&](int64_t b, int64_t e) {
-    const Vec<T> zero(T(0));
-    for_pieces(cu, num_traj, b, e, [&](int64_t lo, int64_t hi, int64_t t) {
-      const bool pos = y[t];
-      for (int64_t i = lo; i < hi; i += Vec<T>::size()) {
-        const int64_t n = std::min<int64_t>(Vec<T>::size(), hi - i);
-        const Vec<T> x = Vec<T>::loadu(z + i, n);
-        // Positive: sp * (sigmoid(x) - 1) = -sp * sigmoid(-x); negative: sn * sigmoid(x).
-        const Vec<T> v = pos ? ((x > zero) & (vsigmoid(x.neg()) * Vec<T>(-sp)))
-                             : ((x < zero) & (vsigmoid(x) * Vec<T>(sn)));
-        v.store(g + i, n);
-      }
+  at::parallel_for(0, S, kBlock, [&](int64_t b, int64_t e) {
+    blocks<T>(cu, num_traj, b, e, [&](int64_t t) { return y[t] ? T(-1) : T(1); },
+              [&](int64_t lo, int64_t hi, const T* sign) {
+      elementwise(z, sign, lo, hi, [&](int64_t i, auto x, auto sg) {
+        using V = decltype(x);
+        const V u = x * sg;
+        // Correct: -sp * sigmoid(-x); wrong: sn * sigmoid(x); i.e. (sign < 0 ? -sp : sn) * sigmoid(u).
+        const V coef = keep(sg < V(0), V(-sp)) + keep(sg > V(0), V(sn));
+        store(g, i, keep(u < V(0), coef * sigmoid(u)));
+      });
     });
   });
 }
 
-// Sum over [lo, hi) of log(clamp(p, 1e-10)) (p = sigmoid(x), or x itself with from_probs) or of p.
-template <typename T>
-inline T segment_sum(const T* v, int64_t lo, int64_t hi, bool logs, bool from_probs) {
-  Vec<T> acc(T(0));
-  const Vec<T> floor_log = Vec<T>(static_cast<T>(kLogFloor)), floor_p = Vec<T>(static_cast<T>(kProbFloor));
-  for (int64_t i = lo; i < hi; i += Vec<T>::size()) {
-    const int64_t n = std::min<int64_t>(Vec<T>::size(), hi - i);
-    const Vec<T> x = Vec<T>::loadu(v + i, n);
-    Vec<T> term;
-    if (logs) {
-      // log(sigmoid(x)) = -log(1 + exp(-x)); exp(-x) overflows to inf only far below the floor.
-      term = from_probs ? at::vec::maximum(x, floor_p).log()
-                        : at::vec::maximum((Vec<T>(T(1)) + x.neg().exp()).log().neg(), floor_log);
-    } else {
-      term = from_probs ? x : vsigmoid(x);
-    }
-    if (n < Vec<T>::size()) term = Vec<T>::set(Vec<T>(T(0)), term, n);  // drop the padded lanes
-    acc += term;
-  }
-  T buf[Vec<T>::size()];
-  acc.store(buf);
-  T r = 0;
-  for (int j = 0; j < Vec<T>::size(); ++j) r += buf[j];
-  return r;
-}
-
 template <typename T>
 inline T to_prob(T x, bool from_probs) {
-  return from_probs ? x : T(1) / (T(1) + std::exp(-x));
+  return from_probs ? x : sigmoid(x);
+}
+
+// Per-step term of the geometric/product (log) and arithmetic (p) aggregates.
+template <typename V, typename T>
+inline V agg_term(const V& x, bool logs, bool from_probs) {
+  if (logs) {
+    // log(sigmoid(x)) = -log(1 + exp(-x)); exp(-x) overflows to inf only far below the floor.
+    return from_probs ? v_log(v_max(x, V(static_cast<T>(kProbFloor))))
+                      : v_max(V(0) - v_log(V(1) + v_exp(V(0) - x)), V(static_cast<T>(kLogFloor)));
+  }
+  return from_probs ? x : sigmoid(x);
 }
 
 template <typename T, typename index_t>
 void segment_aggregate_impl(const T* v, const index_t* cu, int64_t num_traj, int64_t mode, bool from_probs, T* o) {
-  at::parallel_for(0, num_traj, 16, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) {
+  const bool sums = mode == kGeometric || mode == kProduct || mode == kArithmetic;
+  const bool logs = mode != kArithmetic;
+  at::parallel_for(0, num_traj, 16, [&](int64_t tb, int64_t te) {
+    if (sums) {
+      // Terms of a block into a buffer (vectorised across trajectories), then per-trajectory sums.
+      T terms[kBlock];
+      for (int64_t t = tb; t < te; ++t) o[t] = T(0);
+      int64_t t = tb;
+      for (int64_t lo = cu[tb]; lo < static_cast<int64_t>(cu[te]); lo += kBlock) {
+        const int64_t hi = std::min<int64_t>(cu[te], lo + kBlock);
+        int64_t i = lo;
+        for (; i + Vec<T>::size() <= hi; i += Vec<T>::size())
+          agg_term<Vec<T>, T>(Vec<T>::loadu(v + i), logs, from_probs).store(terms + (i - lo));
+        for (; i < hi; ++i) terms[i - lo] = agg_term<T, T>(v[i], logs, from_probs);
+        while (static_cast<int64_t>(cu[t + 1]) <= lo) ++t;
+        for (int64_t u = t; u < te && static_cast<int64_t>(cu[u]) < hi; ++u) {
+          const int64_t a = std::max<int64_t>(cu[u], lo), b = std::min<int64_t>(cu[u + 1], hi);
+          if (b - a >= 2 * Vec<T>::size()) {
+            o[u] += at::vec::reduce_all<T>([](Vec<T>& p, Vec<T>& q) { return p + q; }, terms + (a - lo), b - a);
+          } else {
+            for (int64_t k = a; k < b; ++k) o[u] += terms[k - lo];
+          }
+        }
+      }
+    }
+    for (int64_t t = tb; t < te; ++t) {
       const int64_t lo = cu[t], hi = cu[t + 1], k = hi - lo;
       if (k <= 0) { o[t] = T(0); continue; }
       switch (mode) {
-        case kGeometric: o[t] = std::exp(segment_sum(v, lo, hi, true, from_probs) / T(k)); break;
-        case kProduct: o[t] = std::exp(segment_sum(v, lo, hi, true, from_probs)); break;
-        case kArithmetic: o[t] = segment_sum(v, lo, hi, false, from_probs) / T(k); break;
+        case kGeometric: o[t] = std::exp(o[t] / T(k)); break;
+        case kProduct: o[t] = std::exp(o[t]); break;
+        case kArithmetic: o[t] = o[t] / T(k); break;
         case kMin: o[t] = to_prob(*std::min_element(v + lo, v + hi), from_probs); break;  // p is monotone in x
         default: o[t] = to_prob(v[hi - 1], from_probs);
       }
@@ -164,31 +219,26 @@ void segment_aggregate_impl(const T* v, const index_t* cu, int64_t num_traj, int
 template <typename T, typename index_t>
 void segment_aggregate_backward_impl(const T* go, const T* v, const index_t* cu, const T* o, int64_t S,
                                      int64_t num_traj, int64_t mode, bool from_probs, T* g) {
-  at::parallel_for(0, S, kGrain, [&](int64_t b, int64_t e) {
-    const Vec<T> one = Vec<T>(T(1)), floor_logit = Vec<T>(static_cast<T>(kLogitFloor)),
-                 floor_p = Vec<T>(static_cast<T>(kProbFloor));
-    for_pieces(cu, num_traj, b, e, [&](int64_t lo, int64_t hi, int64_t t) {
-      const T c = go[t] / T(cu[t + 1] - cu[t]);
-      const Vec<T> cv(c), co(c * o[t]);
-      for (int64_t i = lo; i < hi; i += Vec<T>::size()) {
-        const int64_t n = std::min<int64_t>(Vec<T>::size(), hi - i);
-        const Vec<T> x = Vec<T>::loadu(v + i, n);
-        Vec<T> d;
-        if (mode == kArithmetic) {
-          if (from_probs) {
-            d = cv;
-          } else {
-            const Vec<T> p = vsigmoid(x);
-            d = cv * p * (one - p);
-          }
+  // d out_t / d x_i times grad_out_t: c_t = grad_out_t / k_t (arithmetic) or c_t * out_t (geometric),
+  // times the per-step derivative of the term.
+  const bool arithmetic = mode == kArithmetic;
+  at::parallel_for(0, S, kBlock, [&](int64_t b, int64_t e) {
+    blocks<T>(cu, num_traj, b, e,
+              [&](int64_t t) { return go[t] / T(cu[t + 1] - cu[t]) * (arithmetic ? T(1) : o[t]); },
+              [&](int64_t lo, int64_t hi, const T* coef) {
+      elementwise(v, coef, lo, hi, [&](int64_t i, auto x, auto c) {
+        using V = decltype(x);
+        V d;
+        if (arithmetic) {
+          d = from_probs ? c : c * sigmoid(x) * sigmoid(V(0) - x);
         } else if (from_probs) {
-          d = (x >= floor_p) & (co / x);
+          d = keep(x >= V(static_cast<T>(kProbFloor)), c / x);
         } else {
-          // d log(sigmoid(x))/dx = 1 - sigmoid(x) = sigmoid(-x); zero where the clamp is active.
-          d = (x >= floor_logit) & (co * vsigmoid(x.neg()));
+          // d log(sigmoid(x))/dx = sigmoid(-x); zero where the clamp is active.
+          d = keep(x >= V(static_cast<T>(kLogitFloor)), c * sigmoid(V(0) - x));
         }
-        d.store(g + i, n);
-      }
+        store(g, i, d);
+      });
     });
   });
 }
