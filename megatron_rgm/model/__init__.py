@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from megatron_rgm.model.rgm_model import RGMModel, SPRMHead
+from megatron_rgm.model.rgm_model import RGMModel, SPRMHead, attach_sprm_head, sprm_step_logits, unwrap
 from megatron_rgm.model.specs import RGMNorm, block_spec, layer_spec
 
-__all__ = ["RGMModel", "SPRMHead", "RGMNorm", "block_spec", "layer_spec", "build_model"]
+__all__ = ["RGMModel", "SPRMHead", "RGMNorm", "attach_sprm_head", "sprm_step_logits", "unwrap", "block_spec",
+           "layer_spec", "build_model"]
 
 
 def build_model(args) -> list[RGMModel]:

@@ -111,6 +111,129 @@ class _FeatureCapture:
         return None
 
 
+class SPRMAttachment:
+    """The SPRM head's wiring on one GPTModel chunk: where the feature comes from, and scoring.
+
+    Created by :func:`attach_sprm_head`; kept on the model as ``model.sprm``.
+    The head itself is registered as the submodule ``model.sprm_head`` so that
+    ``state_dict`` and megatron's ``sharded_state_dict`` carry it.
+    """
+
+    def __init__(self, model: GPTModel, rgm_config: RGMConfig):
+        config = model.config
+        self.config = config
+        self.rgm_config = rgm_config
+        self.feature_layer = rgm_config.resolve_layer(config.num_layers)
+        self.capture = _FeatureCapture()
+        self.feature_from_input = False
+        self.decoder = model.decoder
+        if not model.post_process:
+            return
+        if config.context_parallel_size > 1:
+            raise ConfigError("the SPRM head does not support context parallelism yet: use --context-parallel-size 1")
+        layers = model.decoder.layers
+        first = layers[0].layer_number - 1 if len(layers) else config.num_layers
+        if first <= self.feature_layer < first + len(layers):
+            layers[self.feature_layer - first].register_forward_hook(self.capture.layer_hook)
+            model.decoder.register_forward_hook(self.capture.decoder_hook)
+        elif self.feature_layer == first - 1:
+            self.feature_from_input = True
+        else:
+            raise ConfigError(
+                f"--sprm-layer {rgm_config.sprm_layer} (layer {self.feature_layer}) is not on the last "
+                f"pipeline stage, which holds layers {first}..{first + len(layers) - 1}; the head reads "
+                "a layer of the last stage or the last layer of the stage before it: choose such a "
+                "--sprm-layer or move layers with --decoder-last-pipeline-num-layers"
+            )
+        model.register_forward_pre_hook(lambda module, args: self.capture.reset())
+
+    def feature(self) -> torch.Tensor:
+        """The head's input of the last forward: ``[s, b, h]`` (``[s/tp, b, h]`` under SP)."""
+        if self.feature_from_input:
+            return self.decoder.input_tensor
+        if self.capture.feature is None:
+            raise RuntimeError("no SPRM feature captured: run the model's forward on the last pipeline stage first")
+        return self.capture.feature
+
+    def score(self, head: SPRMHead, feature: torch.Tensor, step_mask: torch.Tensor) -> torch.Tensor:
+        """Head logits at the masked positions of a ``[s, b, h]`` feature.
+
+        Args:
+            feature: ``[s, b, h]``, sequence-sharded ``[s/tp, b, h]`` under sequence parallelism.
+            step_mask: ``[b, s]`` bool.
+
+        Returns:
+            ``[S]`` float32 logits, S = ``step_mask.sum()``, row-major order.
+        """
+        if self.config.sequence_parallel:
+            # Every TP rank runs the replicated head on the whole sequence; the
+            # backward hands each rank the gradient of its own slice.
+            feature = tensor_parallel.gather_from_sequence_parallel_region(
+                feature, tensor_parallel_output_grad=False
+            )
+        if step_mask.shape != (feature.shape[1], feature.shape[0]):
+            raise ValueError(
+                f"step_mask has shape {tuple(step_mask.shape)} but the batch is "
+                f"[b={feature.shape[1]}, s={feature.shape[0]}]: pass one flag per token"
+            )
+        selected = feature.transpose(0, 1)[step_mask.to(torch.bool)]  # [S, h]
+        scale = self.rgm_config.sprm_backbone_grad_scale
+        if scale != 1.0:
+            selected = selected * scale + selected.detach() * (1.0 - scale)
+        return head(selected.to(head[0].weight.dtype)).squeeze(-1).float()
+
+
+def _broadcast_over_tp(module: torch.nn.Module) -> None:
+    # The head is replicated over tensor-parallel ranks; start them equal.
+    if not torch.distributed.is_initialized() or parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return
+    group = parallel_state.get_tensor_model_parallel_group()
+    src = torch.distributed.get_global_rank(group, 0)
+    for p in module.parameters():
+        torch.distributed.broadcast(p.data, src, group=group)
+
+
+def attach_sprm_head(model: GPTModel, rgm_config: RGMConfig) -> GPTModel:
+    """Give an existing megatron-core GPTModel chunk an SPRM head, without rebuilding it.
+
+    On the last pipeline stage this registers ``model.sprm_head`` (so Megatron
+    checkpoints carry it) and the hooks that capture the ``--sprm-layer``
+    feature; on other stages it only records the wiring. The model's forward
+    is unchanged: call :func:`sprm_step_logits` after it.
+
+    Args:
+        model: a ``GPTModel`` (unwrapped, before DDP / Float16Module).
+        rgm_config: head options.
+
+    Returns:
+        The same model.
+    """
+    if getattr(model, "sprm", None) is not None:
+        raise ValueError("this model already has an SPRM head attached")
+    model.sprm = SPRMAttachment(model, rgm_config)
+    model.sprm_head = None
+    if model.post_process:
+        model.sprm_head = SPRMHead(model.config.hidden_size, rgm_config.sprm_hidden_mult,
+                                   rgm_config.sprm_dropout, dtype=model.config.params_dtype)
+        _broadcast_over_tp(model.sprm_head)
+    return model
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The innermost module under DDP / Float16Module wrappers."""
+    while not hasattr(model, "sprm") and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def sprm_step_logits(model: torch.nn.Module, step_mask: torch.Tensor) -> torch.Tensor:
+    """Head logits ``[S]`` at ``step_mask`` for the model's last forward (last pipeline stage only)."""
+    inner = unwrap(model)
+    if getattr(inner, "sprm", None) is None or inner.sprm_head is None:
+        raise ValueError("this model has no SPRM head on this pipeline stage: attach_sprm_head() it first")
+    return inner.sprm.score(inner.sprm_head, inner.sprm.feature(), step_mask)
+
+
 class RGMModel(GPTModel):
     """GPTModel + SPRM head on the last pipeline stage.
 
@@ -143,43 +266,7 @@ class RGMModel(GPTModel):
             **kwargs,
         )
         self.rgm_config = rgm_config
-        self.feature_layer = rgm_config.resolve_layer(config.num_layers)
-        self._capture = _FeatureCapture()
-        self.sprm_head = None
-        if not post_process:
-            return
-        if config.context_parallel_size > 1:
-            raise ConfigError("the SPRM head does not support context parallelism yet: use --context-parallel-size 1")
-        layers = self.decoder.layers
-        first = layers[0].layer_number - 1 if len(layers) else config.num_layers
-        if first <= self.feature_layer < first + len(layers):
-            layers[self.feature_layer - first].register_forward_hook(self._capture.layer_hook)
-            self.decoder.register_forward_hook(self._capture.decoder_hook)
-            self._feature_from_input = False
-        elif self.feature_layer == first - 1:
-            self._feature_from_input = True
-        else:
-            raise ConfigError(
-                f"--sprm-layer {rgm_config.sprm_layer} (layer {self.feature_layer}) is not on the last "
-                f"pipeline stage, which holds layers {first}..{first + len(layers) - 1}; the head reads "
-                "a layer of the last stage or the last layer of the stage before it: choose such a "
-                "--sprm-layer or move layers with --decoder-last-pipeline-num-layers"
-            )
-        self.sprm_head = SPRMHead(
-            config.hidden_size, rgm_config.sprm_hidden_mult, rgm_config.sprm_dropout, dtype=config.params_dtype
-        )
-        self._sync_head_over_tp()
-
-    def _sync_head_over_tp(self) -> None:
-        # The head is replicated over tensor-parallel ranks; start them equal.
-        if not torch.distributed.is_initialized():
-            return
-        if parallel_state.get_tensor_model_parallel_world_size() == 1:
-            return
-        group = parallel_state.get_tensor_model_parallel_group()
-        src = torch.distributed.get_global_rank(group, 0)
-        for p in self.sprm_head.parameters():
-            torch.distributed.broadcast(p.data, src, group=group)
+        attach_sprm_head(self, rgm_config)
 
     def forward(
         self,
@@ -208,46 +295,13 @@ class RGMModel(GPTModel):
             step_logits)`` with ``step_logits`` ``[S]`` float32, in row-major
             order of ``step_mask`` (trajectory by trajectory: the packed layout).
         """
-        self._capture.reset()
         lm_output = super().forward(
             input_ids, position_ids, attention_mask, decoder_input=decoder_input, labels=labels, **kwargs
         )
         if not self.post_process or step_mask is None:
             return lm_output
-        return lm_output, self.score_positions(self.sprm_feature(), step_mask)
+        return lm_output, sprm_step_logits(self, step_mask)
 
     def sprm_feature(self) -> torch.Tensor:
         """The head's input of the last forward: ``[s, b, h]`` (``[s/tp, b, h]`` under SP)."""
-        if self._feature_from_input:
-            return self.decoder.input_tensor
-        if self._capture.feature is None:
-            raise RuntimeError("no SPRM feature captured: call forward on the last pipeline stage first")
-        return self._capture.feature
-
-    def score_positions(self, feature: torch.Tensor, step_mask: torch.Tensor) -> torch.Tensor:
-        """Head logits at the masked positions of a ``[s, b, h]`` feature.
-
-        Args:
-            feature: ``[s, b, h]``, sequence-sharded ``[s/tp, b, h]`` under sequence parallelism.
-            step_mask: ``[b, s]`` bool.
-
-        Returns:
-            ``[S]`` float32 logits, S = ``step_mask.sum()``.
-        """
-        if self.config.sequence_parallel:
-            # Every TP rank runs the replicated head on the whole sequence; the
-            # backward hands each rank the gradient of its own slice.
-            feature = tensor_parallel.gather_from_sequence_parallel_region(
-                feature, tensor_parallel_output_grad=False
-            )
-        if step_mask.shape != (feature.shape[1], feature.shape[0]):
-            raise ValueError(
-                f"step_mask has shape {tuple(step_mask.shape)} but the batch is "
-                f"[b={feature.shape[1]}, s={feature.shape[0]}]: pass one flag per token"
-            )
-        selected = feature.transpose(0, 1)[step_mask.to(torch.bool)]  # [S, h]
-        scale = self.rgm_config.sprm_backbone_grad_scale
-        if scale != 1.0:
-            selected = selected * scale + selected.detach() * (1.0 - scale)
-        head_dtype = self.sprm_head[0].weight.dtype
-        return self.sprm_head(selected.to(head_dtype)).squeeze(-1).float()
+        return self.sprm.feature()

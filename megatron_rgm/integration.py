@@ -1,0 +1,169 @@
+"""RGM for Megatron pipelines a lab already runs: the pieces in the shapes their code expects.
+
+* :func:`attach_sprm_head` - add the head to an existing megatron-core ``GPTModel``;
+* :func:`model_provider` - Megatron-LM's ``model_provider(pre_process, post_process, vp_stage)``;
+* :func:`forward_step` - the pipeline-schedule contract ``forward_step(data_iterator, model)``;
+* :func:`add_rgm_args` - an ``extra_args_provider`` registering ``--sprm-*`` / ``--grpo-*`` only.
+
+See docs/INTEGRATION.md for the ~20-line change to a ``pretrain_gpt.py``-style script.
+"""
+
+from __future__ import annotations
+
+import argparse
+from functools import partial
+from typing import Any
+
+import torch
+
+from megatron_rgm.arguments import add_sprm_args
+from megatron_rgm.config import RGMConfig
+from megatron_rgm.model.rgm_model import RGMModel, attach_sprm_head, sprm_step_logits
+from megatron_rgm.rl import GRPOConfig, grpo_loss, vocab_parallel_entropy, vocab_parallel_log_probs
+
+__all__ = ["attach_sprm_head", "model_provider", "forward_step", "add_rgm_args", "rgm_config_from_args",
+           "grpo_config_from_args", "rgm_loss_func", "sprm_step_logits"]
+
+
+def add_rgm_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Register RGM's flags (``--sprm-*``, ``--grpo-*``) and nothing else; usable as ``extra_args_provider``."""
+    add_sprm_args(parser)
+    d = GRPOConfig()
+    g = parser.add_argument_group("GRPO")
+    g.add_argument("--grpo-clip-low", type=float, default=d.clip_low)
+    g.add_argument("--grpo-clip-high", type=float, default=d.clip_high)
+    g.add_argument("--grpo-kl-coef", type=float, default=d.kl_coef)
+    g.add_argument("--grpo-entropy-coef", type=float, default=d.entropy_coef)
+    return parser
+
+
+def rgm_config_from_args(args: Any) -> RGMConfig:
+    """RGMConfig from a namespace that went through :func:`add_rgm_args`."""
+    from megatron_rgm.arguments import _decode_escapes
+
+    return RGMConfig(
+        sprm_layer=args.sprm_layer, sprm_hidden_mult=args.sprm_hidden_mult, sprm_dropout=args.sprm_dropout,
+        sprm_backbone_grad_scale=args.sprm_backbone_grad_scale,
+        sprm_step_tokens=[_decode_escapes(t) for t in args.sprm_step_tokens], sprm_loss=args.sprm_loss,
+        sprm_pos_weight=args.sprm_pos_weight, sprm_loss_weight=args.sprm_loss_weight,
+        sprm_aggregation=args.sprm_aggregation,
+    )
+
+
+def grpo_config_from_args(args: Any) -> GRPOConfig:
+    return GRPOConfig(clip_low=args.grpo_clip_low, clip_high=args.grpo_clip_high, kl_coef=args.grpo_kl_coef,
+                      entropy_coef=args.grpo_entropy_coef)
+
+
+def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None, *,
+                   config=None, rgm_config: RGMConfig | None = None, transformer_layer_spec=None,
+                   vocab_size: int | None = None, max_sequence_length: int | None = None,
+                   **gpt_kwargs) -> RGMModel:
+    """Megatron-LM's model-provider signature, returning an :class:`RGMModel`.
+
+    Bind the model description with ``functools.partial`` (``config``,
+    ``rgm_config``, ``vocab_size``, ``max_sequence_length``, GPTModel keyword
+    arguments); Megatron then calls it with ``pre_process``, ``post_process``
+    and ``vp_stage``. Without ``config``, it reads Megatron-LM's global args
+    (``megatron.training.get_args()``, with :func:`add_rgm_args` as the extra
+    args provider).
+    """
+    from megatron_rgm.model.specs import block_spec
+
+    if config is None:
+        from megatron.training import get_args  # Megatron-LM, not megatron-core
+        from megatron.training.arguments import core_transformer_config_from_args
+
+        args = get_args()
+        config = core_transformer_config_from_args(args)
+        rgm_config = rgm_config or rgm_config_from_args(args)
+        vocab_size = vocab_size or args.padded_vocab_size
+        max_sequence_length = max_sequence_length or args.max_position_embeddings
+        gpt_kwargs.setdefault("share_embeddings_and_output_weights", not args.untie_embeddings_and_output_weights)
+        gpt_kwargs.setdefault("position_embedding_type", args.position_embedding_type)
+        gpt_kwargs.setdefault("rotary_base", args.rotary_base)
+    if rgm_config is None or vocab_size is None or max_sequence_length is None:
+        raise ValueError("model_provider needs rgm_config, vocab_size and max_sequence_length (bind them with "
+                         "functools.partial) or Megatron-LM's global args")
+    spec = transformer_layer_spec or block_spec(config, vp_stage=vp_stage)
+    return RGMModel(config, rgm_config, spec, vocab_size, max_sequence_length, pre_process=pre_process,
+                    post_process=post_process, vp_stage=vp_stage, **gpt_kwargs)
+
+
+def _cu_from_mask(step_mask: torch.Tensor) -> torch.Tensor:
+    counts = step_mask.sum(dim=1)
+    cu = torch.zeros(step_mask.shape[0] + 1, dtype=torch.int32, device=step_mask.device)
+    cu[1:] = counts.cumsum(0)
+    return cu
+
+
+def rgm_loss_func(model, batch: dict, rgm_config: RGMConfig, grpo: GRPOConfig, output_tensor: torch.Tensor):
+    """Loss of one micro-batch, megatron-core's 3-tuple ``(loss_sum, num_tokens, report)``.
+
+    ``loss_sum`` is (LM loss or GRPO loss) + ``sprm_loss_weight`` x SPR loss,
+    each a mean over the micro-batch, times ``num_tokens`` so that megatron's
+    per-token normalisation returns the means.
+    """
+    from megatron.core import parallel_state
+
+    from megatron_rgm import ops
+
+    loss_mask = batch["loss_mask"].float()
+    num_tokens = loss_mask.sum().clamp(min=1)
+    report = {}
+    if "advantages" in batch:
+        logp = vocab_parallel_log_probs(output_tensor, batch["labels"])
+        entropy = vocab_parallel_entropy(output_tensor) if grpo.entropy_coef else None
+        main, metrics = grpo_loss(logp, batch["old_log_probs"], batch["advantages"], loss_mask, grpo,
+                                  ref_log_probs=batch.get("ref_log_probs"), entropy=entropy)
+        report.update({k: v for k, v in metrics.items()})
+        report["grpo loss"] = main.detach()
+    else:
+        main = (output_tensor.float() * loss_mask).sum() / num_tokens
+        report["lm loss"] = main.detach()
+    total = main
+    if "step_mask" in batch and "correct" in batch:
+        step_logits = sprm_step_logits(model, batch["step_mask"])
+        cu = _cu_from_mask(batch["step_mask"])
+        if rgm_config.sprm_loss == "bce":
+            spr = ops.step_bce_loss(step_logits, cu, batch["correct"])
+        else:
+            group = parallel_state.get_data_parallel_group() if parallel_state.model_parallel_is_initialized() else None
+            spr, stats = ops.spr_loss(step_logits, cu, batch["correct"], pos_weight=rgm_config.sprm_pos_weight,
+                                      group=group, return_stats=True)
+            report["spr positives"] = stats.positives.float()
+            report["spr negatives"] = stats.negatives.float()
+        total = total + rgm_config.sprm_loss_weight * spr
+        report["spr loss"] = spr.detach()
+    n = num_tokens.detach()
+    # Megatron-LM's reporting convention: [sum over tokens, token count] per key.
+    report = {k: torch.stack([v.float() * n, n]) for k, v in report.items()}
+    return total * num_tokens, num_tokens.int(), report
+
+
+def forward_step(data_iterator, model, *, rgm_config: RGMConfig | None = None, grpo: GRPOConfig | None = None):
+    """``forward_step(data_iterator, model) -> (output_tensor, loss_func)`` for megatron-core's schedules.
+
+    The iterator yields dicts with ``tokens`` ``[b, s]`` and, as the pipeline
+    already has them, ``position_ids``, ``attention_mask``, ``labels``,
+    ``loss_mask``; RGM adds ``step_mask`` ``[b, s]`` (positions to score,
+    see :class:`megatron_rgm.steps.StepSegmenter`) and ``correct`` ``[b]``
+    (the SPR loss), and for GRPO ``advantages`` ``[b]`` and
+    ``old_log_probs`` ``[b, s]`` (optionally ``ref_log_probs``). Without
+    advantages the LM loss over ``loss_mask`` is kept. Works with an
+    :class:`RGMModel` or any GPTModel given :func:`attach_sprm_head`.
+    Bind ``rgm_config`` / ``grpo`` with ``functools.partial``.
+    """
+    from megatron_rgm.model.rgm_model import unwrap
+
+    batch = next(data_iterator)
+    tokens = batch["tokens"]
+    b, s = tokens.shape
+    positions = batch.get("position_ids")
+    if positions is None:
+        positions = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
+    rgm_config = rgm_config or unwrap(model).sprm.rgm_config
+    grpo = grpo or GRPOConfig()
+    labels = None if "advantages" in batch else batch.get("labels")
+    output = model(tokens, positions, batch.get("attention_mask"), labels=labels)
+    return output, partial(rgm_loss_func, model, batch, rgm_config, grpo)

@@ -1,0 +1,82 @@
+"""Log-probabilities and entropy of vocab-parallel logits, without gathering the vocabulary.
+
+Under tensor parallelism each rank holds ``[..., V/tp]`` logits. Both functions
+reduce across the tensor-parallel group with megatron's
+``reduce_from_tensor_model_parallel_region`` (all-reduce forward, identity
+backward), so each rank's gradient covers exactly its vocabulary slice. The
+input logits are never modified in place (megatron's own
+``vocab_parallel_cross_entropy`` works on its input's buffer).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+
+
+def _tp():
+    if not dist.is_initialized() or not parallel_state.model_parallel_is_initialized():
+        return None, 1, 0
+    return (parallel_state.get_tensor_model_parallel_group(),
+            parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_tensor_model_parallel_rank())
+
+
+def _global_max(x: torch.Tensor, group, size: int) -> torch.Tensor:
+    m = x.max(dim=-1).values.detach()
+    if size > 1:
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    return m
+
+
+def _global_sum(x: torch.Tensor, size: int) -> torch.Tensor:
+    # Every use of a reduced sum must come after the reduction: the identity
+    # backward then hands each rank the same (global) gradient for its part.
+    return reduce_from_tensor_model_parallel_region(x) if size > 1 else x
+
+
+def _logsumexp(logits: torch.Tensor, group, size: int) -> torch.Tensor:
+    """``[...]`` log-sum-exp over the full (sharded) vocabulary, in fp32."""
+    x = logits.float()
+    m = _global_max(x, group, size)
+    return m + torch.log(_global_sum(torch.exp(x - m.unsqueeze(-1)).sum(-1), size))
+
+
+def vocab_parallel_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``log softmax(logits)[target]`` for vocab-sharded logits.
+
+    Args:
+        logits: ``[b, s, V/tp]`` this rank's vocabulary slice (rank r holds ids
+            ``[r*V/tp, (r+1)*V/tp)``).
+        targets: ``[b, s]`` token ids in the full vocabulary.
+
+    Returns:
+        ``[b, s]`` float32 log-probabilities, differentiable w.r.t. ``logits``.
+    """
+    group, size, rank = _tp()
+    part = logits.shape[-1]
+    lo = rank * part
+    local = targets - lo
+    inside = (local >= 0) & (local < part)
+    picked = logits.float().gather(-1, local.clamp(0, part - 1).unsqueeze(-1)).squeeze(-1) * inside
+    if size > 1:
+        picked = reduce_from_tensor_model_parallel_region(picked)
+    return picked - _logsumexp(logits, group, size)
+
+
+def vocab_parallel_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """``[b, s]`` entropy of ``softmax(logits)`` over the full (sharded) vocabulary, float32.
+
+    ``H = log S - T / S`` with ``S = sum exp(x - m)``, ``T = sum exp(x - m) (x - m)``,
+    both summed over every rank's slice before they are used.
+    """
+    group, size, _ = _tp()
+    x = logits.float()
+    m = _global_max(x, group, size)
+    shifted = x - m.unsqueeze(-1)
+    e = torch.exp(shifted)
+    s = _global_sum(e.sum(-1), size)
+    t = _global_sum((e * shifted).sum(-1), size)
+    return torch.log(s) - t / s

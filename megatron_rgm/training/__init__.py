@@ -1,0 +1,1 @@
+"""Training infrastructure: checkpointing (the GRPO + SPR loop lands here too)."""
