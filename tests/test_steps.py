@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megatron_rgm.config import ConfigError
-from megatron_rgm.steps import StepLayout, StepSegmenter, encode, step_token_ids
+from megatron_rgm.steps import StepLayout, StepSegmenter, decode_token, encode, single_token_id, step_token_ids
 
 S, T0, T1 = 50, 60, 61  # step token, <think>, </think> in the synthetic-id examples
 
@@ -121,20 +121,14 @@ def _hand_worked(tokenizer):
     assert seg(torch.tensor([ids])).mask[0].nonzero().flatten().tolist() == expected
 
 
-def test_sentencepiece_hand_worked(sentencepiece_model):
-    ids = step_token_ids(sentencepiece_model)
-    assert sentencepiece_model.piece_to_id(".\n\n") in ids
+@pytest.mark.parametrize("name", ["sentencepiece_model", "bpe_tokenizer"])
+def test_hand_worked_with_real_tokenizers(request, name):
+    tokenizer = request.getfixturevalue(name)
+    ids = step_token_ids(tokenizer)
+    assert single_token_id(tokenizer, ".\n\n") in ids
     for i in ids:
-        assert ".\n\n" in sentencepiece_model.decode_ids([i])
-    _hand_worked(sentencepiece_model)
-
-
-def test_bpe_hand_worked(bpe_tokenizer):
-    ids = step_token_ids(bpe_tokenizer)
-    assert bpe_tokenizer.token_to_id(".\n\n") in ids
-    for i in ids:
-        assert ".\n\n" in bpe_tokenizer.decode([i])
-    _hand_worked(bpe_tokenizer)
+        assert ".\n\n" in decode_token(tokenizer, i)
+    _hand_worked(tokenizer)
 
 
 def test_configurable_step_strings(bpe_tokenizer):
