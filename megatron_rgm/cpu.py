@@ -119,8 +119,13 @@ def _seed_cpu(seed: int) -> None:
     torch.default_generator.manual_seed(int(seed))
 
 
-def _noop(*args, **kwargs) -> None:
-    return None
+def _noop(name: str) -> Callable:
+    # A distinct function per target: torch._dynamo refuses one object under two torch names.
+    def noop(*args, **kwargs) -> None:
+        return None
+
+    noop.__name__ = noop.__qualname__ = name
+    return noop
 
 
 class _NullStream:
@@ -196,12 +201,15 @@ def activate(force: bool = False) -> list[Patch]:
         return applied_patches()
     if torch.cuda.is_available() and not force:
         return []
+    # Import megatron (and the torch._dynamo it pulls in through torch.compile
+    # decorators) before patching, so both see the functions they were written for.
+    import megatron.core  # noqa: F401
 
     cuda = torch.cuda
     _set(cuda, "current_device", lambda: "cpu", "torch.cuda.current_device",
          "megatron passes it as device= everywhere; answer 'cpu'")
-    _set(cuda, "synchronize", _noop, "torch.cuda.synchronize", "CPU work is synchronous")
-    _set(cuda, "set_device", _noop, "torch.cuda.set_device", "there is one CPU device")
+    _set(cuda, "synchronize", _noop("synchronize"), "torch.cuda.synchronize", "CPU work is synchronous")
+    _set(cuda, "set_device", _noop("set_device"), "torch.cuda.set_device", "there is one CPU device")
     for name in ("get_rng_state",):
         _set(cuda, name, _cpu_rng_state, f"torch.cuda.{name}",
              "megatron's RNG tracker saves the CUDA generator; on the CPU dropout draws from the CPU one")

@@ -74,3 +74,15 @@ def test_inactive_when_cuda_is_available():
     )
     out = subprocess.run([sys.executable, "-c", code], env=clean_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_activate_before_importing_megatron():
+    code = (
+        "from megatron_rgm import cpu\n"
+        "cpu.activate()\n"
+        "import torch._dynamo, megatron.core\n"
+        "from megatron.core.models.gpt import GPTModel\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
