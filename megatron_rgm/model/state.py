@@ -5,9 +5,10 @@ Names are the model's own parameter names with layer numbers made global
 last pipeline stage that ties its output layer to the embedding holds
 ``output_layer.weight`` as its copy of ``embedding.word_embeddings.weight``.
 
-Tensor-parallel splits follow megatron's parameter attributes
-(``tensor_model_parallel``, ``partition_dim``) with one twist: the gated MLP's
-``linear_fc1`` stacks [gate; up] and each rank holds [gate_r; up_r].
+Tensor-parallel splits: column-parallel weights (QKV, FC1, output layer,
+embedding) along dim 0, row-parallel ones (attention projection, FC2) along
+dim 1, with one twist: the gated MLP's ``linear_fc1`` stacks [gate; up] and
+each rank holds [gate_r; up_r].
 """
 
 from __future__ import annotations
@@ -35,13 +36,20 @@ def global_name(model, local_name: str) -> str:
     return name
 
 
+# Which parameters tensor parallelism splits, by name (megatron sets the partition
+# attributes only when it initialises the weights itself).
+_COLUMN_SPLIT = ("linear_qkv.weight", "linear_qkv.bias", "linear_fc1.weight", "linear_fc1.bias",
+                 "output_layer.weight", "word_embeddings.weight")
+_ROW_SPLIT = ("linear_proj.weight", "linear_fc2.weight")
+
+
 def _split(model, name: str, param: torch.Tensor) -> tuple[int | None, bool]:
     """(partition dim or None if replicated, whether the dim stacks [gate; up])."""
-    if not getattr(param, "tensor_model_parallel", False):
-        return None, False
-    dim = getattr(param, "partition_dim", 0)
-    gated = ".mlp.linear_fc1." in f".{name}" and model.config.gated_linear_unit and dim == 0
-    return dim, gated
+    if name.endswith(_COLUMN_SPLIT):
+        return 0, bool(model.config.gated_linear_unit) and "linear_fc1." in name
+    if name.endswith(_ROW_SPLIT):
+        return 1, False
+    return None, False
 
 
 def shard(full: torch.Tensor, dim: int | None, gated: bool, rank: int, size: int) -> torch.Tensor:

@@ -1,0 +1,210 @@
+"""hf-to-mcore, mcore-to-hf and verify.
+
+hf-to-mcore runs one process per model-parallel rank (tp x pp; spawned when
+not under torchrun): each builds its own shard of RGMModel and reads from the
+HF safetensors only the tensors it needs, one at a time, so a process holds
+about one rank's share plus one full tensor, never the whole model. The
+result is a ``torch_dist`` checkpoint, which any TP/PP layout can load.
+
+mcore-to-hf runs in one process and reads the checkpoint one layer at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from megatron_rgm.config import ConfigError
+from megatron_rgm.convert.hf_io import (HEAD_KEYS, HFCheckpoint, ShardWriter, copy_tokenizer_files, load_head,
+                                        save_head)
+from megatron_rgm.convert.mapping import CKPT_KEY_ALIASES, HFArch, hf_tensors, megatron_tensor
+
+ASSETS = "hf_assets"  # tokenizer files carried inside an mcore checkpoint directory
+
+
+def _say(msg: str) -> None:
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(msg, flush=True)
+
+
+def build_args(argv: list[str]):
+    from megatron_rgm.arguments import parse_args
+
+    args = parse_args(argv)
+    args.transformer.perform_initialization = False  # every weight is overwritten
+    return args
+
+
+def _hf_to_mcore_rank(hf_path: str, output: str, tp: int, pp: int, head_file: str | None, divisible_by: int,
+                      seed: int) -> None:
+    from megatron_rgm import distributed
+    from megatron_rgm.model import build_model
+    from megatron_rgm.model.state import _split, global_name, shard
+    from megatron_rgm.training.checkpointing import save_checkpoint
+
+    hf = HFCheckpoint(hf_path)
+    arch = hf.arch
+    argv = arch.model_argv(tp, pp, divisible_by) + ["--seed", str(seed)]
+    args = build_args(argv)
+    distributed.initialize(args.parallel)
+    from megatron.core import parallel_state as ps
+
+    model = build_model(args)[0]
+    # The head was initialised from the seeded generator before the weights overwrite anything.
+    tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    params = [(n, p) for n, p in model.named_parameters() if not n.startswith("sprm_head.")]
+    show = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
+    with torch.no_grad():
+        for name, param in tqdm(params, desc=f"hf->mcore pp{ps.get_pipeline_model_parallel_rank()}",
+                                disable=not show, file=sys.stdout):
+            full = megatron_tensor(global_name(model, name), hf.get, arch, args.vocab_size)
+            dim, gated = _split(model, name, param)
+            param.copy_(shard(full, dim, gated, tp_rank, tp_size).to(param.dtype))
+            del full
+        if model.sprm_head is not None and head_file:
+            model.sprm_head.load_state_dict(load_head(head_file, arch.hidden_size))
+    extra = {"model_argv": arch.model_argv(1, 1, divisible_by), "padded_vocab_size": args.vocab_size,
+             "hf_config": arch.config, "source": str(hf_path), "head": "file" if head_file else f"fresh (seed {seed})"}
+    save_checkpoint(output, 0, [model], extra=extra)
+    distributed.shutdown()
+
+
+def hf_to_mcore(hf_path: str, output: str, tp: int = 1, pp: int = 1, head_file: str | None = None,
+                divisible_by: int = 128, seed: int = 1234) -> None:
+    """Convert an HF directory to a Megatron dist checkpoint with the SPRM head."""
+    from megatron_rgm.convert.launch import run_ranks
+
+    hf = HFCheckpoint(hf_path)
+    hf.validate()
+    if head_file:
+        load_head(head_file, hf.arch.hidden_size)
+    out = Path(output)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"--output {out} exists and is not empty: choose a new directory")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        build_args(hf.arch.model_argv(tp, pp, divisible_by))  # layout errors before any rank starts
+        if not head_file:
+            print(f"no --sprm-head given: the SPRM head is freshly initialised (seed {seed})", flush=True)
+        run_ranks(_hf_to_mcore_rank, tp * pp, str(hf_path), str(out), tp, pp, head_file, divisible_by, seed)
+        (out / ASSETS).mkdir()
+        copied = copy_tokenizer_files(Path(hf_path), out / ASSETS)
+        (out / ASSETS / "config.json").write_text(json.dumps(hf.arch.config, indent=2))
+        print(f"wrote {out} (tp={tp}, pp={pp}; tokenizer files: {', '.join(copied) or 'none'})", flush=True)
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        else:
+            for child in out.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        raise
+
+
+def _checkpoint_dir(mcore_path: Path) -> Path:
+    from megatron_rgm.training.checkpointing import CheckpointError, iteration_dir, latest_iteration
+
+    if not mcore_path.is_dir():
+        raise ConfigError(f"--mcore-path {mcore_path} is not a directory: pass a directory written by hf-to-mcore "
+                          "or --save")
+    if (mcore_path / "metadata.json").exists():
+        return mcore_path
+    it = latest_iteration(mcore_path)
+    if it is None:
+        raise CheckpointError(f"--mcore-path {mcore_path} holds no finished checkpoint")
+    return iteration_dir(mcore_path, it)
+
+
+def read_extra(ckpt: Path) -> dict:
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(str(ckpt))
+    extra = common.get("rgm_extra") if isinstance(common, dict) else None
+    if not extra or "hf_config" not in extra:
+        raise ConfigError(f"checkpoint {ckpt} does not record its HF architecture (no rgm_extra.hf_config): "
+                          "it was not written by megatron-rgm")
+    return extra
+
+
+def _mcore_to_hf_rank(mcore_path: str, output: str, dtype: str | None) -> None:
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    from megatron_rgm import distributed
+
+    distributed.initialize(distributed.ParallelConfig())
+    root = Path(mcore_path)
+    ckpt = _checkpoint_dir(root)
+    extra = read_extra(ckpt)
+    arch = HFArch.from_config(extra["hf_config"])
+    meta = dist_checkpointing.load_tensors_metadata(str(ckpt))
+    out = Path(output)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    to_dtype = getattr(torch, dtype) if dtype else None
+
+    def load(requests: dict[str, ShardedTensor]) -> dict[str, torch.Tensor]:
+        return dist_checkpointing.load(requests, str(ckpt))
+
+    writer = ShardWriter(tmp)
+    head = {}
+    layered = sorted(k for k in meta if k.startswith("decoder.layers."))
+    flat = sorted(k for k in meta if not k.startswith("decoder.layers."))
+    for key in flat:
+        t = load({key: ShardedTensor.from_rank_offsets(key, torch.empty(meta[key].global_shape,
+                                                                         dtype=meta[key].dtype), replica_id=0)})[key]
+        if key.startswith("sprm_head."):
+            head[key[len("sprm_head."):]] = t
+            continue
+        for name, tensor in hf_tensors(key, t, arch).items():
+            writer.add(name, tensor.to(to_dtype) if to_dtype else tensor)
+    for layer in tqdm(range(arch.num_layers), desc="mcore->hf layers", file=sys.stdout):
+        reqs = {}
+        for key in layered:
+            shape = tuple(meta[key].global_shape)
+            reqs[key] = ShardedTensor.from_rank_offsets(key, torch.empty(shape[1:], dtype=meta[key].dtype),
+                                                        (0, layer, shape[0]), replica_id=0, prepend_axis_num=1)
+        for key, t in load(reqs).items():
+            suffix = key[len("decoder.layers."):]
+            name = f"decoder.layers.{layer}.{CKPT_KEY_ALIASES.get(suffix, suffix)}"
+            for hf_name, tensor in hf_tensors(name, t, arch).items():
+                writer.add(hf_name, tensor.to(to_dtype) if to_dtype else tensor)
+    writer.close()
+    cfg = dict(arch.config)
+    if to_dtype:
+        cfg["torch_dtype"] = dtype
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+    if (root / ASSETS).is_dir():
+        copy_tokenizer_files(root / ASSETS, tmp)
+    if set(head) == set(HEAD_KEYS):
+        sprm_layer = -2
+        for i, flag in enumerate(extra.get("model_argv", [])):
+            if flag == "--sprm-layer":
+                sprm_layer = int(extra["model_argv"][i + 1])
+        save_head(tmp, head, {"sprm_layer": sprm_layer, "hidden_size": arch.hidden_size,
+                              "hidden_mult": head["0.weight"].shape[0] // arch.hidden_size})
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    distributed.shutdown()
+    print(f"wrote {out} ({len(writer.files)} safetensors shards{', SPRM head' if head else ''})", flush=True)
+
+
+def mcore_to_hf(mcore_path: str, output: str, dtype: str | None = None) -> None:
+    """Export a Megatron dist checkpoint to an HF directory plus ``score_module.pt``."""
+    from megatron_rgm.convert.launch import run_ranks
+
+    if not Path(mcore_path).exists():
+        raise ConfigError(f"--mcore-path {mcore_path} does not exist")
+    if dtype and dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"--dtype {dtype!r}: use float32, bfloat16 or float16")
+    run_ranks(_mcore_to_hf_rank, 1, str(mcore_path), str(output), dtype)

@@ -1,0 +1,174 @@
+"""Reading and writing HF checkpoints (safetensors) and SPRM head files, one tensor at a time.
+
+Nothing here unpickles arbitrary objects: weights come from safetensors, and a
+``score_module.pt`` is read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from megatron_rgm.config import ConfigError
+from megatron_rgm.convert.mapping import HFArch
+
+HEAD_KEYS = ("0.weight", "0.bias", "3.weight", "3.bias")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model", "added_tokens.json", "generation_config.json")
+
+
+class HFCheckpoint:
+    """An HF model directory: ``config.json`` plus ``*.safetensors`` (indexed or single)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise ConfigError(f"--hf-path {self.path} does not exist: pass an HF model directory")
+        if not self.path.is_dir():
+            raise ConfigError(f"--hf-path {self.path} is a file: pass the directory holding config.json")
+        cfg_file = self.path / "config.json"
+        if not cfg_file.exists():
+            raise ConfigError(f"--hf-path {self.path} has no config.json: is it an HF model directory?")
+        try:
+            cfg = json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{cfg_file} is not valid JSON ({e}): re-export the model") from None
+        self.arch = HFArch.from_config(cfg, str(cfg_file))
+        self.index = self._index()
+        self._handles: dict[Path, object] = {}
+
+    def _index(self) -> dict[str, Path]:
+        index_file = self.path / "model.safetensors.index.json"
+        if index_file.exists():
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+            return {name: self.path / f for name, f in weight_map.items()}
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise ConfigError(f"--hf-path {self.path} holds no *.safetensors weights (pytorch_model.bin is not "
+                              "read: it would unpickle code); convert it to safetensors first")
+        out = {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as h:
+                for name in h.keys():
+                    out[name] = f
+        return out
+
+    def validate(self) -> None:
+        """Every expected tensor present with its shape, nothing unexpected; raises naming the first problems."""
+        expected = self.arch.hf_names()
+        have = set(self.index)
+        if self.arch.tied:
+            have.discard("lm_head.weight")  # some exports keep the tied copy
+        missing = sorted(set(expected) - have)
+        if missing:
+            raise ConfigError(f"HF checkpoint {self.path} is missing {len(missing)} tensors, e.g. {missing[:3]}")
+        unexpected = sorted(n for n in have - set(expected) if not n.endswith("rotary_emb.inv_freq"))
+        if unexpected:
+            raise ConfigError(f"HF checkpoint {self.path} has {len(unexpected)} tensors this "
+                              f"{self.arch.kind} conversion does not know, e.g. {unexpected[:3]}")
+        for name, shape in expected.items():
+            found = tuple(self._handle(self.index[name]).get_slice(name).get_shape())
+            if found != tuple(shape):
+                raise ConfigError(f"HF tensor {name} has shape {found}, expected {tuple(shape)} "
+                                  f"from {self.path / 'config.json'}")
+
+    def _handle(self, f: Path):
+        if f not in self._handles:
+            self._handles[f] = safe_open(str(f), framework="pt")
+        return self._handles[f]
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.index:
+            raise ConfigError(f"HF checkpoint {self.path} has no tensor {name}")
+        return self._handle(self.index[name]).get_tensor(name)
+
+    def largest_file_bytes(self) -> int:
+        return max(f.stat().st_size for f in set(self.index.values()))
+
+
+def load_head(path: str | os.PathLike, hidden_size: int) -> dict[str, torch.Tensor]:
+    """A ``score_module.pt`` / ``sprm_head.safetensors`` state dict, checked against the model width."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--sprm-head {path} is not a file: pass score_module.pt or sprm_head.safetensors")
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as h:
+            sd = {k: h.get_tensor(k) for k in h.keys()}
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+            raise ConfigError(f"--sprm-head {path} is not a plain tensor state dict (refused to unpickle it: "
+                              f"{str(e).splitlines()[0]}); save it with torch.save(head.state_dict())") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ConfigError(f"--sprm-head {path} does not hold a state dict of tensors")
+    if set(sd) != set(HEAD_KEYS):
+        raise ConfigError(f"--sprm-head {path} has keys {sorted(sd)}, expected {list(HEAD_KEYS)} "
+                          "(Linear(c, 2c) -> ReLU -> Dropout -> Linear(2c, 1))")
+    inner = sd["0.weight"].shape[0]
+    want = {"0.weight": (inner, hidden_size), "0.bias": (inner,), "3.weight": (1, inner), "3.bias": (1,)}
+    for k, shape in want.items():
+        if tuple(sd[k].shape) != shape:
+            raise ConfigError(f"--sprm-head {path}: {k} has shape {tuple(sd[k].shape)}, expected {shape} for a "
+                              f"model of hidden size {hidden_size}")
+    return sd
+
+
+def save_head(out: Path, sd: dict[str, torch.Tensor], meta: dict) -> None:
+    """``score_module.pt`` (reference format), ``sprm_head.safetensors`` and ``sprm_config.json``."""
+    sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+    torch.save(sd, out / "score_module.pt")
+    save_file(sd, str(out / "sprm_head.safetensors"))
+    (out / "sprm_config.json").write_text(json.dumps(meta, indent=2))
+
+
+class ShardWriter:
+    """Writes tensors into ``model-0000k-of-0000n.safetensors`` shards of at most ``max_bytes``, plus the index."""
+
+    def __init__(self, out: Path, max_bytes: int = 2 * 1024**3):
+        self.out, self.max_bytes = out, max_bytes
+        self.buffer: dict[str, torch.Tensor] = {}
+        self.size = 0
+        self.files: list[list[str]] = []
+        self.total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.buffer and self.size + nbytes > self.max_bytes:
+            self._flush()
+        self.buffer[name] = tensor.detach().cpu().contiguous()
+        self.size += nbytes
+        self.total += nbytes
+
+    def _flush(self) -> None:
+        k = len(self.files)
+        save_file(self.buffer, str(self.out / f"shard-{k:05d}.tmp"), metadata={"format": "pt"})
+        self.files.append(list(self.buffer))
+        self.buffer, self.size = {}, 0
+
+    def close(self) -> None:
+        if self.buffer:
+            self._flush()
+        n = len(self.files)
+        weight_map = {}
+        for k, names in enumerate(self.files):
+            final = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.out / f"shard-{k:05d}.tmp", self.out / final)
+            weight_map.update({name: final for name in names})
+        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+        (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied

@@ -1,0 +1,46 @@
+"""Run a conversion function on N gloo/nccl ranks: in place under torchrun, else by spawning them."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch.multiprocessing as mp
+
+from megatron_rgm.config import ConfigError
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child(local_rank: int, world: int, port: int, fn, args) -> None:
+    os.environ.update(RANK=str(local_rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        fn(*args)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def run_ranks(fn, world_size: int, *args) -> None:
+    """Call ``fn(*args)`` on ``world_size`` ranks (each sets up its own process group from the env)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if int(os.environ["WORLD_SIZE"]) != world_size:
+            raise ConfigError(f"launched with WORLD_SIZE={os.environ['WORLD_SIZE']} but this layout needs "
+                              f"{world_size} ranks (tp x pp): launch that many or none and let the tool spawn them")
+        fn(*args)
+        return
+    if world_size == 1:
+        _child(0, 1, _free_port(), fn, args)
+        return
+    try:
+        mp.start_processes(_child, args=(world_size, _free_port(), fn, args), nprocs=world_size,
+                           start_method="spawn")
+    except mp.ProcessExitedException as e:
+        raise SystemExit(f"a conversion rank failed (exit code {e.exit_code}); its error is printed above") from None
+    except mp.ProcessRaisedException as e:
+        msg = str(e).strip().splitlines()
+        raise SystemExit(f"a conversion rank failed: {msg[-1] if msg else e}") from None

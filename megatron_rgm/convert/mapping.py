@@ -1,0 +1,212 @@
+"""HF (Qwen2, Qwen3, Llama) <-> Megatron tensor names and layouts, one full tensor at a time.
+
+Megatron-side names are RGMModel's full (TP=1, PP=1) parameter names, e.g.
+``decoder.layers.3.self_attention.linear_qkv.weight``. Layouts that differ:
+
+* ``linear_qkv`` stacks, for each KV group g: the group's query heads, then
+  k_g, then v_g (HF keeps q, k and v apart);
+* ``linear_fc1`` stacks [gate; up];
+* embeddings and the output layer are padded with zero rows to the TP-padded vocabulary.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from megatron_rgm.config import ConfigError
+
+SUPPORTED = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama",
+             "MistralForCausalLM": "llama"}
+
+
+@dataclass
+class HFArch:
+    """What the conversion needs from an HF ``config.json``."""
+
+    kind: str  # qwen2 | qwen3 | llama
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rope_theta: float
+    norm_eps: float
+    qkv_bias: bool
+    qk_norm: bool
+    tied: bool
+    max_position_embeddings: int
+    config: dict
+
+    @classmethod
+    def from_config(cls, cfg: dict, source: str = "config.json") -> "HFArch":
+        archs = cfg.get("architectures") or []
+        kind = next((SUPPORTED[a] for a in archs if a in SUPPORTED), None)
+        if kind is None:
+            raise ConfigError(f"{source}: architecture {archs or cfg.get('model_type')!r} is not supported; "
+                              f"supported: {', '.join(SUPPORTED)}")
+        if cfg.get("rope_scaling") and cfg["rope_scaling"].get("rope_type", cfg["rope_scaling"].get("type")) not in (
+                None, "default"):
+            raise ConfigError(f"{source}: rope_scaling {cfg['rope_scaling']} is not supported by the conversion")
+        heads = cfg["num_attention_heads"]
+        rope = cfg.get("rope_theta")
+        if rope is None:  # transformers 5 keeps it under rope_parameters
+            rope = (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        return cls(
+            kind=kind,
+            num_layers=cfg["num_hidden_layers"],
+            hidden_size=cfg["hidden_size"],
+            ffn_hidden_size=cfg["intermediate_size"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            vocab_size=cfg["vocab_size"],
+            rope_theta=float(rope),
+            norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            qkv_bias=kind == "qwen2" or bool(cfg.get("attention_bias", False)),
+            qk_norm=kind == "qwen3",
+            tied=bool(cfg.get("tie_word_embeddings", False)),
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            config=cfg,
+        )
+
+    def model_argv(self, tp: int = 1, pp: int = 1, divisible_by: int = 128) -> list[str]:
+        """megatron_rgm.arguments flags that build the matching RGMModel."""
+        argv = ["--num-layers", str(self.num_layers), "--hidden-size", str(self.hidden_size),
+                "--ffn-hidden-size", str(self.ffn_hidden_size), "--num-attention-heads", str(self.num_heads),
+                "--num-query-groups", str(self.num_kv_heads), "--kv-channels", str(self.head_dim),
+                "--vocab-size", str(self.vocab_size), "--make-vocab-size-divisible-by", str(divisible_by),
+                "--seq-length", str(min(self.max_position_embeddings, 4096)),
+                "--max-position-embeddings", str(self.max_position_embeddings),
+                "--normalization", "RMSNorm", "--norm-epsilon", repr(self.norm_eps),
+                "--position-embedding-type", "rope", "--rotary-base", str(int(self.rope_theta)),
+                "--swiglu", "--disable-bias-linear",
+                "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)]
+        if self.qkv_bias:
+            argv.append("--add-qkv-bias")
+        if self.qk_norm:
+            argv.append("--qk-layernorm")
+        if not self.tied:
+            argv.append("--untie-embeddings-and-output-weights")
+        return argv
+
+    def hf_names(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor an HF checkpoint of this architecture holds, with its shape."""
+        h, hd = self.hidden_size, self.head_dim
+        names = {"model.embed_tokens.weight": (self.vocab_size, h), "model.norm.weight": (h,)}
+        if not self.tied:
+            names["lm_head.weight"] = (self.vocab_size, h)
+        for i in range(self.num_layers):
+            p = f"model.layers.{i}."
+            names.update({
+                p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+                p + "self_attn.q_proj.weight": (self.num_heads * hd, h),
+                p + "self_attn.k_proj.weight": (self.num_kv_heads * hd, h),
+                p + "self_attn.v_proj.weight": (self.num_kv_heads * hd, h),
+                p + "self_attn.o_proj.weight": (h, self.num_heads * hd),
+                p + "mlp.gate_proj.weight": (self.ffn_hidden_size, h),
+                p + "mlp.up_proj.weight": (self.ffn_hidden_size, h),
+                p + "mlp.down_proj.weight": (h, self.ffn_hidden_size),
+            })
+            if self.qkv_bias:
+                names.update({p + "self_attn.q_proj.bias": (self.num_heads * hd,),
+                              p + "self_attn.k_proj.bias": (self.num_kv_heads * hd,),
+                              p + "self_attn.v_proj.bias": (self.num_kv_heads * hd,)})
+            if self.qk_norm:
+                names.update({p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)})
+        return names
+
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+# Megatron per-layer name -> HF per-layer name, where the layout is the same.
+_SAME = {
+    "input_layernorm.weight": "input_layernorm.weight",
+    "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
+    "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
+    "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
+    "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
+    "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+}
+
+
+def _qkv_merge(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arch: HFArch) -> torch.Tensor:
+    groups, hd = arch.num_kv_heads, arch.head_dim
+    per = arch.num_heads // groups
+    q = q.reshape(groups, per * hd, *q.shape[1:])
+    k = k.reshape(groups, hd, *k.shape[1:])
+    v = v.reshape(groups, hd, *v.shape[1:])
+    return torch.cat([q, k, v], dim=1).reshape(-1, *q.shape[2:])
+
+
+def _qkv_split(qkv: torch.Tensor, arch: HFArch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    groups, hd = arch.num_kv_heads, arch.head_dim
+    per = arch.num_heads // groups
+    x = qkv.reshape(groups, (per + 2) * hd, *qkv.shape[1:])
+    q, k, v = x.split([per * hd, hd, hd], dim=1)
+    return (q.reshape(-1, *qkv.shape[1:]).contiguous(), k.reshape(-1, *qkv.shape[1:]).contiguous(),
+            v.reshape(-1, *qkv.shape[1:]).contiguous())
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    if t.shape[0] == rows:
+        return t
+    return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
+
+
+def megatron_tensor(name: str, get: Callable[[str], torch.Tensor], arch: HFArch, padded_vocab: int) -> torch.Tensor:
+    """The full Megatron tensor ``name`` built from HF tensors (``get(hf_name)``)."""
+    if name == "embedding.word_embeddings.weight":
+        return _pad_rows(get("model.embed_tokens.weight"), padded_vocab)
+    if name == "output_layer.weight":
+        return _pad_rows(get("model.embed_tokens.weight" if arch.tied else "lm_head.weight"), padded_vocab)
+    if name == "decoder.final_layernorm.weight":
+        return get("model.norm.weight")
+    m = _LAYER.match(name)
+    if not m:
+        raise KeyError(f"no HF source for Megatron tensor {name}")
+    p, rest = f"model.layers.{m.group(1)}.", m.group(2)
+    if rest in _SAME:
+        return get(p + _SAME[rest])
+    if rest in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
+        kind = rest.rsplit(".", 1)[1]
+        return _qkv_merge(*(get(f"{p}self_attn.{x}_proj.{kind}") for x in "qkv"), arch)
+    if rest == "mlp.linear_fc1.weight":
+        return torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])
+    raise KeyError(f"no HF source for Megatron tensor {name}")
+
+
+def hf_tensors(name: str, tensor: torch.Tensor, arch: HFArch) -> dict[str, torch.Tensor]:
+    """HF tensors of one full Megatron tensor (inverse of :func:`megatron_tensor`; vocab padding dropped)."""
+    if name == "embedding.word_embeddings.weight":
+        return {"model.embed_tokens.weight": tensor[: arch.vocab_size]}
+    if name == "output_layer.weight":
+        return {} if arch.tied else {"lm_head.weight": tensor[: arch.vocab_size]}
+    if name == "decoder.final_layernorm.weight":
+        return {"model.norm.weight": tensor}
+    m = _LAYER.match(name)
+    if not m:
+        raise KeyError(f"no HF name for Megatron tensor {name}")
+    p, rest = f"model.layers.{m.group(1)}.", m.group(2)
+    if rest in _SAME:
+        return {p + _SAME[rest]: tensor}
+    if rest in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
+        kind = rest.rsplit(".", 1)[1]
+        q, k, v = _qkv_split(tensor, arch)
+        return {f"{p}self_attn.q_proj.{kind}": q, f"{p}self_attn.k_proj.{kind}": k, f"{p}self_attn.v_proj.{kind}": v}
+    if rest == "mlp.linear_fc1.weight":
+        gate, up = tensor.chunk(2)
+        return {p + "mlp.gate_proj.weight": gate.contiguous(), p + "mlp.up_proj.weight": up.contiguous()}
+    raise KeyError(f"no HF name for Megatron tensor {name}")
+
+
+# Checkpoint keys of norms fused into the next linear (megatron's TE-compatible naming) -> model names.
+CKPT_KEY_ALIASES = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+}

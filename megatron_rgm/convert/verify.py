@@ -1,0 +1,113 @@
+"""verify: the HF model and the Megatron checkpoint at a TP/PP layout on the same random batches.
+
+Reports the max abs difference of the logits (over the real vocabulary; the
+TP padding rows are dropped) and of the SPRM head logits at random step
+positions. The HF side's head is ``score_module.pt`` beside the HF weights
+when present, else the checkpoint's own head (then only the feature is compared).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from megatron_rgm.convert.convert import _checkpoint_dir, build_args, read_extra
+from megatron_rgm.convert.mapping import HFArch
+
+
+def _with_layout(argv: list[str], tp: int, pp: int, padded_vocab: int) -> list[str]:
+    out = list(argv)
+    for flag, value in (("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp),
+                        ("--vocab-size", padded_vocab), ("--make-vocab-size-divisible-by", 1)):
+        if flag in out:
+            out[out.index(flag) + 1] = str(value)
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+def megatron_args(mcore_path: str, tp: int, pp: int, extra_argv: list[str] | None = None):
+    """Args that rebuild the checkpoint's model at a TP/PP layout (same padded vocabulary)."""
+    ckpt = _checkpoint_dir(Path(mcore_path))
+    extra = read_extra(ckpt)
+    argv = _with_layout(extra["model_argv"], tp, pp, extra["padded_vocab_size"])
+    return build_args(argv + (extra_argv or []) + ["--sprm-dropout", "0"]), extra
+
+
+def _verify_rank(hf_path: str, mcore_path: str, tp: int, pp: int, batches: int, report_file: str | None) -> None:
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_rgm import distributed
+    from megatron_rgm.hf import HFFeature, head_logits
+    from megatron_rgm.model import SPRMHead, build_model
+    from megatron_rgm.training.checkpointing import load_checkpoint
+
+    args, extra = megatron_args(mcore_path, tp, pp)
+    arch = HFArch.from_config(extra["hf_config"])
+    distributed.initialize(args.parallel)
+    model = build_model(args)[0]
+    load_checkpoint(mcore_path, [model])
+    model.eval()
+    last = ps.is_pipeline_last_stage()
+    seq, bsz = 32, 2
+    report = {"max_abs_logit_diff": 0.0, "max_abs_head_diff": 0.0, "steps": 0, "tp": tp, "pp": pp}
+    if last:
+        from megatron_rgm.hf import load_causal_lm
+
+        hf = load_causal_lm(hf_path, torch.float32).eval()
+        feature = HFFeature(hf, args.rgm.sprm_layer)
+        head_file = Path(hf_path) / "score_module.pt"
+        hf_head = SPRMHead(arch.hidden_size, args.rgm.sprm_hidden_mult, 0.0).eval()
+        if head_file.exists():
+            from megatron_rgm.convert.hf_io import load_head
+
+            hf_head.load_state_dict(load_head(head_file, arch.hidden_size))
+        else:
+            hf_head.load_state_dict(model.sprm_head.state_dict())
+    g = torch.Generator().manual_seed(0)
+    for _ in range(batches):
+        ids = torch.randint(0, arch.vocab_size, (bsz, seq), generator=g)
+        mask = torch.rand(bsz, seq, generator=g) < 0.25
+        seen = {}
+
+        def loss_func(output):
+            logits, step_logits = output
+            seen["logits"] = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+            seen["head"] = step_logits
+            return logits.sum() * 0.0, {}
+
+        def step(data_iterator, m):
+            x, msk = next(data_iterator)
+            return m(x, torch.arange(seq).expand(bsz, seq), None, step_mask=msk), loss_func
+
+        with torch.no_grad():
+            get_forward_backward_func()(forward_step_func=step, data_iterator=iter([(ids, mask)]), model=[model],
+                                        num_microbatches=1, seq_length=seq, micro_batch_size=bsz, forward_only=True)
+            if last:
+                ref = hf(input_ids=ids).logits
+                ref_head = head_logits(hf_head, feature.value, mask)
+                diff = (seen["logits"][..., : arch.vocab_size] - ref).abs().max().item()
+                report["max_abs_logit_diff"] = max(report["max_abs_logit_diff"], diff)
+                report["max_abs_head_diff"] = max(report["max_abs_head_diff"],
+                                                  (seen["head"] - ref_head).abs().max().item() if mask.any() else 0.0)
+                report["steps"] += int(mask.sum())
+    if last and ps.get_tensor_model_parallel_rank() == 0:
+        print(f"verify tp={tp} pp={pp}: max |logit diff| {report['max_abs_logit_diff']:.3e}, "
+              f"max |head logit diff| {report['max_abs_head_diff']:.3e} over {report['steps']} steps", flush=True)
+        if report_file:
+            Path(report_file).write_text(json.dumps(report))
+    distributed.shutdown()
+
+
+def verify(hf_path: str, mcore_path: str, tp: int = 1, pp: int = 1, batches: int = 2,
+           report_file: str | None = None) -> None:
+    """Compare an HF directory with a Megatron checkpoint run at ``tp`` x ``pp``."""
+    from megatron_rgm.convert.hf_io import HFCheckpoint
+    from megatron_rgm.convert.launch import run_ranks
+
+    HFCheckpoint(hf_path)  # path / config errors before any rank starts
+    run_ranks(_verify_rank, tp * pp, str(hf_path), str(mcore_path), tp, pp, batches, report_file)

@@ -1,0 +1,156 @@
+"""Serving without Megatron: step scores from an HF export and its ``score_module.pt``.
+
+    scorer = RGMScorer.from_pretrained("export/")            # transformers + torch only
+    result = scorer.score(["<think>Add 2 and 3.\\n\\nGet 5.\\n\\n</think>\\boxed{5}"])[0]
+    result.step_scores, result.aggregate
+
+The feature is the output of decoder layer ``sprm_layer`` (default -2: the
+penultimate layer, i.e. HF's ``hidden_states[-2]``), read at the position
+before each step token, exactly as RGMModel reads it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megatron_rgm.config import ConfigError
+from megatron_rgm.convert.hf_io import load_head
+from megatron_rgm.model.rgm_model import SPRMHead
+from megatron_rgm.steps import StepSegmenter
+
+
+@dataclass
+class ScoredText:
+    """Step scores (probabilities) of one text and their aggregate."""
+
+    step_scores: list[float]
+    aggregate: float
+    step_positions: list[int]
+
+
+def _decoder_layers(model) -> torch.nn.ModuleList:
+    inner = getattr(model, "model", model)
+    if not hasattr(inner, "layers"):
+        raise ConfigError(f"{type(model).__name__} has no decoder layers at .model.layers")
+    return inner.layers
+
+
+class HFFeature:
+    """Forward hook on decoder layer ``sprm_layer`` of an HF causal LM: its output is the SPRM feature."""
+
+    def __init__(self, model, sprm_layer: int = -2):
+        layers = _decoder_layers(model)
+        index = sprm_layer % len(layers)
+        self.value: torch.Tensor | None = None
+        layers[index].register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        self.value = output[0] if isinstance(output, tuple) else output
+
+
+def head_logits(head: torch.nn.Module, feature: torch.Tensor, step_mask: torch.Tensor) -> torch.Tensor:
+    """``[S]`` float32 logits of a ``[b, s, h]`` feature at ``step_mask`` (row-major)."""
+    selected = feature[step_mask.to(torch.bool)]
+    return head(selected.to(head[0].weight.dtype)).squeeze(-1).float()
+
+
+def load_causal_lm(path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """``AutoModelForCausalLM.from_pretrained`` with the rotary buffers recomputed.
+
+    With torch.distributed initialised (as in every Megatron process),
+    transformers 5 was seen here leaving the non-persistent rotary ``inv_freq``
+    buffers uninitialised (garbage positions, logits off by ~1e-2). They are
+    pure functions of the config, so they are rebuilt after loading.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    with torch.no_grad():
+        for module in model.modules():
+            if not (hasattr(module, "inv_freq") and hasattr(module, "rope_type")):
+                continue
+            init = getattr(module, "compute_default_rope_parameters", None)
+            if module.rope_type != "default" or init is None:
+                init = ROPE_INIT_FUNCTIONS[module.rope_type]
+            inv_freq, scaling = init(module.config)
+            module.inv_freq.copy_(inv_freq.to(module.inv_freq.dtype))
+            if hasattr(module, "original_inv_freq"):
+                module.original_inv_freq.copy_(module.inv_freq)
+            module.attention_scaling = scaling
+    return model
+
+
+class RGMScorer:
+    """An HF causal LM plus its SPRM head.
+
+    Args:
+        model: a transformers causal LM (eval mode is set).
+        head: the head module (``SPRMHead``).
+        tokenizer: the model's tokenizer (for :meth:`score` on texts).
+        sprm_layer: decoder layer whose output feeds the head.
+        step_strings: strings ending a step (default ``".\\n\\n"``).
+        aggregation: geometric | arithmetic | product | min | last.
+    """
+
+    def __init__(self, model, head: torch.nn.Module, tokenizer=None, sprm_layer: int = -2,
+                 step_strings=(".\n\n",), aggregation: str = "geometric"):
+        self.model = model.eval()
+        self.head = head.eval()
+        self.tokenizer = tokenizer
+        self.feature = HFFeature(model, sprm_layer)
+        self.segmenter = StepSegmenter.from_tokenizer(tokenizer, step_strings) if tokenizer is not None else None
+        self.aggregation = aggregation
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                        trust_remote_code: bool = False, **kwargs) -> "RGMScorer":
+        """Load ``path`` (config, safetensors, tokenizer) and ``path/score_module.pt`` (or ``sprm_head.safetensors``)."""
+        from transformers import AutoTokenizer
+
+        root = Path(path)
+        if not root.is_dir():
+            raise ConfigError(f"{root} is not a directory: pass an HF export written by mcore-to-hf")
+        head_file = next((root / n for n in ("sprm_head.safetensors", "score_module.pt") if (root / n).exists()), None)
+        if head_file is None:
+            raise ConfigError(f"{root} has neither score_module.pt nor sprm_head.safetensors: export with "
+                              "tools/convert_checkpoint.py mcore-to-hf, or copy the head file beside the weights")
+        model = load_causal_lm(str(root), dtype, trust_remote_code)
+        model.to(device)
+        hidden = model.config.hidden_size
+        sd = load_head(head_file, hidden)
+        head = SPRMHead(hidden, sd["0.weight"].shape[0] // hidden, 0.0, dtype=dtype)
+        head.load_state_dict(sd)
+        head.to(device)
+        meta = json.loads((root / "sprm_config.json").read_text()) if (root / "sprm_config.json").exists() else {}
+        tokenizer = AutoTokenizer.from_pretrained(str(root), trust_remote_code=trust_remote_code)
+        return cls(model, head, tokenizer, sprm_layer=meta.get("sprm_layer", -2), **kwargs)
+
+    @torch.no_grad()
+    def step_logits(self, input_ids: torch.Tensor, step_mask: torch.Tensor,
+                    attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(LM logits ``[b, s, V]``, head logits ``[S]``) for token ids and a step mask ``[b, s]``."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        return out.logits, head_logits(self.head, self.feature.value, step_mask)
+
+    @torch.no_grad()
+    def score(self, texts: list[str]) -> list[ScoredText]:
+        """Step scores and the aggregate of each text (scored one at a time: no padding effects)."""
+        from megatron_rgm import ops
+
+        if self.segmenter is None:
+            raise ConfigError("RGMScorer.score needs a tokenizer: pass one or use step_logits on token ids")
+        results = []
+        device = next(self.model.parameters()).device
+        for text in texts:
+            ids = torch.tensor([self.tokenizer.encode(text, add_special_tokens=False)], device=device)
+            layout = self.segmenter(ids)
+            _, logits = self.step_logits(ids, layout.mask)
+            agg = ops.segment_aggregate(logits.cpu(), layout.cu_steps.cpu(), self.aggregation)
+            results.append(ScoredText(torch.sigmoid(logits).tolist(), float(agg[0]), layout.positions.tolist()))
+        return results

@@ -1,0 +1,55 @@
+"""HF <-> Megatron checkpoints with the SPRM head.
+
+    python tools/convert_checkpoint.py hf-to-mcore --hf-path DIR --output DIR --tp N --pp M [--sprm-head FILE]
+    python tools/convert_checkpoint.py mcore-to-hf --mcore-path DIR --output DIR [--dtype bfloat16]
+    python tools/convert_checkpoint.py verify --hf-path DIR --mcore-path DIR --tp N --pp M
+"""
+
+import argparse
+import sys
+
+from megatron_rgm.config import ConfigError
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("hf-to-mcore", help="HF directory -> Megatron torch_dist checkpoint")
+    a.add_argument("--hf-path", required=True)
+    a.add_argument("--output", required=True)
+    a.add_argument("--tp", type=int, default=1)
+    a.add_argument("--pp", type=int, default=1)
+    a.add_argument("--sprm-head", help="score_module.pt or sprm_head.safetensors; default: a fresh, seeded head")
+    a.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    a.add_argument("--seed", type=int, default=1234)
+    b = sub.add_parser("mcore-to-hf", help="Megatron checkpoint -> HF directory + score_module.pt")
+    b.add_argument("--mcore-path", required=True)
+    b.add_argument("--output", required=True)
+    b.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    c = sub.add_parser("verify", help="run both and report max abs differences")
+    c.add_argument("--hf-path", required=True)
+    c.add_argument("--mcore-path", required=True)
+    c.add_argument("--tp", type=int, default=1)
+    c.add_argument("--pp", type=int, default=1)
+    c.add_argument("--batches", type=int, default=2)
+    c.add_argument("--json", help="also write the report here")
+    args = p.parse_args(argv)
+    from megatron_rgm.convert import convert
+    from megatron_rgm.convert.verify import verify
+
+    try:
+        if args.cmd == "hf-to-mcore":
+            convert.hf_to_mcore(args.hf_path, args.output, args.tp, args.pp, args.sprm_head,
+                                args.make_vocab_size_divisible_by, args.seed)
+        elif args.cmd == "mcore-to-hf":
+            convert.mcore_to_hf(args.mcore_path, args.output, args.dtype)
+        else:
+            verify(args.hf_path, args.mcore_path, args.tp, args.pp, args.batches, args.json)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
