@@ -6,7 +6,7 @@ HF safetensors only the tensors it needs, one at a time, so a process holds
 about one rank's share plus one full tensor, never the whole model. The
 result is a ``torch_dist`` checkpoint, which any TP/PP layout can load.
 
-mcore-to-hf runs in one process and reads the checkpoint one layer at a time.
+mcore-to-hf runs in one process and reads the checkpoint one tensor at a time.
 """
 
 from __future__ import annotations
@@ -152,32 +152,30 @@ def _mcore_to_hf_rank(mcore_path: str, output: str, dtype: str | None) -> None:
     tmp.mkdir(parents=True)
     to_dtype = getattr(torch, dtype) if dtype else None
 
-    def load(requests: dict[str, ShardedTensor]) -> dict[str, torch.Tensor]:
-        return dist_checkpointing.load(requests, str(ckpt))
+    def load_full(key: str) -> torch.Tensor:
+        st = ShardedTensor.from_rank_offsets(key, torch.empty(meta[key].global_shape, dtype=meta[key].dtype),
+                                             replica_id=0)
+        return dist_checkpointing.load({key: st}, str(ckpt))[key]
 
+    def emit(name: str, t: torch.Tensor) -> None:
+        for hf_name, tensor in hf_tensors(name, t, arch).items():
+            writer.add(hf_name, tensor.to(to_dtype) if to_dtype else tensor)
+
+    # One checkpoint tensor at a time (a stacked layer tensor holds that weight for every
+    # layer): peak memory is the largest such tensor plus one output shard, not the model.
     writer = ShardWriter(tmp)
     head = {}
-    layered = sorted(k for k in meta if k.startswith("decoder.layers."))
-    flat = sorted(k for k in meta if not k.startswith("decoder.layers."))
-    for key in flat:
-        t = load({key: ShardedTensor.from_rank_offsets(key, torch.empty(meta[key].global_shape,
-                                                                         dtype=meta[key].dtype), replica_id=0)})[key]
+    for key in tqdm(sorted(meta), desc="mcore->hf", file=sys.stdout):
+        t = load_full(key)
         if key.startswith("sprm_head."):
             head[key[len("sprm_head."):]] = t
-            continue
-        for name, tensor in hf_tensors(key, t, arch).items():
-            writer.add(name, tensor.to(to_dtype) if to_dtype else tensor)
-    for layer in tqdm(range(arch.num_layers), desc="mcore->hf layers", file=sys.stdout):
-        reqs = {}
-        for key in layered:
-            shape = tuple(meta[key].global_shape)
-            reqs[key] = ShardedTensor.from_rank_offsets(key, torch.empty(shape[1:], dtype=meta[key].dtype),
-                                                        (0, layer, shape[0]), replica_id=0, prepend_axis_num=1)
-        for key, t in load(reqs).items():
+        elif key.startswith("decoder.layers."):
             suffix = key[len("decoder.layers."):]
-            name = f"decoder.layers.{layer}.{CKPT_KEY_ALIASES.get(suffix, suffix)}"
-            for hf_name, tensor in hf_tensors(name, t, arch).items():
-                writer.add(hf_name, tensor.to(to_dtype) if to_dtype else tensor)
+            for layer in range(t.shape[0]):
+                emit(f"decoder.layers.{layer}.{CKPT_KEY_ALIASES.get(suffix, suffix)}", t[layer])
+        else:
+            emit(key, t)
+        del t
     writer.close()
     cfg = dict(arch.config)
     if to_dtype:

@@ -122,7 +122,7 @@ def load_head(path: str | os.PathLike, hidden_size: int) -> dict[str, torch.Tens
 
 def save_head(out: Path, sd: dict[str, torch.Tensor], meta: dict) -> None:
     """``score_module.pt`` (reference format), ``sprm_head.safetensors`` and ``sprm_config.json``."""
-    sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+    sd = {k: sd[k].detach().cpu().contiguous() for k in HEAD_KEYS}  # the reference file's key order
     torch.save(sd, out / "score_module.pt")
     save_file(sd, str(out / "sprm_head.safetensors"))
     (out / "sprm_config.json").write_text(json.dumps(meta, indent=2))

@@ -86,13 +86,10 @@ class HFArch:
                 "--normalization", "RMSNorm", "--norm-epsilon", repr(self.norm_eps),
                 "--position-embedding-type", "rope", "--rotary-base", str(int(self.rope_theta)),
                 "--swiglu", "--disable-bias-linear",
+                "--add-qkv-bias" if self.qkv_bias else "--no-add-qkv-bias",
+                "--qk-layernorm" if self.qk_norm else "--no-qk-layernorm",
+                "--untie-embeddings-and-output-weights" if not self.tied else "--no-untie-embeddings-and-output-weights",
                 "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)]
-        if self.qkv_bias:
-            argv.append("--add-qkv-bias")
-        if self.qk_norm:
-            argv.append("--qk-layernorm")
-        if not self.tied:
-            argv.append("--untie-embeddings-and-output-weights")
         return argv
 
     def hf_names(self) -> dict[str, tuple[int, ...]]:

@@ -37,6 +37,20 @@ def megatron_args(mcore_path: str, tp: int, pp: int, extra_argv: list[str] | Non
 
 
 def _verify_rank(hf_path: str, mcore_path: str, tp: int, pp: int, batches: int, report_file: str | None) -> None:
+    from megatron_rgm import distributed
+
+    verify_layout(hf_path, mcore_path, tp, pp, batches, report_file)
+    distributed.shutdown()
+
+
+def verify_layout(hf_path: str, mcore_path: str, tp: int, pp: int, batches: int = 2,
+                  report_file: str | None = None) -> dict | None:
+    """Run the comparison at one layout on this rank (the process group may already be up).
+
+    Returns:
+        The report (with the Megatron logits of the first batch under
+        ``"logits"``) on the rank that reports, else None.
+    """
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -55,6 +69,7 @@ def _verify_rank(hf_path: str, mcore_path: str, tp: int, pp: int, batches: int, 
     last = ps.is_pipeline_last_stage()
     seq, bsz = 32, 2
     report = {"max_abs_logit_diff": 0.0, "max_abs_head_diff": 0.0, "steps": 0, "tp": tp, "pp": pp}
+    first_logits = None
     if last:
         from megatron_rgm.hf import load_causal_lm
 
@@ -90,17 +105,20 @@ def _verify_rank(hf_path: str, mcore_path: str, tp: int, pp: int, batches: int, 
             if last:
                 ref = hf(input_ids=ids).logits
                 ref_head = head_logits(hf_head, feature.value, mask)
+                if first_logits is None:
+                    first_logits = seen["logits"][..., : arch.vocab_size].clone()
                 diff = (seen["logits"][..., : arch.vocab_size] - ref).abs().max().item()
                 report["max_abs_logit_diff"] = max(report["max_abs_logit_diff"], diff)
                 report["max_abs_head_diff"] = max(report["max_abs_head_diff"],
                                                   (seen["head"] - ref_head).abs().max().item() if mask.any() else 0.0)
                 report["steps"] += int(mask.sum())
-    if last and ps.get_tensor_model_parallel_rank() == 0:
+    if last and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
         print(f"verify tp={tp} pp={pp}: max |logit diff| {report['max_abs_logit_diff']:.3e}, "
               f"max |head logit diff| {report['max_abs_head_diff']:.3e} over {report['steps']} steps", flush=True)
         if report_file:
             Path(report_file).write_text(json.dumps(report))
-    distributed.shutdown()
+        return dict(report, logits=first_logits)
+    return None
 
 
 def verify(hf_path: str, mcore_path: str, tp: int = 1, pp: int = 1, batches: int = 2,

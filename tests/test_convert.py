@@ -1,0 +1,141 @@
+"""HF <-> Megatron conversion on random-initialised transformers models built here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, clean_env, torchrun
+
+ARCHS = {
+    # kind: (config class name, extra config, tied)
+    "qwen2": ("Qwen2Config", dict(rope_theta=10000.0), False),
+    "qwen3": ("Qwen3Config", dict(head_dim=32, rope_theta=1000000.0), True),
+    "llama": ("LlamaConfig", dict(rope_theta=500000.0), True),
+}
+VOCAB = 300
+TEXT = "<think>Add 3 and 4.\n\nThat gives 7.\n\nDouble it.\n\n</think>The answer is \\boxed{14}."
+
+
+def make_hf(kind: str, out: Path) -> Path:
+    import transformers
+
+    cls, extra, tied = ARCHS[kind]
+    cfg = getattr(transformers, cls)(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                     tie_word_embeddings=tied, rms_norm_eps=1e-6, **extra)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(out)
+    return out
+
+
+def save_tokenizer(out: Path) -> None:
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB - 4, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<think>", "</think>"], show_progress=False)
+    tok.train_from_iterator([TEXT] * 20, trainer)
+    tok.add_tokens([AddedToken(".\n\n", normalized=False)])
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(out)
+
+
+def convert(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), *args], env=clean_env(),
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    if check and proc.returncode != 0:
+        pytest.fail(f"convert_checkpoint {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n"
+                    f"{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHS))
+def converted(request, tmp_path_factory):
+    kind = request.param
+    root = tmp_path_factory.mktemp(kind)
+    hf = make_hf(kind, root / "hf")
+    head = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Dropout(0.5), torch.nn.Linear(128, 1))
+    torch.save(head.state_dict(), hf / "score_module.pt")
+    if kind == "qwen2":
+        save_tokenizer(hf)
+    convert("hf-to-mcore", "--hf-path", str(hf), "--output", str(root / "mcore"), "--tp", "2", "--pp", "2",
+            "--sprm-head", str(hf / "score_module.pt"))
+    verify_out = root / "verify"
+    verify_out.mkdir()
+    torchrun("convert_verify.py", 4, [str(hf), str(root / "mcore"), str(verify_out)])
+    return kind, root, hf
+
+
+@pytest.mark.multirank
+def test_verify_all_layouts(converted):
+    kind, root, _ = converted
+    for tp in (1, 2):
+        for pp in (1, 2):
+            report = json.loads((root / "verify" / f"verify_tp{tp}_pp{pp}.json").read_text())
+            assert report["steps"] > 0
+            assert report["max_abs_logit_diff"] <= 1e-4, (kind, tp, pp, report)
+            assert report["max_abs_head_diff"] <= 1e-5, (kind, tp, pp, report)
+
+
+@pytest.mark.multirank
+def test_layouts_give_identical_logits(converted):
+    _, root, _ = converted
+    tp2pp1 = torch.load(root / "verify" / "logits_tp2_pp1.pt")
+    tp1pp2 = torch.load(root / "verify" / "logits_tp1_pp2.pt")
+    torch.testing.assert_close(tp1pp2, tp2pp1, rtol=0, atol=1e-5)
+
+
+@pytest.mark.multirank
+def test_round_trip_is_bit_exact(converted):
+    from safetensors import safe_open
+
+    kind, root, hf = converted
+    out = root / "hf_back"
+    convert("mcore-to-hf", "--mcore-path", str(root / "mcore"), "--output", str(out))
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    original = safe_open(str(hf / "model.safetensors"), "pt")
+    names = set(original.keys())
+    assert set(index) == names
+    for name in names:
+        back = safe_open(str(out / index[name]), "pt").get_tensor(name)
+        assert torch.equal(back, original.get_tensor(name)), name
+    head_in = torch.load(hf / "score_module.pt", weights_only=True)
+    head_out = torch.load(out / "score_module.pt", weights_only=True)
+    assert list(head_out) == ["0.weight", "0.bias", "3.weight", "3.bias"]
+    assert all(torch.equal(head_in[k], head_out[k]) for k in head_in)
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(str(out)) is not None
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("converted", ["qwen2"], indirect=True)  # the fixture with a tokenizer
+def test_scorer_equals_megatron_head(converted, tmp_path):
+    kind, root, hf = converted
+    out = root / "hf_scorer"
+    convert("mcore-to-hf", "--mcore-path", str(root / "mcore"), "--output", str(out))
+    code = f"""
+import json, torch
+from megatron_rgm.hf import RGMScorer
+s = RGMScorer.from_pretrained({str(out)!r})
+r = s.score([{TEXT!r}])[0]
+ids = torch.tensor([s.tokenizer.encode({TEXT!r}, add_special_tokens=False)])
+json.dump({{"scores": r.step_scores, "agg": r.aggregate, "ids": ids[0].tolist(),
+           "mask": s.segmenter(ids).mask[0].tolist()}}, open({str(tmp_path / 'scorer.json')!r}, "w"))
+"""
+    subprocess.run([sys.executable, "-c", code], env=clean_env(), check=True, timeout=300, capture_output=True)
+    scorer = json.loads((tmp_path / "scorer.json").read_text())
+    assert len(scorer["scores"]) == 3  # "Add 3 and 4." / "That gives 7." / "Double it."
+    torchrun("megatron_head_scores.py", 1, [str(root / "mcore"), str(tmp_path / "scorer.json"),
+                                            str(tmp_path / "megatron.json")])
+    megatron = json.loads((tmp_path / "megatron.json").read_text())
+    assert max(abs(a - b) for a, b in zip(megatron["scores"], scorer["scores"])) <= 1e-5

@@ -1,0 +1,31 @@
+"""Worker: RGMModel (from a converted checkpoint) head probabilities for given token ids and step mask."""
+
+import json
+import sys
+
+import torch
+
+from megatron_rgm import distributed
+from megatron_rgm.convert.verify import megatron_args
+from megatron_rgm.model import build_model
+from megatron_rgm.training.checkpointing import load_checkpoint
+
+
+def main():
+    mcore, inp, out = sys.argv[1:4]
+    data = json.loads(open(inp).read())
+    args, _ = megatron_args(mcore, 1, 1)
+    distributed.initialize(args.parallel)
+    model = build_model(args)[0]
+    load_checkpoint(mcore, [model])
+    model.eval()
+    ids = torch.tensor([data["ids"]])
+    mask = torch.tensor([data["mask"]])
+    with torch.no_grad():
+        _, logits = model(ids, torch.arange(ids.shape[1])[None], None, step_mask=mask)
+    json.dump({"scores": torch.sigmoid(logits).tolist()}, open(out, "w"))
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()
