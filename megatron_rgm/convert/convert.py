@@ -74,6 +74,10 @@ def _hf_to_mcore_rank(hf_path: str, output: str, tp: int, pp: int, head_file: st
     extra = {"model_argv": arch.model_argv(1, 1, divisible_by), "padded_vocab_size": args.vocab_size,
              "hf_config": arch.config, "source": str(hf_path), "head": "file" if head_file else f"fresh (seed {seed})"}
     save_checkpoint(output, 0, [model], extra=extra)
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    print(f"[hf-to-mcore rank {torch.distributed.get_rank()}] peak RSS {peak:.3f} GiB", flush=True)
     distributed.shutdown()
 
 

@@ -23,6 +23,26 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "merges.txt", "tokenizer.model", "added_tokens.json", "generation_config.json")
 
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def safetensors_header(path: Path) -> tuple[dict, int]:
+    """(tensor name -> {dtype, shape, data_offsets}, byte offset of the data) of a safetensors file."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ConfigError(f"{path} is not a safetensors file (truncated header): re-export it")
+        n = int.from_bytes(raw, "little")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ConfigError(f"{path} is not a safetensors file (unreadable header): re-export it") from None
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
 class HFCheckpoint:
     """An HF model directory: ``config.json`` plus ``*.safetensors`` (indexed or single)."""
 
@@ -40,24 +60,18 @@ class HFCheckpoint:
         except json.JSONDecodeError as e:
             raise ConfigError(f"{cfg_file} is not valid JSON ({e}): re-export the model") from None
         self.arch = HFArch.from_config(cfg, str(cfg_file))
-        self.index = self._index()
-        self._handles: dict[Path, object] = {}
-
-    def _index(self) -> dict[str, Path]:
-        index_file = self.path / "model.safetensors.index.json"
-        if index_file.exists():
-            weight_map = json.loads(index_file.read_text())["weight_map"]
-            return {name: self.path / f for name, f in weight_map.items()}
+        # Tensors are read with plain file reads rather than a memory map: pages of a
+        # mapped file stay in the process's resident set, which defeats streaming.
         files = sorted(self.path.glob("*.safetensors"))
         if not files:
             raise ConfigError(f"--hf-path {self.path} holds no *.safetensors weights (pytorch_model.bin is not "
                               "read: it would unpickle code); convert it to safetensors first")
-        out = {}
+        self.entries: dict[str, tuple[Path, dict, int]] = {}
         for f in files:
-            with safe_open(str(f), framework="pt") as h:
-                for name in h.keys():
-                    out[name] = f
-        return out
+            header, data_start = safetensors_header(f)
+            for name, entry in header.items():
+                self.entries[name] = (f, entry, data_start)
+        self.index = {name: e[0] for name, e in self.entries.items()}
 
     def validate(self) -> None:
         """Every expected tensor present with its shape, nothing unexpected; raises naming the first problems."""
@@ -73,23 +87,25 @@ class HFCheckpoint:
             raise ConfigError(f"HF checkpoint {self.path} has {len(unexpected)} tensors this "
                               f"{self.arch.kind} conversion does not know, e.g. {unexpected[:3]}")
         for name, shape in expected.items():
-            found = tuple(self._handle(self.index[name]).get_slice(name).get_shape())
+            found = tuple(self.entries[name][1]["shape"])
             if found != tuple(shape):
                 raise ConfigError(f"HF tensor {name} has shape {found}, expected {tuple(shape)} "
                                   f"from {self.path / 'config.json'}")
 
-    def _handle(self, f: Path):
-        if f not in self._handles:
-            self._handles[f] = safe_open(str(f), framework="pt")
-        return self._handles[f]
-
     def get(self, name: str) -> torch.Tensor:
-        if name not in self.index:
+        if name not in self.entries:
             raise ConfigError(f"HF checkpoint {self.path} has no tensor {name}")
-        return self._handle(self.index[name]).get_tensor(name)
-
-    def largest_file_bytes(self) -> int:
-        return max(f.stat().st_size for f in set(self.index.values()))
+        f, entry, data_start = self.entries[name]
+        start, end = entry["data_offsets"]
+        buf = bytearray(end - start)
+        with open(f, "rb") as fh:
+            fh.seek(data_start + start)
+            if fh.readinto(buf) != len(buf):
+                raise ConfigError(f"{f} is truncated (tensor {name} runs past the end of the file): re-export it")
+        dtype = _DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise ConfigError(f"HF tensor {name} has dtype {entry['dtype']}, which the conversion does not read")
+        return torch.frombuffer(buf, dtype=dtype).reshape(entry["shape"]) if buf else torch.empty(entry["shape"], dtype=dtype)
 
 
 def load_head(path: str | os.PathLike, hidden_size: int) -> dict[str, torch.Tensor]:

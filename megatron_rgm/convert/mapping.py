@@ -41,6 +41,7 @@ class HFArch:
     qk_norm: bool
     tied: bool
     max_position_embeddings: int
+    dtype: str  # float32 | bfloat16 | float16: the Megatron model is built in the checkpoint's dtype
     config: dict
 
     @classmethod
@@ -72,6 +73,7 @@ class HFArch:
             qk_norm=kind == "qwen3",
             tied=bool(cfg.get("tie_word_embeddings", False)),
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
             config=cfg,
         )
 
@@ -90,6 +92,8 @@ class HFArch:
                 "--qk-layernorm" if self.qk_norm else "--no-qk-layernorm",
                 "--untie-embeddings-and-output-weights" if not self.tied else "--no-untie-embeddings-and-output-weights",
                 "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)]
+        if self.dtype in ("bfloat16", "float16"):
+            argv.append("--bf16" if self.dtype == "bfloat16" else "--fp16")
         return argv
 
     def hf_names(self) -> dict[str, tuple[int, ...]]:

@@ -1,0 +1,116 @@
+"""Bad inputs to the converter: one clear message each, and nothing written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from megatron_rgm.config import ConfigError
+from megatron_rgm.convert import hf_to_mcore, mcore_to_hf
+from megatron_rgm.convert.hf_io import load_head
+from test_convert import make_hf
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    return make_hf("qwen2", tmp_path_factory.mktemp("bad") / "hf")
+
+
+def copy_with(hf: Path, dst: Path, edit=None, config_edit=None) -> Path:
+    dst.mkdir()
+    tensors = load_file(str(hf / "model.safetensors"))
+    if edit:
+        edit(tensors)
+    save_file(tensors, str(dst / "model.safetensors"))
+    cfg = json.loads((hf / "config.json").read_text())
+    if config_edit:
+        config_edit(cfg)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def expect_error(hf: Path, out: Path, message: str, **kw) -> None:
+    with pytest.raises(ConfigError) as err:
+        hf_to_mcore(str(hf), str(out), **kw)
+    assert message in str(err.value), str(err.value)
+    assert "\n" not in str(err.value)
+    assert not out.exists(), "a failed conversion left output behind"
+
+
+def test_missing_path_and_file_instead_of_dir(tmp_path):
+    expect_error(tmp_path / "nope", tmp_path / "out", "does not exist")
+    f = tmp_path / "file"
+    f.write_text("x")
+    expect_error(f, tmp_path / "out", "is a file")
+
+
+def test_missing_tensor(hf_dir, tmp_path):
+    bad = copy_with(hf_dir, tmp_path / "hf", edit=lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    expect_error(bad, tmp_path / "out", "missing 1 tensors, e.g. ['model.layers.1.mlp.up_proj.weight']")
+
+
+def test_unexpected_tensor(hf_dir, tmp_path):
+    bad = copy_with(hf_dir, tmp_path / "hf", edit=lambda t: t.update({"model.extra.weight": torch.zeros(2)}))
+    expect_error(bad, tmp_path / "out", "does not know, e.g. ['model.extra.weight']")
+
+
+def test_wrongly_shaped_tensor(hf_dir, tmp_path):
+    def edit(t):
+        t["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(16, 64)
+
+    bad = copy_with(hf_dir, tmp_path / "hf", edit=edit)
+    expect_error(bad, tmp_path / "out", "model.layers.0.self_attn.k_proj.weight has shape (16, 64), expected (32, 64)")
+
+
+def test_unsupported_architecture(hf_dir, tmp_path):
+    bad = copy_with(hf_dir, tmp_path / "hf", config_edit=lambda c: c.update(architectures=["GPT2LMHeadModel"]))
+    expect_error(bad, tmp_path / "out", "architecture ['GPT2LMHeadModel'] is not supported")
+
+
+def test_output_not_empty(hf_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="exists and is not empty"):
+        hf_to_mcore(str(hf_dir), str(out))
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("case, message", [
+    ("wrong_width", "0.weight has shape (64, 32), expected (64, 64)"),
+    ("foreign_keys", "has keys ['classifier.bias', 'classifier.weight'], expected"),
+    ("pickled_module", "is not a plain tensor state dict"),
+    ("not_a_file", "is not a file"),
+])
+def test_bad_head_files(tmp_path, case, message):
+    f = tmp_path / "score_module.pt"
+    if case == "wrong_width":
+        torch.save(torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Dropout(),
+                                       torch.nn.Linear(64, 1)).state_dict(), f)
+    elif case == "foreign_keys":
+        torch.save(torch.nn.Sequential().state_dict() | {"classifier.weight": torch.zeros(1, 64),
+                                                        "classifier.bias": torch.zeros(1)}, f)
+    elif case == "pickled_module":
+        torch.save(torch.nn.Linear(64, 1), f)  # a whole module: loading it would run pickle
+    else:
+        f = tmp_path
+    with pytest.raises(ConfigError, match=None) as err:
+        load_head(f, 64)
+    assert message in str(err.value)
+
+
+def test_head_file_checked_before_anything_is_written(hf_dir, tmp_path):
+    f = tmp_path / "score_module.pt"
+    torch.save({"0.weight": torch.zeros(2, 2)}, f)
+    expect_error(hf_dir, tmp_path / "out", "has keys ['0.weight']", head_file=str(f))
+
+
+def test_mcore_to_hf_bad_paths(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        mcore_to_hf(str(tmp_path / "nope"), str(tmp_path / "out"))
+    with pytest.raises(ConfigError, match="--dtype 'int8'"):
+        mcore_to_hf(str(tmp_path), str(tmp_path / "out"), dtype="int8")
