@@ -9,6 +9,7 @@ with one message per invalid combination.
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -156,6 +157,8 @@ def parse_args(argv: list[str] | None = None) -> Args:
     known, _ = parser.parse_known_args(argv)
     parser.set_defaults(**preset(known.preset))
     ns = parser.parse_args(argv)
+    # What rebuilds this model (checkpoints record it; layout flags are overridden on load).
+    ns.model_argv = list(argv) if argv is not None else sys.argv[1:]
     return validate(ns)
 
 

@@ -84,10 +84,20 @@ def run(args: Args) -> list[float]:
     args.transformer.grad_scale_func = optimizer.scale_loss
 
     gen = torch.Generator().manual_seed(args.parallel.seed + parallel_state.get_data_parallel_rank())
+    start_iter = 1
+    if args.run.load:
+        from pathlib import Path
+
+        from megatron_rgm.training.checkpointing import latest_iteration, load_checkpoint
+
+        # A save directory with a finished checkpoint, or one iter_XXXXXXX directory; an empty
+        # --load directory starts a new run (Megatron-LM's behaviour).
+        if latest_iteration(args.run.load) is not None or (Path(args.run.load) / "metadata.json").exists():
+            start_iter = load_checkpoint(args.run.load, model, optimizer=optimizer, data_generator=gen).iteration + 1
     forward_backward = get_forward_backward_func()
     last_stage = parallel_state.is_pipeline_last_stage()
     losses = []
-    for it in range(1, args.run.train_iters + 1):
+    for it in range(start_iter, args.run.train_iters + 1):
         start = time.time()
         for m in model:
             m.zero_grad_buffer()
@@ -114,6 +124,11 @@ def run(args: Args) -> list[float]:
                 print(f" iteration {it:8d}/{args.run.train_iters:8d} | lm loss: {loss:.6E} | "
                       f"grad norm: {grad_norm:.3f} | mean step score: {score:.4f} | "
                       f"elapsed time per iteration (ms): {elapsed:.1f}", flush=True)
+        if args.run.save and (it == args.run.train_iters or (args.run.save_interval and it % args.run.save_interval == 0)):
+            from megatron_rgm.training.checkpointing import save_checkpoint
+
+            save_checkpoint(args.run.save, it, model, optimizer=optimizer, data_generator=gen,
+                            extra={"model_argv": args.namespace.model_argv})
     if info.rank == 0:
         print("backbone check done: model, layout, DDP and optimizer ran. Joint GRPO + SPR training is "
               "not implemented yet; the SPRM head was only evaluated here.", flush=True)

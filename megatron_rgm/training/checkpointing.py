@@ -95,9 +95,64 @@ def _shutdown_writer_manager() -> None:
             manager.shutdown()
 
 
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def _layout() -> dict:
+    from megatron.core import parallel_state as ps
+
+    return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
+            "dp": ps.get_data_parallel_world_size()}
+
+
+def rng_state(data_generator: torch.Generator | None = None) -> dict:
+    """This rank's random states: python, torch CPU (and CUDA), megatron's tracker, a data generator."""
+    import random
+
+    from megatron.core import tensor_parallel
+
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    if data_generator is not None:
+        state["data"] = data_generator.get_state()
+    return state
+
+
+def set_rng_state(state: dict, data_generator: torch.Generator | None = None) -> None:
+    import random
+
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    if data_generator is not None and "data" in state:
+        data_generator.set_state(state["data"])
+
+
+def _rng_object(data_generator: torch.Generator | None):
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing import ShardedObject
+
+    # One object per (pp, tp, dp) rank: the states differ between all of them.
+    return ShardedObject("rng_state", rng_state(data_generator),
+                         (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
+                          ps.get_data_parallel_world_size()),
+                         (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+                          ps.get_data_parallel_rank()), replica_id=0)
+
+
 def save_checkpoint(save_dir: str | os.PathLike, iteration: int, chunks, extra: dict | None = None,
-                    keep_last: int | None = None) -> Path:
-    """Save the model chunks (and picklable ``extra`` state) as a dist checkpoint. Collective.
+                    keep_last: int | None = None, optimizer=None, data_generator: torch.Generator | None = None) -> Path:
+    """Save model chunks, optimizer, RNG states and picklable ``extra`` state as a dist checkpoint. Collective.
+
+    Args:
+        optimizer: a megatron optimizer; saved fully reshardable.
+        data_generator: the rank's data-order generator, saved with the RNG states.
 
     Returns:
         The published ``iter_XXXXXXX`` directory.
@@ -114,8 +169,10 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, chunks, extra: 
         tmp.mkdir()
     _barrier()
     state = model_sharded_state_dict(chunks)
-    if extra:
-        state["rgm_extra"] = extra
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(dict(state), metadata=OPTIMIZER_METADATA)
+    state["rng_state"] = _rng_object(data_generator)
+    state["rgm_extra"] = dict(extra or {}, iteration=iteration, layout=_layout())
     dist_checkpointing.save(state, str(tmp))
     _shutdown_writer_manager()
     _barrier()
@@ -143,13 +200,21 @@ class LoadResult:
     ignored_head: bool  # the checkpoint had a head the model has no place for
 
 
-def load_checkpoint(load_dir: str | os.PathLike, chunks, iteration: int | None = None) -> LoadResult:
-    """Load model weights saved by :func:`save_checkpoint` (any TP/PP layout). Collective.
+def load_checkpoint(load_dir: str | os.PathLike, chunks, iteration: int | None = None, optimizer=None,
+                    data_generator: torch.Generator | None = None) -> LoadResult:
+    """Load a checkpoint saved by :func:`save_checkpoint` into any TP/PP layout. Collective.
+
+    Weights always load. The optimizer state loads when ``optimizer`` is given
+    and the checkpoint has one (saved fully reshardable, so any layout); the
+    RNG states (and ``data_generator``'s) only into the layout they were
+    saved from, since they are per rank (a different layout is said and skipped).
 
     Args:
         load_dir: a save directory (uses its ``latest`` file) or an ``iter_XXXXXXX`` directory.
         chunks: this rank's model chunks (wrapped or not), built for the current layout.
         iteration: a specific iteration instead of the latest.
+        optimizer: restore its state too (None: weights only, e.g. to fine-tune).
+        data_generator: restore this rank's data-order generator.
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
@@ -170,7 +235,15 @@ def load_checkpoint(load_dir: str | os.PathLike, chunks, iteration: int | None =
     if not ckpt.is_dir():
         raise CheckpointError(f"checkpoint {ckpt} does not exist (the latest file points at a missing directory)")
 
+    common = dist_checkpointing.load_common_state_dict(str(ckpt))
+    extra = common.get("rgm_extra", {}) if isinstance(common, dict) else {}
     state = model_sharded_state_dict(chunks)
+    has_optimizer = isinstance(common, dict) and "optimizer" in common  # param groups live in the common part
+    if optimizer is not None and has_optimizer:
+        state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=True, metadata=OPTIMIZER_METADATA)
+    same_layout = extra.get("layout") == _layout()
+    if same_layout and "layout" in extra:
+        state["rng_state"] = _rng_object(data_generator)
     loaded, ckpt_only, model_only = dist_checkpointing.load(state, str(ckpt), strict=StrictHandling.RETURN_ALL)
     # dist_checkpointing: "missing" = in the checkpoint, not asked for; "unexpected" = asked for, absent.
     head_missing = {k for k in model_only if HEAD_PREFIX in k}
@@ -181,6 +254,7 @@ def load_checkpoint(load_dir: str | os.PathLike, chunks, iteration: int | None =
             "it was saved from a different architecture"
         )
     head_ignored = any(HEAD_PREFIX in k for k in ckpt_only)
+    ckpt_only = {k for k in ckpt_only if not k.startswith(("optimizer", "rng_state"))}
     for key, chunk in zip(sorted(k for k in state if k.startswith("model")), _unwrapped(chunks)):
         missing, unexpected = chunk.load_state_dict(loaded[key], strict=False)
         missing = [m for m in missing if not m.startswith(HEAD_PREFIX) and not m.endswith("_extra_state")]
@@ -190,6 +264,12 @@ def load_checkpoint(load_dir: str | os.PathLike, chunks, iteration: int | None =
         _say(f"{ckpt} has no SPRM head: the model keeps its fresh, seeded head")
     if head_ignored:
         _say(f"{ckpt} carries an SPRM head this model has no place for: ignored")
-    common = dist_checkpointing.load_common_state_dict(str(ckpt))
-    extra = common.get("rgm_extra", {}) if isinstance(common, dict) else {}
+    if "optimizer" in state:
+        optimizer.load_state_dict(loaded["optimizer"])
+    elif optimizer is not None:
+        _say(f"{ckpt} has no optimizer state: the optimizer starts fresh")
+    if "rng_state" in state:
+        set_rng_state(loaded["rng_state"], data_generator)
+    elif "layout" in extra:
+        _say(f"{ckpt} was saved at layout {extra['layout']}, this run is {_layout()}: RNG states start fresh")
     return LoadResult(iteration, extra, bool(head_missing), head_ignored)

@@ -1,0 +1,76 @@
+"""Checkpoints of the training entry point: exact resume, resharding, atomic publish, keep-last."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import torchrun
+from megatron_rgm.training.checkpointing import CheckpointError, latest_iteration
+
+LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \| lm loss: (\S+) \| grad norm: (\S+)")
+FLAGS = ["--preset", "tiny", "--tensor-model-parallel-size", "2", "--micro-batch-size", "2", "--lr", "1e-3"]
+
+
+def losses(stdout: str) -> dict[int, tuple[str, str]]:
+    return {int(m.group(1)): (m.group(2), m.group(3)) for m in map(LINE.search, stdout.splitlines()) if m}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    full = torchrun("-m megatron_rgm.pretrain", 2, FLAGS + ["--train-iters", "4", "--save", str(root / "a"),
+                                                           "--save-interval", "2"])
+    # A save that died half-way: a stale .tmp directory and nothing published for it.
+    (root / "a" / "iter_0000006.tmp").mkdir()
+    (root / "a" / "iter_0000006.tmp" / "junk").write_text("partial")
+    resumed = torchrun("-m megatron_rgm.pretrain", 2, FLAGS + ["--train-iters", "4", "--load",
+                                                              str(root / "a" / "iter_0000002")])
+    return root, losses(full.stdout), losses(resumed.stdout)
+
+
+@pytest.mark.multirank
+def test_resume_reproduces_the_uninterrupted_run_bitwise(runs):
+    _, full, resumed = runs
+    assert sorted(full) == [1, 2, 3, 4]
+    assert sorted(resumed) == [3, 4], "the resumed run must continue at iteration 3"
+    for it in (3, 4):
+        assert resumed[it] == full[it], (it, resumed[it], full[it])
+
+
+@pytest.mark.multirank
+def test_latest_pointer_ignores_unfinished_saves(runs):
+    root, _, _ = runs
+    assert latest_iteration(root / "a") == 4
+    assert sorted(p.name for p in (root / "a").iterdir() if p.is_dir()) == [
+        "iter_0000002", "iter_0000004", "iter_0000006.tmp"]
+
+
+@pytest.mark.multirank
+def test_saved_at_tp2_loads_at_tp1_pp2_with_identical_logits(runs):
+    root, _, _ = runs
+    out = root / "reshard"
+    out.mkdir()
+    argv = FLAGS + ["--train-iters", "4"]
+    torchrun("reshard_logits.py", 2, [str(root / "a"), json.dumps(argv), str(out)])
+    a, b = torch.load(out / "logits_tp2_pp1.pt"), torch.load(out / "logits_tp1_pp2.pt")
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+
+
+def test_bad_load_paths(tmp_path):
+    from megatron_rgm.training.checkpointing import load_checkpoint
+
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope", [])
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(CheckpointError, match="is a file"):
+        load_checkpoint(tmp_path / "f", [])
+    with pytest.raises(CheckpointError, match="holds no finished checkpoint"):
+        load_checkpoint(tmp_path, [])
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("seven")
+    with pytest.raises(CheckpointError, match="not an iteration number"):
+        load_checkpoint(tmp_path, [])
