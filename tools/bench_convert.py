@@ -10,7 +10,6 @@ sum over them) as a ratio to the safetensors bytes on disk (goal: <= 0.6).
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys

@@ -11,7 +11,6 @@ differences it sees to <out>/rank<r>.json.
 import argparse
 import json
 import os
-from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -50,7 +49,6 @@ def reference(layout: dict):
 
 
 def run_layout(layout: dict, full: dict):
-    from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
