@@ -1,0 +1,1 @@
+"""Rollouts: answer rewards (the sampler and the rollout store land here too)."""
