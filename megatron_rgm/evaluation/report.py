@@ -19,7 +19,7 @@ import torch
 from megatron_rgm.config import AGGREGATIONS, ConfigError
 from megatron_rgm.evaluation.benchmarks import read_jsonl
 from megatron_rgm.evaluation.metrics import Problem, evaluate
-from megatron_rgm.rollout.rewards import CORRECT, ExactVerifier, MathVerifier, last_boxed
+from megatron_rgm.rollout.rewards import CORRECT, ExactVerifier, MathVerifier
 
 
 def aggregate_scores(step_scores: Sequence[Sequence[float]]) -> dict[str, list[float]]:
