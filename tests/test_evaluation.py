@@ -80,3 +80,48 @@ def test_evaluate_tool_end_to_end(tmp_path):
     assert m["bon@1/geometric"] == pytest.approx(m["pass@1"])
     assert "bon@k/geometric" in (tmp_path / "e.md").read_text()
     assert (tmp_path / "e.png").stat().st_size > 1000
+
+
+# --- ProcessBench ---------------------------------------------------------------------------------
+
+from megatron_rgm.evaluation.processbench import (choose_threshold, first_error, processbench_metrics,  # noqa: E402
+                                                  trajectory_ids)
+
+
+def test_processbench_metrics_by_hand():
+    # labels: two erroneous (first error at 1 and 0), two correct
+    labels = [1, 0, -1, -1]
+    preds = [1, 2, -1, 0]
+    m = processbench_metrics(preds, labels)
+    assert m["error_acc"] == 0.5 and m["correct_acc"] == 0.5 and m["f1"] == 0.5
+    assert first_error([0.9, 0.4, 0.2], 0.5) == 1 and first_error([0.9, 0.8], 0.5) == -1
+
+
+def test_threshold_choice_separates_when_it_can():
+    scores = [[0.9, 0.2, 0.8], [0.95, 0.9], [0.1, 0.9]]
+    labels = [1, -1, 0]
+    t = choose_threshold(scores, labels)
+    assert processbench_metrics([first_error(s, t) for s in scores], labels)["f1"] == 1.0
+
+
+def test_processbench_end_to_end_on_real_records(tmp_path):
+    """A tiny random Qwen2 export with a tokenizer trained here scores real ProcessBench records."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from megatron_rgm.evaluation.processbench import evaluate_processbench, load_processbench
+    from megatron_rgm.hf import RGMScorer, load_causal_lm
+    from megatron_rgm.model import SPRMHead
+    from test_convert import make_hf, save_tokenizer
+
+    records = load_processbench(REPO.parent / "shared" / "data" / "processbench" / "gsm8k.json")[:8]
+    hf = make_hf("qwen2", tmp_path / "hf")
+    save_tokenizer(hf)
+    torch.manual_seed(0)
+    scorer = RGMScorer(load_causal_lm(str(hf)), SPRMHead(64, 2, 0.0), AutoTokenizer.from_pretrained(str(hf)))
+    ids, positions = trajectory_ids(scorer.tokenizer, records[0]["problem"], records[0]["steps"])
+    assert len(positions) == len(records[0]["steps"]) and positions == sorted(positions)
+    report = evaluate_processbench(scorer, records)
+    assert report["n"] == 4 and 0.0 <= report["f1"] <= 1.0
+    given = evaluate_processbench(scorer, records, threshold=0.5)
+    assert given["n"] == 8 and given["threshold"] == 0.5
