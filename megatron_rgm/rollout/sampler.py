@@ -1,0 +1,214 @@
+"""Batched sampling from RGMModel with a KV cache, scoring steps in the same forward passes.
+
+Every forward (the prompt's prefill, then one token per decode step) leaves the
+``--sprm-layer`` feature of its last position captured; the head turns it into
+a logit at once. That position is the one *before* the token it samples, so
+when the sampled token ends a step, its score is already there: no second pass.
+After generation the step rules (:class:`megatron_rgm.steps.StepSegmenter`)
+pick which of those per-position logits are step scores.
+
+Supported: tensor parallelism (logits gathered at run time; every TP rank
+draws the same tokens from an identically seeded generator). Pipeline
+parallelism is not supported by this sampler yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from megatron_rgm.config import ConfigError
+from megatron_rgm.steps import StepSegmenter
+
+
+@dataclass
+class SamplingParams:
+    """Decoding options (the reference samples at T=0.6, top-p 0.95, repetition penalty 1.05)."""
+
+    temperature: float = 0.6  # 0: greedy
+    top_p: float = 0.95
+    top_k: int = 0  # 0: off
+    repetition_penalty: float = 1.0
+    max_new_tokens: int = 256
+    eos_token_ids: list[int] = field(default_factory=list)
+    stop_strings: list[str] = field(default_factory=list)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.repetition_penalty <= 0:
+            raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+@dataclass
+class Rollout:
+    """Samples of one batch.
+
+    Attributes:
+        tokens: ``[b, s]`` prompt + response (right-padded with ``pad_id`` after each end).
+        prompt_length: length of the (shared) prompt.
+        lengths: ``[b]`` total length of each sequence (prompt + response).
+        log_probs: ``[b, s]`` log-probability of each sampled token under the
+            temperature-scaled distribution (0 at prompt and padding positions).
+        position_logits: ``[b, s]`` head logit at every position that sampled a token (0 elsewhere).
+        step_logits: ``[S]`` head logits of the steps (packed), with ``cu_steps`` ``[b + 1]``.
+    """
+
+    tokens: torch.Tensor
+    prompt_length: int
+    lengths: torch.Tensor
+    log_probs: torch.Tensor
+    position_logits: torch.Tensor
+    step_logits: torch.Tensor
+    cu_steps: torch.Tensor
+    step_mask: torch.Tensor
+
+    def response_mask(self) -> torch.Tensor:
+        idx = torch.arange(self.tokens.shape[1]).unsqueeze(0)
+        return (idx >= self.prompt_length) & (idx < self.lengths.unsqueeze(1))
+
+
+def _filter(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """Top-k and top-p filtering of ``[b, V]`` logits (already temperature-scaled)."""
+    if p.top_k and p.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, p.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the mass before it already reaches top_p (the first token always stays).
+        drop = probs.cumsum(-1) - probs >= p.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+def _repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """HF's rule: a logit of a token already in the sequence is divided by the penalty if positive, else multiplied."""
+    if penalty == 1.0:
+        return logits
+    picked = logits.gather(-1, seen)
+    picked = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return logits.scatter(-1, seen, picked)
+
+
+class Sampler:
+    """Samples continuations of a prompt from an RGMModel (last and only pipeline stage).
+
+    Args:
+        model: an :class:`RGMModel` (unwrapped), built with PP=1.
+        vocab_size: the real vocabulary (TP padding rows are never sampled).
+        segmenter: step rules for the scores (None: no step scores).
+    """
+
+    def __init__(self, model, vocab_size: int, segmenter: StepSegmenter | None = None, tokenizer=None):
+        from megatron.core import parallel_state
+
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            raise ConfigError("the sampler does not support pipeline parallelism yet: generate with "
+                              "--pipeline-model-parallel-size 1 (tensor parallelism is supported)")
+        self.model = model
+        self.vocab_size = vocab_size
+        self.segmenter = segmenter
+        self.tokenizer = tokenizer
+
+    def _forward(self, tokens, positions, context):
+        out = self.model(tokens, positions, None, inference_context=context, runtime_gather_output=True)
+        logits = out[:, -1, : self.vocab_size].float()
+        head = None
+        if self.model.sprm_head is not None:
+            feature = self.model.sprm.feature()  # [s, b, h]; last position below
+            last = torch.ones(feature.shape[1], 1, dtype=torch.bool, device=feature.device)
+            head = self.model.sprm.score(self.model.sprm_head, feature[-1:], last).view(-1)
+        return logits, head
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[int], num_samples: int, params: SamplingParams,
+                 use_cache: bool = True) -> Rollout:
+        """``num_samples`` continuations of one prompt.
+
+        Args:
+            prompt_ids: the prompt's token ids.
+            num_samples: k, the batch size.
+            params: decoding options.
+            use_cache: False recomputes the whole sequence each step (for testing the cache).
+        """
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        if num_samples < 1:
+            raise ConfigError(f"k (samples per prompt) must be >= 1, got {num_samples}")
+        if not prompt_ids:
+            raise ConfigError("empty prompt: give at least one token")
+        max_len = len(prompt_ids) + params.max_new_tokens
+        limit = self.model.max_sequence_length
+        if max_len > limit:
+            raise ConfigError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) "
+                              f"exceeds the model's {limit} positions: shorten the prompt or lower max_new_tokens")
+        self.model.eval()
+        b, p0 = num_samples, len(prompt_ids)
+        device = next(self.model.parameters()).device
+        tokens = torch.tensor(prompt_ids, device=device).unsqueeze(0).repeat(b, 1)
+        positions = torch.arange(max_len, device=device).unsqueeze(0).expand(b, max_len)
+        gen = torch.Generator(device="cpu").manual_seed(params.seed)
+        log_probs = torch.zeros(b, max_len)
+        position_logits = torch.zeros(b, max_len)
+        done = torch.zeros(b, dtype=torch.bool)
+        lengths = torch.full((b,), max_len, dtype=torch.long)
+        context = StaticInferenceContext(b, max_len) if use_cache else None
+        eos = torch.tensor(params.eos_token_ids or [-1])
+        texts = [""] * b
+        for t in range(p0, max_len):
+            if use_cache and t > p0:
+                context.enable_decode_mode()
+                logits, head = self._forward(tokens[:, -1:], positions[:, t - 1:t], context)
+            else:
+                logits, head = self._forward(tokens, positions[:, :t], context)
+            if use_cache:
+                context.sequence_len_offset = t
+            if head is not None:
+                position_logits[:, t - 1] = head.float().cpu()
+            logits = _repetition_penalty(logits, tokens, params.repetition_penalty).cpu()
+            if params.temperature == 0:
+                nxt = logits.argmax(-1)
+                lp = torch.log_softmax(logits, -1).gather(-1, nxt[:, None]).squeeze(-1)
+            else:
+                scaled = logits / params.temperature
+                probs = torch.softmax(_filter(scaled, params), -1)
+                nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+                lp = torch.log_softmax(scaled, -1).gather(-1, nxt[:, None]).squeeze(-1)
+            nxt = torch.where(done, torch.zeros_like(nxt), nxt)
+            log_probs[:, t] = torch.where(done, torch.zeros_like(lp), lp)
+            tokens = torch.cat([tokens, nxt.to(device)[:, None]], dim=1)
+            finished = ~done & torch.isin(nxt, eos)
+            if params.stop_strings and self.tokenizer is not None:
+                for i in range(b):
+                    if not done[i]:
+                        texts[i] += self.tokenizer.decode([int(nxt[i])])
+                        if any(s in texts[i] for s in params.stop_strings):
+                            finished[i] = True
+            lengths = torch.where(finished, torch.full_like(lengths, t + 1), lengths)
+            done |= finished
+            if bool(done.all()):
+                break
+        s = tokens.shape[1]
+        tokens = tokens.cpu()
+        keep = torch.arange(s).unsqueeze(0) < lengths.unsqueeze(1)
+        tokens = torch.where(keep, tokens, torch.zeros_like(tokens))
+        log_probs, position_logits = log_probs[:, :s], position_logits[:, :s]
+        response = (torch.arange(s).unsqueeze(0) >= p0) & keep
+        if self.segmenter is not None:
+            layout = self.segmenter(tokens, response_mask=response)
+            step_mask, cu = layout.mask, layout.cu_steps
+            step_logits = position_logits[step_mask]
+        else:
+            step_mask = torch.zeros_like(tokens, dtype=torch.bool)
+            cu = torch.zeros(b + 1, dtype=torch.int32)
+            step_logits = torch.zeros(0)
+        return Rollout(tokens, p0, lengths.clamp(max=s), log_probs * response, position_logits, step_logits, cu,
+                       step_mask)

@@ -1,0 +1,91 @@
+"""Worker: the KV-cache sampler against full recompute, a separate scoring pass, TP=2 vs TP=1,
+and (mode "hf") transformers' greedy decoding on a converted checkpoint."""
+
+import json
+import os
+import sys
+
+import torch
+
+from common import tiny_args
+
+from megatron_rgm import distributed
+from megatron_rgm.model import build_model
+from megatron_rgm.model.state import full_state, load_full_state
+from megatron_rgm.rollout.sampler import Sampler, SamplingParams
+from megatron_rgm.steps import StepSegmenter
+
+PROMPT = [11, 5, 42, 7, 300, 12]
+HF_PROMPT = [11, 5, 42, 7, 120]  # inside the 300-token vocabulary of the HF model
+STEP_IDS = [3, 8, 15, 21, 40]  # frequent enough in random samples to produce steps
+
+
+def build(tp: int, full=None):
+    args = tiny_args(tp=tp, extra=["--seq-length", "64", "--init-method-std", "0.4", "--sprm-dropout", "0"])
+    distributed.initialize(args.parallel)
+    model = build_model(args)[0]
+    if full is not None:
+        load_full_state(model, full)
+    return model
+
+
+def run(out: str):
+    from megatron.core import parallel_state as ps
+
+    ref = build(1)
+    full = full_state(ref)
+    results = {}
+    for tp in (1, 2):
+        model = build(tp, full)
+        sampler = Sampler(model, 500, StepSegmenter(STEP_IDS))
+        greedy = sampler.generate(PROMPT, 2, SamplingParams(temperature=0, max_new_tokens=24))
+        recompute = sampler.generate(PROMPT, 2, SamplingParams(temperature=0, max_new_tokens=24), use_cache=False)
+        sampled = sampler.generate(PROMPT, 4, SamplingParams(temperature=1.0, top_p=0.95, top_k=50,
+                                                             repetition_penalty=1.05, max_new_tokens=24, seed=7))
+        # A separate forward over the finished sequences, scoring the same step positions.
+        with torch.no_grad():
+            model.eval()
+            s = sampled.tokens.shape[1]
+            _, separate = model(sampled.tokens, torch.arange(s).expand(4, s), None, step_mask=sampled.step_mask)
+        results[f"tp{tp}"] = {
+            "greedy": greedy.tokens.tolist(), "recompute": recompute.tokens.tolist(),
+            "greedy_logit_diff": (greedy.position_logits - recompute.position_logits).abs().max().item(),
+            "greedy_logit_max": greedy.position_logits.abs().max().item(),
+            "sampled": sampled.tokens.tolist(), "steps": int(sampled.step_logits.numel()),
+            "score_diff": (sampled.step_logits - separate).abs().max().item() if separate.numel() else 0.0,
+            "score_max": sampled.step_logits.abs().max().item() if separate.numel() else 0.0,
+            "log_probs": sampled.log_probs.tolist(),
+        }
+    if int(os.environ["RANK"]) == 0:
+        with open(os.path.join(out, "sampler.json"), "w") as f:
+            json.dump(results, f)
+    distributed.shutdown()
+
+
+def run_hf(mcore: str, hf: str, out: str):
+    from transformers import AutoModelForCausalLM  # noqa: F401
+
+    from megatron_rgm.convert.verify import megatron_args
+    from megatron_rgm.hf import load_causal_lm
+    from megatron_rgm.training.checkpointing import load_checkpoint
+
+    args, _ = megatron_args(mcore, 1, 1)
+    distributed.initialize(args.parallel)
+    model = build_model(args)[0]
+    load_checkpoint(mcore, [model])
+    ours = Sampler(model, 300).generate(HF_PROMPT, 1, SamplingParams(temperature=0, max_new_tokens=20))
+    hf_model = load_causal_lm(hf).eval()
+    with torch.no_grad():
+        theirs = hf_model.generate(torch.tensor([HF_PROMPT]), max_new_tokens=20, do_sample=False,
+                                   pad_token_id=0, eos_token_id=None)
+    with open(os.path.join(out, "hf.json"), "w") as f:
+        json.dump({"ours": ours.tokens[0].tolist(), "theirs": theirs[0].tolist()}, f)
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    if sys.argv[1] == "hf":
+        run_hf(*sys.argv[2:5])
+    else:
+        run(sys.argv[2])
