@@ -30,7 +30,6 @@ def build(tp: int, full=None):
 
 
 def run(out: str):
-    from megatron.core import parallel_state as ps
 
     ref = build(1)
     full = full_state(ref)
