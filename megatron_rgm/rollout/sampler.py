@@ -107,7 +107,8 @@ class Sampler:
         segmenter: step rules for the scores (None: no step scores).
     """
 
-    def __init__(self, model, vocab_size: int, segmenter: StepSegmenter | None = None, tokenizer=None):
+    def __init__(self, model, vocab_size: int, segmenter: StepSegmenter | None = None, tokenizer=None,
+                 score_steps: bool = True):
         from megatron.core import parallel_state
 
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
@@ -117,12 +118,13 @@ class Sampler:
         self.vocab_size = vocab_size
         self.segmenter = segmenter
         self.tokenizer = tokenizer
+        self.score_steps = score_steps  # False: plain sampling (benchmarks the cost of scoring)
 
     def _forward(self, tokens, positions, context):
         out = self.model(tokens, positions, None, inference_context=context, runtime_gather_output=True)
         logits = out[:, -1, : self.vocab_size].float()
         head = None
-        if self.model.sprm_head is not None:
+        if self.score_steps and self.model.sprm_head is not None:
             feature = self.model.sprm.feature()  # [s, b, h]; last position below
             last = torch.ones(feature.shape[1], 1, dtype=torch.bool, device=feature.device)
             head = self.model.sprm.score(self.model.sprm_head, feature[-1:], last).view(-1)
