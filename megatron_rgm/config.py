@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
+from typing import Callable
 
 AGGREGATIONS = ("geometric", "arithmetic", "product", "min", "last")
 SPRM_LOSSES = ("spr", "bce")
@@ -10,6 +12,16 @@ SPRM_LOSSES = ("spr", "bce")
 
 class ConfigError(ValueError):
     """An invalid option or combination of options; the message names the fix."""
+
+
+def run_tool(body: Callable[[], object]) -> int:
+    """Run a command-line tool's body: a user's mistake (ConfigError) prints one line and exits 2."""
+    try:
+        body()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 @dataclass

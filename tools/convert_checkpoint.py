@@ -8,7 +8,7 @@
 import argparse
 import sys
 
-from megatron_rgm.config import ConfigError
+from megatron_rgm.config import run_tool
 
 
 def main(argv=None) -> int:
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     from megatron_rgm.convert import convert
     from megatron_rgm.convert.verify import verify
 
-    try:
+    def body():
         if args.cmd == "hf-to-mcore":
             convert.hf_to_mcore(args.hf_path, args.output, args.tp, args.pp, args.sprm_head,
                                 args.make_vocab_size_divisible_by, args.seed)
@@ -45,10 +45,8 @@ def main(argv=None) -> int:
             convert.mcore_to_hf(args.mcore_path, args.output, args.dtype)
         else:
             verify(args.hf_path, args.mcore_path, args.tp, args.pp, args.batches, args.json)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_tool(body)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
 import argparse
 import sys
 
-from megatron_rgm.config import ConfigError
+from megatron_rgm.config import run_tool
 
 
 def main(argv=None) -> int:
@@ -20,12 +20,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     from megatron_rgm.evaluation.report import run
 
-    try:
-        run(a.samples, a.k, a.json, a.table, a.plot, a.verifier)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_tool(lambda: run(a.samples, a.k, a.json, a.table, a.plot, a.verifier))
 
 
 if __name__ == "__main__":

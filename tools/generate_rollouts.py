@@ -10,7 +10,7 @@ Prompts: a known benchmark file or any jsonl with --problem-key/--answer-key. Re
 import argparse
 import sys
 
-from megatron_rgm.config import ConfigError
+from megatron_rgm.config import ConfigError, run_tool
 
 
 def main(argv=None) -> int:
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     from megatron_rgm.rollout.generate import generate_hf, generate_megatron, load_prompts
     from megatron_rgm.rollout.sampler import SamplingParams
 
-    try:
+    def body():
         if a.k < 1:
             raise ConfigError(f"--k must be >= 1, got {a.k}")
         prompts = load_prompts(a.prompts, a.problem_key, a.answer_key, a.limit)
@@ -57,11 +57,9 @@ def main(argv=None) -> int:
                 raise ConfigError("--backend megatron needs --mcore-path (a checkpoint written by hf-to-mcore or --save)")
             run_ranks(generate_megatron, a.tp * a.dp, a.mcore_path, a.tokenizer, prompts, a.output, a.k, params,
                       a.verifier, a.tp, a.prompt_template)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"output: {a.output}")
-    return 0
+        print(f"output: {a.output}")
+
+    return run_tool(body)
 
 
 if __name__ == "__main__":

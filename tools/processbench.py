@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from megatron_rgm.config import ConfigError
+from megatron_rgm.config import run_tool
 
 
 def main(argv=None) -> int:
@@ -24,22 +24,19 @@ def main(argv=None) -> int:
     from megatron_rgm.evaluation.processbench import evaluate_processbench, load_processbench
     from megatron_rgm.hf import RGMScorer
 
-    try:
+    def body():
         scorer = RGMScorer.from_pretrained(a.hf_path)
         report = {}
         for path in a.data:
             records = load_processbench(path)[: a.limit]
-            report[path] = evaluate_processbench(scorer, records, a.threshold)
-            r = report[path]
+            report[path] = r = evaluate_processbench(scorer, records, a.threshold)
             print(f"{path}: error acc {100 * r['error_acc']:.1f}  correct acc {100 * r['correct_acc']:.1f}  "
                   f"F1 {100 * r['f1']:.1f}  (threshold {r['threshold']:.3f}, n={r['n']})")
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(report, f, indent=2)
-    return 0
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(report, f, indent=2)
+
+    return run_tool(body)
 
 
 if __name__ == "__main__":
