@@ -42,11 +42,15 @@ COMMON = ["--problem-key", "q", "--answer-key", "a", "--k", "2", "--max-new-toke
 
 
 @pytest.mark.multirank
-def test_megatron_backend_at_tp2_and_resume(setup):
+def test_megatron_backend_at_tp2_then_resumed_at_pp2(setup):
     root, prompts = setup
     out = root / "store_megatron"
     generate("--prompts", str(prompts), "--output", str(out), "--backend", "megatron", "--mcore-path",
-             str(root / "mcore"), "--tp", "2", *COMMON)
+             str(root / "mcore"), "--tp", "2", "--limit", "2", *COMMON)
+    assert len(RolloutStore(out, "r")) == 4
+    # Resume with the third prompt, at another layout.
+    generate("--prompts", str(prompts), "--output", str(out), "--backend", "megatron", "--mcore-path",
+             str(root / "mcore"), "--pp", "2", *COMMON)
     store = RolloutStore(out, "r")
     assert len(store) == 6 and sorted({store[i].prompt_id for i in range(6)}) == [0, 1, 2]
     first = [store[i].tokens.copy() for i in range(6)]
@@ -58,7 +62,7 @@ def test_megatron_backend_at_tp2_and_resume(setup):
     generate("--prompts", str(prompts), "--output", str(out), "--backend", "megatron", "--mcore-path",
              str(root / "mcore"), "--tp", "2", *COMMON)
     store = RolloutStore(out, "r")
-    assert len(store) == 6, "a second run must resume (skip prompts already stored), not duplicate"
+    assert len(store) == 6, "a run over finished prompts must add nothing"
     assert all(np.array_equal(first[i], store[i].tokens) for i in range(6))
 
 

@@ -1,4 +1,4 @@
-"""The KV-cache sampler: exact against recompute, transformers and TP=1; scores equal a separate pass."""
+"""The KV-cache sampler: exact against recompute, transformers, TP=1 and PP=1; scores equal a separate pass."""
 
 from __future__ import annotations
 
@@ -35,6 +35,15 @@ def test_tp2_samples_the_same_tokens_as_tp1(results):
     assert results["tp2"]["sampled"] == results["tp1"]["sampled"]
     lp1, lp2 = torch.tensor(results["tp1"]["log_probs"]), torch.tensor(results["tp2"]["log_probs"])
     torch.testing.assert_close(lp2, lp1, rtol=1e-4, atol=1e-5)  # large-init logits: fp32 reordering
+
+
+@pytest.mark.multirank
+def test_pp2_samples_the_same_tokens_as_pp1(results):
+    assert results["pp2"]["greedy"] == results["tp1"]["greedy"]
+    assert results["pp2"]["sampled"] == results["tp1"]["sampled"]
+    for key in ("log_probs", "step_logits"):
+        torch.testing.assert_close(torch.tensor(results["pp2"][key]), torch.tensor(results["tp1"][key]),
+                                   rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.multirank

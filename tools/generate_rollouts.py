@@ -1,7 +1,7 @@
 """Generate rollouts: k samples per prompt, graded, step-scored, written to a zarr rollout store.
 
     python tools/generate_rollouts.py --prompts PROMPTS.jsonl --output STORE --backend megatron \\
-        --mcore-path CKPT [--tokenizer DIR] [--tp 2 --dp 1] --k 8 --temperature 0.6 --top-p 0.95
+        --mcore-path CKPT [--tokenizer DIR] [--tp 2 --pp 1 --dp 1] --k 8 --temperature 0.6 --top-p 0.95
     python tools/generate_rollouts.py --prompts PROMPTS.jsonl --output STORE --backend hf --hf-path EXPORT --k 8
 
 Prompts: a known benchmark file or any jsonl with --problem-key/--answer-key. Re-running resumes.
@@ -25,6 +25,7 @@ def main(argv=None) -> int:
     p.add_argument("--hf-path")
     p.add_argument("--tokenizer", help="HF tokenizer directory (megatron backend; default: the checkpoint's)")
     p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
     p.add_argument("--dp", type=int, default=1)
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--temperature", type=float, default=0.6)
@@ -55,8 +56,8 @@ def main(argv=None) -> int:
         else:
             if not a.mcore_path:
                 raise ConfigError("--backend megatron needs --mcore-path (a checkpoint written by hf-to-mcore or --save)")
-            run_ranks(generate_megatron, a.tp * a.dp, a.mcore_path, a.tokenizer, prompts, a.output, a.k, params,
-                      a.verifier, a.tp, a.prompt_template)
+            run_ranks(generate_megatron, a.tp * a.pp * a.dp, a.mcore_path, a.tokenizer, prompts, a.output, a.k,
+                      params, a.verifier, a.tp, a.prompt_template, a.pp)
         print(f"output: {a.output}")
 
     return run_tool(body)

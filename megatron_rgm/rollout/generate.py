@@ -1,8 +1,8 @@
 """Prompts jsonl -> rollout store, with the native sampler (Megatron checkpoint) or transformers (HF export).
 
-Megatron backend: run under torchrun (or alone); each data-parallel rank takes
-every dp-th prompt and writes its own subgroup of the store (TP ranks sample
-identically; TP rank 0 writes). HF backend: one process, transformers'
+Megatron backend: run under torchrun (or alone); each data-parallel replica
+takes every dp-th prompt and writes its own subgroup of the store (its TP and
+PP ranks end with the same samples; TP rank 0 of the last stage writes). HF backend: one process, transformers'
 ``generate``, then one forward for the old log-probs and the step scores
 (:class:`megatron_rgm.hf.RGMScorer`). Either way prompts already in the store
 are skipped, so an interrupted run resumes where it stopped.
@@ -49,7 +49,7 @@ def _trajectories(tokens, prompt_len, lengths, log_probs, step_mask, step_logits
 
 def generate_megatron(mcore_path: str, tokenizer_path: str | None, prompts: list[dict], output: str, k: int,
                       params: SamplingParams, verifier: str = "math", tp: int = 1,
-                      template: str = PROMPT_TEMPLATE) -> None:
+                      template: str = PROMPT_TEMPLATE, pp: int = 1) -> None:
     from megatron.core import parallel_state as ps
     from transformers import AutoTokenizer
 
@@ -62,7 +62,7 @@ def generate_megatron(mcore_path: str, tokenizer_path: str | None, prompts: list
 
     tok_dir = tokenizer_path or str(Path(mcore_path) / ASSETS)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    args, extra = megatron_args(mcore_path, tp, 1)
+    args, extra = megatron_args(mcore_path, tp, pp)
     distributed.initialize(args.parallel)
     model = build_model(args)[0]
     load_checkpoint(mcore_path, [model])
@@ -71,7 +71,8 @@ def generate_megatron(mcore_path: str, tokenizer_path: str | None, prompts: list
     if tokenizer.eos_token_id is not None and not params.eos_token_ids:
         params.eos_token_ids = [tokenizer.eos_token_id]
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    writer = ps.get_tensor_model_parallel_rank() == 0
+    # Every rank of a model replica ends with the same samples; one of them writes.
+    writer = ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_last_stage()
     fingerprint = tokenizer_fingerprint(tokenizer)
     attrs = {"model": str(mcore_path), "k": k, "sampling": asdict(params)}
     if torch.distributed.get_rank() == 0:  # one creator; the other writers open it afterwards

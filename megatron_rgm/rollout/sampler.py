@@ -7,9 +7,11 @@ when the sampled token ends a step, its score is already there: no second pass.
 After generation the step rules (:class:`megatron_rgm.steps.StepSegmenter`)
 pick which of those per-position logits are step scores.
 
-Supported: tensor parallelism (logits gathered at run time; every TP rank
-draws the same tokens from an identically seeded generator). Pipeline
-parallelism is not supported by this sampler yet.
+Tensor parallelism: logits are gathered at run time and every TP rank draws
+the same tokens from an identically seeded generator. Pipeline parallelism:
+each stage keeps its own KV cache; a forward sends the stage's hidden states
+to the next stage, the last stage samples, and the token is broadcast back
+over the pipeline group (per-token log-probs and head logits at the end).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 from megatron_rgm.config import ConfigError
 from megatron_rgm.steps import StepSegmenter
@@ -99,21 +102,24 @@ def _repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float
 
 
 class Sampler:
-    """Samples continuations of a prompt from an RGMModel (last and only pipeline stage).
+    """Samples continuations of a prompt from an RGMModel (this rank's pipeline stage).
 
     Args:
-        model: an :class:`RGMModel` (unwrapped), built with PP=1.
+        model: an :class:`RGMModel` chunk (unwrapped; no virtual pipeline stages).
         vocab_size: the real vocabulary (TP padding rows are never sampled).
         segmenter: step rules for the scores (None: no step scores).
     """
 
     def __init__(self, model, vocab_size: int, segmenter: StepSegmenter | None = None, tokenizer=None,
                  score_steps: bool = True):
-        from megatron.core import parallel_state
+        from megatron.core import parallel_state as ps
 
-        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            raise ConfigError("the sampler does not support pipeline parallelism yet: generate with "
-                              "--pipeline-model-parallel-size 1 (tensor parallelism is supported)")
+        self.pp = ps.get_pipeline_model_parallel_world_size() if dist.is_initialized() else 1
+        self.first = self.pp == 1 or ps.is_pipeline_first_stage()
+        self.last = self.pp == 1 or ps.is_pipeline_last_stage()
+        if self.pp > 1:
+            self.prev, self.next = ps.get_pipeline_model_parallel_prev_rank(), ps.get_pipeline_model_parallel_next_rank()
+            self.pp_group, self.last_rank = ps.get_pipeline_model_parallel_group(), ps.get_pipeline_model_parallel_last_rank()
         self.model = model
         self.vocab_size = vocab_size
         self.segmenter = segmenter
@@ -121,7 +127,16 @@ class Sampler:
         self.score_steps = score_steps  # False: plain sampling (benchmarks the cost of scoring)
 
     def _forward(self, tokens, positions, context):
+        """(last-position logits ``[b, V]``, head logits ``[b]``) on the last stage; (None, None) elsewhere."""
+        if not self.first:
+            cfg = self.model.config
+            hidden = torch.empty(tokens.shape[1], tokens.shape[0], cfg.hidden_size, dtype=cfg.pipeline_dtype)
+            dist.recv(hidden, src=self.prev)
+            self.model.set_input_tensor(hidden)
         out = self.model(tokens, positions, None, inference_context=context, runtime_gather_output=True)
+        if not self.last:
+            dist.send(out.contiguous(), dst=self.next)
+            return None, None
         logits = out[:, -1, : self.vocab_size].float()
         head = None
         if self.score_steps and self.model.sprm_head is not None:
@@ -129,6 +144,16 @@ class Sampler:
             last = torch.ones(feature.shape[1], 1, dtype=torch.bool, device=feature.device)
             head = self.model.sprm.score(self.model.sprm_head, feature[-1:], last).view(-1)
         return logits, head
+
+    def _sample(self, logits, tokens, params: SamplingParams, gen: torch.Generator):
+        logits = _repetition_penalty(logits, tokens, params.repetition_penalty).cpu()
+        if params.temperature == 0:
+            nxt = logits.argmax(-1)
+            return nxt, torch.log_softmax(logits, -1).gather(-1, nxt[:, None]).squeeze(-1)
+        scaled = logits / params.temperature
+        probs = torch.softmax(_filter(scaled, params), -1)
+        nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+        return nxt, torch.log_softmax(scaled, -1).gather(-1, nxt[:, None]).squeeze(-1)
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[int], num_samples: int, params: SamplingParams,
@@ -173,19 +198,16 @@ class Sampler:
                 logits, head = self._forward(tokens, positions[:, :t], context)
             if use_cache:
                 context.sequence_len_offset = t
-            if head is not None:
-                position_logits[:, t - 1] = head.float().cpu()
-            logits = _repetition_penalty(logits, tokens, params.repetition_penalty).cpu()
-            if params.temperature == 0:
-                nxt = logits.argmax(-1)
-                lp = torch.log_softmax(logits, -1).gather(-1, nxt[:, None]).squeeze(-1)
+            if self.last:
+                if head is not None:
+                    position_logits[:, t - 1] = head.float().cpu()
+                nxt, lp = self._sample(logits, tokens, params, gen)
+                nxt = torch.where(done, torch.zeros_like(nxt), nxt)
+                log_probs[:, t] = torch.where(done, torch.zeros_like(lp), lp)
             else:
-                scaled = logits / params.temperature
-                probs = torch.softmax(_filter(scaled, params), -1)
-                nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
-                lp = torch.log_softmax(scaled, -1).gather(-1, nxt[:, None]).squeeze(-1)
-            nxt = torch.where(done, torch.zeros_like(nxt), nxt)
-            log_probs[:, t] = torch.where(done, torch.zeros_like(lp), lp)
+                nxt = torch.zeros(b, dtype=torch.long)
+            if self.pp > 1:  # every stage needs the token for its next step
+                dist.broadcast(nxt, src=self.last_rank, group=self.pp_group)
             tokens = torch.cat([tokens, nxt.to(device)[:, None]], dim=1)
             finished = ~done & torch.isin(nxt, eos)
             if params.stop_strings and self.tokenizer is not None:
@@ -198,6 +220,9 @@ class Sampler:
             done |= finished
             if bool(done.all()):
                 break
+        if self.pp > 1:
+            dist.broadcast(log_probs, src=self.last_rank, group=self.pp_group)
+            dist.broadcast(position_logits, src=self.last_rank, group=self.pp_group)
         s = tokens.shape[1]
         tokens = tokens.cpu()
         keep = torch.arange(s).unsqueeze(0) < lengths.unsqueeze(1)

@@ -20,8 +20,8 @@ HF_PROMPT = [11, 5, 42, 7, 120]  # inside the 300-token vocabulary of the HF mod
 STEP_IDS = [3, 8, 15, 21, 40]  # frequent enough in random samples to produce steps
 
 
-def build(tp: int, full=None):
-    args = tiny_args(tp=tp, extra=["--seq-length", "64", "--init-method-std", "0.4", "--sprm-dropout", "0"])
+def build(tp: int, full=None, pp: int = 1):
+    args = tiny_args(tp=tp, pp=pp, extra=["--seq-length", "64", "--init-method-std", "0.4", "--sprm-dropout", "0"])
     distributed.initialize(args.parallel)
     model = build_model(args)[0]
     if full is not None:
@@ -55,6 +55,17 @@ def run(out: str):
             "score_max": sampled.step_logits.abs().max().item() if separate.numel() else 0.0,
             "log_probs": sampled.log_probs.tolist(),
         }
+        if tp == 1:
+            results["_tp1_step_logits"] = sampled.step_logits.tolist()
+    # PP=2: each stage caches its own layers; tokens come back from the last stage.
+    model = build(1, full, pp=2)
+    sampler = Sampler(model, 500, StepSegmenter(STEP_IDS))
+    greedy = sampler.generate(PROMPT, 2, SamplingParams(temperature=0, max_new_tokens=24))
+    sampled = sampler.generate(PROMPT, 4, SamplingParams(temperature=1.0, top_p=0.95, top_k=50,
+                                                         repetition_penalty=1.05, max_new_tokens=24, seed=7))
+    results["pp2"] = {"greedy": greedy.tokens.tolist(), "sampled": sampled.tokens.tolist(),
+                      "log_probs": sampled.log_probs.tolist(), "step_logits": sampled.step_logits.tolist()}
+    results["tp1"]["step_logits"] = results.pop("_tp1_step_logits")
     if int(os.environ["RANK"]) == 0:
         with open(os.path.join(out, "sampler.json"), "w") as f:
             json.dump(results, f)
