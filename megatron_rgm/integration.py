@@ -20,6 +20,7 @@ from megatron_rgm.arguments import add_sprm_args
 from megatron_rgm.config import RGMConfig
 from megatron_rgm.model.rgm_model import RGMModel, attach_sprm_head, sprm_step_logits
 from megatron_rgm.rl import GRPOConfig, grpo_loss, vocab_parallel_entropy, vocab_parallel_log_probs
+from megatron_rgm.steps import StepLayout
 
 __all__ = ["attach_sprm_head", "model_provider", "forward_step", "add_rgm_args", "rgm_config_from_args",
            "grpo_config_from_args", "rgm_loss_func", "sprm_step_logits"]
@@ -90,13 +91,6 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
                     post_process=post_process, vp_stage=vp_stage, **gpt_kwargs)
 
 
-def _cu_from_mask(step_mask: torch.Tensor) -> torch.Tensor:
-    counts = step_mask.sum(dim=1)
-    cu = torch.zeros(step_mask.shape[0] + 1, dtype=torch.int32, device=step_mask.device)
-    cu[1:] = counts.cumsum(0)
-    return cu
-
-
 def rgm_loss_func(model, batch: dict, rgm_config: RGMConfig, grpo: GRPOConfig, output_tensor: torch.Tensor):
     """Loss of one micro-batch, megatron-core's 3-tuple ``(loss_sum, num_tokens, report)``.
 
@@ -124,7 +118,7 @@ def rgm_loss_func(model, batch: dict, rgm_config: RGMConfig, grpo: GRPOConfig, o
     total = main
     if "step_mask" in batch and "correct" in batch:
         step_logits = sprm_step_logits(model, batch["step_mask"])
-        cu = _cu_from_mask(batch["step_mask"])
+        cu = StepLayout.from_mask(batch["step_mask"]).cu_steps
         if rgm_config.sprm_loss == "bce":
             spr = ops.step_bce_loss(step_logits, cu, batch["correct"])
         else:
