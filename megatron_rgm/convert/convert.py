@@ -114,17 +114,9 @@ def hf_to_mcore(hf_path: str, output: str, tp: int = 1, pp: int = 1, head_file: 
 
 
 def _checkpoint_dir(mcore_path: Path) -> Path:
-    from megatron_rgm.training.checkpointing import CheckpointError, iteration_dir, latest_iteration
+    from megatron_rgm.training.checkpointing import resolve_checkpoint
 
-    if not mcore_path.is_dir():
-        raise ConfigError(f"--mcore-path {mcore_path} is not a directory: pass a directory written by hf-to-mcore "
-                          "or --save")
-    if (mcore_path / "metadata.json").exists():
-        return mcore_path
-    it = latest_iteration(mcore_path)
-    if it is None:
-        raise CheckpointError(f"--mcore-path {mcore_path} holds no finished checkpoint")
-    return iteration_dir(mcore_path, it)
+    return resolve_checkpoint(mcore_path)[0]
 
 
 def read_extra(ckpt: Path) -> dict:

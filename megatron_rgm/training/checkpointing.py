@@ -25,11 +25,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_rgm.config import ConfigError
+
 LATEST = "latest_checkpointed_iteration.txt"
 HEAD_PREFIX = "sprm_head."
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ConfigError):
     """A checkpoint that cannot be used as asked; the message names it and the fix."""
 
 
@@ -192,6 +194,28 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, chunks, extra: 
     return final
 
 
+def resolve_checkpoint(path: str | os.PathLike, iteration: int | None = None) -> tuple[Path, int]:
+    """The ``iter_XXXXXXX`` directory to load and its iteration.
+
+    Args:
+        path: a save directory (its ``latest`` file, or ``iteration``) or one checkpoint directory.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint path {path} does not exist: pass a directory written by --save")
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint path {path} is a file, not a directory: pass the --save directory")
+    if (path / "metadata.json").exists() or path.name.startswith("iter_"):
+        return path, int(path.name[5:12]) if path.name[5:12].isdigit() else 0
+    iteration = latest_iteration(path) if iteration is None else iteration
+    if iteration is None:
+        raise CheckpointError(f"{path} has no {LATEST}: it holds no finished checkpoint")
+    ckpt = iteration_dir(path, iteration)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"checkpoint {ckpt} does not exist (the latest file points at a missing directory)")
+    return ckpt, iteration
+
+
 @dataclass
 class LoadResult:
     iteration: int
@@ -219,22 +243,7 @@ def load_checkpoint(load_dir: str | os.PathLike, chunks, iteration: int | None =
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    load_dir = Path(load_dir)
-    if not load_dir.exists():
-        raise CheckpointError(f"checkpoint path {load_dir} does not exist: pass a directory written by --save")
-    if not load_dir.is_dir():
-        raise CheckpointError(f"checkpoint path {load_dir} is a file, not a directory: pass the --save directory")
-    if (load_dir / "metadata.json").exists() or load_dir.name.startswith("iter_"):
-        ckpt = load_dir
-        iteration = int(load_dir.name[5:12]) if load_dir.name[5:12].isdigit() else 0
-    else:
-        iteration = latest_iteration(load_dir) if iteration is None else iteration
-        if iteration is None:
-            raise CheckpointError(f"{load_dir} has no {LATEST}: it holds no finished checkpoint")
-        ckpt = iteration_dir(load_dir, iteration)
-    if not ckpt.is_dir():
-        raise CheckpointError(f"checkpoint {ckpt} does not exist (the latest file points at a missing directory)")
-
+    ckpt, iteration = resolve_checkpoint(load_dir, iteration)
     common = dist_checkpointing.load_common_state_dict(str(ckpt))
     extra = common.get("rgm_extra", {}) if isinstance(common, dict) else {}
     state = model_sharded_state_dict(chunks)
