@@ -32,6 +32,25 @@ class RunConfig:
     save_interval: int | None = None
     transformer_impl: str = "local"
     use_distributed_optimizer: bool = False
+    stage: str = "rgm"  # rgm (GRPO + SPR) | sft (language modelling on texts) | backbone-check
+    sprm_lr: float | None = None  # None: 10 x lr
+    weight_decay: float = 0.01
+    sprm_weight_decay: float = 0.01
+    clip_grad: float = 1.0
+    sprm_clip_grad: float = 1.0
+    lr_warmup_iters: int = 0
+    pretrained_checkpoint: str | None = None
+    no_load_optim: bool = False
+    sprm_only: bool = False
+    log_interval: int = 1
+    tensorboard_dir: str | None = None
+    wandb_project: str | None = None
+    metrics_file: str | None = None
+    sprm_calibrate: bool = True
+
+    @property
+    def head_lr(self) -> float:
+        return self.sprm_lr if self.sprm_lr is not None else 10 * self.lr
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -101,6 +120,62 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--load")
     g.add_argument("--save-interval", type=int)
     g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--stage", choices=["rgm", "sft", "backbone-check"], default="rgm",
+                   help="rgm: joint GRPO + SPR training; sft: language-model warm start on --sft-data texts; "
+                        "backbone-check: a synthetic next-token task that only exercises model, layout and optimizer")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--clip-grad", type=float, default=1.0, help="gradient-norm clip of the policy (0: off)")
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--pretrained-checkpoint",
+                   help="weights to start from when --load holds no checkpoint (e.g. the SFT stage's); also the "
+                        "frozen KL reference")
+    g.add_argument("--no-load-optim", action="store_true", help="resume weights and iteration, not the optimizer")
+    g.add_argument("--log-interval", type=int, default=1)
+    g.add_argument("--tensorboard-dir")
+    g.add_argument("--wandb-project", help="log to Weights & Biases (when wandb is installed)")
+    g.add_argument("--metrics-file", help="append each iteration's metrics as a JSON line (last rank)")
+
+
+def add_data_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Prompts, tokenizer, rollouts and SFT texts."""
+    g = p.add_argument_group("data")
+    g.add_argument("--tokenizer", help="sentencepiece .model file or HF tokenizer directory")
+    g.add_argument("--prompts", help="prompts jsonl (id, problem, answer) for colocated rollouts")
+    g.add_argument("--problem-key", help="prompt field of --prompts (default: problem / prompt / question)")
+    g.add_argument("--answer-key", help="gold-answer field of --prompts (default: answer)")
+    g.add_argument("--prompt-template", default="{problem}\n<think>\n",
+                   help="how a problem becomes the model's prompt; escapes such as \\n are decoded")
+    g.add_argument("--verifier", choices=["math", "exact"], default="math",
+                   help="final-answer grading: math-verify equivalence or exact string match")
+    g.add_argument("--rollouts", metavar="STORE",
+                   help="train from a rollout store (tools/generate_rollouts.py) with its old log-probs instead of "
+                        "sampling")
+    g.add_argument("--prompts-per-iter", type=int, default=2, help="prompts per iteration over all data-parallel ranks")
+    g.add_argument("--sft-data", help="jsonl of {text} or {prompt, response} for --stage sft")
+    return p
+
+
+def add_rollout_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Sampling of the colocated rollouts."""
+    g = p.add_argument_group("rollout")
+    g.add_argument("--grpo-group-size", type=int, default=8, help="k: samples per prompt")
+    g.add_argument("--rollout-temperature", type=float, default=0.6)
+    g.add_argument("--rollout-top-p", type=float, default=0.95)
+    g.add_argument("--max-response-length", type=int, default=256, help="new tokens per rollout")
+    return p
+
+
+def add_grpo_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Register the ``--grpo-*`` loss coefficients."""
+    from megatron_rgm.rl.grpo import GRPOConfig
+
+    d = GRPOConfig()
+    g = p.add_argument_group("GRPO")
+    g.add_argument("--grpo-clip-low", type=float, default=d.clip_low)
+    g.add_argument("--grpo-clip-high", type=float, default=d.clip_high)
+    g.add_argument("--grpo-kl-coef", type=float, default=d.kl_coef, help="0 skips the reference model")
+    g.add_argument("--grpo-entropy-coef", type=float, default=d.entropy_coef)
+    return p
 
 
 def add_sprm_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -119,6 +194,15 @@ def add_sprm_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--sprm-pos-weight", type=float, default=d.sprm_pos_weight)
     g.add_argument("--sprm-loss-weight", type=float, default=d.sprm_loss_weight)
     g.add_argument("--sprm-aggregation", choices=AGGREGATIONS, default=d.sprm_aggregation)
+    g.add_argument("--sprm-lr", type=float, help="head learning rate (default 10 x --lr)")
+    g.add_argument("--sprm-weight-decay", type=float, default=0.01)
+    g.add_argument("--sprm-clip-grad", type=float, default=1.0, help="the head's own gradient-norm clip (0: off)")
+    g.add_argument("--sprm-calibrate-head", action=argparse.BooleanOptionalAction, default=True,
+                   help="on a run's first iteration, shift the head's output bias so the median step logit of the "
+                        "batch is 0: the SPR loss needs steps on both sides of 0 (with every logit of one sign, P "
+                        "or N is 0 and so is the loss)")
+    g.add_argument("--sprm-only", action="store_true",
+                   help="freeze the policy and train only the head on rollouts (adding an SPRM to a policy)")
     return p
 
 
@@ -130,8 +214,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_precision_args(p)
     _add_parallel_args(p)
     _add_run_args(p)
+    add_data_args(p)
+    add_rollout_args(p)
     add_sprm_args(p)
+    add_grpo_args(p)
     return p
+
+
+@dataclass
+class DataConfig:
+    """Where prompts, rollouts and SFT texts come from, and how rollouts are sampled."""
+
+    tokenizer: str | None = None
+    prompts: str | None = None
+    problem_key: str | None = None
+    answer_key: str | None = None
+    prompt_template: str = "{problem}\n<think>\n"
+    verifier: str = "math"
+    rollouts: str | None = None
+    prompts_per_iter: int = 2
+    sft_data: str | None = None
+    group_size: int = 8
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_response_length: int = 256
 
 
 @dataclass
@@ -142,6 +248,8 @@ class Args:
     rgm: RGMConfig
     parallel: ParallelConfig
     run: RunConfig
+    data: DataConfig
+    grpo: object  # megatron_rgm.rl.GRPOConfig
     vocab_size: int  # padded for TP
     seq_length: int
     max_position_embeddings: int
@@ -181,6 +289,25 @@ def _layers_on_last_stage(ns: argparse.Namespace) -> int:
     rest = ns.num_layers - (ns.decoder_first_pipeline_num_layers or 0)
     middle = pp - (1 if ns.decoder_first_pipeline_num_layers is not None else 0)
     return rest // middle
+
+
+def _validate_run(run: RunConfig, data: DataConfig, ns: argparse.Namespace) -> None:
+    """The training-loop flags: what each stage needs, and values out of range."""
+    positive = {"--micro-batch-size": run.micro_batch_size, "--train-iters": run.train_iters,
+                "--prompts-per-iter": data.prompts_per_iter, "--grpo-group-size": data.group_size,
+                "--max-response-length": data.max_response_length, "--log-interval": run.log_interval}
+    for flag, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    for flag, value in {"--lr": run.lr, "--sprm-lr": run.sprm_lr, "--weight-decay": run.weight_decay,
+                        "--sprm-weight-decay": run.sprm_weight_decay, "--clip-grad": run.clip_grad,
+                        "--sprm-clip-grad": run.sprm_clip_grad, "--lr-warmup-iters": run.lr_warmup_iters,
+                        "--rollout-temperature": data.temperature, "--grpo-kl-coef": ns.grpo_kl_coef,
+                        "--grpo-entropy-coef": ns.grpo_entropy_coef}.items():
+        if value is not None and value < 0:
+            raise ConfigError(f"{flag} must be >= 0, got {value}")
+    if not 0 < data.top_p <= 1:
+        raise ConfigError(f"--rollout-top-p must be in (0, 1], got {data.top_p}")
 
 
 def validate(ns: argparse.Namespace) -> Args:
@@ -325,12 +452,40 @@ def validate(ns: argparse.Namespace) -> Args:
         save_interval=ns.save_interval,
         transformer_impl=ns.transformer_impl,
         use_distributed_optimizer=ns.use_distributed_optimizer,
+        stage=ns.stage,
+        sprm_lr=ns.sprm_lr,
+        weight_decay=ns.weight_decay,
+        sprm_weight_decay=ns.sprm_weight_decay,
+        clip_grad=ns.clip_grad,
+        sprm_clip_grad=ns.sprm_clip_grad,
+        lr_warmup_iters=ns.lr_warmup_iters,
+        pretrained_checkpoint=ns.pretrained_checkpoint,
+        no_load_optim=ns.no_load_optim,
+        sprm_only=ns.sprm_only,
+        log_interval=ns.log_interval,
+        tensorboard_dir=ns.tensorboard_dir,
+        wandb_project=ns.wandb_project,
+        metrics_file=ns.metrics_file,
+        sprm_calibrate=ns.sprm_calibrate_head,
     )
+    data = DataConfig(
+        tokenizer=ns.tokenizer, prompts=ns.prompts, problem_key=ns.problem_key, answer_key=ns.answer_key,
+        prompt_template=_decode_escapes(ns.prompt_template), verifier=ns.verifier, rollouts=ns.rollouts,
+        prompts_per_iter=ns.prompts_per_iter, sft_data=ns.sft_data, group_size=ns.grpo_group_size,
+        temperature=ns.rollout_temperature, top_p=ns.rollout_top_p, max_response_length=ns.max_response_length,
+    )
+    _validate_run(run, data, ns)
+    from megatron_rgm.rl.grpo import GRPOConfig
+
+    grpo = GRPOConfig(clip_low=ns.grpo_clip_low, clip_high=ns.grpo_clip_high, kl_coef=ns.grpo_kl_coef,
+                      entropy_coef=ns.grpo_entropy_coef, temperature=ns.rollout_temperature or 1.0)
     return Args(
         transformer=transformer,
         rgm=rgm,
         parallel=parallel,
         run=run,
+        data=data,
+        grpo=grpo,
         vocab_size=padded_vocab_size(ns.vocab_size, ns.make_vocab_size_divisible_by, tp),
         seq_length=ns.seq_length,
         max_position_embeddings=ns.max_position_embeddings or ns.seq_length,
@@ -339,3 +494,29 @@ def validate(ns: argparse.Namespace) -> Args:
         share_embeddings_and_output_weights=not ns.untie_embeddings_and_output_weights,
         namespace=ns,
     )
+
+
+def check_stage(args: Args) -> None:
+    """What ``--stage`` needs from the data flags (checked when a run starts, not when a model is rebuilt).
+
+    Raises:
+        ConfigError: the missing or conflicting flags and the fix.
+    """
+    if args.run.stage == "rgm":
+        if args.data.rollouts and args.data.prompts:
+            raise ConfigError("--rollouts and --prompts are exclusive: train from a store or sample from prompts")
+        if not args.data.rollouts and not args.data.prompts:
+            raise ConfigError("--stage rgm needs --prompts FILE (colocated rollouts, with --tokenizer) or "
+                              "--rollouts STORE (written by tools/generate_rollouts.py)")
+        if args.data.prompts and not args.data.tokenizer:
+            raise ConfigError("--prompts needs --tokenizer (a sentencepiece .model or an HF tokenizer directory)")
+        if args.data.prompts and args.parallel.virtual_pipeline_model_parallel_size:
+            raise ConfigError("colocated rollouts do not support --virtual-pipeline-model-parallel-size: generate "
+                              "them with tools/generate_rollouts.py and train with --rollouts")
+    if args.run.stage == "sft" and not (args.data.sft_data and args.data.tokenizer):
+        raise ConfigError("--stage sft needs --sft-data FILE (jsonl of {text} or {prompt, response}) and --tokenizer")
+    if args.run.sprm_only and args.run.stage != "rgm":
+        raise ConfigError("--sprm-only trains the head on rollouts: use it with --stage rgm")
+    if args.run.sprm_only and args.parallel.pipeline_model_parallel_size > 1:
+        raise ConfigError("--sprm-only freezes the policy, and a frozen stage has nothing to send gradients to: use "
+                          "--pipeline-model-parallel-size 1 (tensor parallelism is fine)")

@@ -111,7 +111,7 @@ class RGMScorer:
     def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
                         trust_remote_code: bool = False, **kwargs) -> "RGMScorer":
         """Load ``path`` (config, safetensors, tokenizer) and ``path/score_module.pt`` (or ``sprm_head.safetensors``)."""
-        from transformers import AutoTokenizer
+        from megatron_rgm.tokenizer import load_tokenizer
 
         root = Path(path)
         if not root.is_dir():
@@ -128,7 +128,7 @@ class RGMScorer:
         head.load_state_dict(sd)
         head.to(device)
         meta = json.loads((root / "sprm_config.json").read_text()) if (root / "sprm_config.json").exists() else {}
-        tokenizer = AutoTokenizer.from_pretrained(str(root), trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(root)
         return cls(model, head, tokenizer, sprm_layer=meta.get("sprm_layer", -2), **kwargs)
 
     @torch.no_grad()

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from megatron_rgm.arguments import add_sprm_args
+from megatron_rgm.arguments import add_grpo_args, add_sprm_args
 from megatron_rgm.config import RGMConfig
 from megatron_rgm.model.rgm_model import RGMModel, attach_sprm_head, sprm_step_logits
 from megatron_rgm.rl import GRPOConfig, grpo_loss, vocab_parallel_entropy, vocab_parallel_log_probs
@@ -29,12 +29,7 @@ __all__ = ["attach_sprm_head", "model_provider", "forward_step", "add_rgm_args",
 def add_rgm_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Register RGM's flags (``--sprm-*``, ``--grpo-*``) and nothing else; usable as ``extra_args_provider``."""
     add_sprm_args(parser)
-    d = GRPOConfig()
-    g = parser.add_argument_group("GRPO")
-    g.add_argument("--grpo-clip-low", type=float, default=d.clip_low)
-    g.add_argument("--grpo-clip-high", type=float, default=d.clip_high)
-    g.add_argument("--grpo-kl-coef", type=float, default=d.kl_coef)
-    g.add_argument("--grpo-entropy-coef", type=float, default=d.entropy_coef)
+    add_grpo_args(parser)
     return parser
 
 
@@ -91,12 +86,16 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
                     post_process=post_process, vp_stage=vp_stage, **gpt_kwargs)
 
 
-def rgm_loss_func(model, batch: dict, rgm_config: RGMConfig, grpo: GRPOConfig, output_tensor: torch.Tensor):
+def rgm_loss_func(model, batch: dict, rgm_config: RGMConfig, grpo: GRPOConfig, output_tensor: torch.Tensor, *,
+                  vocab_size: int | None = None, policy_loss: bool = True):
     """Loss of one micro-batch, megatron-core's 3-tuple ``(loss_sum, num_tokens, report)``.
 
     ``loss_sum`` is (LM loss or GRPO loss) + ``sprm_loss_weight`` x SPR loss,
     each a mean over the micro-batch, times ``num_tokens`` so that megatron's
-    per-token normalisation returns the means.
+    per-token normalisation returns the means. GRPO log-probs are taken of
+    ``logits / grpo.temperature`` over the first ``vocab_size`` ids (the
+    sampler's distribution). ``policy_loss=False`` (``--sprm-only``) keeps the
+    SPR loss alone.
     """
     from megatron.core import parallel_state
 
@@ -105,14 +104,16 @@ def rgm_loss_func(model, batch: dict, rgm_config: RGMConfig, grpo: GRPOConfig, o
     loss_mask = batch["loss_mask"].float()
     num_tokens = loss_mask.sum().clamp(min=1)
     report = {}
-    if "advantages" in batch:
-        logp = vocab_parallel_log_probs(output_tensor, batch["labels"])
-        entropy = vocab_parallel_entropy(output_tensor) if grpo.entropy_coef else None
+    main = None
+    if "advantages" in batch and policy_loss:
+        logits = output_tensor if grpo.temperature == 1.0 else output_tensor / grpo.temperature
+        logp = vocab_parallel_log_probs(logits, batch["labels"], vocab_size)
+        entropy = vocab_parallel_entropy(logits, vocab_size) if grpo.entropy_coef else None
         main, metrics = grpo_loss(logp, batch["old_log_probs"], batch["advantages"], loss_mask, grpo,
                                   ref_log_probs=batch.get("ref_log_probs"), entropy=entropy)
-        report.update({k: v for k, v in metrics.items()})
+        report.update(metrics)
         report["grpo loss"] = main.detach()
-    else:
+    elif "advantages" not in batch:
         main = (output_tensor.float() * loss_mask).sum() / num_tokens
         report["lm loss"] = main.detach()
     total = main
@@ -127,15 +128,20 @@ def rgm_loss_func(model, batch: dict, rgm_config: RGMConfig, grpo: GRPOConfig, o
                                       group=group, return_stats=True)
             report["spr positives"] = stats.positives.float()
             report["spr negatives"] = stats.negatives.float()
-        total = total + rgm_config.sprm_loss_weight * spr
+        report["steps"] = torch.tensor(float(step_logits.numel()))
+        spr_term = rgm_config.sprm_loss_weight * spr
+        total = spr_term if total is None else total + spr_term
         report["spr loss"] = spr.detach()
+    if total is None:
+        raise ValueError("nothing to train on this micro-batch: policy_loss=False needs step_mask and correct")
     n = num_tokens.detach()
     # Megatron-LM's reporting convention: [sum over tokens, token count] per key.
     report = {k: torch.stack([v.float() * n, n]) for k, v in report.items()}
     return total * num_tokens, num_tokens.int(), report
 
 
-def forward_step(data_iterator, model, *, rgm_config: RGMConfig | None = None, grpo: GRPOConfig | None = None):
+def forward_step(data_iterator, model, *, rgm_config: RGMConfig | None = None, grpo: GRPOConfig | None = None,
+                 vocab_size: int | None = None, policy_loss: bool = True):
     """``forward_step(data_iterator, model) -> (output_tensor, loss_func)`` for megatron-core's schedules.
 
     The iterator yields dicts with ``tokens`` ``[b, s]`` and, as the pipeline
@@ -146,7 +152,8 @@ def forward_step(data_iterator, model, *, rgm_config: RGMConfig | None = None, g
     ``old_log_probs`` ``[b, s]`` (optionally ``ref_log_probs``). Without
     advantages the LM loss over ``loss_mask`` is kept. Works with an
     :class:`RGMModel` or any GPTModel given :func:`attach_sprm_head`.
-    Bind ``rgm_config`` / ``grpo`` with ``functools.partial``.
+    Bind ``rgm_config`` / ``grpo`` (and ``vocab_size``, ``policy_loss``; see
+    :func:`rgm_loss_func`) with ``functools.partial``.
     """
     from megatron_rgm.model.rgm_model import unwrap
 
@@ -160,4 +167,5 @@ def forward_step(data_iterator, model, *, rgm_config: RGMConfig | None = None, g
     grpo = grpo or GRPOConfig()
     labels = None if "advantages" in batch else batch.get("labels")
     output = model(tokens, positions, batch.get("attention_mask"), labels=labels)
-    return output, partial(rgm_loss_func, model, batch, rgm_config, grpo)
+    return output, partial(rgm_loss_func, model, batch, rgm_config, grpo, vocab_size=vocab_size,
+                           policy_loss=policy_loss)

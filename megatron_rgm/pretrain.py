@@ -1,13 +1,14 @@
 """Entry point: ``torchrun -m megatron_rgm.pretrain [flags]`` (or ``srun python -m megatron_rgm.pretrain``).
 
-What runs today is the *backbone check*: RGMModel at the requested layout,
-wrapped in megatron DDP with megatron's optimizer, trained for
-``--train-iters`` iterations on a synthetic next-token task (arithmetic
-progressions of token ids) through megatron-core's pipeline schedules, with
-the SPRM head scoring random step positions in the same forward pass. It
-proves the model, the parallel layout, DDP and the optimizer work on this
-machine. Joint GRPO + SPR training replaces it when the training loop lands;
-until then the head is not trained here.
+Stages (``--stage``):
+
+* ``rgm`` (default): joint GRPO + SPR training, :mod:`megatron_rgm.training.loop`;
+  rollouts sampled from ``--prompts`` or read from ``--rollouts STORE``;
+* ``sft``: the language-model warm start on ``--sft-data`` texts, same loop;
+* ``backbone-check``: RGMModel at the requested layout, wrapped in megatron
+  DDP with megatron's optimizer, trained on a synthetic next-token task
+  (arithmetic progressions of token ids) with the head scoring random
+  positions: needs no data, and proves model, layout, DDP and optimizer.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from functools import partial
 import torch
 
 from megatron_rgm import distributed
-from megatron_rgm.arguments import Args, parse_args
+from megatron_rgm.arguments import Args, check_stage, parse_args
 from megatron_rgm.config import ConfigError
 from megatron_rgm.model import build_model
 
@@ -53,7 +54,7 @@ def _forward_step(stats: dict, data_iterator, model):
     return output, partial(_loss_func, stats)
 
 
-def run(args: Args) -> list[float]:
+def backbone_check(args: Args) -> list[float]:
     """Run the backbone check; returns the LM loss per iteration (last stage ranks; [] elsewhere)."""
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -130,9 +131,18 @@ def run(args: Args) -> list[float]:
             save_checkpoint(args.run.save, it, model, optimizer=optimizer, data_generator=gen,
                             extra={"model_argv": args.namespace.model_argv})
     if info.rank == 0:
-        print("backbone check done: model, layout, DDP and optimizer ran. Joint GRPO + SPR training is "
-              "not implemented yet; the SPRM head was only evaluated here.", flush=True)
+        print("backbone check done: model, layout, DDP and optimizer ran", flush=True)
     return losses
+
+
+def run(args: Args):
+    """Run ``--stage``: the backbone check's losses, or the training loop's per-iteration metrics."""
+    check_stage(args)
+    if args.run.stage == "backbone-check":
+        return backbone_check(args)
+    from megatron_rgm.training.loop import train
+
+    return train(args)
 
 
 def main(argv: list[str] | None = None) -> int:

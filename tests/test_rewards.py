@@ -82,7 +82,7 @@ def test_bad_benchmark_files(tmp_path):
     good.write_text('{"q": "1+1", "a": "2"}\n{"q": "2+2"}\n')
     with pytest.raises(ConfigError, match="record 2 has no field 'a'"):
         load_benchmark(good, "q", "a")
-    with pytest.raises(ConfigError, match="not a known benchmark"):
+    with pytest.raises(ConfigError, match="record 1 has no field 'problem'.*pass --problem-key"):
         load_benchmark(good)
     with pytest.raises(ConfigError, match="is not a file"):
         load_benchmark(tmp_path / "missing.jsonl", "q", "a")

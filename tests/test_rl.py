@@ -46,6 +46,16 @@ def test_low_var_kl_and_entropy_by_hand():
     torch.testing.assert_close(entropy_bonus(torch.tensor([[1.0, 3.0]]), torch.tensor([[1.0, 0.0]])), torch.tensor(1.0))
 
 
+def test_ppo_kl_is_zero_on_policy_and_the_mean_log_ratio_off_it():
+    old = torch.tensor([[-1.0, -2.0, -3.0]])
+    mask = torch.tensor([[0.0, 1.0, 1.0]])
+    _, m = grpo_loss(old.clone(), old, torch.tensor([1.0]), mask, GRPOConfig(kl_coef=0, entropy_coef=0))
+    assert m["ppo kl"].item() == 0.0
+    _, m = grpo_loss(old + torch.tensor([[9.0, 0.5, 0.1]]), old, torch.tensor([1.0]), mask,
+                     GRPOConfig(kl_coef=0, entropy_coef=0))
+    assert m["ppo kl"].item() == pytest.approx(-(0.5 + 0.1) / 2)
+
+
 def test_grpo_loss_combines_terms():
     g = torch.Generator().manual_seed(0)
     logp, old, ref, ent = (torch.randn(2, 4, generator=g) for _ in range(4))
@@ -54,7 +64,7 @@ def test_grpo_loss_combines_terms():
     loss, m = grpo_loss(logp, old, adv, mask, cfg, ref_log_probs=ref, entropy=ent)
     pg, _ = policy_loss(logp, old, adv, mask)
     torch.testing.assert_close(loss, pg + 0.1 * low_var_kl(logp, ref, mask) - 0.01 * entropy_bonus(ent, mask))
-    assert set(m) == {"pg loss", "clip fraction", "kl", "entropy"}
+    assert set(m) == {"pg loss", "clip fraction", "ppo kl", "kl", "entropy"}
 
 
 def test_log_probs_match_log_softmax_without_touching_logits():
@@ -72,3 +82,4 @@ def test_vocab_parallel_log_probs_tp2_equal_tp1(tmp_path):
     torchrun("vocab_parallel.py", 2, [str(tmp_path)])
     for r in read_rank_results(tmp_path):
         assert r["logp_diff"] < 1e-5 and r["entropy_diff"] < 1e-5 and r["grad_diff"] < 1e-6
+        assert r["padded_logp_diff"] < 1e-5 and r["padded_entropy_diff"] < 1e-5

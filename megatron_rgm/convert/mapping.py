@@ -211,3 +211,35 @@ CKPT_KEY_ALIASES = {
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
 }
+
+
+def hf_config_from_args(args, vocab_size: int) -> dict | None:
+    """The HF ``config.json`` of a model built from megatron_rgm flags, or None when no HF class matches.
+
+    Qwen2 (QKV bias), Qwen3 (QK norm) and Llama map: RMSNorm, SwiGLU, RoPE, no
+    linear biases. Used when a natively trained checkpoint is saved, so that
+    ``mcore-to-hf`` can export it.
+
+    Args:
+        args: :class:`megatron_rgm.arguments.Args`.
+        vocab_size: the tokenizer's vocabulary (the unpadded rows are exported).
+    """
+    t = args.transformer
+    if (t.normalization != "RMSNorm" or not t.gated_linear_unit or t.add_bias_linear
+            or args.position_embedding_type != "rope"):
+        return None
+    qk_norm = bool(t.qk_layernorm)
+    if qk_norm and t.add_qkv_bias:
+        return None
+    kind = "Qwen3ForCausalLM" if qk_norm else "Qwen2ForCausalLM" if t.add_qkv_bias else "LlamaForCausalLM"
+    model_type = {"Qwen3ForCausalLM": "qwen3", "Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}[kind]
+    dtype = "bfloat16" if t.bf16 else "float16" if t.fp16 else "float32"
+    return {
+        "architectures": [kind], "model_type": model_type, "vocab_size": vocab_size, "hidden_size": t.hidden_size,
+        "intermediate_size": t.ffn_hidden_size, "num_hidden_layers": t.num_layers,
+        "num_attention_heads": t.num_attention_heads, "num_key_value_heads": t.num_query_groups,
+        "head_dim": t.kv_channels, "max_position_embeddings": args.max_position_embeddings,
+        "rope_theta": float(args.rotary_base), "rms_norm_eps": t.layernorm_epsilon, "hidden_act": "silu",
+        "tie_word_embeddings": args.share_embeddings_and_output_weights, "attention_bias": bool(t.add_qkv_bias),
+        "torch_dtype": dtype,
+    }

@@ -55,14 +55,13 @@ def load_benchmark(path: str | Path, problem_key: str | None = None, answer_key:
 
     Args:
         path: the jsonl file.
-        problem_key, answer_key: field names for a generic file (override the known ones).
+        problem_key, answer_key: field names (override the known ones; a generic
+            file defaults to ``problem`` / ``answer``, what this package writes).
     """
     path = Path(path)
-    known = KNOWN.get(path.stem)
-    pk = problem_key or (known[0] if known else None)
-    ak = answer_key or (known[1] if known else None)
-    if pk is None or ak is None:
-        raise ConfigError(f"{path.name} is not a known benchmark: pass --problem-key and --answer-key")
+    known = KNOWN.get(path.stem) or ("problem", "answer")
+    pk = problem_key or known[0]
+    ak = answer_key or known[1]
     out = []
     for n, row in enumerate(read_jsonl(path), 1):
         for key in (pk, ak):

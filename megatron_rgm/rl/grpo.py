@@ -20,6 +20,7 @@ class GRPOConfig:
     kl_coef: float = 0.001
     entropy_coef: float = 0.001
     advantage_eps: float = 1e-6
+    temperature: float = 1.0  # the sampling temperature: logits are divided by it, as the old log-probs were
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
@@ -84,7 +85,9 @@ def grpo_loss(log_probs, old_log_probs, advantages, mask, cfg: GRPOConfig, ref_l
     """``pg + kl_coef * kl - entropy_coef * entropy``; returns (loss, metrics dict of detached tensors)."""
     pg, clip_frac = policy_loss(log_probs, old_log_probs, advantages, mask, cfg.clip_low, cfg.clip_high)
     loss = pg
-    metrics = {"pg loss": pg.detach(), "clip fraction": clip_frac}
+    # How far the trained policy is from the one that sampled (0 on the first step of on-policy data).
+    ppo_kl = _token_mean((old_log_probs - log_probs).detach(), mask)
+    metrics = {"pg loss": pg.detach(), "clip fraction": clip_frac, "ppo kl": ppo_kl}
     if ref_log_probs is not None and cfg.kl_coef:
         kl = low_var_kl(log_probs, ref_log_probs, mask)
         loss = loss + cfg.kl_coef * kl

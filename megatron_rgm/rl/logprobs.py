@@ -44,36 +44,54 @@ def _logsumexp(logits: torch.Tensor, group, size: int) -> torch.Tensor:
     return m + torch.log(_global_sum(torch.exp(x - m.unsqueeze(-1)).sum(-1), size))
 
 
-def vocab_parallel_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+_PADDED = -1e30  # finite: exp() gives 0 and 0 * (x - m) stays 0
+
+
+def _real_vocab(logits: torch.Tensor, vocab_size: int | None, rank: int) -> torch.Tensor:
+    """fp32 logits with the ids >= ``vocab_size`` (megatron's TP padding of the vocabulary) removed."""
+    x = logits.float()
+    if vocab_size is None:
+        return x
+    part = x.shape[-1]
+    ids = torch.arange(rank * part, (rank + 1) * part, device=x.device)
+    return x.masked_fill(ids >= vocab_size, _PADDED)
+
+
+def vocab_parallel_log_probs(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int | None = None
+                             ) -> torch.Tensor:
     """``log softmax(logits)[target]`` for vocab-sharded logits.
 
     Args:
         logits: ``[b, s, V/tp]`` this rank's vocabulary slice (rank r holds ids
             ``[r*V/tp, (r+1)*V/tp)``).
         targets: ``[b, s]`` token ids in the full vocabulary.
+        vocab_size: the tokenizer's vocabulary; ids from it up to the padded
+            size are left out of the softmax, as the sampler leaves them out.
 
     Returns:
         ``[b, s]`` float32 log-probabilities, differentiable w.r.t. ``logits``.
     """
     group, size, rank = _tp()
-    part = logits.shape[-1]
+    x = _real_vocab(logits, vocab_size, rank)
+    part = x.shape[-1]
     lo = rank * part
     local = targets - lo
     inside = (local >= 0) & (local < part)
-    picked = logits.float().gather(-1, local.clamp(0, part - 1).unsqueeze(-1)).squeeze(-1) * inside
+    picked = x.gather(-1, local.clamp(0, part - 1).unsqueeze(-1)).squeeze(-1) * inside
     if size > 1:
         picked = reduce_from_tensor_model_parallel_region(picked)
-    return picked - _logsumexp(logits, group, size)
+    return picked - _logsumexp(x, group, size)
 
 
-def vocab_parallel_entropy(logits: torch.Tensor) -> torch.Tensor:
+def vocab_parallel_entropy(logits: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:
     """``[b, s]`` entropy of ``softmax(logits)`` over the full (sharded) vocabulary, float32.
 
     ``H = log S - T / S`` with ``S = sum exp(x - m)``, ``T = sum exp(x - m) (x - m)``,
-    both summed over every rank's slice before they are used.
+    both summed over every rank's slice before they are used. ``vocab_size``:
+    as for :func:`vocab_parallel_log_probs`.
     """
-    group, size, _ = _tp()
-    x = logits.float()
+    group, size, rank = _tp()
+    x = _real_vocab(logits, vocab_size, rank)
     m = _global_max(x, group, size)
     shifted = x - m.unsqueeze(-1)
     e = torch.exp(shifted)

@@ -51,7 +51,6 @@ def generate_megatron(mcore_path: str, tokenizer_path: str | None, prompts: list
                       params: SamplingParams, verifier: str = "math", tp: int = 1,
                       template: str = PROMPT_TEMPLATE, pp: int = 1) -> None:
     from megatron.core import parallel_state as ps
-    from transformers import AutoTokenizer
 
     from megatron_rgm import distributed
     from megatron_rgm.convert.convert import ASSETS
@@ -61,12 +60,14 @@ def generate_megatron(mcore_path: str, tokenizer_path: str | None, prompts: list
     from megatron_rgm.training.checkpointing import load_checkpoint
 
     tok_dir = tokenizer_path or str(Path(mcore_path) / ASSETS)
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    from megatron_rgm.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tok_dir)
     args, extra = megatron_args(mcore_path, tp, pp)
     distributed.initialize(args.parallel)
     model = build_model(args)[0]
     load_checkpoint(mcore_path, [model])
-    vocab = extra["hf_config"]["vocab_size"]
+    vocab = extra.get("vocab_size") or extra["hf_config"]["vocab_size"]
     sampler = Sampler(model, vocab, StepSegmenter.from_tokenizer(tokenizer, args.rgm.sprm_step_tokens), tokenizer)
     if tokenizer.eos_token_id is not None and not params.eos_token_ids:
         params.eos_token_ids = [tokenizer.eos_token_id]

@@ -195,6 +195,17 @@ class RolloutStore:
             step_scores=g["step_scores"][s0:s0 + sn], reward=float(g["reward"][j]), correct=bool(g["correct"][j]),
             prompt_id=int(g["prompt_id"][j]), group_id=int(g["group_id"][j]))
 
+    def group_ids(self) -> np.ndarray:
+        """``group_id`` of every committed trajectory, in index order (one read per writer)."""
+        if self._index is None:
+            self._index = self._build_index()
+        out, cached = [], {}
+        for name, j in self._index:
+            if name not in cached:
+                cached[name] = np.asarray(self.group[name]["group_id"][:])
+            out.append(int(cached[name][j]))
+        return np.asarray(out, dtype=np.int64)
+
     def prompt_ids(self) -> set[int]:
         """Prompts with at least one committed trajectory (a generator resumes after them)."""
         return {self[i].prompt_id for i in range(len(self))}

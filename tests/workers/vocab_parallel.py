@@ -27,8 +27,16 @@ def main():
     p = torch.softmax(ref, -1)
     ent_ref = -(p * torch.log_softmax(ref, -1)).sum(-1)
     ((lp_ref + 0.3 * ent_ref) * w).sum().backward()
+    # Megatron's padded vocabulary: ids >= 13 are padding (all on rank 1) and must carry no probability.
+    real = 13
+    t_real = targets.clamp(max=real - 1)
+    lp_pad = vocab_parallel_log_probs(local.detach(), t_real, vocab_size=real)
+    ent_pad = vocab_parallel_entropy(local.detach(), vocab_size=real)
+    lsm = torch.log_softmax(full[..., :real], -1)
     out = {"logp_diff": (lp - lp_ref).abs().max().item(), "entropy_diff": (ent - ent_ref).abs().max().item(),
-           "grad_diff": (local.grad - ref.grad.chunk(2, -1)[rank]).abs().max().item()}
+           "grad_diff": (local.grad - ref.grad.chunk(2, -1)[rank]).abs().max().item(),
+           "padded_logp_diff": (lp_pad - lsm.gather(-1, t_real.unsqueeze(-1)).squeeze(-1)).abs().max().item(),
+           "padded_entropy_diff": (ent_pad + (lsm.exp() * lsm).sum(-1)).abs().max().item()}
     with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
         json.dump(out, f)
     distributed.shutdown()

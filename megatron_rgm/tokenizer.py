@@ -1,0 +1,107 @@
+"""One way to load a tokenizer: an HF tokenizer directory, or a sentencepiece model.
+
+``load_tokenizer(path)`` accepts
+
+* a sentencepiece ``*.model`` file, or a directory holding ``tokenizer.model``
+  and no ``tokenizer.json`` / ``tokenizer_config.json`` (what the tiny preset
+  trains and what an HF export of it carries): wrapped in
+  :class:`SentencePieceTokenizer`, which answers the calls this package makes of
+  a transformers tokenizer (``encode(text, add_special_tokens=False)``,
+  ``decode(ids)``, ``eos_token_id``, ``len()``, ``save_pretrained``);
+* anything else: ``transformers.AutoTokenizer.from_pretrained(path)``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from megatron_rgm.config import ConfigError
+
+SP_FILE = "tokenizer.model"
+
+
+class SentencePieceTokenizer:
+    """A sentencepiece model with the transformers-style calls used across megatron-rgm."""
+
+    def __init__(self, model_file: str | Path):
+        import sentencepiece as spm
+
+        self.model_file = Path(model_file)
+        self.sp = spm.SentencePieceProcessor(model_file=str(self.model_file))
+        self.name_or_path = str(self.model_file)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        i = self.sp.eos_id()
+        return i if i >= 0 else None
+
+    @property
+    def bos_token_id(self) -> int | None:
+        i = self.sp.bos_id()
+        return i if i >= 0 else None
+
+    @property
+    def pad_token_id(self) -> int | None:
+        i = self.sp.pad_id()
+        return i if i >= 0 else self.eos_token_id
+
+    def __len__(self) -> int:
+        return self.sp.get_piece_size()
+
+    def get_piece_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        ids = list(self.sp.encode_as_ids(text))
+        return ([self.bos_token_id] + ids) if add_special_tokens and self.bos_token_id is not None else ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        ids = [int(i) for i in ids]
+        if skip_special_tokens:
+            ids = [i for i in ids if not (self.sp.is_control(i) or self.sp.is_unknown(i))]
+        return self.sp.decode_ids(ids)
+
+    def piece_to_id(self, piece: str) -> int:
+        return self.sp.piece_to_id(piece)
+
+    def id_to_piece(self, i: int) -> str:
+        return self.sp.id_to_piece(i)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        if (out / SP_FILE).resolve() != self.model_file.resolve():
+            shutil.copy2(self.model_file, out / SP_FILE)
+
+
+def _is_sentencepiece_dir(path: Path) -> bool:
+    return (path / SP_FILE).exists() and not any(
+        (path / n).exists() for n in ("tokenizer.json", "tokenizer_config.json"))
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """A tokenizer from a sentencepiece model (file or directory) or an HF tokenizer directory.
+
+    Raises:
+        ConfigError: ``path`` does not exist or holds no tokenizer.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"tokenizer {p} does not exist: pass --tokenizer with a sentencepiece .model file or an "
+                          "HF tokenizer directory")
+    if p.is_file():
+        if p.suffix != ".model":
+            raise ConfigError(f"tokenizer file {p} is not a sentencepiece .model: pass the model file or the "
+                              "directory of an HF tokenizer")
+        return SentencePieceTokenizer(p)
+    if _is_sentencepiece_dir(p):
+        return SentencePieceTokenizer(p / SP_FILE)
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(p))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"no tokenizer could be loaded from {p} ({e}): pass a directory with tokenizer.json or "
+                          f"{SP_FILE}") from None

@@ -1,0 +1,105 @@
+"""Megatron's optimizer with the SPRM head in its own param group, learning rate and gradient clip.
+
+The head's group carries ``sprm_head=True``, its own ``max_lr`` (``--sprm-lr``,
+10x the policy's by default) and weight decay. :func:`optimizer_step` replaces
+``optimizer.step()``: after the gradients are ready it clips the policy's and
+the head's gradients each by their own norm, then steps. Norms follow
+megatron's rules (tensor-parallel duplicates and shared weights counted once,
+reduced over the optimizer's gradient-statistics group, which spans the whole
+model-parallel group and, with the distributed optimizer, the data-parallel
+shards), so they are the same on every rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+HEAD_GROUP_KEY = "sprm_head"
+
+
+def _one_dimensional(param: torch.Tensor) -> bool:
+    return param.dim() == 1
+
+
+def build_optimizer(model_chunks, run, transformer_config):
+    """``get_megatron_optimizer`` over the chunks (DDP-wrapped), with the head's param group.
+
+    Args:
+        model_chunks: this rank's DDP-wrapped model chunks.
+        run: :class:`megatron_rgm.arguments.RunConfig` (lr, head lr, weight decays, distributed optimizer).
+        transformer_config: the model's TransformerConfig (precision).
+    """
+    from megatron.core.optimizer import OptimizerConfig, ParamKey, get_megatron_optimizer
+
+    config = OptimizerConfig(
+        optimizer="adam", lr=run.lr, min_lr=run.lr, weight_decay=run.weight_decay, clip_grad=run.clip_grad,
+        use_distributed_optimizer=run.use_distributed_optimizer, bf16=transformer_config.bf16,
+        fp16=transformer_config.fp16, params_dtype=transformer_config.params_dtype,
+    )
+    head_decay = run.sprm_weight_decay
+    overrides = {
+        # Biases and norm weights take no weight decay (megatron's default rule).
+        ParamKey(predicate=(_one_dimensional,)): {"wd_mult": 0.0},
+        ParamKey(name="*sprm_head.*"): {
+            "max_lr": run.head_lr, "min_lr": run.head_lr, HEAD_GROUP_KEY: True, "base_weight_decay": head_decay},
+    }
+    return get_megatron_optimizer(config, model_chunks, config_overrides=overrides)
+
+
+def _inner_optimizers(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def set_learning_rates(optimizer, run, iteration: int) -> dict[str, float]:
+    """Linear warm-up over ``--lr-warmup-iters``, then constant; returns ``{"lr", "sprm lr"}``."""
+    warm = min(1.0, iteration / run.lr_warmup_iters) if run.lr_warmup_iters else 1.0
+    out = {"lr": run.lr * warm, "sprm lr": run.head_lr * warm}
+    for opt in _inner_optimizers(optimizer):
+        for group in opt.param_groups:
+            group["lr"] = group.get("max_lr", run.lr) * warm
+            group["weight_decay"] = group.get("base_weight_decay", run.weight_decay) * group.get("wd_mult", 1.0)
+    return out
+
+
+@dataclass
+class StepResult:
+    ok: bool
+    grad_norm: float | None  # the policy's, before clipping
+    head_grad_norm: float | None
+
+
+def _grads_for_norm(opt, params) -> list[torch.Tensor]:
+    from megatron.core import tensor_parallel
+    from megatron.core.transformer.module import param_is_not_shared
+
+    tp_group = getattr(opt, "tp_group", None)
+    return [p.grad for p in params if p.grad is not None and param_is_not_shared(p)
+            and tensor_parallel.param_is_not_tensor_parallel_duplicate(p, tp_group)]
+
+
+@torch.no_grad()
+def optimizer_step(optimizer, clip_grad: float, head_clip_grad: float) -> StepResult:
+    """Clip the policy and the head each by its own norm (0: no clip), then step. Collective."""
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32, get_grad_norm_fp32
+
+    if optimizer.prepare_grads():
+        return StepResult(False, None, None)
+    norms = {}
+    for opt in _inner_optimizers(optimizer):
+        if getattr(opt, "is_stub_optimizer", False):
+            continue
+        group_of = {False: [], True: []}
+        for group in opt.optimizer.param_groups:
+            group_of[bool(group.get(HEAD_GROUP_KEY, False))].extend(group["params"])
+        for is_head, params in group_of.items():
+            # Every rank computes both norms: the reductions are collective even where a group is empty.
+            norm = get_grad_norm_fp32(_grads_for_norm(opt, params),
+                                      grad_stats_parallel_group=opt.get_grad_stats_parallel_group())
+            clip = head_clip_grad if is_head else clip_grad
+            if clip > 0 and params:
+                clip_grad_by_total_norm_fp32(params, clip, norm)
+            norms[is_head] = float(norm)
+    ok = optimizer.step_with_ready_grads()
+    return StepResult(bool(ok), norms.get(False), norms.get(True))
