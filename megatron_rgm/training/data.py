@@ -159,14 +159,16 @@ def padded_length(samples: list[Sample], multiple: int, limit: int) -> int:
     return min(limit, -(-longest // multiple) * multiple)
 
 
-def collate(samples: list[Sample], length: int, *, advantages: torch.Tensor | None = None, rl: bool = True) -> dict:
+def collate(samples: list[Sample], length: int, *, advantages: torch.Tensor | None = None, rl: bool = True,
+            spr: bool = True) -> dict:
     """Micro-batch dict for :func:`megatron_rgm.integration.forward_step`, right-padded to ``length``.
 
     Args:
         samples: the micro-batch.
         length: input length (a sample longer than ``length + 1`` tokens is cut).
         advantages: ``[b]`` GRPO advantages (with ``rl``).
-        rl: True: GRPO + SPR keys; False: language modelling on the response tokens.
+        rl: True: GRPO (+ SPR) keys; False: language modelling on the response tokens.
+        spr: with ``rl``, the SPR keys (``step_mask``, ``correct``); False: GRPO alone.
     """
     b = len(samples)
     tokens = torch.zeros(b, length + 1, dtype=torch.long)
@@ -183,8 +185,9 @@ def collate(samples: list[Sample], length: int, *, advantages: torch.Tensor | No
     batch = {"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
              "loss_mask": response[:, 1:].float()}
     if rl:
-        batch.update(old_log_probs=old[:, 1:].contiguous(), step_mask=step_mask,
-                     correct=torch.tensor([s.correct for s in samples]))
+        batch["old_log_probs"] = old[:, 1:].contiguous()
+        if spr:
+            batch.update(step_mask=step_mask, correct=torch.tensor([s.correct for s in samples]))
         if advantages is not None:
             batch["advantages"] = advantages.float()
     return batch

@@ -50,6 +50,7 @@ class Trainer:
         from megatron_rgm.model import build_model
 
         self.args, self.run = args, args.run
+        self.train_head = True  # False: GRPO alone, no SPR loss (the overhead benchmark's baseline)
         self.info = distributed.initialize(args.parallel)
         self.ps = ps
         self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -309,7 +310,7 @@ class Trainer:
         micro = self.run.micro_batch_size
         rl = self.run.stage == "rgm"
         length = self._length(samples)
-        batches = [collate(samples[i:i + micro], length, rl=rl,
+        batches = [collate(samples[i:i + micro], length, rl=rl, spr=self.train_head,
                            advantages=None if advantages is None else advantages[i:i + micro])
                    for i in range(0, len(samples), micro)]
         times = {}
