@@ -1,0 +1,336 @@
+"""Reflective Best-of-N: k thinking trajectories, scored by the SPRM head as they are sampled; the best one is
+continued to its answer.
+
+For each problem:
+
+1. sample k trajectories of the prompt, each stopping at ``</think>`` (or eos, or the token budget); the same
+   forward passes give the head logit at every step position (:class:`~megatron_rgm.rollout.sampler.Sampler`);
+2. aggregate each trajectory's step scores (``sigmoid`` of the logits; ``geometric`` by default, see
+   :func:`megatron_rgm.ops.segment_aggregate`) and keep the argmax (ties: the lowest index);
+3. let the policy continue the chosen trajectory (prompt + thinking as the new prompt) to its answer, greedily by
+   default; a trajectory that ended with eos is already complete and is kept as it is, one cut by the token
+   budget is continued as it is (the policy may still close its thinking);
+4. grade the final text (thinking + answer) against the gold answer when there is one.
+
+With ``complete_all`` every candidate is continued and graded, so the output also serves
+``tools/evaluate.py`` for pass@1, maj@k and BoN@k over all candidates. A candidate's continuation depends only on
+the problem, the candidate and the seed, so the chosen response is the same with or without ``complete_all``.
+
+Output (jsonl, one line per problem; also a samples file for ``tools/evaluate.py``)::
+
+    {"id", "problem", "answer" (gold or null), "aggregation", "chosen": int,
+     "candidates": [{"text", "step_scores": [p, ...], "aggregate", "finish": "think_end"|"eos"|"length",
+                     "response"?, "prediction"?, "correct"?}, ...],
+     "response", "prediction", "correct" (null without gold),
+     "responses": [str, ...], "step_scores": [[p, ...], ...]}
+
+``responses[j]`` is candidate j's final text when it was continued (always the chosen one; all with
+``complete_all``), else its thinking alone.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from megatron_rgm.config import AGGREGATIONS, ConfigError
+from megatron_rgm.rollout.generate import PROMPT_TEMPLATE, _verifier
+from megatron_rgm.rollout.rewards import CORRECT, last_boxed
+from megatron_rgm.rollout.sampler import Rollout, Sampler, SamplingParams
+
+THINK_END = "</think>"
+
+
+@dataclass
+class BestOfNConfig:
+    """Options of a Best-of-N run.
+
+    Attributes:
+        k: candidates (thinking trajectories) per problem.
+        aggregation: geometric | arithmetic | product | min | last.
+        sampling: decoding of the thinking phase (``think_end`` is added to its stop strings).
+        think_end: the string that closes the thinking.
+        answer_max_new_tokens: token budget of the answer.
+        answer_temperature: 0: greedy answer.
+        complete_all: continue and grade every candidate, not only the chosen one.
+        verifier: math | exact.
+        template: how a problem becomes the prompt (``{problem}``).
+    """
+
+    k: int = 8
+    aggregation: str = "geometric"
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    think_end: str = THINK_END
+    answer_max_new_tokens: int = 64
+    answer_temperature: float = 0.0
+    complete_all: bool = False
+    verifier: str = "math"
+    template: str = PROMPT_TEMPLATE
+
+    def __post_init__(self):
+        if self.k < 1:
+            raise ConfigError(f"--k must be >= 1 (candidates per problem), got {self.k}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ConfigError(f"--aggregation {self.aggregation!r} is unknown: use one of {', '.join(AGGREGATIONS)}")
+        if self.answer_max_new_tokens < 1:
+            raise ConfigError(f"--answer-max-new-tokens must be >= 1, got {self.answer_max_new_tokens}")
+        if self.answer_temperature < 0:
+            raise ConfigError(f"--answer-temperature must be >= 0, got {self.answer_temperature}")
+        if self.verifier not in ("math", "exact"):
+            raise ConfigError(f"--verifier {self.verifier!r} is unknown: use math or exact")
+        if "{problem}" not in self.template:
+            raise ConfigError(f"--prompt-template {self.template!r} has no {{problem}} field: add one")
+
+
+def choose(aggregates: list[float]) -> int:
+    """Index of the highest aggregate; ties go to the lowest index (as ``bon@k`` in the evaluation)."""
+    return max(range(len(aggregates)), key=lambda j: (aggregates[j], -j))
+
+
+def score_candidates(rollout: Rollout, aggregation: str) -> tuple[list[list[float]], list[float]]:
+    """(step probabilities per candidate, aggregate per candidate) of a rollout.
+
+    The aggregate is computed from the float32 probabilities, as ``tools/evaluate.py`` computes it from the
+    recorded ``step_scores``, so the choice here and its ``bon@k`` agree exactly.
+    """
+    from megatron_rgm import ops
+
+    probs = torch.sigmoid(rollout.step_logits.float())
+    cu = rollout.cu_steps.to(torch.int32)
+    aggregates = ops.segment_aggregate(probs, cu, aggregation, from_probs=True)
+    steps = [probs[int(cu[j]):int(cu[j + 1])].tolist() for j in range(len(cu) - 1)]
+    return steps, aggregates.tolist()
+
+
+def _sync(values: list[float]) -> list[float]:
+    """Rank 0's values on every rank: all ranks must take the same branch (which candidate to continue)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.broadcast(t, src=0)
+    return t.tolist()
+
+
+def _seed(base: int, problem: int, candidate: int = -1) -> int:
+    return (base * 1_000_003 + problem) * 1_009 + candidate + 1
+
+
+class BestOfN:
+    """Runs Best-of-N with a sampler: a :class:`Sampler` (Megatron, every rank calls in step) or
+    :class:`HFSampler`.
+
+    Args:
+        sampler: has ``generate(prompt_ids, k, params) -> Rollout`` and ``position_limit`` or
+            ``model.max_sequence_length``.
+        tokenizer: ``encode(text, add_special_tokens=False)``, ``decode(ids)``, ``eos_token_id``.
+        cfg: the run's options.
+        grade: whether this rank grades (the writing rank; math-verify is not free).
+    """
+
+    def __init__(self, sampler, tokenizer, cfg: BestOfNConfig, grade: bool = True):
+        self.sampler, self.tokenizer, self.cfg = sampler, tokenizer, cfg
+        self.limit = getattr(sampler, "position_limit", None) or sampler.model.max_sequence_length
+        eos = list(cfg.sampling.eos_token_ids)
+        if not eos and getattr(tokenizer, "eos_token_id", None) is not None:
+            eos = [tokenizer.eos_token_id]
+        self.eos = eos
+        self.thinking = replace(cfg.sampling, eos_token_ids=eos,
+                                stop_strings=list(dict.fromkeys([*cfg.sampling.stop_strings, cfg.think_end])))
+        self.verify = _verifier(cfg.verifier) if grade else None
+
+    def _finish(self, ids: list[int], text: str) -> str:
+        if ids and ids[-1] in self.eos:
+            return "eos"
+        return "think_end" if self.cfg.think_end in text else "length"
+
+    def _complete(self, ids: list[int], seed: int) -> list[int]:
+        """``ids`` (prompt + thinking) continued to the answer: eos or the answer budget (within the positions)."""
+        budget = min(self.cfg.answer_max_new_tokens, self.limit - len(ids))
+        if budget < 1:
+            return ids
+        s = self.cfg.sampling
+        params = SamplingParams(temperature=self.cfg.answer_temperature, top_p=s.top_p, top_k=s.top_k,
+                                repetition_penalty=s.repetition_penalty, max_new_tokens=budget,
+                                eos_token_ids=self.eos, seed=seed)
+        r = self.sampler.generate(ids, 1, params)
+        return r.tokens[0, :int(r.lengths[0])].tolist()
+
+    def _grade(self, response: str, gold: str | None) -> dict:
+        if self.verify is None:
+            return {}
+        if gold is None:
+            return {"prediction": last_boxed(response), "correct": None}
+        g = self.verify(response, gold)
+        return {"prediction": g.answer, "correct": g.outcome == CORRECT}
+
+    def solve(self, problem: dict, index: int) -> dict:
+        """One problem (``{"id", "problem", "answer"?}``, ``index`` seeds its draws) -> its output record."""
+        cfg, tok = self.cfg, self.tokenizer
+        prompt = tok.encode(cfg.template.format(problem=problem["problem"]), add_special_tokens=False)
+        r = self.sampler.generate(prompt, cfg.k, replace(self.thinking, seed=_seed(cfg.sampling.seed, index)))
+        steps, aggregates = score_candidates(r, cfg.aggregation)
+        aggregates = _sync(aggregates)
+        chosen = choose(aggregates)
+        candidates = []
+        for j in range(cfg.k):
+            ids = r.tokens[j, :int(r.lengths[j])].tolist()
+            text = tok.decode(ids[len(prompt):])
+            c = {"text": text, "step_scores": steps[j], "aggregate": aggregates[j], "finish": self._finish(ids, text)}
+            if j == chosen or cfg.complete_all:
+                final = ids if c["finish"] == "eos" else self._complete(ids, _seed(cfg.sampling.seed, index, j))
+                c["response"] = tok.decode(final[len(prompt):])
+                c.update(self._grade(c["response"], problem.get("answer")))
+            candidates.append(c)
+        best = candidates[chosen]
+        return {"id": problem["id"], "problem": problem["problem"], "answer": problem.get("answer"),
+                "aggregation": cfg.aggregation, "chosen": chosen, "candidates": candidates,
+                "response": best["response"], "prediction": best.get("prediction"), "correct": best.get("correct"),
+                "responses": [c.get("response", c["text"]) for c in candidates],
+                "step_scores": [c["step_scores"] for c in candidates]}
+
+    def run(self, problems: list[dict], output: str | Path | None) -> dict:
+        """Solve every problem; write ``output`` (when given) all at once at the end (a temp file renamed).
+
+        Returns:
+            ``{"problems": n, "graded": g, "correct": c}`` (``correct`` counts chosen responses).
+        """
+        out = Path(output) if output else None
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}") if out else None
+        summary = {"problems": 0, "graded": 0, "correct": 0}
+        if tmp:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(tmp, "w", encoding="utf-8") if tmp else open(os.devnull, "w") as f:
+                for i, problem in enumerate(tqdm(problems, desc=f"best-of-{self.cfg.k}", disable=out is None,
+                                                 file=sys.stdout)):
+                    record = self.solve(problem, i)
+                    f.write(json.dumps(record) + "\n")
+                    summary["problems"] += 1
+                    if record["correct"] is not None:
+                        summary["graded"] += 1
+                        summary["correct"] += int(record["correct"])
+            if tmp:
+                os.replace(tmp, out)
+        finally:
+            if tmp and tmp.exists():
+                tmp.unlink()
+        return summary
+
+
+class _HFPolicy(torch.nn.Module):
+    """An HF causal LM and its SPRM head, with the attributes :meth:`Sampler.generate` reads."""
+
+    def __init__(self, scorer):
+        super().__init__()
+        self.lm, self.head, self.feature = scorer.model, scorer.head, scorer.feature
+        self.max_sequence_length = scorer.model.config.max_position_embeddings
+        # transformers >= 5.2x names the KV cache ``cache`` (``past_key_values`` before, now deprecated).
+        self.cache_kw = "cache" if "cache" in inspect.signature(self.lm.forward).parameters else "past_key_values"
+
+
+class HFSampler(Sampler):
+    """:class:`Sampler` over an HF export (:class:`megatron_rgm.hf.RGMScorer`): the same draws, stops and step
+    rules, with transformers' KV cache; the head reads the hooked ``sprm_layer`` output of each forward, so step
+    scores again come from the sampling passes.
+
+    Args:
+        scorer: model, head and feature hook.
+        tokenizer: for stop strings.
+        segmenter: step rules.
+    """
+
+    def __init__(self, scorer, tokenizer, segmenter):
+        self.pp, self.first, self.last = 1, True, True
+        self.model = _HFPolicy(scorer)
+        self.vocab_size = scorer.model.config.vocab_size
+        self.segmenter, self.tokenizer, self.score_steps = segmenter, tokenizer, True
+        self.position_limit = self.model.max_sequence_length
+        self._past = None
+
+    def _forward(self, tokens, positions, context):
+        m = self.model
+        if int(positions[0, 0]) == 0:  # a prefill (or a full recompute): start a new cache
+            self._past = None
+        out = m.lm(input_ids=tokens, position_ids=positions, use_cache=True, **{m.cache_kw: self._past})
+        self._past = out["cache"] if "cache" in out else out["past_key_values"]
+        feature = m.feature.value[:, -1]  # [b, h] at the last position
+        head = m.head(feature.to(m.head[0].weight.dtype)).view(-1).float()
+        return out.logits[:, -1, : self.vocab_size].float(), head
+
+
+def load_problems(path: str, problem_key: str | None, answer_key: str | None, limit: int | None) -> list[dict]:
+    """``[{"id", "problem", "answer"}]``; with ``problem_key`` and no ``answer_key`` (an unknown file), no gold."""
+    from megatron_rgm.evaluation.benchmarks import KNOWN, read_jsonl
+    from megatron_rgm.rollout.generate import load_prompts
+
+    if problem_key and not answer_key and Path(path).stem not in KNOWN:
+        rows = read_jsonl(path)
+        missing = next((n for n, row in enumerate(rows, 1) if problem_key not in row), None)
+        if missing:
+            raise ConfigError(f"{path}: record {missing} has no field {problem_key!r}: pass --problem-key")
+        if not rows:
+            raise ConfigError(f"{path} holds no prompts: give a jsonl with one problem per line")
+        problems = [{"id": str(row.get("id", n)), "problem": str(row[problem_key]), "answer": None}
+                    for n, row in enumerate(rows)]
+        return problems[:limit] if limit else problems
+    try:
+        return load_prompts(path, problem_key, answer_key, limit)
+    except ConfigError as e:
+        if "holds no prompts" in str(e):
+            raise ConfigError(f"{path} holds no prompts: give a jsonl with one problem per line") from None
+        raise
+
+
+def run_megatron(mcore_path: str, tokenizer_path: str | None, problems: list[dict], output: str,
+                 cfg: BestOfNConfig, tp: int = 1, pp: int = 1) -> None:
+    """Best-of-N with a Megatron checkpoint at a TP x PP layout, on this rank (run on every rank; rank 0 writes)."""
+    from megatron_rgm import distributed
+    from megatron_rgm.convert.convert import ASSETS
+    from megatron_rgm.convert.verify import megatron_args
+    from megatron_rgm.model import build_model
+    from megatron_rgm.steps import StepSegmenter
+    from megatron_rgm.tokenizer import load_tokenizer
+    from megatron_rgm.training.checkpointing import load_checkpoint
+
+    tokenizer = load_tokenizer(tokenizer_path or Path(mcore_path) / ASSETS)
+    args, extra = megatron_args(mcore_path, tp, pp)
+    distributed.initialize(args.parallel)
+    try:
+        model = build_model(args)[0]
+        load_checkpoint(mcore_path, [model])
+        segmenter = StepSegmenter.from_tokenizer(tokenizer, args.rgm.sprm_step_tokens)
+        sampler = Sampler(model, extra["hf_config"]["vocab_size"], segmenter, tokenizer)
+        writer = dist.get_rank() == 0
+        summary = BestOfN(sampler, tokenizer, cfg, grade=writer).run(problems, output if writer else None)
+        if writer:
+            _report(summary, cfg.k, output)
+        dist.barrier()
+    finally:
+        distributed.shutdown()
+
+
+def run_hf(hf_path: str, tokenizer_path: str | None, problems: list[dict], output: str, cfg: BestOfNConfig) -> dict:
+    """Best-of-N with an HF export (transformers + its ``score_module.pt``), in this process."""
+    from megatron_rgm.hf import RGMScorer
+    from megatron_rgm.steps import StepSegmenter
+    from megatron_rgm.tokenizer import load_tokenizer
+
+    scorer = RGMScorer.from_pretrained(hf_path)
+    tokenizer = load_tokenizer(tokenizer_path or hf_path)
+    sampler = HFSampler(scorer, tokenizer, StepSegmenter.from_tokenizer(tokenizer))
+    summary = BestOfN(sampler, tokenizer, cfg).run(problems, output)
+    _report(summary, cfg.k, output)
+    return summary
+
+
+def _report(summary: dict, k: int, output: str) -> None:
+    acc = f", best-of-{k} accuracy {summary['correct']}/{summary['graded']}" if summary["graded"] else ""
+    print(f"{summary['problems']} problems{acc}; wrote {output}", flush=True)

@@ -1,0 +1,334 @@
+"""Reflective Best-of-N: the choice, the continuation, both backends and layouts, then tools/evaluate.py.
+
+A scripted sampler (character tokens, chosen step logits, boxed answers) pins the logic with graded answers; a
+tiny random Qwen2 (steered so that steps and ``</think>`` are frequent) runs the tool end to end.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, clean_env, torchrun
+from megatron_rgm.config import AGGREGATIONS, ConfigError
+from megatron_rgm.inference import BestOfN, BestOfNConfig, choose
+from megatron_rgm.rollout.sampler import Rollout, SamplingParams
+from test_convert import convert, make_hf, save_tokenizer
+
+# --- a scripted sampler: the logic with known scores and gradable answers -------------------------------------
+
+EOS = 1
+
+
+class CharTokenizer:
+    eos_token_id = EOS
+
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids if i != EOS)
+
+
+class ScriptedSampler:
+    """Thinking: the scripted texts and step logits. Answer: ``\\boxed{x}`` for a prompt ending ``ANSWER=x</think>``."""
+
+    position_limit = 10_000
+
+    def __init__(self, thoughts: list[tuple[str, list[float]]]):
+        self.thoughts = thoughts
+        self.calls: list[SamplingParams] = []
+
+    def generate(self, prompt_ids, k, params):
+        self.calls.append(params)
+        if params.stop_strings:
+            rows = [(t, logits) for t, logits in self.thoughts[:k]]
+        else:
+            text = CharTokenizer().decode(prompt_ids)
+            answer = text.rsplit("ANSWER=", 1)[-1].removesuffix("</think>") if "ANSWER=" in text else "?"
+            rows = [(f" so \\boxed{{{answer}}}.", [])]
+        seqs = [list(prompt_ids) + CharTokenizer().encode(t) + ([EOS] if not params.stop_strings else [])
+                for t, _ in rows]
+        if params.stop_strings:  # an "[eos]" marker in a script ends that candidate with eos
+            seqs = [s[:-5] + [EOS] if CharTokenizer().decode(s).endswith("[eos]") else s for s in seqs]
+        width = max(map(len, seqs))
+        tokens = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
+        flat = torch.tensor([x for _, logits in rows for x in logits], dtype=torch.float32)
+        cu = torch.tensor([0] + [len(logits) for _, logits in rows]).cumsum(0).to(torch.int32)
+        zeros = torch.zeros(tokens.shape)
+        return Rollout(tokens, len(prompt_ids), torch.tensor(list(map(len, seqs))), zeros, zeros, flat, cu,
+                       torch.zeros(tokens.shape, dtype=torch.bool))
+
+
+THOUGHTS = [  # step logits chosen so that the aggregations disagree (probabilities in the comments)
+    ("a.\n\nANSWER=5</think>", [4.0, -3.0]),  # .98 .05: never best
+    ("b.\n\nANSWER=7</think>", [1.0, 1.0]),  # .73 .73: best geometric (.731), product, min
+    ("c.\n\nANSWER=5</think>", [-2.0, 5.0]),  # .12 .99: best last
+    ("d.\n\nANSWER=7 [eos]", [6.0, 6.0, -0.5]),  # .998 .998 .38: best arithmetic (geometric .721); ended by eos
+]
+PROBLEM = {"id": "p0", "problem": "Add 3 and 4.", "answer": "7"}
+
+
+def scripted(k=4, **kw) -> tuple[BestOfN, ScriptedSampler]:
+    sampler = ScriptedSampler(THOUGHTS)
+    return BestOfN(sampler, CharTokenizer(), BestOfNConfig(k=k, verifier="exact", **kw)), sampler
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_choice_is_the_argmax_of_the_recorded_aggregates(aggregation):
+    bon, _ = scripted(aggregation=aggregation)
+    record = bon.solve(PROBLEM, 0)
+    aggregates = [c["aggregate"] for c in record["candidates"]]
+    assert record["chosen"] == max(range(4), key=lambda j: aggregates[j])
+    p = [torch.sigmoid(torch.tensor(logits)) for _, logits in THOUGHTS]
+    expected = {"geometric": [x.log().mean().exp() for x in p], "arithmetic": [x.mean() for x in p],
+                "product": [x.prod() for x in p], "min": [x.min() for x in p], "last": [x[-1] for x in p]}[aggregation]
+    assert aggregates == pytest.approx([float(e) for e in expected], rel=1e-5)
+    for c, (_, logits) in zip(record["candidates"], THOUGHTS):
+        assert c["step_scores"] == pytest.approx(torch.sigmoid(torch.tensor(logits)).tolist(), rel=1e-6)
+
+
+def test_aggregations_choose_differently_and_ties_go_to_the_first():
+    chosen = {a: scripted(aggregation=a)[0].solve(PROBLEM, 0)["chosen"] for a in AGGREGATIONS}
+    assert chosen == {"geometric": 1, "arithmetic": 3, "product": 1, "min": 1, "last": 2}
+    assert choose([0.2, 0.7, 0.7, 0.1]) == 1 and choose([0.0, 0.0]) == 0
+
+
+def test_the_chosen_trajectory_is_continued_and_graded():
+    bon, sampler = scripted(aggregation="min")  # picks candidate 1 ("ANSWER=7")
+    r = bon.solve(PROBLEM, 0)
+    c = r["candidates"][1]
+    assert r["chosen"] == 1 and r["response"] == c["response"]
+    assert r["response"].startswith(c["text"]) and r["response"] == c["text"] + " so \\boxed{7}."
+    assert r["prediction"] == "7" and r["correct"] is True
+    assert len(sampler.calls) == 2 and sampler.calls[1].temperature == 0 and not sampler.calls[1].stop_strings
+    assert sampler.calls[0].stop_strings == ["</think>"] and sampler.calls[0].eos_token_ids == [EOS]
+    assert r["responses"][0] == r["candidates"][0]["text"]  # not continued without complete_all
+    bon, _ = scripted(aggregation="last")  # picks candidate 2 (answer 5): wrong
+    r = bon.solve(PROBLEM, 0)
+    assert r["chosen"] == 2 and r["prediction"] == "5" and r["correct"] is False
+
+
+def test_complete_all_answers_every_candidate_and_keeps_an_eos_one():
+    bon, sampler = scripted(complete_all=True, aggregation="min")
+    r = bon.solve(PROBLEM, 0)
+    assert [c["finish"] for c in r["candidates"]] == ["think_end"] * 3 + ["eos"]
+    assert len(sampler.calls) == 1 + 3, "the eos-finished candidate is already complete"
+    assert [c["correct"] for c in r["candidates"]] == [False, True, False, False]  # the eos one has no \\boxed
+    assert r["candidates"][3]["response"] == r["candidates"][3]["text"]
+    assert all(c["response"].startswith(c["text"]) for c in r["candidates"])
+    alone, _ = scripted(aggregation="min")
+    assert alone.solve(PROBLEM, 0)["response"] == r["response"]
+    assert r["responses"] == [c["response"] for c in r["candidates"]]
+
+
+def test_k1_bon_equals_pass1_in_the_evaluation(tmp_path):
+    from megatron_rgm.evaluation.report import run
+
+    problems = [{"id": str(i), "problem": f"q{i}", "answer": a} for i, a in enumerate(["7", "5", "7", "3"])]
+    out = tmp_path / "k1.jsonl"
+    bon, _ = scripted(k=1)
+    summary = bon.run(problems, out)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(r["chosen"] == 0 and len(r["candidates"]) == 1 for r in rows)
+    assert summary == {"problems": 4, "graded": 4, "correct": 1}  # only the gold "5" matches
+    metrics = run(out, [1], verifier="exact")
+    assert metrics["bon@1/geometric"] == metrics["pass@1"] == 0.25
+
+
+def test_a_failure_leaves_no_output(tmp_path):
+    bon, sampler = scripted()
+
+    def boom(*a):
+        raise ConfigError("prompt too long")
+
+    out = tmp_path / "o.jsonl"
+    bon.run([PROBLEM], out)
+    assert out.exists()
+    out.unlink()
+    sampler.generate = boom
+    with pytest.raises(ConfigError):
+        bon.run([PROBLEM], out)
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- a tiny random Qwen2, both backends, then tools/evaluate.py -----------------------------------------------
+
+def _steer(hf: Path) -> None:
+    """Make ``.\\n\\n`` and ``</think>`` likely after half the tokens (a random model almost never samples them)."""
+    import transformers
+
+    tok = transformers.PreTrainedTokenizerFast.from_pretrained(hf)
+    step, end = tok.convert_tokens_to_ids(".\n\n"), tok.convert_tokens_to_ids("</think>")
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf)
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(64, generator=g)
+    v /= v.norm()
+    some = torch.rand(model.config.vocab_size, generator=g) < 0.5
+    some[[step, end]] = False
+    with torch.no_grad():  # those tokens share a direction the step / end logits read (~+3.5 / +2.5)
+        model.model.embed_tokens.weight[some] += 0.16 * v
+        model.lm_head.weight[step] = 3.5 * v / 3.2
+        model.lm_head.weight[end] = 2.5 * v / 3.2
+    model.save_pretrained(hf)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bon")
+    hf = make_hf("qwen2", root / "hf")
+    save_tokenizer(hf)
+    _steer(hf)
+    torch.manual_seed(1)
+    head = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Dropout(), torch.nn.Linear(128, 1))
+    with torch.no_grad():  # the features are small at init: scale up so that step scores differ (~.45 to ~.85)
+        head[0].weight *= 100
+        head[3].weight *= 3
+    torch.save(head.state_dict(), hf / "score_module.pt")
+    convert("hf-to-mcore", "--hf-path", str(hf), "--output", str(root / "mcore"), "--sprm-head",
+            str(hf / "score_module.pt"))
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"q": f"Add {i} and {i + 1}.", "a": str(2 * i + 1)}) for i in range(3)))
+    return root, prompts
+
+
+SAMPLED = ["--problem-key", "q", "--answer-key", "a", "--k", "4", "--temperature", "1.0", "--max-new-tokens", "24",
+           "--answer-max-new-tokens", "8", "--complete-all", "--seed", "3"]
+
+
+def tool(name: str):
+    """``tools/<name>.py`` as a module (in-process runs skip a fresh interpreter's imports)."""
+    spec = importlib.util.spec_from_file_location(f"_tool_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def best_of_n(*args: str) -> None:
+    """The megatron backend in a fresh process (it sets up process groups and rank variables)."""
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "best_of_n.py"), *args], env=clean_env(),
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+def read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def megatron_tp1(setup):
+    root, prompts = setup
+    out = root / "tp1.jsonl"
+    best_of_n("--prompts", str(prompts), "--output", str(out), "--mcore-path", str(root / "mcore"), *SAMPLED)
+    return read(out)
+
+
+def test_megatron_output(megatron_tp1):
+    from megatron_rgm.evaluation.report import aggregate_scores
+
+    rows = megatron_tp1
+    assert len(rows) == 3 and all(len(r["candidates"]) == 4 for r in rows)
+    cands = [c for r in rows for c in r["candidates"]]
+    assert sum(len(c["step_scores"]) for c in cands) >= 6, "the steered model should write steps"
+    assert any(c["finish"] == "think_end" for c in cands)
+    assert len({round(c["aggregate"], 2) for c in cands}) > 3 and any(r["chosen"] > 0 for r in rows)
+    for r in rows:
+        aggregates = [c["aggregate"] for c in r["candidates"]]
+        assert r["chosen"] == choose(aggregates)
+        assert aggregates == aggregate_scores(r["step_scores"])["geometric"]  # what evaluate's BoN ranks by
+        for c in r["candidates"]:
+            assert all(0 < p < 1 for p in c["step_scores"])
+            # Byte-level tokens: a character split at the boundary decodes as U+FFFD in the thinking alone.
+            assert c["response"].startswith(c["text"].rstrip("\ufffd"))
+            assert c["response"] == c["text"] if c["finish"] == "eos" else len(c["response"]) > len(c["text"])
+            assert c["correct"] is False  # a random model writes no \\boxed{}
+        assert r["response"] == r["candidates"][r["chosen"]]["response"]
+
+
+@pytest.mark.multirank
+def test_megatron_tp2_equals_tp1(setup, megatron_tp1, tmp_path):
+    root, prompts = setup
+    out = tmp_path / "tp2.jsonl"
+    torchrun(str(REPO / "tools" / "best_of_n.py"), 2, ["--prompts", str(prompts), "--output", str(out),
+                                                        "--mcore-path", str(root / "mcore"), "--tp", "2", *SAMPLED])
+    _assert_same(read(out), megatron_tp1)
+
+
+def test_hf_backend_equals_megatron(setup, megatron_tp1, tmp_path):
+    root, prompts = setup  # root/hf: the weights the checkpoint was converted from (export round trip: test_convert)
+    out = tmp_path / "hf.jsonl"
+    assert tool("best_of_n").main(["--prompts", str(prompts), "--output", str(out), "--backend", "hf",
+                                   "--hf-path", str(root / "hf"), *SAMPLED]) == 0
+    _assert_same(read(out), megatron_tp1)
+
+
+def _assert_same(rows: list[dict], ref: list[dict]) -> None:
+    """Same draws (same seeds, logits within fp32 reordering), same texts, step scores within 1e-5, same choice."""
+    for r, q in zip(rows, ref, strict=True):
+        assert [c["text"] for c in r["candidates"]] == [c["text"] for c in q["candidates"]]
+        assert r["responses"] == q["responses"] and r["chosen"] == q["chosen"]
+        for c, d in zip(r["candidates"], q["candidates"]):
+            assert c["step_scores"] == pytest.approx(d["step_scores"], abs=1e-5)
+
+
+def test_best_of_n_then_evaluate_writes_table_and_plot(setup, megatron_tp1, capsys):
+    root, prompts = setup
+    out = root / "tp1.jsonl"
+    assert tool("evaluate").main([str(out), "--k", "1", "2", "4", "--json", str(root / "eval.json"),
+                                  "--table", str(root / "eval.md"), "--plot", str(root / "eval.png")]) == 0
+    metrics = json.loads((root / "eval.json").read_text())
+    assert metrics["bon@1/geometric"] == metrics["pass@1"]
+    chosen_acc = sum(r["correct"] for r in megatron_tp1) / len(megatron_tp1)
+    assert metrics["bon@4/geometric"] == chosen_acc
+    assert "| bon@k/geometric |" in (root / "eval.md").read_text() and "bon@k/geometric" in capsys.readouterr().out
+    assert (root / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_k1_chooses_the_single_candidate(setup, tmp_path):
+    root, prompts = setup
+    out = tmp_path / "k1.jsonl"
+    assert tool("best_of_n").main([
+        "--prompts", str(prompts), "--output", str(out), "--backend", "hf", "--hf-path", str(root / "hf"),
+        "--problem-key", "q", "--answer-key", "a", "--k", "1", "--temperature", "0", "--max-new-tokens", "8",
+        "--answer-max-new-tokens", "4", "--complete-all"]) == 0
+    rows = read(out)
+    assert all(r["chosen"] == 0 and r["responses"] == [r["response"]] for r in rows)
+    from megatron_rgm.evaluation.report import run
+
+    metrics = run(out, [1])
+    assert metrics["bon@1/geometric"] == metrics["pass@1"] == sum(r["correct"] for r in rows) / len(rows)
+
+
+# --- user errors: one line, exit 2, nothing written -----------------------------------------------------------
+
+@pytest.mark.parametrize("case, expect", [
+    ("missing_prompts", "is not a file"),
+    ("empty_prompts", "holds no prompts"),
+    ("k0", "--k must be >= 1"),
+    ("aggregation", "--aggregation 'median' is unknown"),
+    ("missing_ckpt", "does not exist"),
+    ("no_hf_path", "--backend hf needs --hf-path"),
+    ("bad_hf_path", "is not a directory"),
+])
+def test_user_errors(tmp_path, capsys, case, expect):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"q": "Add 1 and 2.", "a": "3"}\n' if case != "empty_prompts" else "\n")
+    out = tmp_path / "out.jsonl"
+    argv = ["--prompts", str(prompts), "--output", str(out), "--problem-key", "q", "--answer-key", "a",
+            "--mcore-path", str(tmp_path)]
+    argv += {"missing_prompts": ["--prompts", str(tmp_path / "none.jsonl")], "empty_prompts": [],
+             "k0": ["--k", "0"], "aggregation": ["--aggregation", "median"],
+             "missing_ckpt": ["--mcore-path", str(tmp_path / "nope")], "no_hf_path": ["--backend", "hf"],
+             "bad_hf_path": ["--backend", "hf", "--hf-path", str(tmp_path / "nope")]}[case]
+    if case == "empty_prompts":
+        argv += ["--backend", "hf", "--hf-path", str(tmp_path)]
+    assert tool("best_of_n").main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and expect in err and "\n" not in err, err
+    assert not out.exists()
