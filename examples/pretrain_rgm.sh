@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# Launch megatron_rgm.pretrain with torchrun.
+# Launch RGM training (GRPO + SPR on megatron-core).
 #
-#   bash examples/pretrain_rgm.sh                      # tiny preset on this machine (CPU: 2 gloo ranks, TP=2)
-#   PRESET=r1-distill-qwen-7b NPROC=8 bash examples/pretrain_rgm.sh --tensor-model-parallel-size 4
-#   NNODES=4 NODE_RANK=0 MASTER_ADDR=host0 bash examples/pretrain_rgm.sh ...   # one call per node
+#   bash examples/pretrain_rgm.sh                      # tiny preset end to end on this machine (CPU: 2 gloo ranks)
+#   OUTDIR=runs/tiny-seed1 bash examples/pretrain_rgm.sh --seed 1
+#   PRESET=r1-distill-qwen-7b NPROC=8 bash examples/pretrain_rgm.sh \
+#       --tensor-model-parallel-size 4 --bf16 --pretrained-checkpoint ckpt/ --tokenizer ckpt/hf_assets \
+#       --prompts data/train.jsonl --save runs/7b
+#   NNODES=4 NODE_RANK=0 MASTER_ADDR=host0 PRESET=qwq-32b bash examples/pretrain_rgm.sh ...   # one call per node
 #
-# Extra arguments are passed through to `python -m megatron_rgm.pretrain` and
-# override the preset's defaults.
+# PRESET=tiny runs the whole method in miniature (python -m megatron_rgm.tasks.pipeline): synthetic task and
+# tokenizer, SFT warm start, GRPO + SPR at TP=2, Best-of-N, evaluation table; artefacts under OUTDIR; extra
+# arguments go to the pipeline (see --help). Other presets launch torchrun -m megatron_rgm.pretrain with the
+# reference hyper-parameters; extra arguments are passed through and override them.
 set -euo pipefail
 
 PRESET=${PRESET:-tiny}
@@ -26,12 +31,21 @@ else
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 fi
 
-PRESET_FLAGS=(--preset "$PRESET")
+if [ "$PRESET" = tiny ]; then
+    OUTDIR=${OUTDIR:-runs/tiny-$(date +%Y%m%d-%H%M%S)}
+    echo "megatron-rgm: tiny preset end to end, nproc=$NPROC, output under $OUTDIR"
+    exec "$PYTHON" -m megatron_rgm.tasks.pipeline --output "$OUTDIR" --nproc "$NPROC" "$@"
+fi
+
+# The paper's hyper-parameters: policy lr 1e-6, head lr 1e-5, k=8 at T=0.6, clip 0.2, KL 0.001 (low-var),
+# entropy 0.001; responses of 8k tokens (32k for the 32B policies).
+RESPONSE=8192
 case "$PRESET" in
-    tiny)
-        PRESET_FLAGS+=(--tensor-model-parallel-size 2 --micro-batch-size 4 --lr 1e-3 --train-iters 20)
-        ;;
+    qwq-32b|qwen3-32b) RESPONSE=32768 ;;
 esac
+PRESET_FLAGS=(--preset "$PRESET" --lr 1e-6 --sprm-lr 1e-5 --grpo-group-size 8 --rollout-temperature 0.6
+              --rollout-top-p 0.95 --grpo-clip-low 0.2 --grpo-clip-high 0.2 --grpo-kl-coef 0.001
+              --grpo-entropy-coef 0.001 --max-response-length "$RESPONSE" --sprm-backbone-grad-scale 1e-4)
 
 echo "megatron-rgm: preset=$PRESET nnodes=$NNODES nproc_per_node=$NPROC"
 exec "$PYTHON" -m torch.distributed.run \

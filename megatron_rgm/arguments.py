@@ -152,6 +152,9 @@ def add_data_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "sampling")
     g.add_argument("--prompts-per-iter", type=int, default=2, help="prompts per iteration over all data-parallel ranks")
     g.add_argument("--sft-data", help="jsonl of {text} or {prompt, response} for --stage sft")
+    g.add_argument("--save-rollouts", metavar="STORE",
+                   help="append every iteration's colocated rollouts (with their step scores) to this rollout store; "
+                        "group id = iteration x 1e6 + prompt index")
     return p
 
 
@@ -234,6 +237,7 @@ class DataConfig:
     rollouts: str | None = None
     prompts_per_iter: int = 2
     sft_data: str | None = None
+    save_rollouts: str | None = None
     group_size: int = 8
     temperature: float = 0.6
     top_p: float = 0.95
@@ -471,7 +475,8 @@ def validate(ns: argparse.Namespace) -> Args:
     data = DataConfig(
         tokenizer=ns.tokenizer, prompts=ns.prompts, problem_key=ns.problem_key, answer_key=ns.answer_key,
         prompt_template=_decode_escapes(ns.prompt_template), verifier=ns.verifier, rollouts=ns.rollouts,
-        prompts_per_iter=ns.prompts_per_iter, sft_data=ns.sft_data, group_size=ns.grpo_group_size,
+        prompts_per_iter=ns.prompts_per_iter, sft_data=ns.sft_data, save_rollouts=ns.save_rollouts,
+        group_size=ns.grpo_group_size,
         temperature=ns.rollout_temperature, top_p=ns.rollout_top_p, max_response_length=ns.max_response_length,
     )
     _validate_run(run, data, ns)
@@ -513,6 +518,8 @@ def check_stage(args: Args) -> None:
         if args.data.prompts and args.parallel.virtual_pipeline_model_parallel_size:
             raise ConfigError("colocated rollouts do not support --virtual-pipeline-model-parallel-size: generate "
                               "them with tools/generate_rollouts.py and train with --rollouts")
+    if args.data.save_rollouts and not (args.run.stage == "rgm" and args.data.prompts):
+        raise ConfigError("--save-rollouts records colocated rollouts: use it with --stage rgm --prompts")
     if args.run.stage == "sft" and not (args.data.sft_data and args.data.tokenizer):
         raise ConfigError("--stage sft needs --sft-data FILE (jsonl of {text} or {prompt, response}) and --tokenizer")
     if args.run.sprm_only and args.run.stage != "rgm":

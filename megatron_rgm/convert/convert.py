@@ -161,7 +161,9 @@ def _mcore_to_hf_rank(mcore_path: str, output: str, dtype: str | None) -> None:
     # layer): peak memory is the largest such tensor plus one output shard, not the model.
     writer = ShardWriter(tmp)
     head = {}
-    for key in tqdm(sorted(meta), desc="mcore->hf", file=sys.stdout):
+    # A training checkpoint also holds optimizer moments and RNG states: only model tensors export.
+    model_keys = sorted(k for k in meta if not k.startswith(("optimizer.", "rng_state")))
+    for key in tqdm(model_keys, desc="mcore->hf", file=sys.stdout):
         t = load_full(key)
         if key.startswith("sprm_head."):
             head[key[len("sprm_head."):]] = t

@@ -262,8 +262,9 @@ def load_checkpoint(load_dir: str | os.PathLike, chunks, iteration: int | None =
             f"checkpoint {ckpt} lacks {len(other_missing)} tensors the model needs, e.g. {other_missing[:3]}: "
             "it was saved from a different architecture"
         )
-    head_ignored = any(HEAD_PREFIX in k for k in ckpt_only)
+    # Optimizer moments carry the head's names too: only model tensors say whether the head was left out.
     ckpt_only = {k for k in ckpt_only if not k.startswith(("optimizer", "rng_state"))}
+    head_ignored = any(HEAD_PREFIX in k for k in ckpt_only)
     for key, chunk in zip(sorted(k for k in state if k.startswith("model")), _unwrapped(chunks)):
         missing, unexpected = chunk.load_state_dict(loaded[key], strict=False)
         missing = [m for m in missing if not m.startswith(HEAD_PREFIX) and not m.endswith("_extra_state")]

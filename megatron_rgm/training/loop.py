@@ -51,6 +51,7 @@ class Trainer:
 
         self.args, self.run = args, args.run
         self.train_head = True  # False: GRPO alone, no SPR loss (the overhead benchmark's baseline)
+        self._store = None  # --save-rollouts, opened on first use
         self.info = distributed.initialize(args.parallel)
         self.ps = ps
         self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -210,7 +211,29 @@ class Trainer:
             groups.append(group)
         for m in self.model:
             m.train()
+        if data.save_rollouts:
+            self._record(iteration, groups)
         return groups
+
+    def _record(self, iteration: int, groups: list[list[Sample]]) -> None:
+        """Append this replica's rollouts to ``--save-rollouts`` (one writer per replica)."""
+        from megatron_rgm.rollout.store import RolloutStore, Trajectory, tokenizer_fingerprint
+
+        if self._store is None:
+            fp = tokenizer_fingerprint(self.tokenizer)
+            if dist.get_rank() == 0:
+                RolloutStore(self.args.data.save_rollouts, "a", tokenizer=fp,
+                             attrs={"k": self.args.data.group_size, "source": "megatron_rgm.pretrain",
+                                    "temperature": self.args.data.temperature})
+            dist.barrier()
+            self._store = RolloutStore(self.args.data.save_rollouts, "a", tokenizer=fp)
+        if self.ps.get_tensor_model_parallel_rank() != 0 or not self.last_stage:
+            return
+        self._store.append(self.dp_rank, [
+            Trajectory(tokens=s.tokens, response_mask=s.response_mask, log_probs=s.log_probs,
+                       step_positions=s.step_positions, step_scores=s.step_scores, reward=s.reward,
+                       correct=s.correct, prompt_id=s.group, group_id=iteration * 1_000_000 + s.group)
+            for g in groups for s in g])
 
     # --- one iteration ---------------------------------------------------------------------------------
 

@@ -1,0 +1,280 @@
+"""Multi-step addition: the synthetic reasoning task of the tiny preset.
+
+A problem asks for the sum of a few small numbers (``"Add 14, 2, 9 and 17."``).
+A trace adds them two at a time, one step per line, each step ending with the
+step delimiter ``".\\n\\n"``, then boxes the last result::
+
+    Add 14, 2, 9 and 17.          <- problem (prompt = problem + "\\n<think>\\n")
+    <think>
+    9 + 14 = 23.
+
+    23 + 2 = 25.
+
+    25 + 17 = 42.
+
+    </think>
+    \\boxed{42}
+
+Why this shape: correct traces of one problem differ (the numbers are combined
+in a random order, so a policy's correct samples are not all the same text);
+every step is locally checkable (``a + b = c`` is right or not from its own
+tokens, so the hidden state before the delimiter can know); and traces stay
+short (under 50 tokens with :func:`train_tokenizer`). An erroneous trace has
+exactly one step whose result is off by 1 to 3; later steps add correctly to
+the wrong value, so the final answer is wrong by the same amount.
+
+Grade responses with :class:`megatron_rgm.rollout.rewards.ExactVerifier`.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import re
+from dataclasses import dataclass
+from math import comb
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from megatron_rgm.config import ConfigError
+
+PROMPT_TEMPLATE = "{problem}\n<think>\n"  # the rollout template (megatron_rgm.rollout.generate)
+STEP = ".\n\n"
+THINK_END = "</think>"
+BOX = "\\boxed{"
+ROUTES = ("chain", "tree")
+ERROR_DELTAS = (-3, -2, -1, 1, 2, 3)
+# Every fixed piece of the format is one token, so numbers are never merged with
+# punctuation and a number has the same token id wherever it appears.
+# sentencepiece matches user symbols after turning spaces into "▁".
+FORMAT_SYMBOLS = (STEP, "\n", "<think>", THINK_END, BOX, "}", ".", ",▁", "▁and▁", "▁+▁", "▁=▁", "Add▁", "▁")
+SP_FILE = "tokenizer.model"
+LEARNED_PIECES = 32  # vocabulary kept for pieces sentencepiece learns beside the fixed symbols
+
+_STEP_RE = re.compile(r"(\d+) \+ (\d+) = (\d+)\.\n\n")
+
+
+@dataclass
+class Problem:
+    """One addition problem.
+
+    Attributes:
+        id: unique within a :func:`make_problems` call (``"add-{seed}-{index}"``).
+        problem: the statement, e.g. ``"Add 14, 2, 9 and 17."``.
+        answer: the sum, as a string.
+        numbers: the addends, in the order the statement lists them.
+    """
+
+    id: str
+    problem: str
+    answer: str
+    numbers: list[int]
+
+    def to_json(self) -> dict:
+        """The ``{"id", "problem", "answer"}`` record that benchmark loaders read."""
+        return {"id": self.id, "problem": self.problem, "answer": self.answer}
+
+
+@dataclass(frozen=True)
+class Step:
+    """One written step ``a + b = result``."""
+
+    a: int
+    b: int
+    result: int
+
+    @property
+    def ok(self) -> bool:
+        return self.a + self.b == self.result
+
+    def text(self) -> str:
+        return f"{self.a} + {self.b} = {self.result}{STEP}"
+
+
+def statement(numbers: Sequence[int]) -> str:
+    """``"Add 1, 2 and 3."`` for ``[1, 2, 3]``."""
+    return f"Add {', '.join(map(str, numbers[:-1]))} and {numbers[-1]}."
+
+
+def _capacity(min_terms: int, max_terms: int, max_value: int) -> int:
+    """How many distinct multisets of addends the ranges allow."""
+    return sum(comb(max_value + k - 1, k) for k in range(min_terms, max_terms + 1))
+
+
+def check_ranges(min_terms: int, max_terms: int, max_value: int) -> None:
+    """Raise ConfigError on impossible problem ranges."""
+    if min_terms < 2 or max_terms < min_terms:
+        raise ConfigError(f"terms per problem must satisfy 2 <= min_terms <= max_terms, got min_terms={min_terms}, "
+                          f"max_terms={max_terms}: raise max_terms or lower min_terms")
+    if max_value < 1:
+        raise ConfigError(f"max_value must be >= 1, got {max_value}")
+
+
+def make_problems(n: int, seed: int, *, min_terms: int = 3, max_terms: int = 5, max_value: int = 20,
+                  exclude: Iterable[Sequence[int]] = ()) -> list[Problem]:
+    """``n`` problems with pairwise different multisets of addends, the same for the same arguments.
+
+    Args:
+        n: how many problems.
+        seed: random seed; ids are ``add-{seed}-{index}``.
+        min_terms, max_terms: the number of addends is uniform in this range.
+        max_value: addends are uniform in ``[1, max_value]``.
+        exclude: multisets of addends (any order) not to produce, e.g. another split's problems.
+
+    Raises:
+        ConfigError: the ranges cannot give ``n`` distinct problems.
+    """
+    check_ranges(min_terms, max_terms, max_value)
+    if n < 0:
+        raise ConfigError(f"the number of problems must be >= 0, got {n}")
+    seen = {tuple(sorted(x)) for x in exclude}
+    room = _capacity(min_terms, max_terms, max_value) - len(seen)
+    # Rejection sampling slows down near the capacity; half of it is plenty for this task.
+    if n > room // 2:
+        raise ConfigError(f"{n} distinct problems asked for, but {min_terms}-{max_terms} addends in 1..{max_value} "
+                          f"allow about {max(room // 2, 0)}: raise max_value or max_terms, or ask for fewer")
+    rng = random.Random(f"arithmetic-problems-{seed}")
+    out: list[Problem] = []
+    while len(out) < n:
+        numbers = [rng.randint(1, max_value) for _ in range(rng.randint(min_terms, max_terms))]
+        key = tuple(sorted(numbers))
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(Problem(f"add-{seed}-{len(out)}", statement(numbers), str(sum(numbers)), numbers))
+    return out
+
+
+def prompt_text(problem: Problem) -> str:
+    """What the policy is given: ``problem + "\\n<think>\\n"``."""
+    return PROMPT_TEMPLATE.format(problem=problem.problem)
+
+
+def make_steps(problem: Problem, rng: random.Random, error: bool = False, route: str = "chain") -> list[Step]:
+    """The steps of one trace (``len(numbers) - 1`` of them).
+
+    Args:
+        problem: the problem.
+        rng: source of the random order (and of the error).
+        error: make exactly one step's result wrong by 1..3 (a random step); later
+            steps add correctly to the wrong value.
+        route: ``chain`` adds each next number (in a random order) to the running
+            total; ``tree`` adds any two of the numbers and partial sums left.
+    """
+    if route not in ROUTES:
+        raise ConfigError(f"unknown route {route!r}: choose one of {', '.join(ROUTES)}")
+    pool = list(problem.numbers)
+    rng.shuffle(pool)
+    n_steps = len(pool) - 1
+    bad = rng.randrange(n_steps) if error else -1
+    steps: list[Step] = []
+    for i in range(n_steps):
+        if route == "chain":
+            a = steps[-1].result if steps else pool.pop()
+            b = pool.pop()
+        else:
+            a = pool.pop(rng.randrange(len(pool)))
+            b = pool.pop(rng.randrange(len(pool)))
+        result = a + b
+        if i == bad:
+            result += rng.choice([d for d in ERROR_DELTAS if result + d >= 0])
+        steps.append(Step(a, b, result))
+        if route == "tree":
+            pool.append(result)
+    return steps
+
+
+def render(steps: Sequence[Step]) -> str:
+    """The response text of ``steps``: the steps, ``</think>``, the boxed last result."""
+    return "".join(s.text() for s in steps) + f"{THINK_END}\n{BOX}{steps[-1].result}}}"
+
+
+def make_trace(problem: Problem, rng: random.Random, error: bool = False, route: str = "chain") -> str:
+    """One response (the text after the prompt), correct unless ``error``; see :func:`make_steps`."""
+    return render(make_steps(problem, rng, error, route))
+
+
+def parse_steps(response: str) -> list[Step]:
+    """The ``a + b = c.\\n\\n`` steps written before ``</think>`` (malformed lines are skipped)."""
+    return [Step(*map(int, m.groups())) for m in _STEP_RE.finditer(response.split(THINK_END, 1)[0])]
+
+
+def sft_texts(problems: Sequence[Problem], seed: int, *, error_rate: float = 0.3, traces_per_problem: int = 4,
+              tree_fraction: float = 0.0) -> list[str]:
+    """Full texts (prompt + response) for the warm-start SFT, shuffled.
+
+    Args:
+        problems: the problems to write traces for.
+        seed: random seed.
+        error_rate: fraction of traces (rounded) with one wrong, propagated step.
+        traces_per_problem: traces per problem, each in its own random order.
+        tree_fraction: fraction of traces on the ``tree`` route (the rest ``chain``).
+
+    Returns:
+        ``len(problems) * traces_per_problem`` strings ``prompt_text(p) + response``.
+    """
+    for name, v in (("error_rate", error_rate), ("tree_fraction", tree_fraction)):
+        if not 0.0 <= v <= 1.0:
+            raise ConfigError(f"{name} must be in [0, 1], got {v}")
+    if traces_per_problem < 1:
+        raise ConfigError(f"traces_per_problem must be >= 1, got {traces_per_problem}")
+    rng = random.Random(f"arithmetic-sft-{seed}")
+    jobs = [p for p in problems for _ in range(traces_per_problem)]
+    wrong = set(rng.sample(range(len(jobs)), round(error_rate * len(jobs))))
+    texts = [prompt_text(p) + make_trace(p, rng, i in wrong, "tree" if rng.random() < tree_fraction else "chain")
+             for i, p in enumerate(jobs)]
+    rng.shuffle(texts)
+    return texts
+
+
+def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 512,
+                    max_number: int | None = 100, model_type: str = "bpe") -> Path:
+    """Train a sentencepiece tokenizer on task texts, in-process and deterministically.
+
+    The format pieces (:data:`FORMAT_SYMBOLS`: the step delimiter ``".\\n\\n"``,
+    ``<think>``, ``</think>``, ``\\boxed{``, ...) and the numbers ``0..max_number``
+    are single tokens; text is not normalised and unknown characters fall back
+    to bytes, so ``decode(encode(x)) == x`` for any text without ``"▁"`` (which
+    sentencepiece reads as a space).
+
+    Args:
+        texts: training texts (e.g. :func:`sft_texts`).
+        out_dir: where ``tokenizer.model`` is written (created if needed).
+        vocab_size: upper bound of the vocabulary (the model's embedding rows).
+        max_number: the numbers ``0..max_number`` are made single tokens, as many as
+            ``vocab_size`` leaves room for beside :data:`LEARNED_PIECES` learned pieces
+            (None: none; the trainer learns pieces of the numbers it sees).
+        model_type: ``bpe`` or ``unigram``.
+
+    Returns:
+        The path of ``tokenizer.model`` (load it with :func:`megatron_rgm.tokenizer.load_tokenizer`).
+
+    Raises:
+        ConfigError: ``vocab_size`` cannot hold the bytes and the fixed symbols.
+    """
+    import sentencepiece as spm
+
+    base = 4 + 256 + len(FORMAT_SYMBOLS)  # unk/bos/eos/pad, byte fallback, format symbols
+    if vocab_size < base + LEARNED_PIECES:
+        raise ConfigError(f"vocab_size {vocab_size} cannot hold the 256 byte pieces, 4 special and "
+                          f"{len(FORMAT_SYMBOLS)} format symbols plus {LEARNED_PIECES} learned pieces: use "
+                          f"vocab_size >= {base + LEARNED_PIECES}")
+    n_numbers = 0 if max_number is None else min(max_number + 1, vocab_size - base - LEARNED_PIECES)
+    symbols = list(FORMAT_SYMBOLS) + [str(i) for i in range(n_numbers)]
+    buf = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(list(texts)), model_writer=buf, model_type=model_type, vocab_size=vocab_size,
+            hard_vocab_limit=False,  # a small task cannot fill 512 pieces: vocab_size is an upper bound
+            user_defined_symbols=symbols, normalization_rule_name="identity", remove_extra_whitespaces=False,
+            add_dummy_prefix=False, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+            num_threads=1, shuffle_input_sentence=False, input_sentence_size=0, max_sentence_length=1 << 16,
+            minloglevel=2)
+    except RuntimeError as e:
+        raise ConfigError(f"sentencepiece could not train on these texts with vocab_size={vocab_size} "
+                          f"({str(e).splitlines()[-1]}): pass other texts or another vocab_size") from None
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / SP_FILE
+    path.write_bytes(buf.getvalue())
+    return path

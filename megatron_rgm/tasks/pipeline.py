@@ -1,0 +1,190 @@
+"""The tiny preset end to end: task -> SFT warm start -> RGM (GRPO + SPR) -> Best-of-N -> evaluation.
+
+    python -m megatron_rgm.tasks.pipeline --output runs/tiny [--nproc 2] [-- extra flags for the RGM stage]
+
+(``bash examples/pretrain_rgm.sh`` runs this for ``PRESET=tiny``.) Every
+artefact lands under ``--output``::
+
+    task/            tokenizer, train / eval prompts, SFT texts
+    sft/             warm-start checkpoint (--stage sft, data parallel over the ranks)
+    rgm/             RGM checkpoint (--stage rgm at TP=2 by default)
+    rollouts/        rollout store of every RGM iteration
+    train_metrics.jsonl, tensorboard/
+    hf/              HF export (safetensors + score_module.pt + tokenizer)
+    samples.jsonl    Best-of-N on the eval prompts, every candidate answered
+    eval.json, eval.md, accuracy_vs_k.png, score_divergence.png
+
+The evaluation table is printed last, then ``output: <dir>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from megatron_rgm.config import ConfigError, run_tool
+
+
+@dataclass
+class PipelineConfig:
+    """Sizes and hyper-parameters of the tiny run (defaults: the documented ~15-minute run on 2 CPU cores)."""
+
+    output: str
+    nproc: int = 2
+    seed: int = 0
+    n_train: int = 2000
+    n_eval: int = 200
+    n_sft: int = 4000
+    max_value: int = 9
+    max_terms: int = 6
+    error_rate: float = 0.3
+    sft_iters: int = 2000
+    sft_batch: int = 32
+    sft_lr: float = 2e-3
+    rgm_iters: int = 30
+    rgm_layout: list[str] = field(default_factory=lambda: ["--tensor-model-parallel-size", "2"])
+    prompts_per_iter: int = 8
+    k: int = 8
+    temperature: float = 0.8
+    max_response: int = 48
+    rgm_lr: float = 2e-5
+    sprm_lr: float = 1e-3
+    eval_k: int = 8
+    ks: tuple[int, ...] = (1, 2, 8)
+    extra: list[str] = field(default_factory=list)
+
+
+def _say(msg: str) -> None:
+    print(f"[tiny] {msg}", flush=True)
+
+
+def _torchrun(nproc: int, argv: list[str], log: Path) -> None:
+    """``torchrun -m megatron_rgm.pretrain`` with ``argv``; its lines go to the terminal and to ``log``."""
+    from megatron_rgm.convert.launch import _free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           f"--master-port={_free_port()}", "-m", "megatron_rgm.pretrain", *argv]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONWARNINGS="ignore")
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        for line in proc.stdout:
+            f.write(line)
+            if line.startswith((" iteration", "error", "[checkpoint]")):
+                print("   " + line.rstrip(), flush=True)
+        if proc.wait() != 0:
+            raise ConfigError(f"{' '.join(cmd[3:6])} ... exited {proc.returncode}: see {log}")
+
+
+def plot_divergence(metrics_file: Path, png: Path) -> None:
+    """Mean trajectory score of correct vs incorrect rollouts over the RGM iterations (the "aha" divergence)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+    it = [r["iteration"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, colour in (("score correct", "tab:green"), ("score incorrect", "tab:red")):
+        ax.plot(it, [r.get(key, float("nan")) for r in rows], label=key, color=colour)
+    ax.plot(it, [r.get("accuracy", float("nan")) for r in rows], label="rollout accuracy", color="tab:gray",
+            linestyle="--")
+    ax.set_xlabel("RGM iteration")
+    ax.set_ylabel("geometric mean of step scores")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+def run(cfg: PipelineConfig) -> dict:
+    """Run every stage; returns the evaluation metrics."""
+    from megatron_rgm.convert import mcore_to_hf
+    from megatron_rgm.convert.launch import run_ranks
+    from megatron_rgm.evaluation.report import run as evaluate
+    from megatron_rgm.inference.best_of_n import BestOfNConfig, load_problems, run_megatron
+    from megatron_rgm.rollout.sampler import SamplingParams
+    from megatron_rgm.tasks.prepare import prepare
+
+    import torch
+
+    torch.set_num_threads(1)  # a 128-wide model: one thread per process beats contention on a small machine
+    out = Path(cfg.output).resolve()
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"--output {out} exists and is not empty: choose a new directory (OUTDIR=...)")
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+
+    _say(f"1/6 task: {cfg.n_train} train / {cfg.n_eval} eval problems, {cfg.n_sft} SFT traces, tokenizer")
+    task = prepare(out / "task", seed=cfg.seed, n_train=cfg.n_train, n_eval=cfg.n_eval, n_sft=cfg.n_sft,
+                   max_value=cfg.max_value, max_terms=cfg.max_terms, error_rate=cfg.error_rate)
+    common = ["--preset", "tiny", "--tokenizer", str(task["tokenizer"]), "--seed", str(cfg.seed)]
+
+    _say(f"2/6 SFT warm start: {cfg.sft_iters} iterations x {cfg.sft_batch} texts on {cfg.nproc} data-parallel ranks")
+    _torchrun(cfg.nproc, [*common, "--stage", "sft", "--sft-data", str(task["sft"]), "--train-iters",
+                          str(cfg.sft_iters), "--global-batch-size", str(cfg.sft_batch), "--micro-batch-size",
+                          str(cfg.sft_batch // cfg.nproc), "--lr", str(cfg.sft_lr), "--lr-warmup-iters", "20",
+                          "--log-interval", str(max(1, cfg.sft_iters // 10)), "--save", str(out / "sft")],
+              out / "sft.log")
+
+    _say(f"3/6 RGM (GRPO + SPR): {cfg.rgm_iters} iterations x {cfg.prompts_per_iter} prompts x k={cfg.k}, "
+         f"{' '.join(cfg.rgm_layout)}")
+    _torchrun(cfg.nproc, [*common, *cfg.rgm_layout, "--prompts", str(task["train"]), "--verifier", "exact",
+                          "--pretrained-checkpoint", str(out / "sft"), "--train-iters", str(cfg.rgm_iters),
+                          "--prompts-per-iter", str(cfg.prompts_per_iter), "--grpo-group-size", str(cfg.k),
+                          "--rollout-temperature", str(cfg.temperature), "--max-response-length",
+                          str(cfg.max_response), "--micro-batch-size", str(cfg.prompts_per_iter * cfg.k // 4),
+                          "--lr", str(cfg.rgm_lr), "--sprm-lr", str(cfg.sprm_lr), "--save", str(out / "rgm"),
+                          "--save-rollouts", str(out / "rollouts"), "--metrics-file",
+                          str(out / "train_metrics.jsonl"), "--tensorboard-dir", str(out / "tensorboard"),
+                          *cfg.extra], out / "rgm.log")
+
+    _say(f"4/6 Best-of-N on {cfg.n_eval} eval problems: k={cfg.eval_k}, every candidate answered")
+    problems = load_problems(str(task["eval"]), None, None, None)
+    bon = BestOfNConfig(k=cfg.eval_k, sampling=SamplingParams(temperature=cfg.temperature, top_p=0.95,
+                                                               max_new_tokens=cfg.max_response, seed=cfg.seed),
+                        complete_all=True, verifier="exact", answer_max_new_tokens=16)
+    run_ranks(run_megatron, 1, str(out / "rgm"), None, problems, str(out / "samples.jsonl"), bon, 1, 1)
+
+    _say("5/6 HF export")
+    mcore_to_hf(str(out / "rgm"), str(out / "hf"))
+
+    plot_divergence(out / "train_metrics.jsonl", out / "score_divergence.png")
+    _say(f"6/6 evaluation ({time.time() - started:.0f} s so far): pass@1, maj@k, BoN@k per aggregation, oracle")
+    metrics = evaluate(out / "samples.jsonl", list(cfg.ks), out / "eval.json", out / "eval.md",
+                       out / "accuracy_vs_k.png", "exact")  # prints the table
+    print(f"output: {out}", flush=True)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    d = PipelineConfig(output="")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--output", required=True)
+    p.add_argument("--nproc", type=int, default=d.nproc)
+    p.add_argument("--seed", type=int, default=d.seed)
+    for name in ("n_train", "n_eval", "n_sft", "max_value", "max_terms", "sft_iters", "sft_batch", "rgm_iters",
+                 "prompts_per_iter", "k", "max_response", "eval_k"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+    for name in ("error_rate", "sft_lr", "rgm_lr", "sprm_lr", "temperature"):
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    p.add_argument("--ks", type=int, nargs="+", default=list(d.ks))
+    p.add_argument("--rgm-layout", default="--tensor-model-parallel-size 2",
+                   help="layout flags of the RGM stage, e.g. '--pipeline-model-parallel-size 2'")
+    a = p.parse_args(argv)
+    cfg = PipelineConfig(**{k: v for k, v in vars(a).items() if k not in ("rgm_layout", "ks")},
+                         rgm_layout=a.rgm_layout.split(), ks=tuple(a.ks), extra=extra)
+    return run_tool(lambda: run(cfg))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""The tiny preset's pipeline, shrunken: every stage runs, every artefact is written, the table matches the samples."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO, clean_env
+
+AGGREGATIONS = ("geometric", "arithmetic", "product", "min", "last")
+
+
+@pytest.mark.multirank
+def test_shrunken_pipeline_writes_every_artefact_and_a_consistent_table(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_rgm.tasks.pipeline", "--output", str(out), "--n-train", "48", "--n-eval",
+         "6", "--n-sft", "192", "--sft-iters", "8", "--sft-batch", "16", "--rgm-iters", "2", "--prompts-per-iter",
+         "2", "--k", "4", "--eval-k", "4", "--ks", "1", "2", "4", "--max-response", "40"],
+        env=clean_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-1] == f"output: {out}"
+    assert lines[-2].startswith("| bon@k/last")  # the table is printed last
+    for name in ("task/tokenizer/tokenizer.model", "task/train_prompts.jsonl", "task/eval_prompts.jsonl",
+                 "sft/latest_checkpointed_iteration.txt", "rgm/latest_checkpointed_iteration.txt",
+                 "rgm/hf_assets/tokenizer.model", "rollouts/zarr.json", "hf/score_module.pt", "hf/config.json",
+                 "hf/tokenizer.model", "samples.jsonl", "eval.json", "eval.md", "accuracy_vs_k.png",
+                 "score_divergence.png", "train_metrics.jsonl"):
+        assert (out / name).exists(), name
+    assert len((out / "train_metrics.jsonl").read_text().splitlines()) == 2
+
+    from megatron_rgm.rollout.store import RolloutStore
+
+    assert len(RolloutStore(out / "rollouts", "r")) == 2 * 2 * 4  # iterations x prompts x k
+
+    metrics = json.loads((out / "eval.json").read_text())
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and all(len(r["responses"]) == 4 for r in rows)
+    # pass@1 and BoN@4 (one group of 4 per problem) recomputed from the stored samples.
+    correct = [[c["correct"] for c in r["candidates"]] for r in rows]
+    assert metrics["pass@1"] == pytest.approx(np.mean([np.mean(c) for c in correct]))
+    for agg in AGGREGATIONS:
+        assert f"bon@4/{agg}" in metrics and f"bon@2/{agg}" in metrics
+    geo = []
+    for r, c in zip(rows, correct):
+        scores = [math.exp(np.mean(np.log(np.clip(s, 1e-10, None)))) if s else 0.0 for s in r["step_scores"]]
+        geo.append(c[int(np.argmax(scores))])
+    assert metrics["bon@4/geometric"] == pytest.approx(np.mean(geo))
+    assert "maj@4" in metrics and 0 <= metrics["maj@4"] <= 1
+
+
+def test_pipeline_refuses_a_non_empty_output(tmp_path):
+    (tmp_path / "x").write_text("keep me")
+    proc = subprocess.run([sys.executable, "-m", "megatron_rgm.tasks.pipeline", "--output", str(tmp_path)],
+                          env=clean_env(), capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2 and "exists and is not empty" in proc.stderr
+    assert (tmp_path / "x").read_text() == "keep me"

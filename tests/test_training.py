@@ -1,0 +1,155 @@
+"""The training loop (``--stage rgm`` / ``sft``) on real gloo ranks with the synthetic task's tokenizer and prompts."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO, clean_env, torchrun
+
+TINY = ["--preset", "tiny", "--micro-batch-size", "4", "--grpo-group-size", "4", "--prompts-per-iter", "2",
+        "--max-response-length", "48", "--verifier", "exact", "--lr", "1e-4"]
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    from megatron_rgm.tasks.prepare import prepare
+
+    return prepare(tmp_path_factory.mktemp("task"), seed=0, n_train=64, n_eval=8, n_sft=256)
+
+
+def make_store(path, task, n_groups: int, k: int = 4, seed: int = 0):
+    """A rollout store of task traces: per prompt k responses, about half with one wrong, propagated step."""
+    from megatron_rgm.rollout.rewards import ExactVerifier
+    from megatron_rgm.rollout.store import RolloutStore, Trajectory, tokenizer_fingerprint
+    from megatron_rgm.steps import StepSegmenter
+    from megatron_rgm.tasks.arithmetic import make_problems, make_trace, prompt_text
+    from megatron_rgm.tokenizer import load_tokenizer
+
+    import torch
+
+    tok = load_tokenizer(task["tokenizer"])
+    seg = StepSegmenter.from_tokenizer(tok)
+    rng = random.Random(seed)
+    store = RolloutStore(path, "a", tokenizer=tokenizer_fingerprint(tok), attrs={"k": k})
+    for g, problem in enumerate(make_problems(n_groups, seed)):
+        prompt = tok.encode(prompt_text(problem))
+        batch = []
+        for j in range(k):
+            response = make_trace(problem, rng, error=j % 2 == 1)
+            ids = prompt + tok.encode(response) + [tok.eos_token_id]
+            mask = np.arange(len(ids)) >= len(prompt)
+            layout = seg(torch.tensor([ids]), response_mask=torch.tensor([mask]))
+            steps = layout.positions.numpy()
+            grade = ExactVerifier()(response, problem.answer)
+            batch.append(Trajectory(tokens=np.asarray(ids), response_mask=mask,
+                                    log_probs=np.where(mask, -1.5, 0.0).astype(np.float32), step_positions=steps,
+                                    step_scores=np.full(len(steps), 0.5, np.float32), reward=grade.reward,
+                                    correct=grade.reward > 0, prompt_id=g, group_id=g))
+        store.append(0, batch)
+    return path
+
+
+def pretrain(nproc: int, args: list[str], metrics) -> list[dict]:
+    torchrun("-m megatron_rgm.pretrain", nproc, [*args, "--metrics-file", str(metrics)])
+    return [json.loads(line) for line in metrics.read_text().splitlines()]
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"]],
+                         ids=["tp2", "pp2"])
+def test_three_colocated_iterations_are_finite_and_on_policy(task, tmp_path, layout):
+    rows = pretrain(2, [*TINY, *layout, "--train-iters", "3", "--prompts", str(task["train"]),
+                        "--tokenizer", str(task["tokenizer"])], tmp_path / "m.jsonl")
+    assert [r["iteration"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        for key in ("grpo loss", "pg loss", "kl", "entropy", "spr loss", "grad norm", "reward", "response length"):
+            assert math.isfinite(r[key]), (key, r)
+        # One optimizer step per iteration: training log-probs must equal the sampler's (temperature,
+        # padded vocabulary and the KV cache all agree).
+        assert abs(r["ppo kl"]) < 1e-5, r["ppo kl"]
+        assert 0 <= r["accuracy"] <= 1 and 0 <= r["masked step fraction"] <= 1
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-7), "the reference is the starting policy"
+
+
+@pytest.mark.multirank
+def test_tp1_and_tp2_give_the_same_losses(task, tmp_path):
+    store = make_store(tmp_path / "store", task, n_groups=2)
+    common = [*TINY, "--train-iters", "2", "--rollouts", str(store), "--tokenizer", str(task["tokenizer"]),
+              "--sprm-dropout", "0", "--lr", "1e-3", "--sprm-lr", "1e-2"]
+    tp1 = pretrain(1, common, tmp_path / "tp1.jsonl")
+    tp2 = pretrain(2, [*common, "--tensor-model-parallel-size", "2"], tmp_path / "tp2.jsonl")
+    for a, b in zip(tp1, tp2, strict=True):
+        for key in ("grpo loss", "pg loss", "kl", "entropy", "spr loss", "ppo kl"):
+            assert abs(a[key] - b[key]) < 1e-5, (key, a[key], b[key])
+        assert a["spr positives"] == b["spr positives"] and a["spr negatives"] == b["spr negatives"]
+
+
+@pytest.mark.multirank
+def test_spr_loss_decreases_on_a_fixed_batch(task, tmp_path):
+    store = make_store(tmp_path / "store", task, n_groups=1, k=8)
+    rows = pretrain(2, [*TINY, "--tensor-model-parallel-size", "2", "--train-iters", "6", "--rollouts", str(store),
+                        "--tokenizer", str(task["tokenizer"]), "--prompts-per-iter", "1", "--grpo-group-size", "8",
+                        "--sprm-dropout", "0", "--sprm-lr", "3e-3", "--grpo-kl-coef", "0"], tmp_path / "m.jsonl")
+    spr = [r["spr loss"] for r in rows]
+    # The calibration put step logits on both sides of 0, so both classes are masked from the start.
+    assert rows[0]["spr positives"] > 0 and rows[0]["spr negatives"] > 0
+    assert spr[-1] < spr[0] and spr[-1] < 0.9 * spr[0], spr
+
+
+@pytest.mark.multirank
+def test_sft_then_store_from_generate_rollouts_then_rgm(task, tmp_path):
+    sft = tmp_path / "sft"
+    torchrun("-m megatron_rgm.pretrain", 1, ["--preset", "tiny", "--stage", "sft", "--sft-data", str(task["sft"]),
+                                             "--tokenizer", str(task["tokenizer"]), "--train-iters", "2",
+                                             "--micro-batch-size", "4", "--lr", "1e-3", "--save", str(sft)])
+    store = tmp_path / "store"
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "generate_rollouts.py"), "--prompts",
+                           str(task["train"]), "--output", str(store), "--backend", "megatron", "--mcore-path",
+                           str(sft), "--k", "4", "--limit", "2", "--max-new-tokens", "24", "--temperature", "0.6",
+                           "--verifier", "exact"], env=clean_env(), capture_output=True, text=True, timeout=600,
+                          cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    rows = pretrain(1, [*TINY, "--train-iters", "2", "--rollouts", str(store), "--tokenizer",
+                        str(task["tokenizer"]), "--pretrained-checkpoint", str(sft), "--save", str(tmp_path / "rgm")],
+                    tmp_path / "m.jsonl")
+    assert [r["iteration"] for r in rows] == [1, 2]
+    # The store's old log-probs came from the same weights at the same temperature: on-policy.
+    assert abs(rows[0]["ppo kl"]) < 1e-5 and math.isfinite(rows[1]["grpo loss"])
+    assert (tmp_path / "rgm" / "hf_assets" / "tokenizer.model").exists()
+    # A training checkpoint (optimizer state and all) exports to HF; the export scores with its own tokenizer.
+    from megatron_rgm.convert import mcore_to_hf
+    from megatron_rgm.hf import RGMScorer
+
+    mcore_to_hf(str(tmp_path / "rgm"), str(tmp_path / "hf"))
+    scorer = RGMScorer.from_pretrained(str(tmp_path / "hf"))
+    scored = scorer.score(["Add 1, 2 and 3.\n<think>\n1 + 2 = 3.\n\n3 + 3 = 6.\n\n</think>\n\\boxed{6}"])[0]
+    assert len(scored.step_scores) == 2 and all(0 < p < 1 for p in scored.step_scores)
+
+
+@pytest.mark.multirank
+def test_sprm_only_trains_the_head_and_leaves_the_policy(task, tmp_path):
+    store = make_store(tmp_path / "store", task, n_groups=2)
+    rows = pretrain(2, [*TINY, "--tensor-model-parallel-size", "2", "--train-iters", "2", "--rollouts", str(store),
+                        "--tokenizer", str(task["tokenizer"]), "--sprm-only", "--sprm-dropout", "0"],
+                    tmp_path / "m.jsonl")
+    for r in rows:
+        assert "grpo loss" not in r and math.isfinite(r["spr loss"])
+        assert r["grad norm"] == 0.0 and r["sprm grad norm"] > 0
+
+
+def test_stage_needs_its_data_flags(capsys):
+    from megatron_rgm.pretrain import main
+
+    assert main(["--preset", "tiny", "--train-iters", "1"]) == 2
+    assert "--stage rgm needs --prompts FILE" in capsys.readouterr().err
+    assert main(["--preset", "tiny", "--stage", "sft"]) == 2
+    assert "--stage sft needs --sft-data" in capsys.readouterr().err
+    assert main(["--preset", "tiny", "--sprm-only", "--pipeline-model-parallel-size", "2", "--rollouts", "x"]) == 2
+    assert "--sprm-only freezes the policy" in capsys.readouterr().err
