@@ -47,6 +47,7 @@ class RunConfig:
     wandb_project: str | None = None
     metrics_file: str | None = None
     sprm_calibrate: bool = True
+    max_consecutive_nonfinite: int = 5
 
     @property
     def head_lr(self) -> float:
@@ -106,7 +107,8 @@ def _add_parallel_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--context-parallel-size", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--distributed-backend", choices=["nccl", "gloo"])
-    g.add_argument("--distributed-timeout-minutes", type=int, default=10)
+    g.add_argument("--distributed-timeout-minutes", type=float, default=10,
+                   help="a collective waiting longer than this (a rank died or hangs) fails the run")
     g.add_argument("--seed", type=int, default=1234)
 
 
@@ -131,6 +133,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                         "frozen KL reference")
     g.add_argument("--no-load-optim", action="store_true", help="resume weights and iteration, not the optimizer")
     g.add_argument("--log-interval", type=int, default=1)
+    g.add_argument("--max-consecutive-nonfinite", type=int, default=5,
+                   help="stop after this many optimizer steps in a row skipped for a NaN/Inf gradient")
     g.add_argument("--tensorboard-dir")
     g.add_argument("--wandb-project", help="log to Weights & Biases (when wandb is installed)")
     g.add_argument("--metrics-file", help="append each iteration's metrics as a JSON line (last rank)")
@@ -299,7 +303,8 @@ def _validate_run(run: RunConfig, data: DataConfig, ns: argparse.Namespace) -> N
     """The training-loop flags: what each stage needs, and values out of range."""
     positive = {"--micro-batch-size": run.micro_batch_size, "--train-iters": run.train_iters,
                 "--prompts-per-iter": data.prompts_per_iter, "--grpo-group-size": data.group_size,
-                "--max-response-length": data.max_response_length, "--log-interval": run.log_interval}
+                "--max-response-length": data.max_response_length, "--log-interval": run.log_interval,
+                "--max-consecutive-nonfinite": run.max_consecutive_nonfinite}
     for flag, value in positive.items():
         if value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
@@ -471,6 +476,7 @@ def validate(ns: argparse.Namespace) -> Args:
         wandb_project=ns.wandb_project,
         metrics_file=ns.metrics_file,
         sprm_calibrate=ns.sprm_calibrate_head,
+        max_consecutive_nonfinite=ns.max_consecutive_nonfinite,
     )
     data = DataConfig(
         tokenizer=ns.tokenizer, prompts=ns.prompts, problem_key=ns.problem_key, answer_key=ns.answer_key,

@@ -127,7 +127,7 @@ class ParallelConfig:
     virtual_pipeline_model_parallel_size: int | None = None
     context_parallel_size: int = 1
     sequence_parallel: bool = False
-    distributed_timeout_minutes: int = 10
+    distributed_timeout_minutes: float = 10
     distributed_backend: str | None = None  # None: nccl with CUDA, gloo otherwise
     seed: int = 1234
 

@@ -12,6 +12,7 @@ before each step token, exactly as RGMModel reads it.
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,7 +69,18 @@ def load_causal_lm(path: str, dtype: torch.dtype = torch.float32, trust_remote_c
     """
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:  # what transformers raises for a directory it cannot load
+        if "trust_remote_code" in str(e):
+            raise ConfigError(f"{path} needs its own Python code to load (config.json auto_map), which is not "
+                              "run: use a Qwen2/Qwen3/Llama export, or pass trust_remote_code=True if you trust "
+                              "it") from None
+        raise ConfigError(f"{path} is not a loadable HF model ({str(e).strip().splitlines()[0]}): pass an export "
+                          "written by mcore-to-hf") from None
+    except pickle.UnpicklingError:  # transformers reads *.bin with weights_only=True
+        raise ConfigError(f"{path}: its pytorch_model.bin holds more than tensors (refused to unpickle it, which "
+                          "could run code): save the weights as safetensors") from None
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     with torch.no_grad():
@@ -104,6 +116,7 @@ class RGMScorer:
         self.head = head.eval()
         self.tokenizer = tokenizer
         self.feature = HFFeature(model, sprm_layer)
+        self.step_strings = tuple(step_strings)
         self.segmenter = StepSegmenter.from_tokenizer(tokenizer, step_strings) if tokenizer is not None else None
         self.aggregation = aggregation
 
@@ -127,7 +140,15 @@ class RGMScorer:
         head = SPRMHead(hidden, sd["0.weight"].shape[0] // hidden, 0.0, dtype=dtype)
         head.load_state_dict(sd)
         head.to(device)
-        meta = json.loads((root / "sprm_config.json").read_text()) if (root / "sprm_config.json").exists() else {}
+        meta = {}
+        if (root / "sprm_config.json").exists():
+            try:
+                meta = json.loads((root / "sprm_config.json").read_text())
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{root / 'sprm_config.json'} is not valid JSON ({e.msg}): re-export the model "
+                                  "or delete the file") from None
+        if "sprm_step_tokens" in meta:  # the strings the model was trained with (--sprm-step-tokens)
+            kwargs.setdefault("step_strings", meta["sprm_step_tokens"])
         tokenizer = load_tokenizer(root)
         return cls(model, head, tokenizer, sprm_layer=meta.get("sprm_layer", -2), **kwargs)
 

@@ -145,7 +145,25 @@ def run(args: Args):
     return train(args)
 
 
+_COMM_FAILURE = ("gloo", "nccl", "connection closed", "connection reset", "timed out", "timeout", "socket",
+                 "broken pipe", "peer")
+
+
+def _lost_peers(e: BaseException) -> bool:
+    """True for a collective that failed because another rank died or stopped answering."""
+    import torch.distributed as dist
+
+    return isinstance(e, getattr(dist, "DistError", ())) or (
+        isinstance(e, RuntimeError) and any(w in str(e).lower() for w in _COMM_FAILURE))
+
+
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    import torch.distributed as dist
+
+    from megatron_rgm.training.loop import TrainingError
+
     try:
         args = parse_args(argv)
     except ConfigError as e:
@@ -155,9 +173,23 @@ def main(argv: list[str] | None = None) -> int:
         run(args)
     except (ConfigError, distributed.LaunchError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
         distributed.shutdown()
+        return 2
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        distributed.shutdown()
+        return 1
+    except Exception as e:
+        if not (dist.is_initialized() and _lost_peers(e)):
+            raise
+        rank = dist.get_rank()
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: rank {rank} lost its peers (a rank died, or a collective waited longer than "
+              f"--distributed-timeout-minutes {args.parallel.distributed_timeout_minutes:g}): {first}. Nothing was "
+              "saved after the last checkpoint: find the dead rank's error, then resume with --load", file=sys.stderr,
+              flush=True)
+        os._exit(1)  # the process group is broken: tearing it down could wait on the dead rank
+    distributed.shutdown()
     return 0
 
 

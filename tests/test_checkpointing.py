@@ -12,7 +12,8 @@ from conftest import torchrun
 from megatron_rgm.training.checkpointing import CheckpointError, latest_iteration
 
 LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \| lm loss: (\S+) \| grad norm: (\S+)")
-FLAGS = ["--preset", "tiny", "--tensor-model-parallel-size", "2", "--micro-batch-size", "2", "--lr", "1e-3"]
+FLAGS = ["--preset", "tiny", "--stage", "backbone-check", "--tensor-model-parallel-size", "2", "--micro-batch-size", "2",
+         "--lr", "1e-3"]
 
 
 def losses(stdout: str) -> dict[int, tuple[str, str]]:

@@ -75,6 +75,7 @@ def test_traces_grade_and_propagate(problems, route):
             seed = rng.random()
             steps = make_steps(p, random.Random(seed), error, route)
             response = make_trace(p, random.Random(seed), error, route)
+            assert all(s.retracted is None for s in steps) and ", no, " not in response
             assert response == render(steps) and parse_steps(response) == steps
             assert response.endswith(f"{STEP}</think>\n\\boxed{{{steps[-1].result}}}")
             assert len(steps) == len(p.numbers) - 1
@@ -87,6 +88,20 @@ def test_traces_grade_and_propagate(problems, route):
                 assert not wrong
             grade = verify(response, p.answer)
             assert grade.answer == str(steps[-1].result) and grade.outcome == (WRONG if error else CORRECT)
+
+
+@pytest.mark.parametrize("route", ["chain", "tree"])
+def test_fixed_slips_stay_correct(problems, route):
+    rng = random.Random(0)
+    for p in problems:
+        steps = make_steps(p, rng, error=True, route=route, fixed=True)
+        response = render(steps)
+        assert parse_steps(response) == steps and all(s.ok for s in steps)
+        _replay(p, steps, route)
+        fixes = [s for s in steps if s.retracted is not None]
+        assert len(fixes) == 1 and 1 <= abs(fixes[0].retracted - fixes[0].result) <= 3
+        assert f"{fixes[0].retracted}, no, {fixes[0].result}.\n\n" in response
+        assert ExactVerifier()(response, p.answer).outcome == CORRECT
 
 
 def test_errors_land_on_every_step():
@@ -114,17 +129,20 @@ def test_prompt_matches_rollout_template(problems):
     assert text == f"{p.problem}\n<think>\n{steps}</think>\n\\boxed{{{p.answer}}}"
 
 
-def test_sft_texts_error_rate_and_shuffle(problems):
-    texts = sft_texts(problems, seed=1, error_rate=0.3, traces_per_problem=4, tree_fraction=0.5)
-    assert len(texts) == 800 and texts == sft_texts(problems, seed=1, error_rate=0.3, traces_per_problem=4,
-                                                     tree_fraction=0.5)
+@pytest.mark.parametrize("fix_rate", [0.0, 0.5])
+def test_sft_texts_error_rate_and_shuffle(problems, fix_rate):
+    kw = dict(error_rate=0.3, traces_per_problem=4, tree_fraction=0.5, fix_rate=fix_rate)
+    texts = sft_texts(problems, seed=1, **kw)
+    assert len(texts) == 800 and texts == sft_texts(problems, seed=1, **kw)
     by_problem = {prompt_text(p): p for p in problems}
-    n_wrong = 0
+    n_wrong = n_fixed = 0
     for t in texts:
         prompt, response = t.split("\n<think>\n")
         grade = ExactVerifier()(response, by_problem[prompt + "\n<think>\n"].answer)
         n_wrong += grade.outcome == WRONG
-    assert n_wrong == round(0.3 * 800)
+        n_fixed += ", no, " in response
+        assert grade.outcome == CORRECT or ", no, " not in response
+    assert n_wrong + n_fixed == 240 and n_fixed == round(fix_rate * 240)
     assert len({t.split("\n")[0] for t in texts[:10]}) >= 5  # shuffled: a problem's traces are not adjacent
     with pytest.raises(ConfigError, match="error_rate"):
         sft_texts(problems, seed=1, error_rate=1.5)
@@ -137,7 +155,7 @@ def test_tokenizer_round_trip_and_single_tokens(problems, tokenizer):
     texts = sft_texts(problems, seed=4, tree_fraction=0.5) + ["Add 99, 100 and 7.\n<think>\n", "café ▸ {x}\t\n"]
     for t in texts:
         assert tokenizer.decode(tokenizer.encode(t)) == t
-    for t in sft_texts(problems, seed=4):
+    for t in sft_texts(problems, seed=4, fix_rate=0.5):
         ids = tokenizer.encode(t)
         assert ids.count(step_id) == t.count(STEP)
     for n in (0, 7, 42, 100):  # every number is one token, the same id wherever it appears
@@ -154,7 +172,7 @@ def test_step_segmenter_counts_written_steps(problems, tokenizer):
     for p in problems[:100]:
         prompt = tokenizer.encode(prompt_text(p))
         for error in (False, True):
-            response = make_trace(p, rng, error, rng.choice(["chain", "tree"]))
+            response = make_trace(p, rng, error, rng.choice(["chain", "tree"]), fixed=rng.random() < 0.5)
             ids = prompt + tokenizer.encode(response)
             assert tokenizer.decode(ids) == prompt_text(p) + response  # the split is a token boundary
             mask = torch.arange(len(ids)) >= len(prompt)
@@ -167,13 +185,13 @@ def test_step_segmenter_counts_written_steps(problems, tokenizer):
 def test_token_lengths(tokenizer):
     longest = make_problems(50, seed=0, min_terms=5, max_terms=5)
     rng = random.Random(0)
-    lengths = [len(tokenizer.encode(prompt_text(p) + make_trace(p, rng, e, r)))
+    lengths = [len(tokenizer.encode(prompt_text(p) + make_trace(p, rng, e, r, fixed=e)))
                for p in longest for e in (False, True) for r in ("chain", "tree")]
     assert max(lengths) < 160
 
 
 def test_prepare_writes_loadable_disjoint_deterministic_files(tmp_path):
-    kw = dict(seed=5, n_train=300, n_eval=40, n_sft=500)
+    kw = dict(seed=5, n_train=300, n_eval=40, n_sft=500, fix_rate=0.5)
     paths = prepare(tmp_path / "a", **kw)
     prepare(tmp_path / "b", **kw)
     for name in FILES:

@@ -24,8 +24,11 @@ def task(tmp_path_factory):
     return prepare(tmp_path_factory.mktemp("task"), seed=0, n_train=64, n_eval=8, n_sft=256)
 
 
-def make_store(path, task, n_groups: int, k: int = 4, seed: int = 0):
-    """A rollout store of task traces: per prompt k responses, about half with one wrong, propagated step."""
+def make_store(path, task, n_groups: int, k: int = 4, seed: int = 0, nan_log_probs: bool = False):
+    """A rollout store of task traces: per prompt k responses, about half with one wrong, propagated step.
+
+    ``nan_log_probs``: old log-probs of NaN (a corrupt store), which makes every GRPO loss non-finite.
+    """
     from megatron_rgm.rollout.rewards import ExactVerifier
     from megatron_rgm.rollout.store import RolloutStore, Trajectory, tokenizer_fingerprint
     from megatron_rgm.steps import StepSegmenter
@@ -49,7 +52,8 @@ def make_store(path, task, n_groups: int, k: int = 4, seed: int = 0):
             steps = layout.positions.numpy()
             grade = ExactVerifier()(response, problem.answer)
             batch.append(Trajectory(tokens=np.asarray(ids), response_mask=mask,
-                                    log_probs=np.where(mask, -1.5, 0.0).astype(np.float32), step_positions=steps,
+                                    log_probs=np.where(mask, np.nan if nan_log_probs else -1.5, 0.0).astype(np.float32),
+                                    step_positions=steps,
                                     step_scores=np.full(len(steps), 0.5, np.float32), reward=grade.reward,
                                     correct=grade.reward > 0, prompt_id=g, group_id=g))
         store.append(0, batch)
@@ -141,7 +145,10 @@ def test_sprm_only_trains_the_head_and_leaves_the_policy(task, tmp_path):
                     tmp_path / "m.jsonl")
     for r in rows:
         assert "grpo loss" not in r and math.isfinite(r["spr loss"])
-        assert r["grad norm"] == 0.0 and r["sprm grad norm"] > 0
+        assert r["grad norm"] == 0.0, "the policy is frozen: no gradient reaches it"
+    # After calibration both classes are masked, so the head learns (a later batch may mask one class only,
+    # and then the SPR loss is 0 by definition).
+    assert rows[0]["spr positives"] > 0 and rows[0]["spr negatives"] > 0 and rows[0]["sprm grad norm"] > 0
 
 
 def test_stage_needs_its_data_flags(capsys):

@@ -130,6 +130,23 @@ def read_extra(ckpt: Path) -> dict:
     return extra
 
 
+def head_flags(model_argv: list[str]) -> dict:
+    """``sprm_layer`` and ``sprm_step_tokens`` of a checkpoint's recorded argv, for ``sprm_config.json``.
+
+    The step strings travel with the export: a scorer of a model trained with ``--sprm-step-tokens`` must not
+    fall back to the default ``".\\n\\n"`` (its tokenizer may have no such token).
+    """
+    import argparse
+
+    from megatron_rgm.arguments import _decode_escapes
+
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    p.add_argument("--sprm-layer", type=int, default=-2)
+    p.add_argument("--sprm-step-tokens", nargs="+", default=[".\n\n"])
+    ns, _ = p.parse_known_args(model_argv)
+    return {"sprm_layer": ns.sprm_layer, "sprm_step_tokens": [_decode_escapes(t) for t in ns.sprm_step_tokens]}
+
+
 def _mcore_to_hf_rank(mcore_path: str, output: str, dtype: str | None) -> None:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import ShardedTensor
@@ -182,11 +199,7 @@ def _mcore_to_hf_rank(mcore_path: str, output: str, dtype: str | None) -> None:
     if (root / ASSETS).is_dir():
         copy_tokenizer_files(root / ASSETS, tmp)
     if set(head) == set(HEAD_KEYS):
-        sprm_layer = -2
-        for i, flag in enumerate(extra.get("model_argv", [])):
-            if flag == "--sprm-layer":
-                sprm_layer = int(extra["model_argv"][i + 1])
-        save_head(tmp, head, {"sprm_layer": sprm_layer, "hidden_size": arch.hidden_size,
+        save_head(tmp, head, {**head_flags(extra.get("model_argv", [])), "hidden_size": arch.hidden_size,
                               "hidden_mult": head["0.weight"].shape[0] // arch.hidden_size})
     if out.exists():
         shutil.rmtree(out)

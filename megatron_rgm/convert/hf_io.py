@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 from pathlib import Path
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from megatron_rgm.config import ConfigError
@@ -114,14 +115,22 @@ def load_head(path: str | os.PathLike, hidden_size: int) -> dict[str, torch.Tens
     if not path.is_file():
         raise ConfigError(f"--sprm-head {path} is not a file: pass score_module.pt or sprm_head.safetensors")
     if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as h:
-            sd = {k: h.get_tensor(k) for k in h.keys()}
+        try:
+            with safe_open(str(path), framework="pt") as h:
+                sd = {k: h.get_tensor(k) for k in h.keys()}
+        except SafetensorError as e:
+            raise ConfigError(f"--sprm-head {path} is not a readable safetensors file ({e}): re-export it") from None
     else:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-            raise ConfigError(f"--sprm-head {path} is not a plain tensor state dict (refused to unpickle it: "
-                              f"{str(e).splitlines()[0]}); save it with torch.save(head.state_dict())") from None
+            # torch's own text suggests weights_only=False, i.e. running the file's code: name the cause only.
+            found = re.search(r"GLOBAL (\S+)", str(e))
+            cause = (f"it references {found.group(1)}" if found else
+                     "empty or truncated file" if isinstance(e, EOFError) else "not a torch.save state dict")
+            raise ConfigError(f"--sprm-head {path} is not a plain tensor state dict ({cause}; refused to unpickle it, "
+                              "which could run code): save it with torch.save(head.state_dict()) or pass "
+                              "sprm_head.safetensors") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ConfigError(f"--sprm-head {path} does not hold a state dict of tensors")
     if set(sd) != set(HEAD_KEYS):

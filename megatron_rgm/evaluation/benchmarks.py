@@ -36,8 +36,12 @@ def read_jsonl(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise ConfigError(f"{path} is not a file: pass a jsonl benchmark or prompt file")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # bytes, so that a line that is not UTF-8 is reported with its number
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ConfigError(f"{path}:{n}: not valid UTF-8: re-save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:

@@ -47,7 +47,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def _groups(n: int, k: int, pid: str) -> list[range]:
     if k < 1:
-        raise ConfigError(f"k must be >= 1, got {k}")
+        raise ConfigError(f"--k must be >= 1 (samples per group), got {k}")
     if n < k:
         raise ConfigError(f"problem {pid} has {n} samples, fewer than k={k}: sample at least k per problem "
                           "or drop that k")

@@ -41,12 +41,20 @@ def load_problems(path: str | Path, verifier: str = "math") -> tuple[list[Proble
             if key not in row:
                 raise ConfigError(f"{path}: record {n} has no field {key!r}: each line needs id, answer, responses")
         responses = row["responses"]
+        if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
+            raise ConfigError(f"{path}: record {n} ({row['id']}): 'responses' must be a list of strings")
         scores = {}
         if row.get("step_scores") is not None:
-            if len(row["step_scores"]) != len(responses):
-                raise ConfigError(f"{path}: record {n} ({row['id']}) has {len(row['step_scores'])} step-score lists "
-                                  f"for {len(responses)} responses")
-            scores = aggregate_scores(row["step_scores"])
+            steps = row["step_scores"]
+            if not isinstance(steps, list) or len(steps) != len(responses):
+                count = len(steps) if isinstance(steps, list) else 0
+                raise ConfigError(f"{path}: record {n} ({row['id']}) has {count} step-score lists for "
+                                  f"{len(responses)} responses: give one list per response")
+            if not all(isinstance(s, list) and all(isinstance(p, (int, float)) and 0 <= p <= 1 for p in s)
+                       for s in steps):
+                raise ConfigError(f"{path}: record {n} ({row['id']}): step_scores must be lists of probabilities in "
+                                  "[0, 1] (apply a sigmoid to head logits)")
+            scores = aggregate_scores(steps)
         grades = [grade(r, str(row["answer"])) for r in responses]
         problems.append(Problem(str(row["id"]), [g.outcome == CORRECT for g in grades],
                                 [g.answer for g in grades], scores))
@@ -94,6 +102,9 @@ def plot(metrics: dict[str, float], ks: Sequence[int], path: str | Path) -> None
 
 def run(samples: str | Path, ks: Sequence[int], json_out: str | None = None, table_out: str | None = None,
         plot_out: str | None = None, verifier: str = "math") -> dict[str, float]:
+    for flag, out in (("--json", json_out), ("--table", table_out), ("--plot", plot_out)):
+        if out and not Path(out).parent.is_dir():
+            raise ConfigError(f"{flag} {out}: directory {Path(out).parent} does not exist: create it first")
     problems, same = load_problems(samples, verifier)
     metrics = evaluate(problems, ks, same)
     table = markdown_table(metrics, ks)

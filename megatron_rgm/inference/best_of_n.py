@@ -42,7 +42,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from megatron_rgm.config import AGGREGATIONS, ConfigError
-from megatron_rgm.rollout.generate import PROMPT_TEMPLATE, _verifier
+from megatron_rgm.rollout.generate import PROMPT_TEMPLATE, _verifier, check_prompt_lengths
 from megatron_rgm.rollout.rewards import CORRECT, last_boxed
 from megatron_rgm.rollout.sampler import Rollout, Sampler, SamplingParams
 
@@ -202,6 +202,8 @@ class BestOfN:
         Returns:
             ``{"problems": n, "graded": g, "correct": c}`` (``correct`` counts chosen responses).
         """
+        # A prompt that cannot fit is named before any sampling (every rank raises the same error).
+        check_prompt_lengths(self.tokenizer, problems, self.cfg.template, self.cfg.sampling.max_new_tokens, self.limit)
         out = Path(output) if output else None
         tmp = out.with_name(out.name + f".tmp{os.getpid()}") if out else None
         summary = {"problems": 0, "graded": 0, "correct": 0}
@@ -325,7 +327,7 @@ def run_hf(hf_path: str, tokenizer_path: str | None, problems: list[dict], outpu
 
     scorer = RGMScorer.from_pretrained(hf_path)
     tokenizer = load_tokenizer(tokenizer_path or hf_path)
-    sampler = HFSampler(scorer, tokenizer, StepSegmenter.from_tokenizer(tokenizer))
+    sampler = HFSampler(scorer, tokenizer, StepSegmenter.from_tokenizer(tokenizer, scorer.step_strings))
     summary = BestOfN(sampler, tokenizer, cfg).run(problems, output)
     _report(summary, cfg.k, output)
     return summary

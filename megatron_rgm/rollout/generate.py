@@ -47,6 +47,19 @@ def _trajectories(tokens, prompt_len, lengths, log_probs, step_mask, step_logits
     return out
 
 
+def check_prompt_lengths(tokenizer, prompts: list[dict], template: str, max_new_tokens: int, limit: int) -> None:
+    """Raise, naming the first prompt that with ``max_new_tokens`` does not fit the model's ``limit`` positions.
+
+    Run before the store is opened, so a run that would stop at a long prompt writes nothing.
+    """
+    for n, prompt in enumerate(prompts, 1):
+        length = len(tokenizer.encode(template.format(problem=prompt["problem"]), add_special_tokens=False))
+        if length + max_new_tokens > limit:
+            raise ConfigError(f"prompt {prompt.get('id', n - 1)} (record {n}) has {length} tokens: with "
+                              f"--max-new-tokens {max_new_tokens} it needs {length + max_new_tokens} positions, more "
+                              f"than the model's {limit}: shorten or drop that prompt, or lower --max-new-tokens")
+
+
 def generate_megatron(mcore_path: str, tokenizer_path: str | None, prompts: list[dict], output: str, k: int,
                       params: SamplingParams, verifier: str = "math", tp: int = 1,
                       template: str = PROMPT_TEMPLATE, pp: int = 1) -> None:
@@ -71,6 +84,7 @@ def generate_megatron(mcore_path: str, tokenizer_path: str | None, prompts: list
     sampler = Sampler(model, vocab, StepSegmenter.from_tokenizer(tokenizer, args.rgm.sprm_step_tokens), tokenizer)
     if tokenizer.eos_token_id is not None and not params.eos_token_ids:
         params.eos_token_ids = [tokenizer.eos_token_id]
+    check_prompt_lengths(tokenizer, prompts, template, params.max_new_tokens, model.max_sequence_length)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     # Every rank of a model replica ends with the same samples; one of them writes.
     writer = ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_last_stage()
@@ -102,6 +116,7 @@ def generate_hf(hf_path: str, prompts: list[dict], output: str, k: int, params: 
 
     scorer = RGMScorer.from_pretrained(hf_path)
     tokenizer, model = scorer.tokenizer, scorer.model
+    check_prompt_lengths(tokenizer, prompts, template, params.max_new_tokens, model.config.max_position_embeddings)
     store = RolloutStore(output, "a", tokenizer=tokenizer_fingerprint(tokenizer),
                          attrs={"model": str(hf_path), "k": k, "sampling": asdict(params), "backend": "hf"})
     done = store.prompt_ids()

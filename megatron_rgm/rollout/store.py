@@ -94,11 +94,16 @@ class RolloutStore:
         if mode == "r" and not self.path.exists():
             raise ConfigError(f"rollout store {self.path} does not exist: write it with tools/generate_rollouts.py")
         if self.path.exists() and not self.path.is_dir():
-            raise ConfigError(f"rollout store {self.path} is a file, not a store directory")
+            raise ConfigError(f"rollout store {self.path} is a file, not a store directory: pass a new directory "
+                              "or one written by tools/generate_rollouts.py")
         fresh = not (self.path / "zarr.json").exists()
         if fresh and mode == "r":
             raise ConfigError(f"{self.path} is not a rollout store (no zarr.json)")
-        self.group = zarr.open_group(str(self.path), mode="a" if mode == "a" else "r")
+        try:
+            self.group = zarr.open_group(str(self.path), mode="a" if mode == "a" else "r")
+        except (ValueError, KeyError) as e:  # a corrupt zarr.json (JSONDecodeError is a ValueError)
+            raise ConfigError(f"rollout store {self.path} has an unreadable zarr.json ({e}): the store is damaged; "
+                              "regenerate it") from None
         if fresh:
             self.group.attrs.update({"schema_version": SCHEMA_VERSION, "tokenizer": tokenizer, **(attrs or {})})
         meta = self.group.attrs.asdict()
@@ -123,16 +128,34 @@ class RolloutStore:
         return self.group[name], self.path / name / COMMIT
 
     def _committed(self, commit_file: Path) -> dict:
-        if commit_file.exists():
-            return json.loads(commit_file.read_text())
-        return {"trajectories": 0, "tokens": 0, "steps": 0}
+        if not commit_file.exists():
+            return {"trajectories": 0, "tokens": 0, "steps": 0}
+        try:
+            done = json.loads(commit_file.read_text())
+            return {key: int(done[key]) for key in ("trajectories", "tokens", "steps")}
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(f"rollout store {self.path}: {commit_file.parent.name}/{COMMIT} is unreadable: the store "
+                              "is damaged; regenerate it") from None
+
+    def _array(self, name: str, key: str):
+        """``name/key``, or one clear message when the store lost it or its metadata."""
+        try:
+            return self.group[name][key]
+        except (KeyError, ValueError):
+            raise ConfigError(f"rollout store {self.path}: {name}/{key} is missing or unreadable: the store is "
+                              "damaged; regenerate it") from None
 
     def append(self, rank: int, trajectories: Sequence[Trajectory]) -> None:
         """Append a batch written by ``rank``; visible to readers once this returns."""
         g, commit_file = self._rank_group(rank)
+        name = commit_file.parent.name
         done = self._committed(commit_file)
-        # Cut off whatever a dead writer left beyond the last commit.
-        for arrays, n in ((FLAT_TOKEN, done["tokens"]), (FLAT_STEP, done["steps"]), (PER_TRAJ, done["trajectories"])):
+        # Cut off whatever a dead writer left beyond the last commit; never pad a truncated array.
+        sizes = ((FLAT_TOKEN, done["tokens"]), (FLAT_STEP, done["steps"]), (PER_TRAJ, done["trajectories"]))
+        for arrays, n in sizes:
+            for key in arrays:
+                self._check_length(name, key, self._array(name, key).shape[0], n)
+        for arrays, n in sizes:
             for key in arrays:
                 if g[key].shape[0] != n:
                     g[key].resize((n,))
@@ -169,13 +192,17 @@ class RolloutStore:
         index = []
         for name in sorted(k for k in self.group.group_keys() if k.startswith("rank_")):
             done = self._committed(self.path / name / COMMIT)
-            g = self.group[name]
-            for key, n in (("tokens", done["tokens"]), ("step_scores", done["steps"]), ("reward", done["trajectories"])):
-                if g[key].shape[0] < n:
-                    raise ConfigError(f"rollout store {self.path} is truncated: {name}/{key} holds {g[key].shape[0]} "
-                                      f"entries but {n} were committed; regenerate the store")
+            sizes = ((FLAT_TOKEN, done["tokens"]), (FLAT_STEP, done["steps"]), (PER_TRAJ, done["trajectories"]))
+            for arrays, n in sizes:
+                for key in arrays:
+                    self._check_length(name, key, self._array(name, key).shape[0], n)
             index += [(name, i) for i in range(done["trajectories"])]
         return index
+
+    def _check_length(self, name: str, key: str, have: int, committed: int) -> None:
+        if have < committed:
+            raise ConfigError(f"rollout store {self.path} is truncated: {name}/{key} holds {have} entries but "
+                              f"{committed} were committed; regenerate the store")
 
     def __len__(self) -> int:
         if self._index is None:
@@ -187,13 +214,17 @@ class RolloutStore:
             self._index = self._build_index()
         name, j = self._index[i]
         g = self.group[name]
-        t0, tn = int(g["token_start"][j]), int(g["token_count"][j])
-        s0, sn = int(g["step_start"][j]), int(g["step_count"][j])
-        return Trajectory(
-            tokens=g["tokens"][t0:t0 + tn], response_mask=g["response_mask"][t0:t0 + tn],
-            log_probs=g["log_probs"][t0:t0 + tn], step_positions=g["step_positions"][s0:s0 + sn],
-            step_scores=g["step_scores"][s0:s0 + sn], reward=float(g["reward"][j]), correct=bool(g["correct"][j]),
-            prompt_id=int(g["prompt_id"][j]), group_id=int(g["group_id"][j]))
+        try:
+            t0, tn = int(g["token_start"][j]), int(g["token_count"][j])
+            s0, sn = int(g["step_start"][j]), int(g["step_count"][j])
+            return Trajectory(
+                tokens=g["tokens"][t0:t0 + tn], response_mask=g["response_mask"][t0:t0 + tn],
+                log_probs=g["log_probs"][t0:t0 + tn], step_positions=g["step_positions"][s0:s0 + sn],
+                step_scores=g["step_scores"][s0:s0 + sn], reward=float(g["reward"][j]), correct=bool(g["correct"][j]),
+                prompt_id=int(g["prompt_id"][j]), group_id=int(g["group_id"][j]))
+        except (RuntimeError, ValueError) as e:  # a chunk cut short or overwritten: the codec cannot decode it
+            raise ConfigError(f"rollout store {self.path}: trajectory {i} ({name}) cannot be read ({e}): the store "
+                              "is damaged; regenerate it") from None
 
     def group_ids(self) -> np.ndarray:
         """``group_id`` of every committed trajectory, in index order (one read per writer)."""
@@ -202,7 +233,12 @@ class RolloutStore:
         out, cached = [], {}
         for name, j in self._index:
             if name not in cached:
-                cached[name] = np.asarray(self.group[name]["group_id"][:])
+                array = self._array(name, "group_id")
+                try:
+                    cached[name] = np.asarray(array[:])
+                except (RuntimeError, ValueError) as e:
+                    raise ConfigError(f"rollout store {self.path}: {name}/group_id cannot be read ({e}): the store is "
+                                      "damaged; regenerate it") from None
             out.append(int(cached[name][j]))
         return np.asarray(out, dtype=np.int64)
 

@@ -42,16 +42,17 @@ PROMPT_TEMPLATE = "{problem}\n<think>\n"  # the rollout template (megatron_rgm.r
 STEP = ".\n\n"
 THINK_END = "</think>"
 BOX = "\\boxed{"
+RETRACT = ", no, "
 ROUTES = ("chain", "tree")
 ERROR_DELTAS = (-3, -2, -1, 1, 2, 3)
 # Every fixed piece of the format is one token, so numbers are never merged with
 # punctuation and a number has the same token id wherever it appears.
 # sentencepiece matches user symbols after turning spaces into "▁".
-FORMAT_SYMBOLS = (STEP, "\n", "<think>", THINK_END, BOX, "}", ".", ",▁", "▁and▁", "▁+▁", "▁=▁", "Add▁", "▁")
+FORMAT_SYMBOLS = (STEP, "\n", "<think>", THINK_END, BOX, "}", ".", ",▁", "▁and▁", "▁+▁", "▁=▁", "Add▁", ",▁no,▁", "▁")
 SP_FILE = "tokenizer.model"
 LEARNED_PIECES = 32  # vocabulary kept for pieces sentencepiece learns beside the fixed symbols
 
-_STEP_RE = re.compile(r"(\d+) \+ (\d+) = (\d+)\.\n\n")
+_STEP_RE = re.compile(r"(\d+) \+ (\d+) = (?:(\d+), no, )?(\d+)\.\n\n")
 
 
 @dataclass
@@ -77,18 +78,26 @@ class Problem:
 
 @dataclass(frozen=True)
 class Step:
-    """One written step ``a + b = result``."""
+    """One written step ``a + b = result``, or ``a + b = retracted, no, result`` when a slip was caught.
+
+    Attributes:
+        a, b: the operands.
+        result: the value the step ends with (what later steps use).
+        retracted: a wrong first result the step took back, or None.
+    """
 
     a: int
     b: int
     result: int
+    retracted: int | None = None
 
     @property
     def ok(self) -> bool:
         return self.a + self.b == self.result
 
     def text(self) -> str:
-        return f"{self.a} + {self.b} = {self.result}{STEP}"
+        fix = "" if self.retracted is None else f"{self.retracted}{RETRACT}"
+        return f"{self.a} + {self.b} = {fix}{self.result}{STEP}"
 
 
 def statement(numbers: Sequence[int]) -> str:
@@ -150,7 +159,8 @@ def prompt_text(problem: Problem) -> str:
     return PROMPT_TEMPLATE.format(problem=problem.problem)
 
 
-def make_steps(problem: Problem, rng: random.Random, error: bool = False, route: str = "chain") -> list[Step]:
+def make_steps(problem: Problem, rng: random.Random, error: bool = False, route: str = "chain",
+               fixed: bool = False) -> list[Step]:
     """The steps of one trace (``len(numbers) - 1`` of them).
 
     Args:
@@ -158,6 +168,8 @@ def make_steps(problem: Problem, rng: random.Random, error: bool = False, route:
         rng: source of the random order (and of the error).
         error: make exactly one step's result wrong by 1..3 (a random step); later
             steps add correctly to the wrong value.
+        fixed: with ``error``, the step takes the wrong result back at once
+            (``7 + 5 = 13, no, 12.``) and the trace stays correct.
         route: ``chain`` adds each next number (in a random order) to the running
             total; ``tree`` adds any two of the numbers and partial sums left.
     """
@@ -175,10 +187,11 @@ def make_steps(problem: Problem, rng: random.Random, error: bool = False, route:
         else:
             a = pool.pop(rng.randrange(len(pool)))
             b = pool.pop(rng.randrange(len(pool)))
-        result = a + b
+        result, retracted = a + b, None
         if i == bad:
-            result += rng.choice([d for d in ERROR_DELTAS if result + d >= 0])
-        steps.append(Step(a, b, result))
+            slip = result + rng.choice([d for d in ERROR_DELTAS if result + d >= 0])
+            result, retracted = (result, slip) if fixed else (slip, None)
+        steps.append(Step(a, b, result, retracted))
         if route == "tree":
             pool.append(result)
     return steps
@@ -189,39 +202,49 @@ def render(steps: Sequence[Step]) -> str:
     return "".join(s.text() for s in steps) + f"{THINK_END}\n{BOX}{steps[-1].result}}}"
 
 
-def make_trace(problem: Problem, rng: random.Random, error: bool = False, route: str = "chain") -> str:
-    """One response (the text after the prompt), correct unless ``error``; see :func:`make_steps`."""
-    return render(make_steps(problem, rng, error, route))
+def make_trace(problem: Problem, rng: random.Random, error: bool = False, route: str = "chain",
+               fixed: bool = False) -> str:
+    """One response (the text after the prompt), correct unless ``error`` and not ``fixed``; see :func:`make_steps`."""
+    return render(make_steps(problem, rng, error, route, fixed))
 
 
 def parse_steps(response: str) -> list[Step]:
     """The ``a + b = c.\\n\\n`` steps written before ``</think>`` (malformed lines are skipped)."""
-    return [Step(*map(int, m.groups())) for m in _STEP_RE.finditer(response.split(THINK_END, 1)[0])]
+    steps = []
+    for m in _STEP_RE.finditer(response.split(THINK_END, 1)[0]):
+        a, b, retracted, result = m.groups()
+        steps.append(Step(int(a), int(b), int(result), None if retracted is None else int(retracted)))
+    return steps
 
 
 def sft_texts(problems: Sequence[Problem], seed: int, *, error_rate: float = 0.3, traces_per_problem: int = 4,
-              tree_fraction: float = 0.0) -> list[str]:
+              tree_fraction: float = 0.0, fix_rate: float = 0.0) -> list[str]:
     """Full texts (prompt + response) for the warm-start SFT, shuffled.
 
     Args:
         problems: the problems to write traces for.
         seed: random seed.
-        error_rate: fraction of traces (rounded) with one wrong, propagated step.
+        error_rate: fraction of traces (rounded) with a slip: one step's result off by 1..3.
         traces_per_problem: traces per problem, each in its own random order.
         tree_fraction: fraction of traces on the ``tree`` route (the rest ``chain``).
+        fix_rate: fraction of the slips (rounded) taken back within their step
+            (``7 + 5 = 13, no, 12.``); the others propagate to a wrong answer, so
+            ``error_rate * (1 - fix_rate)`` of the traces end wrong.
 
     Returns:
         ``len(problems) * traces_per_problem`` strings ``prompt_text(p) + response``.
     """
-    for name, v in (("error_rate", error_rate), ("tree_fraction", tree_fraction)):
+    for name, v in (("error_rate", error_rate), ("tree_fraction", tree_fraction), ("fix_rate", fix_rate)):
         if not 0.0 <= v <= 1.0:
             raise ConfigError(f"{name} must be in [0, 1], got {v}")
     if traces_per_problem < 1:
         raise ConfigError(f"traces_per_problem must be >= 1, got {traces_per_problem}")
     rng = random.Random(f"arithmetic-sft-{seed}")
     jobs = [p for p in problems for _ in range(traces_per_problem)]
-    wrong = set(rng.sample(range(len(jobs)), round(error_rate * len(jobs))))
-    texts = [prompt_text(p) + make_trace(p, rng, i in wrong, "tree" if rng.random() < tree_fraction else "chain")
+    slips = rng.sample(range(len(jobs)), round(error_rate * len(jobs)))
+    fixed, slipped = set(slips[:round(fix_rate * len(slips))]), set(slips)
+    texts = [prompt_text(p) + make_trace(p, rng, i in slipped, "tree" if rng.random() < tree_fraction else "chain",
+                                         i in fixed)
              for i, p in enumerate(jobs)]
     rng.shuffle(texts)
     return texts

@@ -32,7 +32,7 @@ def _write_jsonl(path: Path, rows) -> Path:
 
 def prepare(out_dir: str | Path, seed: int = 0, n_train: int = 2000, n_eval: int = 200, n_sft: int = 4000, *,
             error_rate: float = 0.3, min_terms: int = 3, max_terms: int = 5, max_value: int = 20,
-            tree_fraction: float = 0.0, vocab_size: int = 512) -> dict[str, Path]:
+            tree_fraction: float = 0.0, fix_rate: float = 0.0, vocab_size: int = 512) -> dict[str, Path]:
     """Generate the task's files under ``out_dir``.
 
     Args:
@@ -41,7 +41,8 @@ def prepare(out_dir: str | Path, seed: int = 0, n_train: int = 2000, n_eval: int
         n_train: RL training prompts; the SFT texts are written for these problems.
         n_eval: evaluation prompts, disjoint from the training ones.
         n_sft: SFT texts (traces of the training problems, several per problem).
-        error_rate: fraction of SFT texts with one wrong, propagated step.
+        error_rate: fraction of SFT texts with a slip (one step's result off by 1..3).
+        fix_rate: fraction of those slips taken back within the step; the rest propagate to a wrong answer.
         min_terms, max_terms, max_value: problem ranges (see :func:`make_problems`).
         tree_fraction: fraction of SFT traces on the ``tree`` route.
         vocab_size: upper bound of the tokenizer's vocabulary.
@@ -61,7 +62,7 @@ def prepare(out_dir: str | Path, seed: int = 0, n_train: int = 2000, n_eval: int
     problems = make_problems(n_eval + n_train, seed, min_terms=min_terms, max_terms=max_terms, max_value=max_value)
     eval_set, train_set = problems[:n_eval], problems[n_eval:]
     texts = sft_texts(train_set, seed, error_rate=error_rate, traces_per_problem=max(1, ceil(n_sft / max(n_train, 1))),
-                      tree_fraction=tree_fraction)[:n_sft]
+                      tree_fraction=tree_fraction, fix_rate=fix_rate)[:n_sft]
     # Prompts join the SFT texts so the tokenizer also sees numbers only eval problems use.
     tok_path = train_tokenizer(texts + [prompt_text(p) for p in problems], out / "tokenizer", vocab_size=vocab_size,
                                max_number=max_terms * max_value)
@@ -75,7 +76,7 @@ def prepare(out_dir: str | Path, seed: int = 0, n_train: int = 2000, n_eval: int
 
     tok = load_tokenizer(tok_path)
     lengths = sorted(len(tok.encode(t)) for t in texts) or [0]
-    meta = dict(seed=seed, n_train=n_train, n_eval=n_eval, n_sft=len(texts), error_rate=error_rate,
+    meta = dict(seed=seed, n_train=n_train, n_eval=n_eval, n_sft=len(texts), error_rate=error_rate, fix_rate=fix_rate,
                 min_terms=min_terms, max_terms=max_terms, max_value=max_value, tree_fraction=tree_fraction,
                 vocab_size=len(tok), sft_tokens_max=lengths[-1], sft_tokens_mean=round(sum(lengths) / len(lengths), 2))
     paths["meta"] = out / "task.json"
@@ -90,7 +91,8 @@ def main(argv=None) -> int:
     p.add_argument("--n-train", type=int, default=2000, help="RL training prompts")
     p.add_argument("--n-eval", type=int, default=200, help="evaluation prompts (disjoint from training)")
     p.add_argument("--n-sft", type=int, default=4000, help="SFT texts (traces of the training problems)")
-    p.add_argument("--error-rate", type=float, default=0.3, help="fraction of SFT traces with one wrong step")
+    p.add_argument("--error-rate", type=float, default=0.3, help="fraction of SFT traces with a slip in one step")
+    p.add_argument("--fix-rate", type=float, default=0.0, help="fraction of slips taken back within their step")
     p.add_argument("--min-terms", type=int, default=3)
     p.add_argument("--max-terms", type=int, default=5)
     p.add_argument("--max-value", type=int, default=20, help="addends are in 1..max-value")
@@ -101,7 +103,7 @@ def main(argv=None) -> int:
     def body():
         paths = prepare(a.output, a.seed, a.n_train, a.n_eval, a.n_sft, error_rate=a.error_rate,
                         min_terms=a.min_terms, max_terms=a.max_terms, max_value=a.max_value,
-                        tree_fraction=a.tree_fraction, vocab_size=a.vocab_size)
+                        tree_fraction=a.tree_fraction, fix_rate=a.fix_rate, vocab_size=a.vocab_size)
         for name, path in paths.items():
             print(f"{name}: {path}")
 

@@ -177,6 +177,8 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, chunks, extra: 
     state["rgm_extra"] = dict(extra or {}, iteration=iteration, layout=_layout())
     dist_checkpointing.save(state, str(tmp))
     _shutdown_writer_manager()
+    if os.environ.get("MEGATRON_RGM_TEST_DIE_IN_SAVE") == str(iteration):  # tests: killed before publishing
+        os.kill(os.getpid(), 9)
     _barrier()
     if _rank() == 0:
         if final.exists():

@@ -43,8 +43,11 @@ class MetricsLogger:
             else:
                 self.wandb = wandb.init(project=wandb_project, config=run_config or {})
         if metrics_file:
-            Path(metrics_file).parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(metrics_file, "a")
+            path = Path(metrics_file)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(path, "a")
+            if path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+                self.file.write("\n")  # a killed run's last line was cut: start on a fresh line
 
     def log(self, iteration: int, metrics: dict[str, float], times: dict[str, float]) -> None:
         if not self.active:

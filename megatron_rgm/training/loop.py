@@ -35,6 +35,10 @@ from megatron_rgm.training.logging import MetricsLogger
 from megatron_rgm.training.optimizer import build_optimizer, optimizer_step, set_learning_rates
 
 
+class TrainingError(RuntimeError):
+    """The run cannot go on (non-finite steps in a row); the message says at which iteration and what to try."""
+
+
 def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
@@ -52,6 +56,8 @@ class Trainer:
         self.args, self.run = args, args.run
         self.train_head = True  # False: GRPO alone, no SPR loss (the overhead benchmark's baseline)
         self._store = None  # --save-rollouts, opened on first use
+        self.nonfinite_in_a_row = 0
+        self.iteration_now = 0
         self.info = distributed.initialize(args.parallel)
         self.ps = ps
         self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -348,7 +354,15 @@ class Trainer:
                 m.zero_grad_buffer()
             self.optimizer.zero_grad()
             reports += self._forward_backward(batches[k:k + self.num_micro], length)
-            norms.append(optimizer_step(self.optimizer, self.run.clip_grad, self.run.sprm_clip_grad))
+            result = optimizer_step(self.optimizer, self.run.clip_grad, self.run.sprm_clip_grad)
+            norms.append(result)
+            self.nonfinite_in_a_row = 0 if result.ok else self.nonfinite_in_a_row + 1
+            if self.nonfinite_in_a_row >= self.run.max_consecutive_nonfinite:
+                raise TrainingError(
+                    f"iteration {self.iteration_now}: {self.nonfinite_in_a_row} optimizer steps in a row had NaN/Inf "
+                    f"gradients and were skipped (--max-consecutive-nonfinite {self.run.max_consecutive_nonfinite}); "
+                    "the weights were not updated with them. Lower --lr / --sprm-lr, check the rollouts' log-probs, "
+                    "or resume from the last checkpoint with --load")
         times["train"] = time.time() - t
         metrics = {"grad norm": _mean([n.grad_norm for n in norms]),
                    "sprm grad norm": _mean([n.head_grad_norm for n in norms]),
@@ -357,6 +371,7 @@ class Trainer:
 
     def iteration(self, it: int) -> dict:
         t0 = time.time()
+        self.iteration_now = it
         lrs = set_learning_rates(self.optimizer, self.run, it)
         times = {}
         if self.run.stage == "sft":

@@ -42,8 +42,11 @@ def build_optimizer(model_chunks, run, transformer_config):
     overrides = {
         # Biases and norm weights take no weight decay (megatron's default rule).
         ParamKey(predicate=(_one_dimensional,)): {"wd_mult": 0.0},
+        # is_decoupled_lr marks the head's groups apart from the policy's in the checkpoint: megatron
+        # matches saved and current param groups by (wd_mult, lr_mult, is_expert_parallel, is_decoupled_lr).
         ParamKey(name="*sprm_head.*"): {
-            "max_lr": run.head_lr, "min_lr": run.head_lr, HEAD_GROUP_KEY: True, "base_weight_decay": head_decay},
+            "max_lr": run.head_lr, "min_lr": run.head_lr, HEAD_GROUP_KEY: True, "base_weight_decay": head_decay,
+            "is_decoupled_lr": True},
     }
     return get_megatron_optimizer(config, model_chunks, config_overrides=overrides)
 
@@ -81,7 +84,14 @@ def _grads_for_norm(opt, params) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def optimizer_step(optimizer, clip_grad: float, head_clip_grad: float) -> StepResult:
-    """Clip the policy and the head each by its own norm (0: no clip), then step. Collective."""
+    """Clip the policy and the head each by its own norm (0: no clip), then step. Collective.
+
+    A NaN or Inf gradient anywhere skips the update on every rank (the norms
+    are reduced, so all ranks see them) and returns ``ok=False``: weights never
+    take a non-finite step.
+    """
+    import math
+
     from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32, get_grad_norm_fp32
 
     if optimizer.prepare_grads():
@@ -97,9 +107,18 @@ def optimizer_step(optimizer, clip_grad: float, head_clip_grad: float) -> StepRe
             # Every rank computes both norms: the reductions are collective even where a group is empty.
             norm = get_grad_norm_fp32(_grads_for_norm(opt, params),
                                       grad_stats_parallel_group=opt.get_grad_stats_parallel_group())
-            clip = head_clip_grad if is_head else clip_grad
+            norms.setdefault(is_head, []).append((params, float(norm)))
+    if not all(math.isfinite(n) for pairs in norms.values() for _, n in pairs):
+        return StepResult(False, *(_first_norm(norms, h) for h in (False, True)))
+    for is_head, pairs in norms.items():
+        clip = head_clip_grad if is_head else clip_grad
+        for params, norm in pairs:
             if clip > 0 and params:
                 clip_grad_by_total_norm_fp32(params, clip, norm)
-            norms[is_head] = float(norm)
     ok = optimizer.step_with_ready_grads()
-    return StepResult(bool(ok), norms.get(False), norms.get(True))
+    return StepResult(bool(ok), _first_norm(norms, False), _first_norm(norms, True))
+
+
+def _first_norm(norms: dict, is_head: bool) -> float | None:
+    pairs = norms.get(is_head)
+    return pairs[0][1] if pairs else None
