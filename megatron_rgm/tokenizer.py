@@ -101,7 +101,7 @@ def load_tokenizer(path: str | Path) -> Any:
     try:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(p))
+        return AutoTokenizer.from_pretrained(str(p), trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise ConfigError(f"no tokenizer could be loaded from {p} ({e}): pass a directory with tokenizer.json or "
                           f"{SP_FILE}") from None
