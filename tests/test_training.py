@@ -151,6 +151,25 @@ def test_sprm_only_trains_the_head_and_leaves_the_policy(task, tmp_path):
     assert rows[0]["spr positives"] > 0 and rows[0]["spr negatives"] > 0 and rows[0]["sprm grad norm"] > 0
 
 
+def test_sft_files_with_a_bad_line_are_named(task, tmp_path):
+    from megatron_rgm.config import ConfigError
+    from megatron_rgm.tokenizer import load_tokenizer
+    from megatron_rgm.training.data import read_sft
+
+    tok = load_tokenizer(task["tokenizer"])
+    bad = tmp_path / "sft.jsonl"
+    bad.write_text('{"text": "Add 1 and 2."}\n{"text": \n')
+    with pytest.raises(ConfigError, match="sft.jsonl:2: not valid JSON"):
+        read_sft(str(bad), tok, tok.eos_token_id)
+    bad.write_text('{"text": "Add 1 and 2."}\n{"question": "x"}\n')
+    with pytest.raises(ConfigError, match="record 2 has neither 'text' nor 'prompt' and 'response'"):
+        read_sft(str(bad), tok, tok.eos_token_id)
+    prompt_and_response = tmp_path / "pr.jsonl"
+    prompt_and_response.write_text('{"prompt": "Add 1 and 2.", "response": "3"}\n')
+    [(ids, prompt_len)] = read_sft(str(prompt_and_response), tok, tok.eos_token_id)
+    assert ids[-1] == tok.eos_token_id and prompt_len == len(tok.encode("Add 1 and 2."))
+
+
 def test_stage_needs_its_data_flags(capsys):
     from megatron_rgm.pretrain import main
 

@@ -16,7 +16,6 @@ the uninterrupted one would have read.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,6 +106,7 @@ def read_sft(path: str, tokenizer, eos_id: int | None) -> list[tuple[list[int], 
 
     The loss covers the response (the whole text for ``{"text"}``) and an end-of-sequence token.
     """
+    from megatron_rgm.evaluation.benchmarks import read_jsonl
     from megatron_rgm.steps import encode
 
     p = Path(path)
@@ -114,20 +114,14 @@ def read_sft(path: str, tokenizer, eos_id: int | None) -> list[tuple[list[int], 
         raise ConfigError(f"--sft-data {p} does not exist: write it first (python -m megatron_rgm.tasks.prepare "
                           "writes one for the synthetic task)")
     out = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{p}:{n} is not valid JSON ({e.msg}): fix or delete that line") from None
+    for n, row in enumerate(read_jsonl(p), 1):  # corrupt lines are reported with their number there
         if "text" in row:
             ids, prompt_len = encode(tokenizer, row["text"]), 0
         elif "prompt" in row and "response" in row:
             prompt = encode(tokenizer, row["prompt"])
             ids, prompt_len = prompt + encode(tokenizer, row["response"]), len(prompt)
         else:
-            raise ConfigError(f"{p}:{n} has neither 'text' nor 'prompt' and 'response': give one of them")
+            raise ConfigError(f"{p}: record {n} has neither 'text' nor 'prompt' and 'response': give one of them")
         out.append((ids + ([eos_id] if eos_id is not None else []), prompt_len))
     if not out:
         raise ConfigError(f"--sft-data {p} holds no texts")
