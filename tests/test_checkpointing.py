@@ -28,23 +28,13 @@ def runs(tmp_path_factory):
     # A save that died half-way: a stale .tmp directory and nothing published for it.
     (root / "a" / "iter_0000006.tmp").mkdir()
     (root / "a" / "iter_0000006.tmp" / "junk").write_text("partial")
-    resumed = torchrun("-m megatron_rgm.pretrain", 2, FLAGS + ["--train-iters", "4", "--load",
-                                                              str(root / "a" / "iter_0000002")])
-    return root, losses(full.stdout), losses(resumed.stdout)
-
-
-@pytest.mark.multirank
-def test_resume_reproduces_the_uninterrupted_run_bitwise(runs):
-    _, full, resumed = runs
-    assert sorted(full) == [1, 2, 3, 4]
-    assert sorted(resumed) == [3, 4], "the resumed run must continue at iteration 3"
-    for it in (3, 4):
-        assert resumed[it] == full[it], (it, resumed[it], full[it])
+    # Bitwise resume (kill -9, death inside a save) is shown on the training loop in test_reliability.py.
+    return root, losses(full.stdout)
 
 
 @pytest.mark.multirank
 def test_latest_pointer_ignores_unfinished_saves(runs):
-    root, _, _ = runs
+    root, _ = runs
     assert latest_iteration(root / "a") == 4
     assert sorted(p.name for p in (root / "a").iterdir() if p.is_dir()) == [
         "iter_0000002", "iter_0000004", "iter_0000006.tmp"]
@@ -52,7 +42,7 @@ def test_latest_pointer_ignores_unfinished_saves(runs):
 
 @pytest.mark.multirank
 def test_saved_at_tp2_loads_at_tp1_pp2_with_identical_logits(runs):
-    root, _, _ = runs
+    root, _ = runs
     out = root / "reshard"
     out.mkdir()
     argv = FLAGS + ["--train-iters", "4"]

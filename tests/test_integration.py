@@ -55,6 +55,6 @@ def test_attach_sprm_head_on_a_plain_gptmodel_scores_like_rgmmodel(run):
 def test_add_rgm_args_registers_only_rgm_flags():
     parser = add_rgm_args(argparse.ArgumentParser(add_help=False))
     flags = [s for a in parser._actions for s in a.option_strings if s.startswith("--")]
-    assert flags and all(f.startswith(("--sprm-", "--grpo-")) for f in flags)
+    assert flags and all(f.startswith(("--sprm-", "--no-sprm-", "--grpo-")) for f in flags)
     cfg = rgm_config_from_args(parser.parse_args(["--sprm-layer", "-3", "--sprm-step-tokens", "\\n\\n"]))
     assert cfg.sprm_layer == -3 and cfg.sprm_step_tokens == ["\n\n"]

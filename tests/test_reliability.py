@@ -82,47 +82,43 @@ def task_files(tmp_path_factory):
 
 
 def RUN(task) -> list[str]:  # noqa: N802 - the flags of every run in this file
-    return [*TINY, "--tensor-model-parallel-size", "2", "--train-iters", "4", "--save-interval", "1",
+    return [*TINY, "--tensor-model-parallel-size", "2", "--train-iters", "3", "--save-interval", "1",
             "--prompts", str(task["train"]), "--tokenizer", str(task["tokenizer"]), "--grpo-kl-coef", "0",
-            "--max-response-length", "24"]
+            "--max-response-length", "16"]
 
 
 @pytest.mark.multirank
-def test_kill_9_at_a_random_point_then_resume_is_bitwise_identical(task_files, uninterrupted, tmp_path):
-    ckpt, metrics = tmp_path / "ckpt", tmp_path / "m.jsonl"
-    args = [*RUN(task_files), "--save", str(ckpt), "--load", str(ckpt), "--metrics-file", str(metrics)]
-    proc = launch(2, args)
-    stop_after = random.Random().choice([1, 2, 3])  # iterations logged before the kill
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= stop_after:
-            time.sleep(random.Random().uniform(0, 1.5))  # anywhere in the next iteration or its save
-            break
-        time.sleep(0.1)
-    kill_tree(proc)
-    torchrun("-m megatron_rgm.pretrain", 2, args)
-    resumed = rows_by_iteration(metrics)
-    assert sorted(resumed) == [1, 2, 3, 4]
-    for it in (1, 2, 3, 4):
-        assert same(resumed[it], uninterrupted[it]), (stop_after, it, resumed[it], uninterrupted[it])
-
-
-@pytest.mark.multirank
-def test_death_inside_a_save_leaves_the_previous_checkpoint_current(task_files, uninterrupted, tmp_path):
+def test_killed_inside_a_save_then_at_a_random_point_then_resumed_is_bitwise_identical(task_files, uninterrupted,
+                                                                                        tmp_path):
+    """Three launches of one run: SIGKILL inside the save of iteration 2, SIGKILL of torchrun and all its
+    workers at a random point, then to the end; every iteration must equal the uninterrupted run's."""
     from megatron_rgm.training.checkpointing import latest_iteration
 
     ckpt, metrics = tmp_path / "ckpt", tmp_path / "m.jsonl"
     args = [*RUN(task_files), "--save", str(ckpt), "--load", str(ckpt), "--metrics-file", str(metrics)]
+    # 1. Rank 0 dies after writing iteration 2, before publishing it: the previous checkpoint stays current.
     proc = launch(2, args, env={"MEGATRON_RGM_TEST_DIE_IN_SAVE": "2"})
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0, out[-2000:]
     assert latest_iteration(ckpt) == 1 and (ckpt / "iter_0000002.tmp").is_dir()
     assert not (ckpt / "iter_0000002").exists()
+    # 2. Resumed, then killed from outside after a random delay (inside an iteration or a save).
+    logged = len(metrics.read_text().splitlines())
+    proc = launch(2, args)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if len(metrics.read_text().splitlines()) > logged:  # the resumed run got through an iteration
+            time.sleep(random.Random().uniform(0, 2.0))
+            break
+        time.sleep(0.1)
+    kill_tree(proc)
+    # 3. Resumed to the end.
     torchrun("-m megatron_rgm.pretrain", 2, args)
     resumed = rows_by_iteration(metrics)
-    for it in (3, 4):
-        assert same(resumed[it], uninterrupted[it]), it
-    assert latest_iteration(ckpt) == 4
+    assert sorted(resumed) == [1, 2, 3]
+    for it in (1, 2, 3):
+        assert same(resumed[it], uninterrupted[it]), (it, resumed[it], uninterrupted[it])
+    assert latest_iteration(ckpt) == 3
 
 
 @pytest.mark.multirank
@@ -179,7 +175,7 @@ def test_a_dead_rank_makes_the_others_exit_with_a_message(task_files, tmp_path):
              "--distributed-timeout-minutes", "0.25", "--metrics-file", str(metrics)],
             env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     deadline = time.time() + 240
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 1):
         time.sleep(0.2)
     procs[0].kill()
     started = time.time()

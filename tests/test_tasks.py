@@ -61,7 +61,7 @@ def test_problems_deterministic_distinct_and_sized():
     assert [p.to_json() for p in a] != [p.to_json() for p in make_problems(300, seed=8)]
     assert len({tuple(sorted(p.numbers)) for p in a}) == 300 and len({p.id for p in a}) == 300
     for p in a:
-        assert 3 <= len(p.numbers) <= 5 and all(1 <= x <= 20 for x in p.numbers)
+        assert 3 <= len(p.numbers) <= 6 and all(1 <= x <= 9 for x in p.numbers)
         assert p.answer == str(sum(p.numbers)) and p.problem.startswith("Add ") and p.problem.endswith(".")
     other = make_problems(100, seed=9, exclude=[p.numbers for p in a])
     assert not {tuple(sorted(p.numbers)) for p in other} & {tuple(sorted(p.numbers)) for p in a}
@@ -105,10 +105,10 @@ def test_fixed_slips_stay_correct(problems, route):
 
 
 def test_errors_land_on_every_step():
-    p = make_problems(1, seed=0, min_terms=5, max_terms=5)[0]
+    p = make_problems(1, seed=0, min_terms=6, max_terms=6)[0]
     rng = random.Random(0)
     where = {[s.ok for s in make_steps(p, rng, True)].index(False) for _ in range(200)}
-    assert where == {0, 1, 2, 3}
+    assert where == {0, 1, 2, 3, 4}
 
 
 def test_correct_traces_take_several_routes(problems):
@@ -158,7 +158,7 @@ def test_tokenizer_round_trip_and_single_tokens(problems, tokenizer):
     for t in sft_texts(problems, seed=4, fix_rate=0.5):
         ids = tokenizer.encode(t)
         assert ids.count(step_id) == t.count(STEP)
-    for n in (0, 7, 42, 100):  # every number is one token, the same id wherever it appears
+    for n in (0, 7, 42, 54):  # every number is one token, the same id wherever it appears
         assert len(tokenizer.encode(str(n))) == 1
         assert tokenizer.encode(f"Add {n}, 1 and 2.")[1] == tokenizer.encode(f"1 + 2 = {n}.\n\n")[4]
 
@@ -183,7 +183,7 @@ def test_step_segmenter_counts_written_steps(problems, tokenizer):
 
 
 def test_token_lengths(tokenizer):
-    longest = make_problems(50, seed=0, min_terms=5, max_terms=5)
+    longest = make_problems(50, seed=0, min_terms=6, max_terms=6, max_value=20)
     rng = random.Random(0)
     lengths = [len(tokenizer.encode(prompt_text(p) + make_trace(p, rng, e, r, fixed=e)))
                for p in longest for e in (False, True) for r in ("chain", "tree")]

@@ -14,7 +14,7 @@ import pytest
 from conftest import REPO, clean_env, torchrun
 
 TINY = ["--preset", "tiny", "--micro-batch-size", "4", "--grpo-group-size", "4", "--prompts-per-iter", "2",
-        "--max-response-length", "48", "--verifier", "exact", "--lr", "1e-4"]
+        "--max-response-length", "24", "--verifier", "exact", "--lr", "1e-4"]
 
 
 @pytest.fixture(scope="module")

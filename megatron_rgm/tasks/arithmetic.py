@@ -1,27 +1,29 @@
 """Multi-step addition: the synthetic reasoning task of the tiny preset.
 
-A problem asks for the sum of a few small numbers (``"Add 14, 2, 9 and 17."``).
+A problem asks for the sum of a few small numbers (``"Add 4, 2, 9 and 7."``).
 A trace adds them two at a time, one step per line, each step ending with the
 step delimiter ``".\\n\\n"``, then boxes the last result::
 
-    Add 14, 2, 9 and 17.          <- problem (prompt = problem + "\\n<think>\\n")
+    Add 4, 2, 9 and 7.          <- problem (prompt = problem + "\\n<think>\\n")
     <think>
-    9 + 14 = 23.
+    9 + 4 = 13.
 
-    23 + 2 = 25.
+    13 + 2 = 15.
 
-    25 + 17 = 42.
+    15 + 7 = 22.
 
     </think>
-    \\boxed{42}
+    \\boxed{22}
 
 Why this shape: correct traces of one problem differ (the numbers are combined
 in a random order, so a policy's correct samples are not all the same text);
 every step is locally checkable (``a + b = c`` is right or not from its own
 tokens, so the hidden state before the delimiter can know); and traces stay
-short (under 50 tokens with :func:`train_tokenizer`). An erroneous trace has
-exactly one step whose result is off by 1 to 3; later steps add correctly to
-the wrong value, so the final answer is wrong by the same amount.
+short (prompt + response of 6 addends: about 50 tokens with :func:`train_tokenizer`).
+An erroneous trace has exactly one step whose result is off by 1 to 3; later
+steps add correctly to the wrong value, so the final answer is wrong by the
+same amount. Optionally (``fixed``) the slip is taken back within its step
+(``8 + 4 = 14, no, 12.``) and the trace stays correct.
 
 Grade responses with :class:`megatron_rgm.rollout.rewards.ExactVerifier`.
 """
@@ -61,7 +63,7 @@ class Problem:
 
     Attributes:
         id: unique within a :func:`make_problems` call (``"add-{seed}-{index}"``).
-        problem: the statement, e.g. ``"Add 14, 2, 9 and 17."``.
+        problem: the statement, e.g. ``"Add 4, 2, 9 and 7."``.
         answer: the sum, as a string.
         numbers: the addends, in the order the statement lists them.
     """
@@ -119,7 +121,7 @@ def check_ranges(min_terms: int, max_terms: int, max_value: int) -> None:
         raise ConfigError(f"max_value must be >= 1, got {max_value}")
 
 
-def make_problems(n: int, seed: int, *, min_terms: int = 3, max_terms: int = 5, max_value: int = 20,
+def make_problems(n: int, seed: int, *, min_terms: int = 3, max_terms: int = 6, max_value: int = 9,
                   exclude: Iterable[Sequence[int]] = ()) -> list[Problem]:
     """``n`` problems with pairwise different multisets of addends, the same for the same arguments.
 

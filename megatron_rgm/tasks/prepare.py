@@ -31,7 +31,7 @@ def _write_jsonl(path: Path, rows) -> Path:
 
 
 def prepare(out_dir: str | Path, seed: int = 0, n_train: int = 2000, n_eval: int = 200, n_sft: int = 4000, *,
-            error_rate: float = 0.3, min_terms: int = 3, max_terms: int = 5, max_value: int = 20,
+            error_rate: float = 0.3, min_terms: int = 3, max_terms: int = 6, max_value: int = 9,
             tree_fraction: float = 0.0, fix_rate: float = 0.0, vocab_size: int = 512) -> dict[str, Path]:
     """Generate the task's files under ``out_dir``.
 
@@ -94,8 +94,8 @@ def main(argv=None) -> int:
     p.add_argument("--error-rate", type=float, default=0.3, help="fraction of SFT traces with a slip in one step")
     p.add_argument("--fix-rate", type=float, default=0.0, help="fraction of slips taken back within their step")
     p.add_argument("--min-terms", type=int, default=3)
-    p.add_argument("--max-terms", type=int, default=5)
-    p.add_argument("--max-value", type=int, default=20, help="addends are in 1..max-value")
+    p.add_argument("--max-terms", type=int, default=6)
+    p.add_argument("--max-value", type=int, default=9, help="addends are in 1..max-value")
     p.add_argument("--tree-fraction", type=float, default=0.0, help="fraction of SFT traces on the tree route")
     p.add_argument("--vocab-size", type=int, default=512, help="upper bound of the tokenizer's vocabulary")
     a = p.parse_args(argv)
