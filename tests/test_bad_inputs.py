@@ -21,7 +21,7 @@ from conftest import REPO, WORKERS
 from megatron_rgm.config import ConfigError
 from megatron_rgm.rollout.store import RolloutStore
 from test_best_of_n import tool
-from test_convert import VOCAB, make_hf, save_tokenizer
+from test_convert import make_hf, save_tokenizer
 
 sys.path.insert(0, str(WORKERS))
 from store_writer import batch  # noqa: E402
@@ -284,17 +284,8 @@ def test_loaders_are_safe_by_default():
 # --- a tokenizer with no step token ------------------------------------------------------------------------------
 
 def save_tokenizer_without_step_token(out: Path) -> None:
-    """A byte-level BPE trained on text without '.': none of its tokens holds '.\\n\\n'; '\\n\\n' is one token."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB - 4, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<think>", "</think>"], show_progress=False)
-    tok.train_from_iterator(["<think>Add 3 and 4\n\nThat gives 7\n\n</think>The answer is 7\n\n"] * 20, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(out)
+    """A byte-level BPE trained on text without '.': none of its tokens holds '.\n\n'; '\n\n' is one token."""
+    save_tokenizer(out, "<think>Add 3 and 4\n\nThat gives 7\n\n</think>The answer is 7\n\n", step_token=False)
 
 
 def test_tokenizer_without_step_token_unless_step_tokens_say_which(export, tmp_path):

@@ -35,7 +35,8 @@ def make_hf(kind: str, out: Path) -> Path:
     return out
 
 
-def save_tokenizer(out: Path) -> None:
+def save_tokenizer(out: Path, text: str = TEXT, step_token: bool = True) -> None:
+    """A byte-level BPE trained on ``text``; ``step_token`` adds ".\n\n" as one token."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -44,8 +45,9 @@ def save_tokenizer(out: Path) -> None:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=VOCAB - 4, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   special_tokens=["<think>", "</think>"], show_progress=False)
-    tok.train_from_iterator([TEXT] * 20, trainer)
-    tok.add_tokens([AddedToken(".\n\n", normalized=False)])
+    tok.train_from_iterator([text] * 20, trainer)
+    if step_token:
+        tok.add_tokens([AddedToken(".\n\n", normalized=False)])
     PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(out)
 
 
