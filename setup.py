@@ -18,10 +18,15 @@ INSTALL_REQUIRES = [
     "numpy",
     # megatron-core's dist_checkpointing needs psutil but does not declare it.
     "psutil",
+    # The main job (the tiny pipeline) exports to HF, grades answers, logs to tensorboard and plots.
+    "transformers>=4.45",
+    "math-verify>=0.7",
+    "matplotlib>=3.7",
+    "tensorboard>=2.14",
 ]
 
 EXTRAS = {
-    "dev": ["pytest>=8", "transformers>=4.45", "math-verify>=0.7", "matplotlib>=3.7", "tensorboard>=2.14"],
+    "dev": ["pytest>=8"],
     "te": ["transformer-engine[pytorch]"],
 }
 
