@@ -41,6 +41,12 @@ def synthetic_batch(args: Args, generator: torch.Generator):
     return seq[:, :-1], seq[:, 1:], positions, step_mask
 
 
+def _data_seed(seed: int, dp_rank: int, iteration: int) -> int:
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, dp_rank, iteration]).generate_state(1)[0])
+
+
 def _loss_func(stats: dict, output):
     token_loss, step_logits = output
     loss = token_loss.float().mean()
@@ -84,7 +90,9 @@ def backbone_check(args: Args) -> list[float]:
     args.transformer.finalize_model_grads_func = finalize_model_grads
     args.transformer.grad_scale_func = optimizer.scale_loss
 
-    gen = torch.Generator().manual_seed(args.parallel.seed + parallel_state.get_data_parallel_rank())
+    # Each iteration's batches are a function of (seed, data-parallel rank, iteration), as in the training
+    # loop: a run resumed at another TP/PP layout (whose per-rank RNG states do not load) sees the same data.
+    gen, dp_rank = torch.Generator(), parallel_state.get_data_parallel_rank()
     start_iter = 1
     if args.run.load:
         from pathlib import Path
@@ -94,7 +102,7 @@ def backbone_check(args: Args) -> list[float]:
         # A save directory with a finished checkpoint, or one iter_XXXXXXX directory; an empty
         # --load directory starts a new run (Megatron-LM's behaviour).
         if latest_iteration(args.run.load) is not None or (Path(args.run.load) / "metadata.json").exists():
-            start_iter = load_checkpoint(args.run.load, model, optimizer=optimizer, data_generator=gen).iteration + 1
+            start_iter = load_checkpoint(args.run.load, model, optimizer=optimizer).iteration + 1
     forward_backward = get_forward_backward_func()
     last_stage = parallel_state.is_pipeline_last_stage()
     losses = []
@@ -103,6 +111,7 @@ def backbone_check(args: Args) -> list[float]:
         for m in model:
             m.zero_grad_buffer()
         optimizer.zero_grad()
+        gen.manual_seed(_data_seed(args.parallel.seed, dp_rank, it))
         batches = [synthetic_batch(args, gen) for _ in range(num_micro)]
         stats: dict = {}
         reports = forward_backward(
@@ -128,7 +137,7 @@ def backbone_check(args: Args) -> list[float]:
         if args.run.save and (it == args.run.train_iters or (args.run.save_interval and it % args.run.save_interval == 0)):
             from megatron_rgm.training.checkpointing import save_checkpoint
 
-            save_checkpoint(args.run.save, it, model, optimizer=optimizer, data_generator=gen,
+            save_checkpoint(args.run.save, it, model, optimizer=optimizer,
                             extra={"model_argv": args.namespace.model_argv})
     if info.rank == 0:
         print("backbone check done: model, layout, DDP and optimizer ran", flush=True)

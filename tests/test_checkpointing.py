@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
@@ -41,14 +42,26 @@ def test_latest_pointer_ignores_unfinished_saves(runs):
 
 
 @pytest.mark.multirank
-def test_saved_at_tp2_loads_at_tp1_pp2_with_identical_logits(runs):
-    root, _ = runs
+def test_saved_at_tp2_loads_at_tp1_pp2_and_tp2_pp2_with_identical_logits_and_continues(runs):
+    """The TP=2 checkpoint of iteration 4 (weights and Adam state) at TP=1 x PP=2 and TP=2 x PP=2.
+
+    Right after the load the logits equal the saver's (loaded back at TP=2); two more iterations at each
+    layout give the losses of continuing at TP=2: the optimizer state was resharded, not restarted.
+    """
+    root, saved = runs
     out = root / "reshard"
     out.mkdir()
-    argv = FLAGS + ["--train-iters", "4"]
-    torchrun("reshard_logits.py", 2, [str(root / "a"), json.dumps(argv), str(out)])
-    a, b = torch.load(out / "logits_tp2_pp1.pt"), torch.load(out / "logits_tp1_pp2.pt")
-    torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+    argv, more = json.dumps(FLAGS), json.dumps(["--train-iters", "6"])
+    torchrun("reshard_logits.py", 2, [str(root / "a"), argv, str(out), "2x1,1x2", more])
+    torchrun("reshard_logits.py", 4, [str(root / "a"), argv, str(out), "2x2", more])
+    saver = torch.load(out / "logits_tp2_pp1.pt")
+    reference = json.loads((out / "continued_tp2_pp1.json").read_text())
+    assert len(reference) == 2 and all(math.isfinite(x) for x in reference), reference  # iterations 5 and 6
+    assert max(reference) < float(saved[1][0]), (reference, saved)  # on from iteration 4, not from scratch
+    for layout in ("tp1_pp2", "tp2_pp2"):
+        torch.testing.assert_close(torch.load(out / f"logits_{layout}.pt"), saver, rtol=0, atol=1e-5)
+        continued = json.loads((out / f"continued_{layout}.json").read_text())
+        assert continued == pytest.approx(reference, rel=0, abs=1e-5), (layout, continued, reference)
 
 
 def test_bad_load_paths(tmp_path):
