@@ -31,7 +31,7 @@ def test_shrunken_pipeline_writes_every_artefact_and_a_consistent_table(tmp_path
                  "sft/latest_checkpointed_iteration.txt", "rgm/latest_checkpointed_iteration.txt",
                  "rgm/hf_assets/tokenizer.model", "rollouts/zarr.json", "hf/score_module.pt", "hf/config.json",
                  "hf/tokenizer.model", "samples.jsonl", "eval.json", "eval.md", "accuracy_vs_k.png",
-                 "score_divergence.png", "train_metrics.jsonl"):
+                 "score_divergence.png", "train_metrics.jsonl", "scorer.json"):
         assert (out / name).exists(), name
     assert len((out / "train_metrics.jsonl").read_text().splitlines()) == 2
 
@@ -53,6 +53,11 @@ def test_shrunken_pipeline_writes_every_artefact_and_a_consistent_table(tmp_path
         geo.append(c[int(np.argmax(scores))])
     assert metrics["bon@4/geometric"] == pytest.approx(np.mean(geo))
     assert "maj@4" in metrics and 0 <= metrics["maj@4"] <= 1
+    # The scorer report reads the same samples: its head BoN and pass@1 are the table's.
+    scorer = json.loads((out / "scorer.json").read_text())
+    assert scorer["candidates"] == 24 and scorer["pass@1"] == pytest.approx(metrics["pass@1"])
+    assert scorer["sprm"]["bon@4"] == pytest.approx(metrics["bon@4/geometric"])
+    assert scorer["probe"] is None or 0 <= scorer["probe"]["bon@4"] <= 1
 
 
 def test_pipeline_refuses_a_non_empty_output(tmp_path):

@@ -104,6 +104,27 @@ def test_fixed_slips_stay_correct(problems, route):
         assert ExactVerifier()(response, p.answer).outcome == CORRECT
 
 
+def test_given_order_adds_the_numbers_as_the_statement_lists_them(problems):
+    rng = random.Random(0)
+    for p in problems[:100]:
+        for error, fixed in ((False, False), (True, False), (True, True)):
+            steps = make_steps(p, rng, error, fixed=fixed, order="given")
+            assert [steps[0].a] + [s.b for s in steps] == p.numbers  # every operand in the statement's order
+            assert all(s.a == prev.result for prev, s in zip(steps, steps[1:]))
+            assert sum(not s.ok for s in steps) == (1 if error and not fixed else 0)
+            assert parse_steps(render(steps)) == steps
+        # Only the slips differ between correct traces of one problem.
+        assert len({make_trace(p, rng, order="given") for _ in range(8)}) == 1
+    texts = sft_texts(problems[:50], seed=2, error_rate=1.0, fix_rate=0.5, order="given")
+    assert sum(", no, " in t for t in texts) == 100  # 200 traces, every one slips, half taken back
+    with pytest.raises(ConfigError, match="order 'given' needs route 'chain'"):
+        make_steps(problems[0], rng, route="tree", order="given")
+    with pytest.raises(ConfigError, match="tree_fraction"):
+        sft_texts(problems[:5], seed=0, tree_fraction=0.5, order="given")
+    with pytest.raises(ConfigError, match="unknown order"):
+        make_steps(problems[0], rng, order="sorted")
+
+
 def test_errors_land_on_every_step():
     p = make_problems(1, seed=0, min_terms=6, max_terms=6)[0]
     rng = random.Random(0)

@@ -15,15 +15,22 @@ step delimiter ``".\\n\\n"``, then boxes the last result::
     </think>
     \\boxed{22}
 
-Why this shape: correct traces of one problem differ (the numbers are combined
-in a random order, so a policy's correct samples are not all the same text);
-every step is locally checkable (``a + b = c`` is right or not from its own
-tokens, so the hidden state before the delimiter can know); and traces stay
-short (prompt + response of 6 addends: about 50 tokens with :func:`train_tokenizer`).
-An erroneous trace has exactly one step whose result is off by 1 to 3; later
-steps add correctly to the wrong value, so the final answer is wrong by the
-same amount. Optionally (``fixed``) the slip is taken back within its step
-(``8 + 4 = 14, no, 12.``) and the trace stays correct.
+Why this shape: every step is locally checkable (``a + b = c`` is right or not
+from its own tokens, so the hidden state before the delimiter can know), and
+traces stay short (prompt + response of 6 addends: about 50 tokens with
+:func:`train_tokenizer`). An erroneous trace has exactly one step whose result
+is off by 1 to 3; later steps add correctly to the wrong value, so the final
+answer is wrong by the same amount. Optionally (``fixed``) the slip is taken
+back within its step (``8 + 4 = 14, no, 12.``) and the trace stays correct.
+
+Two orders of the addends: ``shuffled`` (random, so correct samples of one
+problem are different texts) and ``given`` (the statement's order). The tiny
+pipeline uses ``given`` with half the slips taken back, for what was measured
+(docs/RESULTS.md): with shuffled orders most wrong answers of a tiny policy
+came from losing track of which addends were left, a mistake no step shows;
+and only traces that sometimes take a slip back give the model a reason to
+represent, at the last token of a step, whether that step was right (it must
+predict ``", no, "``), which is the feature the SPRM head reads.
 
 Grade responses with :class:`megatron_rgm.rollout.rewards.ExactVerifier`.
 """
@@ -46,6 +53,7 @@ THINK_END = "</think>"
 BOX = "\\boxed{"
 RETRACT = ", no, "
 ROUTES = ("chain", "tree")
+ORDERS = ("shuffled", "given")
 ERROR_DELTAS = (-3, -2, -1, 1, 2, 3)
 # Every fixed piece of the format is one token, so numbers are never merged with
 # punctuation and a number has the same token id wherever it appears.
@@ -162,7 +170,7 @@ def prompt_text(problem: Problem) -> str:
 
 
 def make_steps(problem: Problem, rng: random.Random, error: bool = False, route: str = "chain",
-               fixed: bool = False) -> list[Step]:
+               fixed: bool = False, order: str = "shuffled") -> list[Step]:
     """The steps of one trace (``len(numbers) - 1`` of them).
 
     Args:
@@ -174,11 +182,21 @@ def make_steps(problem: Problem, rng: random.Random, error: bool = False, route:
             (``7 + 5 = 13, no, 12.``) and the trace stays correct.
         route: ``chain`` adds each next number (in a random order) to the running
             total; ``tree`` adds any two of the numbers and partial sums left.
+        order: ``shuffled`` takes the numbers in a random order; ``given`` takes them
+            in the order the statement lists them (``chain`` only), so no step has to
+            remember which addends are left and every slip is an arithmetic one.
     """
     if route not in ROUTES:
         raise ConfigError(f"unknown route {route!r}: choose one of {', '.join(ROUTES)}")
+    if order not in ORDERS:
+        raise ConfigError(f"unknown order {order!r}: choose one of {', '.join(ORDERS)}")
+    if order == "given" and route != "chain":
+        raise ConfigError(f"order 'given' needs route 'chain' (got {route!r}): the tree route picks numbers at random")
     pool = list(problem.numbers)
-    rng.shuffle(pool)
+    if order == "shuffled":
+        rng.shuffle(pool)
+    else:
+        pool.reverse()  # pop() takes from the end: the statement's order
     n_steps = len(pool) - 1
     bad = rng.randrange(n_steps) if error else -1
     steps: list[Step] = []
@@ -205,9 +223,9 @@ def render(steps: Sequence[Step]) -> str:
 
 
 def make_trace(problem: Problem, rng: random.Random, error: bool = False, route: str = "chain",
-               fixed: bool = False) -> str:
+               fixed: bool = False, order: str = "shuffled") -> str:
     """One response (the text after the prompt), correct unless ``error`` and not ``fixed``; see :func:`make_steps`."""
-    return render(make_steps(problem, rng, error, route, fixed))
+    return render(make_steps(problem, rng, error, route, fixed, order))
 
 
 def parse_steps(response: str) -> list[Step]:
@@ -220,7 +238,7 @@ def parse_steps(response: str) -> list[Step]:
 
 
 def sft_texts(problems: Sequence[Problem], seed: int, *, error_rate: float = 0.3, traces_per_problem: int = 4,
-              tree_fraction: float = 0.0, fix_rate: float = 0.0) -> list[str]:
+              tree_fraction: float = 0.0, fix_rate: float = 0.0, order: str = "shuffled") -> list[str]:
     """Full texts (prompt + response) for the warm-start SFT, shuffled.
 
     Args:
@@ -232,6 +250,7 @@ def sft_texts(problems: Sequence[Problem], seed: int, *, error_rate: float = 0.3
         fix_rate: fraction of the slips (rounded) taken back within their step
             (``7 + 5 = 13, no, 12.``); the others propagate to a wrong answer, so
             ``error_rate * (1 - fix_rate)`` of the traces end wrong.
+        order: ``shuffled`` or ``given`` (see :func:`make_steps`; ``given`` needs ``tree_fraction=0``).
 
     Returns:
         ``len(problems) * traces_per_problem`` strings ``prompt_text(p) + response``.
@@ -241,12 +260,15 @@ def sft_texts(problems: Sequence[Problem], seed: int, *, error_rate: float = 0.3
             raise ConfigError(f"{name} must be in [0, 1], got {v}")
     if traces_per_problem < 1:
         raise ConfigError(f"traces_per_problem must be >= 1, got {traces_per_problem}")
+    if order == "given" and tree_fraction > 0:
+        raise ConfigError(f"order 'given' cannot be combined with tree_fraction={tree_fraction}: the tree route "
+                          "picks numbers at random; pass tree_fraction=0 or order 'shuffled'")
     rng = random.Random(f"arithmetic-sft-{seed}")
     jobs = [p for p in problems for _ in range(traces_per_problem)]
     slips = rng.sample(range(len(jobs)), round(error_rate * len(jobs)))
     fixed, slipped = set(slips[:round(fix_rate * len(slips))]), set(slips)
     texts = [prompt_text(p) + make_trace(p, rng, i in slipped, "tree" if rng.random() < tree_fraction else "chain",
-                                         i in fixed)
+                                         i in fixed, order)
              for i, p in enumerate(jobs)]
     rng.shuffle(texts)
     return texts

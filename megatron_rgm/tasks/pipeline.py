@@ -13,8 +13,11 @@ artefact lands under ``--output``::
     hf/              HF export (safetensors + score_module.pt + tokenizer)
     samples.jsonl    Best-of-N on the eval prompts, every candidate answered
     eval.json, eval.md, accuracy_vs_k.png, score_divergence.png
+    scorer.json      the head's pairwise accuracy, margin, step AUC and the supervised-probe bound
 
-The evaluation table is printed last, then ``output: <dir>``.
+The evaluation table is printed last, then ``output: <dir>``. ``--sft-from RUN``
+copies ``task/`` and ``sft/`` of an earlier run and starts at the RGM stage, so
+ablations of the RGM stage share one warm start.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -43,7 +47,10 @@ class PipelineConfig:
     n_sft: int = 4000
     max_value: int = 9
     max_terms: int = 6
-    error_rate: float = 0.3
+    error_rate: float = 1.0
+    fix_rate: float = 0.5
+    order: str = "given"
+    num_layers: int = 8
     sft_iters: int = 2000
     sft_batch: int = 32
     sft_lr: float = 2e-3
@@ -58,6 +65,7 @@ class PipelineConfig:
     eval_k: int = 8
     ks: tuple[int, ...] = (1, 2, 8)
     extra: list[str] = field(default_factory=list)
+    sft_from: str | None = None
 
 
 def _say(msg: str) -> None:
@@ -111,6 +119,8 @@ def run(cfg: PipelineConfig) -> dict:
     from megatron_rgm.inference.best_of_n import BestOfNConfig, load_problems, run_megatron
     from megatron_rgm.rollout.sampler import SamplingParams
     from megatron_rgm.tasks.prepare import prepare
+    from megatron_rgm.tasks.probe import format_report as format_probe
+    from megatron_rgm.tasks.probe import report as probe_report
 
     import torch
 
@@ -121,17 +131,33 @@ def run(cfg: PipelineConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
 
-    _say(f"1/6 task: {cfg.n_train} train / {cfg.n_eval} eval problems, {cfg.n_sft} SFT traces, tokenizer")
-    task = prepare(out / "task", seed=cfg.seed, n_train=cfg.n_train, n_eval=cfg.n_eval, n_sft=cfg.n_sft,
-                   max_value=cfg.max_value, max_terms=cfg.max_terms, error_rate=cfg.error_rate)
-    common = ["--preset", "tiny", "--tokenizer", str(task["tokenizer"]), "--seed", str(cfg.seed)]
+    if cfg.sft_from:
+        src = Path(cfg.sft_from)
+        done = (src / "task" / "task.json").is_file() and (src / "sft" / "latest_checkpointed_iteration.txt").is_file()
+        if not done:
+            raise ConfigError(f"--sft-from {src} is not a finished tiny run (no task/task.json or sft/ checkpoint): "
+                              "pass the output directory of an earlier run")
+        _say(f"1-2/6 task and SFT warm start copied from {src}")
+        shutil.copytree(src / "task", out / "task")
+        shutil.copytree(src / "sft", out / "sft")
+        task = {"tokenizer": out / "task" / "tokenizer" / "tokenizer.model",
+                "train": out / "task" / "train_prompts.jsonl", "eval": out / "task" / "eval_prompts.jsonl"}
+    else:
+        _say(f"1/6 task: {cfg.n_train} train / {cfg.n_eval} eval problems, {cfg.n_sft} SFT traces, tokenizer")
+        task = prepare(out / "task", seed=cfg.seed, n_train=cfg.n_train, n_eval=cfg.n_eval, n_sft=cfg.n_sft,
+                       max_value=cfg.max_value, max_terms=cfg.max_terms, error_rate=cfg.error_rate,
+                       fix_rate=cfg.fix_rate, order=cfg.order)
+    common = ["--preset", "tiny", "--num-layers", str(cfg.num_layers), "--tokenizer", str(task["tokenizer"]),
+              "--seed", str(cfg.seed)]
 
-    _say(f"2/6 SFT warm start: {cfg.sft_iters} iterations x {cfg.sft_batch} texts on {cfg.nproc} data-parallel ranks")
-    _torchrun(cfg.nproc, [*common, "--stage", "sft", "--sft-data", str(task["sft"]), "--train-iters",
-                          str(cfg.sft_iters), "--global-batch-size", str(cfg.sft_batch), "--micro-batch-size",
-                          str(cfg.sft_batch // cfg.nproc), "--lr", str(cfg.sft_lr), "--lr-warmup-iters", "20",
-                          "--log-interval", str(max(1, cfg.sft_iters // 10)), "--save", str(out / "sft")],
-              out / "sft.log")
+    if not cfg.sft_from:
+        _say(f"2/6 SFT warm start: {cfg.sft_iters} iterations x {cfg.sft_batch} texts on {cfg.nproc} "
+             "data-parallel ranks")
+        _torchrun(cfg.nproc, [*common, "--stage", "sft", "--sft-data", str(task["sft"]), "--train-iters",
+                              str(cfg.sft_iters), "--global-batch-size", str(cfg.sft_batch), "--micro-batch-size",
+                              str(cfg.sft_batch // cfg.nproc), "--lr", str(cfg.sft_lr), "--lr-warmup-iters", "20",
+                              "--log-interval", str(max(1, cfg.sft_iters // 10)), "--save", str(out / "sft")],
+                  out / "sft.log")
 
     _say(f"3/6 RGM (GRPO + SPR): {cfg.rgm_iters} iterations x {cfg.prompts_per_iter} prompts x k={cfg.k}, "
          f"{' '.join(cfg.rgm_layout)}")
@@ -156,6 +182,9 @@ def run(cfg: PipelineConfig) -> dict:
     mcore_to_hf(str(out / "rgm"), str(out / "hf"))
 
     plot_divergence(out / "train_metrics.jsonl", out / "score_divergence.png")
+    scorer = probe_report(out, min(cfg.eval_k, max(cfg.ks)))
+    (out / "scorer.json").write_text(json.dumps(scorer, indent=1) + "\n")
+    print(format_probe(scorer, min(cfg.eval_k, max(cfg.ks))), flush=True)
     _say(f"6/6 evaluation ({time.time() - started:.0f} s so far): pass@1, maj@k, BoN@k per aggregation, oracle")
     metrics = evaluate(out / "samples.jsonl", list(cfg.ks), out / "eval.json", out / "eval.md",
                        out / "accuracy_vs_k.png", "exact")  # prints the table
@@ -172,11 +201,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", required=True)
     p.add_argument("--nproc", type=int, default=d.nproc)
     p.add_argument("--seed", type=int, default=d.seed)
-    for name in ("n_train", "n_eval", "n_sft", "max_value", "max_terms", "sft_iters", "sft_batch", "rgm_iters",
-                 "prompts_per_iter", "k", "max_response", "eval_k"):
+    for name in ("n_train", "n_eval", "n_sft", "max_value", "max_terms", "num_layers", "sft_iters", "sft_batch",
+                 "rgm_iters", "prompts_per_iter", "k", "max_response", "eval_k"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
-    for name in ("error_rate", "sft_lr", "rgm_lr", "sprm_lr", "temperature"):
+    for name in ("error_rate", "fix_rate", "sft_lr", "rgm_lr", "sprm_lr", "temperature"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    p.add_argument("--order", choices=("shuffled", "given"), default=d.order,
+                   help="SFT traces add the numbers in a random order or in the statement's order")
+    p.add_argument("--sft-from", default=None, metavar="RUN",
+                   help="reuse task/ and sft/ of an earlier run's output directory (ablations of the RGM stage)")
     p.add_argument("--ks", type=int, nargs="+", default=list(d.ks))
     p.add_argument("--rgm-layout", default="--tensor-model-parallel-size 2",
                    help="layout flags of the RGM stage, e.g. '--pipeline-model-parallel-size 2'")

@@ -32,7 +32,8 @@ def _write_jsonl(path: Path, rows) -> Path:
 
 def prepare(out_dir: str | Path, seed: int = 0, n_train: int = 2000, n_eval: int = 200, n_sft: int = 4000, *,
             error_rate: float = 0.3, min_terms: int = 3, max_terms: int = 6, max_value: int = 9,
-            tree_fraction: float = 0.0, fix_rate: float = 0.0, vocab_size: int = 512) -> dict[str, Path]:
+            tree_fraction: float = 0.0, fix_rate: float = 0.0, order: str = "shuffled",
+            vocab_size: int = 512) -> dict[str, Path]:
     """Generate the task's files under ``out_dir``.
 
     Args:
@@ -45,6 +46,7 @@ def prepare(out_dir: str | Path, seed: int = 0, n_train: int = 2000, n_eval: int
         fix_rate: fraction of those slips taken back within the step; the rest propagate to a wrong answer.
         min_terms, max_terms, max_value: problem ranges (see :func:`make_problems`).
         tree_fraction: fraction of SFT traces on the ``tree`` route.
+        order: ``shuffled`` (addends in a random order) or ``given`` (the statement's order).
         vocab_size: upper bound of the tokenizer's vocabulary.
 
     Returns:
@@ -62,7 +64,7 @@ def prepare(out_dir: str | Path, seed: int = 0, n_train: int = 2000, n_eval: int
     problems = make_problems(n_eval + n_train, seed, min_terms=min_terms, max_terms=max_terms, max_value=max_value)
     eval_set, train_set = problems[:n_eval], problems[n_eval:]
     texts = sft_texts(train_set, seed, error_rate=error_rate, traces_per_problem=max(1, ceil(n_sft / max(n_train, 1))),
-                      tree_fraction=tree_fraction, fix_rate=fix_rate)[:n_sft]
+                      tree_fraction=tree_fraction, fix_rate=fix_rate, order=order)[:n_sft]
     # Prompts join the SFT texts so the tokenizer also sees numbers only eval problems use.
     tok_path = train_tokenizer(texts + [prompt_text(p) for p in problems], out / "tokenizer", vocab_size=vocab_size,
                                max_number=max_terms * max_value)
@@ -77,7 +79,7 @@ def prepare(out_dir: str | Path, seed: int = 0, n_train: int = 2000, n_eval: int
     tok = load_tokenizer(tok_path)
     lengths = sorted(len(tok.encode(t)) for t in texts) or [0]
     meta = dict(seed=seed, n_train=n_train, n_eval=n_eval, n_sft=len(texts), error_rate=error_rate, fix_rate=fix_rate,
-                min_terms=min_terms, max_terms=max_terms, max_value=max_value, tree_fraction=tree_fraction,
+                min_terms=min_terms, max_terms=max_terms, max_value=max_value, tree_fraction=tree_fraction, order=order,
                 vocab_size=len(tok), sft_tokens_max=lengths[-1], sft_tokens_mean=round(sum(lengths) / len(lengths), 2))
     paths["meta"] = out / "task.json"
     paths["meta"].write_text(json.dumps(meta, indent=1) + "\n")
@@ -97,13 +99,16 @@ def main(argv=None) -> int:
     p.add_argument("--max-terms", type=int, default=6)
     p.add_argument("--max-value", type=int, default=9, help="addends are in 1..max-value")
     p.add_argument("--tree-fraction", type=float, default=0.0, help="fraction of SFT traces on the tree route")
+    p.add_argument("--order", choices=("shuffled", "given"), default="shuffled",
+                   help="addends in a random order, or in the statement's order")
     p.add_argument("--vocab-size", type=int, default=512, help="upper bound of the tokenizer's vocabulary")
     a = p.parse_args(argv)
 
     def body():
         paths = prepare(a.output, a.seed, a.n_train, a.n_eval, a.n_sft, error_rate=a.error_rate,
                         min_terms=a.min_terms, max_terms=a.max_terms, max_value=a.max_value,
-                        tree_fraction=a.tree_fraction, fix_rate=a.fix_rate, vocab_size=a.vocab_size)
+                        tree_fraction=a.tree_fraction, fix_rate=a.fix_rate, order=a.order,
+                        vocab_size=a.vocab_size)
         for name, path in paths.items():
             print(f"{name}: {path}")
 

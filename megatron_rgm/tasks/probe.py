@@ -1,0 +1,302 @@
+"""How well step scores pick the correct trajectory, and the supervised bound on the same features.
+
+    python -m megatron_rgm.tasks.probe RUN_DIR [--k 8] [--folds 2] [--all-layers] [--json RUN_DIR/scorer.json]
+
+Reads ``RUN_DIR/samples.jsonl`` (Best-of-N output with every candidate graded)
+and ``RUN_DIR/hf`` (the HF export) of a tiny-preset run. For the SPRM head as
+trained, and for a *supervised probe* (a head of the same shape trained with
+plain BCE on the true step labels of other problems' candidates: the upper
+bound of what any step scorer reading these features can do), it reports:
+
+* ``pairwise``: within-problem pairwise accuracy, the fraction of (correct,
+  incorrect) candidate pairs of one problem whose geometric-mean scores are
+  ordered right (ties count half);
+* ``margin``: mean geometric score of correct candidates minus incorrect ones;
+* ``step_auc``: AUC of the step score between right and wrong steps (a step is
+  wrong when its sum is wrong or it adds a number that is not the next one);
+* ``bon@k``: Best-of-N with the geometric mean, as :mod:`megatron_rgm.evaluation.metrics` counts it.
+
+The probe is cross-fitted: problems are split into ``folds`` parts by index,
+and each part is scored by a probe trained on the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from megatron_rgm.config import ConfigError, run_tool
+from megatron_rgm.tasks.arithmetic import PROMPT_TEMPLATE, Step, parse_steps
+
+
+class NoProbeData(ValueError):
+    """No candidate with parseable steps to train the supervised probe on."""
+
+
+@dataclass
+class Candidate:
+    """One graded thinking trajectory of a samples file.
+
+    Attributes:
+        problem: problem id.
+        index: the problem's position in the file (folds split on it).
+        correct: its final answer is right.
+        prompt, text: the prompt and the thinking text the head scored.
+        step_scores: the head's step probabilities, as sampled.
+        step_ok: per step, whether it is right (None when the text's steps cannot be parsed one to one).
+    """
+
+    problem: str
+    index: int
+    correct: bool
+    prompt: str
+    text: str
+    step_scores: list[float]
+    step_ok: list[bool] | None
+
+
+def step_labels(numbers: Sequence[int], steps: Sequence[Step]) -> list[bool]:
+    """Whether each written step is right: its own sum, and an operand that is still to be added.
+
+    A chain step adds one addend not used yet to the previous result (the first
+    step adds two); a step that adds a number already used up, or starts from
+    anything but the previous result, is wrong even if its sum is right.
+    """
+    left = Counter(numbers)
+    ok, previous = [], None
+    for i, s in enumerate(steps):
+        if i == 0:
+            good = left[s.a] > 0
+            left[s.a] -= 1
+        else:
+            good = s.a == previous
+        good = good and left[s.b] > 0 and s.ok
+        left[s.b] -= 1
+        ok.append(bool(good))
+        previous = s.result
+    return ok
+
+
+def load_candidates(path: str | Path) -> list[Candidate]:
+    """Every graded candidate of a Best-of-N samples file (``--complete-all`` output)."""
+    from megatron_rgm.evaluation.benchmarks import read_jsonl
+
+    out = []
+    for n, row in enumerate(read_jsonl(path)):
+        if "candidates" not in row or "problem" not in row:
+            raise ConfigError(f"{path}: record {n + 1} has no 'candidates'/'problem': pass the samples.jsonl "
+                              "written by tools/best_of_n.py")
+        numbers = [int(x) for x in re.findall(r"\d+", row["problem"])]
+        for c in row["candidates"]:
+            if c.get("correct") is None:
+                raise ConfigError(f"{path}: record {n + 1} ({row['id']}) has an ungraded candidate: run "
+                                  "best_of_n with --complete-all and a gold answer")
+            steps = parse_steps(c["text"])
+            ok = step_labels(numbers, steps) if len(steps) == len(c["step_scores"]) else None
+            out.append(Candidate(str(row["id"]), n, bool(c["correct"]), PROMPT_TEMPLATE.format(problem=row["problem"]),
+                                 c["text"], list(c["step_scores"]), ok))
+    if not out:
+        raise ConfigError(f"{path} holds no candidates")
+    return out
+
+
+def _auc(pos: Sequence[float], neg: Sequence[float]) -> float:
+    """P(a positive outranks a negative), ties half; nan when a class is empty."""
+    if not pos or not neg:
+        return float("nan")
+    p, q = torch.tensor(pos, dtype=torch.float64), torch.tensor(neg, dtype=torch.float64)
+    diff = p[:, None] - q[None, :]
+    return float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean())
+
+
+def scorer_metrics(cands: Sequence[Candidate], scores: Sequence[Sequence[float]], k: int = 8) -> dict[str, float]:
+    """pairwise, margin, step_auc and bon@k (geometric) of per-candidate step probabilities ``scores``."""
+    from megatron_rgm.evaluation.metrics import Problem, evaluate
+    from megatron_rgm.evaluation.report import aggregate_scores
+
+    agg = aggregate_scores(scores)["geometric"]  # as tools/evaluate.py computes it, so bon@k matches eval.json
+    by_problem: dict[str, list[int]] = {}
+    for i, c in enumerate(cands):
+        by_problem.setdefault(c.problem, []).append(i)
+    pair_hits, pairs = 0.0, 0
+    for members in by_problem.values():
+        good = [agg[i] for i in members if cands[i].correct]
+        bad = [agg[i] for i in members if not cands[i].correct]
+        pair_hits += sum((g > b) + 0.5 * (g == b) for g in good for b in bad)
+        pairs += len(good) * len(bad)
+    labelled = [(s, c.step_ok) for c, s in zip(cands, scores) if c.step_ok and len(c.step_ok) == len(s)]
+    right = [p for s, ok in labelled for p, o in zip(s, ok) if o]
+    wrong = [p for s, ok in labelled for p, o in zip(s, ok) if not o]
+    good = [a for a, c in zip(agg, cands) if c.correct]
+    bad = [a for a, c in zip(agg, cands) if not c.correct]
+    problems = [Problem(pid, [cands[i].correct for i in m], [None] * len(m), {"geometric": [agg[i] for i in m]})
+                for pid, m in by_problem.items()]
+    return {"pairwise": pair_hits / pairs if pairs else float("nan"), "pairs": pairs,
+            "margin": (sum(good) / len(good) - sum(bad) / len(bad)) if good and bad else float("nan"),
+            "step_auc": _auc(right, wrong), "right_steps": len(right), "wrong_steps": len(wrong),
+            f"bon@{k}": evaluate(problems, [k])[f"bon@{k}/geometric"]}
+
+
+@torch.no_grad()
+def step_features(hf_dir: str | Path, cands: Sequence[Candidate], layers: Sequence[int] = ()
+                  ) -> tuple[list[torch.Tensor], float, int, dict[int, list[torch.Tensor]]]:
+    """Per candidate, the ``[S, h]`` SPRM features at the step positions of its re-tokenised text.
+
+    Args:
+        layers: decoder layers (negative: from the top) whose outputs at the same positions are returned too.
+
+    Returns:
+        (features; the largest difference between the exported head's scores and the scores recorded while
+        sampling, over candidates whose re-tokenisation has as many steps as were scored; how many have not).
+        Both are about tokenisation as much as the export: a policy may sample a split of a token (``"1"``,
+        ``"2"`` for ``"12"``) that encoding the text merges, which moves the features a little and can merge
+        two step tokens. A trained policy writes the canonical pieces, and the difference is then ~1e-6;
+        the features of ``layers`` by layer).
+    """
+    from megatron_rgm.hf import HFFeature, RGMScorer
+
+    scorer = RGMScorer.from_pretrained(str(hf_dir))
+    hooks = {layer: HFFeature(scorer.model, layer) for layer in layers}
+    feats, worst, mismatched = [], 0.0, 0
+    by_layer: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    for c in cands:
+        ids = torch.tensor([scorer.tokenizer.encode(c.prompt + c.text, add_special_tokens=False)])
+        layout = scorer.segmenter(ids)
+        _, logits = scorer.step_logits(ids, layout.mask)
+        f = scorer.feature.value[layout.mask.bool()].float()
+        if f.shape[0] != len(c.step_scores):
+            mismatched += 1
+        elif c.step_scores:
+            worst = max(worst, float((torch.sigmoid(logits) - torch.tensor(c.step_scores)).abs().max()))
+        feats.append(f)
+        for layer, hook in hooks.items():
+            by_layer[layer].append(hook.value[layout.mask.bool()].float())
+    return feats, worst, mismatched, by_layer
+
+
+def _fit_probe(x: torch.Tensor, y: torch.Tensor, seed: int, epochs: int = 400
+               ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A head of the SPRM's shape trained with BCE on true step labels (class-balanced, dropout 0.5).
+
+    Returns the probe as a function of ``[S, h]`` features to ``[S]`` logits (features are standardised
+    with the training set's statistics first)."""
+    from megatron_rgm.model.rgm_model import SPRMHead
+
+    torch.manual_seed(seed)
+    head = SPRMHead(x.shape[1], 2, 0.5, dtype=torch.float32)
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-2)
+    pos = float(y.mean()) if len(y) else 0.5
+    weight = torch.where(y > 0.5, 0.5 / max(pos, 1e-6), 0.5 / max(1 - pos, 1e-6))
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    head.train()
+    for _ in range(epochs):
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(head((x - mean) / std).squeeze(-1), y,
+                                                                    weight=weight)
+        loss.backward()
+        opt.step()
+    head.eval()
+    return lambda f: head((f - mean) / std).squeeze(-1)
+
+
+@torch.no_grad()
+def _predict(probe, f: torch.Tensor) -> list[float]:
+    return torch.sigmoid(probe(f)).tolist() if len(f) else []
+
+
+def supervised_scores(cands: Sequence[Candidate], feats: Sequence[torch.Tensor], folds: int = 2,
+                      seed: int = 0) -> list[list[float]]:
+    """Cross-fitted supervised-probe step probabilities for every candidate (see the module docstring)."""
+    if folds < 2:
+        raise ConfigError(f"--folds must be >= 2 (the probe is scored on problems it did not train on), got {folds}")
+    out: list[list[float] | None] = [None] * len(cands)
+    for fold in range(folds):
+        train = [i for i, c in enumerate(cands)
+                 if c.index % folds != fold and c.step_ok and len(feats[i]) == len(c.step_ok)]
+        if not train:
+            raise NoProbeData(f"fold {fold}: no candidate of the other problems has parseable steps to train on")
+        x = torch.cat([feats[i] for i in train])
+        y = torch.tensor([float(ok) for i in train for ok in cands[i].step_ok])
+        probe = _fit_probe(x, y, seed + fold)
+        for i, c in enumerate(cands):
+            if c.index % folds == fold:
+                out[i] = _predict(probe, feats[i])
+    return out
+
+
+def report(run_dir: str | Path, k: int = 8, folds: int = 2, all_layers: bool = False) -> dict:
+    """SPRM-head and supervised-probe metrics of a tiny-preset run directory.
+
+    With ``all_layers``, also the supervised probe on every decoder layer's output (``"layers"``: step AUC and
+    BoN@k by layer, ``-1`` the last): where in the network step correctness becomes readable.
+    """
+    run = Path(run_dir)
+    for name in ("samples.jsonl", "hf"):
+        if not (run / name).exists():
+            raise ConfigError(f"{run / name} does not exist: pass the output directory of a finished tiny run")
+    cands = load_candidates(run / "samples.jsonl")
+    n_layers = json.loads((run / "hf" / "config.json").read_text())["num_hidden_layers"] if all_layers else 0
+    feats, worst, mismatched, by_layer = step_features(run / "hf", cands, range(-n_layers, 0))
+    result = {"candidates": len(cands), "problems": len({c.problem for c in cands}),
+              "pass@1": sum(c.correct for c in cands) / len(cands),
+              "parsed": sum(c.step_ok is not None for c in cands) / len(cands),
+              "export_vs_sampled_max_diff": worst, "retokenised_step_mismatch": mismatched,
+              "sprm": scorer_metrics(cands, [c.step_scores for c in cands], k)}
+    try:
+        result["probe"] = scorer_metrics(cands, supervised_scores(cands, feats, folds), k)
+    except NoProbeData as e:  # e.g. a policy too undertrained to write parseable steps
+        result["probe"], result["probe_skipped"] = None, str(e)
+        return result
+    if by_layer:
+        result["layers"] = {}
+        for layer, f in by_layer.items():
+            m = scorer_metrics(cands, supervised_scores(cands, f, folds), k)
+            result["layers"][str(layer)] = {"step_auc": m["step_auc"], f"bon@{k}": m[f"bon@{k}"]}
+    return result
+
+
+def format_report(r: dict, k: int = 8) -> str:
+    rows = [f"| scorer | pairwise | margin | step AUC | BoN@{k} geometric |", "|---|---:|---:|---:|---:|"]
+    for name, key in (("SPRM head (as trained)", "sprm"), ("supervised probe (bound)", "probe")):
+        m = r[key]
+        if m is None:
+            rows.append(f"| {name} | n/a ({r['probe_skipped']}) | | | |")
+            continue
+        rows.append(f"| {name} | {m['pairwise']:.3f} | {m['margin']:+.3f} | {m['step_auc']:.3f} | "
+                    f"{100 * m[f'bon@{k}']:.1f} |")
+    if "layers" in r:
+        rows += ["", "| decoder layer | probe step AUC | probe BoN@%d |" % k, "|---|---:|---:|"]
+        rows += [f"| {layer} | {m['step_auc']:.3f} | {100 * m[f'bon@{k}']:.1f} |" for layer, m in r["layers"].items()]
+    return "\n".join(rows) + f"\n\npass@1 {100 * r['pass@1']:.1f} over {r['candidates']} candidates of " \
+                             f"{r['problems']} problems; {r['sprm']['wrong_steps']} wrong of " \
+                             f"{r['sprm']['wrong_steps'] + r['sprm']['right_steps']} parsed steps"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run_dir", help="output directory of a tiny-preset run (samples.jsonl, hf/)")
+    p.add_argument("--k", type=int, default=8, help="group size of BoN@k")
+    p.add_argument("--folds", type=int, default=2, help="cross-fitting folds of the supervised probe")
+    p.add_argument("--all-layers", action="store_true",
+                   help="also probe every decoder layer's output (where step correctness becomes readable)")
+    p.add_argument("--json", default=None, help="where to write the metrics (default RUN_DIR/scorer.json)")
+    a = p.parse_args(argv)
+
+    def body():
+        r = report(a.run_dir, a.k, a.folds, a.all_layers)
+        Path(a.json or Path(a.run_dir) / "scorer.json").write_text(json.dumps(r, indent=1) + "\n")
+        print(format_report(r, a.k))
+
+    return run_tool(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

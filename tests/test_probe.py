@@ -1,0 +1,70 @@
+"""Scorer metrics of the tiny task: step labels, pairwise accuracy, margin, step AUC, BoN, by hand."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from megatron_rgm.config import ConfigError
+from megatron_rgm.tasks.arithmetic import Step, parse_steps
+from megatron_rgm.tasks.probe import Candidate, load_candidates, scorer_metrics, step_labels
+
+
+def test_step_labels_catch_wrong_sums_and_wrong_operands():
+    numbers = [4, 2, 9, 7]
+    right = parse_steps("9 + 4 = 13.\n\n13 + 2 = 15.\n\n15 + 7 = 22.\n\n</think>")
+    assert step_labels(numbers, right) == [True, True, True]
+    # A wrong sum, then steps that add correctly to it: only the slip is wrong.
+    slip = [Step(4, 2, 7), Step(7, 9, 16), Step(16, 7, 23)]
+    assert step_labels(numbers, slip) == [False, True, True]
+    # Adding 9 twice (a number used up) and skipping 7: the sums are right, the second 9 is wrong.
+    twice = [Step(4, 9, 13), Step(13, 9, 22), Step(22, 2, 24)]
+    assert step_labels(numbers, twice) == [True, False, True]
+    # Starting a step from something else than the previous result.
+    restart = [Step(4, 2, 6), Step(9, 7, 16)]
+    assert step_labels(numbers, restart) == [True, False]
+    # A taken-back slip ends right: the step is right.
+    assert step_labels([8, 4], parse_steps("8 + 4 = 13, no, 12.\n\n</think>")) == [True]
+
+
+def _cand(pid, index, correct, scores, ok=None):
+    return Candidate(pid, index, correct, "p", "t", scores, ok)
+
+
+def test_scorer_metrics_by_hand():
+    cands = [
+        # problem a: correct 0.9 / 0.5, incorrect 0.5: pairs (0.9 > 0.5) = 1, (0.5 = 0.5) = 0.5
+        _cand("a", 0, True, [0.9], [True]), _cand("a", 0, True, [0.5], [True]), _cand("a", 0, False, [0.5], [False]),
+        _cand("a", 0, False, [0.5, 0.5], [True, False]),  # geometric 0.5: two more pairs, 1 and 0.5
+        # problem b: only correct candidates, no pairs
+        _cand("b", 1, True, [0.8], None), _cand("b", 1, True, [0.2], None),
+        _cand("b", 1, True, [0.3], None), _cand("b", 1, True, [0.4], None),
+    ]
+    m = scorer_metrics(cands, [c.step_scores for c in cands], k=4)
+    assert m["pairs"] == 4 and m["pairwise"] == pytest.approx((1 + 0.5 + 1 + 0.5) / 4)
+    good = [0.9, 0.5, 0.8, 0.2, 0.3, 0.4]
+    assert m["margin"] == pytest.approx(sum(good) / 6 - 0.5)
+    # steps: right 0.9, 0.5, 0.5; wrong 0.5, 0.5 -> 0.9 outranks both, each 0.5 ties both: (2 + 4 * 0.5) / 6
+    assert m["right_steps"] == 3 and m["wrong_steps"] == 2
+    assert m["step_auc"] == pytest.approx(4 / 6)
+    # BoN@4: a picks 0.9 (correct), b is all correct
+    assert m["bon@4"] == pytest.approx(1.0)
+    m = scorer_metrics(cands, [[0.1], [0.5], [0.6], [0.5, 0.5], [0.8], [0.2], [0.3], [0.4]], k=4)
+    assert m["bon@4"] == pytest.approx(0.5)  # a picks its incorrect 0.6
+
+
+def test_load_candidates_from_a_best_of_n_file(tmp_path):
+    row = {"id": "x", "problem": "Add 8, 4 and 3.", "answer": "15", "candidates": [
+        {"text": "8 + 4 = 12.\n\n12 + 3 = 15.\n\n</think>", "step_scores": [0.7, 0.6], "correct": True},
+        {"text": "8 + 4 = 13.\n\n13 + 3 = 16.\n\n</think>", "step_scores": [0.2, 0.6], "correct": False},
+        {"text": "8 + 4 = 12.\n\ngarbage.\n\n</think>", "step_scores": [0.5, 0.5], "correct": False}]}
+    path = tmp_path / "samples.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    cands = load_candidates(path)
+    assert [c.step_ok for c in cands] == [[True, True], [False, True], None]
+    assert cands[0].prompt == "Add 8, 4 and 3.\n<think>\n" and cands[1].correct is False
+    row["candidates"][0]["correct"] = None
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(ConfigError, match="ungraded candidate"):
+        load_candidates(path)
