@@ -30,6 +30,19 @@ def test_kv_cache_greedy_equals_full_recompute(results, tp):
 
 
 @pytest.mark.multirank
+@pytest.mark.parametrize("tp", ["tp1", "tp2"])
+def test_flash_decode_path_equals_megatron_default_kv_path(results, tp):
+    """The sampler decodes through megatron-core's flash-decode path (torch kernels here); its default path
+    (keys re-rotated and repeated every step) gives the same tokens, logits and log-probs."""
+    r = results[tp]
+    assert r["default_greedy"] == r["greedy"]
+    assert r["default_sampled"] == r["sampled"]
+    assert r["default_logit_diff"] <= 1e-5 * max(1.0, r["greedy_logit_max"])
+    assert r["default_log_prob_diff"] <= 1e-4
+    assert r["flash_decode_after"] is False, "generate must leave config.flash_decode as it found it"
+
+
+@pytest.mark.multirank
 def test_tp2_samples_the_same_tokens_as_tp1(results):
     assert results["tp2"]["greedy"] == results["tp1"]["greedy"]
     assert results["tp2"]["sampled"] == results["tp1"]["sampled"]
@@ -87,3 +100,60 @@ def test_filters_and_penalty():
 def test_bad_sampling_params(kw, message):
     with pytest.raises(ConfigError, match=message):
         SamplingParams(**kw)
+
+
+def _rope_reference(x, cos, sin):
+    """megatron-core's own rotary (``_apply_rotary_pos_emb_bshd``) at angles given as cos/sin ``[..., d/2]``."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def _angles(n: int, d: int):
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    freqs = torch.outer(torch.arange(n, dtype=torch.float32), inv)  # [n, d/2]
+    return freqs, torch.cos(freqs), torch.sin(freqs)
+
+
+def test_torch_rotary_matches_megatron():
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+    from megatron_rgm.rollout.decode_attention import apply_rotary_emb
+
+    torch.manual_seed(0)
+    s, b, h, d = 7, 3, 4, 16
+    freqs, cos, sin = _angles(12, d)
+    x = torch.randn(s, b, h, d)
+    ours = apply_rotary_emb(x.permute(1, 0, 2, 3), cos[:s], sin[:s]).permute(1, 0, 2, 3)
+    theirs = _apply_rotary_pos_emb_bshd(x, torch.cat((freqs, freqs), -1)[:s, None, None, :])
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("seqlens", [[5, 5, 5], [2, 6, 4]], ids=["static", "ragged"])
+@pytest.mark.parametrize("sq", [1, 3])
+def test_torch_flash_attn_with_kvcache(seqlens, sq):
+    """Rotate the new q/k at their positions, append k/v at cache_seqlens, attend over the filled cache (GQA)."""
+    from megatron_rgm.rollout.decode_attention import flash_attn_with_kvcache
+
+    torch.manual_seed(0)
+    b, S, hq, hk, d = len(seqlens), 12, 4, 2, 8
+    _, cos, sin = _angles(S, d)
+    k_mem, v_mem = torch.randn(S, b, hk, d), torch.randn(S, b, hk, d)  # megatron's [s, b, h, d] cache
+    k_ref, v_ref = k_mem.clone(), v_mem.clone()
+    q, k, v = torch.randn(b, sq, hq, d), torch.randn(b, sq, hk, d), torch.randn(b, sq, hk, d)
+    lens = torch.tensor(seqlens, dtype=torch.int32)
+    out = flash_attn_with_kvcache(q, k_mem.permute(1, 0, 2, 3), v_mem.permute(1, 0, 2, 3), k, v, cos, sin,
+                                  cache_seqlens=lens, causal=sq > 1, rotary_interleaved=False)
+    for i, n in enumerate(seqlens):
+        p = torch.arange(n, n + sq)
+        qi = _rope_reference(q[i], cos[p][:, None], sin[p][:, None])  # [sq, hq, d]
+        ki = _rope_reference(k[i], cos[p][:, None], sin[p][:, None])
+        k_ref[n:n + sq, i], v_ref[n:n + sq, i] = ki, v[i]
+        keys = k_ref[:n + sq, i].repeat_interleave(hq // hk, dim=1)  # [n+sq, hq, d]
+        values = v_ref[:n + sq, i].repeat_interleave(hq // hk, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", qi, keys) / d ** 0.5
+        causal = torch.arange(n + sq)[None, :] <= (n + torch.arange(sq))[:, None]
+        scores = scores.masked_fill(~causal, float("-inf"))
+        expected = torch.einsum("hqk,khd->qhd", scores.softmax(-1), values)
+        torch.testing.assert_close(out[i], expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k_mem, k_ref)  # the cache was written in place, at the right rows
+    torch.testing.assert_close(v_mem, v_ref)

@@ -1,14 +1,25 @@
 """Benchmark: rollout generation on the CPU, side by side, same weights, prompts, k and lengths, one run.
 
-    python tools/bench_rollout.py [--hidden 256 --layers 8 --vocab 2048 --k 8 --prompt 64 --new 64]
+    python tools/bench_rollout.py                      # small: hidden 256, 8 layers, vocab 2048 (6.7M params)
+    python tools/bench_rollout.py --size medium        # hidden 1024, 12 layers, vocab 32000 (201M params)
+    python tools/bench_rollout.py --hidden 512 --layers 4 --k 8 --prompt 64 --new 64 --threads 1
 
 Prints three ratios:
   * native sampler tokens/s over transformers ``generate`` tokens/s (goal >= 1.0x);
   * sampling with step scoring on vs off (goal <= 3% slower);
   * what a separate same-size PRM forward over the finished sequences adds (goal >= 30% extra).
+
+The native sampler decodes through megatron-core's flash-decode KV path
+(:mod:`megatron_rgm.rollout.decode_attention`); its default path is timed as
+well, for reference. The variants run in turns within each round (their order rotating from round
+to round), so that load from other jobs on the machine hits them alike; each
+ratio is the median over rounds of the ratio within a round. The separate PRM
+is the same backbone with the SPRM head and no LM head (a PRM has a value head
+instead), run once over the k finished sequences.
 """
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -19,8 +30,14 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
+# name: (hidden, layers, heads, kv heads, vocab, new tokens by default)
+SIZES = {
+    "small": (256, 8, 8, 2, 2048, 64),
+    "medium": (1024, 12, 16, 4, 32000, 32),
+}
 
-def _bench(hf_dir: str, mcore_dir: str, k: int, prompt_len: int, new: int, repeats: int) -> None:
+
+def _bench(hf_dir: str, mcore_dir: str, k: int, prompt_len: int, new: int, rounds: int, threads: int) -> None:
     from megatron_rgm import distributed
     from megatron_rgm.convert.verify import megatron_args
     from megatron_rgm.hf import load_causal_lm
@@ -29,6 +46,8 @@ def _bench(hf_dir: str, mcore_dir: str, k: int, prompt_len: int, new: int, repea
     from megatron_rgm.steps import StepSegmenter
     from megatron_rgm.training.checkpointing import load_checkpoint
 
+    if threads:
+        torch.set_num_threads(threads)
     args, extra = megatron_args(mcore_dir, 1, 1)
     distributed.initialize(args.parallel)
     model = build_model(args)[0]
@@ -41,19 +60,12 @@ def _bench(hf_dir: str, mcore_dir: str, k: int, prompt_len: int, new: int, repea
     params = SamplingParams(temperature=0.6, top_p=0.95, max_new_tokens=new, seed=1)
     steps = StepSegmenter(list(range(0, vocab, 50)))  # ~2% of tokens end a step
     scored, plain = Sampler(model, vocab, steps), Sampler(model, vocab, None, score_steps=False)
-
-    def median(fn):
-        fn()
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return statistics.median(times)
-
-    t_on = median(lambda: scored.generate(prompt, k, params))
-    t_off = median(lambda: plain.generate(prompt, k, params))
+    default_path = Sampler(model, vocab, steps, fast_decode=False)  # megatron-core's default KV-cache path
     ids = torch.tensor([prompt])
+    rollout = scored.generate(prompt, k, params)
+    seq = rollout.tokens
+    pos = torch.arange(seq.shape[1]).expand_as(seq)
+    assert seq.shape[1] == prompt_len + new, "the benchmark needs every sample at full length (no EOS)"
 
     def hf_generate():
         with torch.no_grad():
@@ -61,51 +73,86 @@ def _bench(hf_dir: str, mcore_dir: str, k: int, prompt_len: int, new: int, repea
             hf.generate(ids, do_sample=True, temperature=0.6, top_p=0.95, max_new_tokens=new, min_new_tokens=new,
                         num_return_sequences=k, pad_token_id=0)
 
-    t_hf = median(hf_generate)
-    rollout = scored.generate(prompt, k, params)
-    seq = rollout.tokens
-    pos = torch.arange(seq.shape[1]).expand_as(seq)
+    def prm_pass():  # a separate PRM of the same size re-reads every finished sequence: backbone + head
+        out = model.output_layer
+        out.forward = lambda hidden, weight=None, runtime_gather_output=None: (hidden, None)  # no LM head
+        try:
+            with torch.no_grad():
+                model(seq, pos, None, step_mask=rollout.step_mask)
+        finally:
+            del out.forward
 
-    def prm_pass():  # a separate PRM of the same size re-reads every finished sequence
-        with torch.no_grad():
-            model(seq, pos, None, step_mask=rollout.step_mask)
+    variants = {"on": lambda: scored.generate(prompt, k, params), "off": lambda: plain.generate(prompt, k, params),
+                "hf": hf_generate, "prm": prm_pass, "default": lambda: default_path.generate(prompt, k, params)}
+    for fn in variants.values():  # warm-up
+        fn()
+    times = {name: [] for name in variants}
+    names = list(variants)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t = time.perf_counter()
+            variants[name]()
+            times[name].append(time.perf_counter() - t)
+    med = {name: statistics.median(v) for name, v in times.items()}
 
-    t_prm = median(prm_pass)
+    def ratio(a, b):  # median over rounds of a/b within a round
+        return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
     tokens = k * new
-    print(f"k={k}, prompt {prompt_len} + {new} new tokens, {sum(p.numel() for p in hf.parameters()) / 1e6:.1f}M params,"
-          f" {torch.get_num_threads()} threads")
-    print(f"native sampler (scoring on):  {tokens / t_on:8.1f} tokens/s")
-    print(f"native sampler (scoring off): {tokens / t_off:8.1f} tokens/s")
-    print(f"transformers generate:        {tokens / t_hf:8.1f} tokens/s")
-    print(f"native / transformers tokens/s: {t_hf / t_on:.2f}x (goal >= 1.0x)")
-    print(f"scoring on vs off: {100 * (t_on / t_off - 1):+.1f}% time (goal <= +3%)")
-    print(f"separate same-size PRM pass: +{100 * t_prm / t_on:.1f}% on top of generation (goal >= 30%)")
+    n_params = sum(p.numel() for p in hf.parameters())
+    print(f"k={k}, prompt {prompt_len} + {new} new tokens, {n_params / 1e6:.1f}M params "
+          f"(hidden {model.config.hidden_size}, {model.config.num_layers} layers, vocab {vocab}), "
+          f"{torch.get_num_threads()} threads, {rounds} rounds")
+    print(f"native sampler (scoring on):  {tokens / med['on']:8.1f} tokens/s")
+    print(f"native sampler (scoring off): {tokens / med['off']:8.1f} tokens/s")
+    print(f"native sampler (scoring on), megatron-core's default KV path: {tokens / med['default']:8.1f} tokens/s "
+          f"(flash-decode path {ratio('default', 'on'):.2f}x faster)")
+    print(f"transformers generate:        {tokens / med['hf']:8.1f} tokens/s")
+    print(f"separate PRM pass:            {med['prm'] * 1e3:8.1f} ms ({k} x {prompt_len + new} tokens)")
+    print(f"native / transformers tokens/s: {ratio('hf', 'on'):.2f}x (goal >= 1.0x)")
+    print(f"scoring on vs off: {100 * (ratio('on', 'off') - 1):+.1f}% time (goal <= +3%)")
+    print(f"separate same-size PRM pass: +{100 * ratio('prm', 'on'):.1f}% on top of generation (goal >= 30%)")
     distributed.shutdown()
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--size", choices=sorted(SIZES), default="small", help="a named geometry (flags below override)")
+    p.add_argument("--hidden", type=int)
+    p.add_argument("--layers", type=int)
+    p.add_argument("--heads", type=int)
+    p.add_argument("--kv-heads", type=int)
+    p.add_argument("--vocab", type=int)
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--prompt", type=int, default=64)
-    p.add_argument("--new", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--new", type=int, help="new tokens per sample (default: 64 small, 32 medium)")
+    p.add_argument("--repeats", type=int, default=3, help="rounds of all the variants (medians over rounds)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     a = p.parse_args()
+    hidden, layers, heads, kv_heads, vocab, new = SIZES[a.size]
+    hidden, layers, heads = a.hidden or hidden, a.layers or layers, a.heads or heads
+    kv_heads, vocab, new = a.kv_heads or kv_heads, a.vocab or vocab, a.new or new
+    work = Path(tempfile.mkdtemp(prefix="bench_rollout_"))
+    try:
+        _run(a, work, hidden, layers, heads, kv_heads, vocab, new)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(a, work: Path, hidden: int, layers: int, heads: int, kv_heads: int, vocab: int, new: int) -> None:
     import transformers
 
     from megatron_rgm.convert import hf_to_mcore
     from megatron_rgm.convert.launch import run_ranks
 
-    work = Path(tempfile.mkdtemp(prefix="bench_rollout_"))
-    cfg = transformers.Qwen2Config(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=int(2.75 * a.hidden),
-                                   num_hidden_layers=a.layers, num_attention_heads=8, num_key_value_heads=2,
-                                   max_position_embeddings=1024, initializer_range=0.2, tie_word_embeddings=False)
+    cfg = transformers.Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(2.75 * hidden),
+                                   num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                   max_position_embeddings=max(1024, a.prompt + new), initializer_range=0.2,
+                                   tie_word_embeddings=False)
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(work / "hf")
     hf_to_mcore(str(work / "hf"), str(work / "mcore"))
-    run_ranks(_bench, 1, str(work / "hf"), str(work / "mcore"), a.k, a.prompt, a.new, a.repeats)
+    run_ranks(_bench, 1, str(work / "hf"), str(work / "mcore"), a.k, a.prompt, new, a.repeats, a.threads)
 
 
 if __name__ == "__main__":

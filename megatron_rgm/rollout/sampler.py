@@ -8,18 +8,27 @@ After generation the step rules (:class:`megatron_rgm.steps.StepSegmenter`)
 pick which of those per-position logits are step scores.
 
 Tensor parallelism: logits are gathered at run time and every TP rank draws
-the same tokens from an identically seeded generator. Pipeline parallelism:
+the same tokens from an identically seeded generator (on the model's device,
+so logits never leave it). Pipeline parallelism:
 each stage keeps its own KV cache; a forward sends the stage's hidden states
 to the next stage, the last stage samples, and the token is broadcast back
 over the pipeline group (per-token log-probs and head logits at the end).
+
+Decode steps run megatron-core's ``flash_decode`` KV-cache path (see
+:mod:`megatron_rgm.rollout.decode_attention`): a key is rotated once, when it
+is cached, and a step's attention is one call, instead of re-rotating and
+repeating the whole cache in every layer at every step. The head runs on the
+new position only (``2c^2`` multiply-adds a sequence a step).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from megatron_rgm.config import ConfigError
 from megatron_rgm.steps import StepSegmenter
@@ -101,6 +110,20 @@ def _repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float
     return logits.scatter(-1, seen, picked)
 
 
+def _head_logits(head: torch.nn.Module, feature: torch.Tensor) -> torch.Tensor:
+    """The head's logits ``[b]`` at one position per row (``feature`` ``[b, h]``), in eval mode.
+
+    What ``model.sprm.score`` computes there, without its step-mask gather and backbone-gradient
+    scaling (nothing to differentiate here) or the module calls: two matmuls, 2c^2 multiply-adds a row.
+    """
+    first, last = head[0], head[-1]
+    if (len(head) == 4 and isinstance(first, torch.nn.Linear) and isinstance(head[1], torch.nn.ReLU)
+            and isinstance(head[2], torch.nn.Dropout) and isinstance(last, torch.nn.Linear) and not head.training):
+        x = F.relu(F.linear(feature.to(first.weight.dtype), first.weight, first.bias))
+        return F.linear(x, last.weight, last.bias).view(-1).float()
+    return head(feature.to(first.weight.dtype)).view(-1).float()
+
+
 class Sampler:
     """Samples continuations of a prompt from an RGMModel (this rank's pipeline stage).
 
@@ -108,10 +131,15 @@ class Sampler:
         model: an :class:`RGMModel` chunk (unwrapped; no virtual pipeline stages).
         vocab_size: the real vocabulary (TP padding rows are never sampled).
         segmenter: step rules for the scores (None: no step scores).
+        tokenizer: decodes tokens for ``stop_strings``.
+        score_steps: False samples without the head (benchmarks the cost of scoring).
+        fast_decode: decode through megatron-core's flash-decode KV-cache path (keys rotated once, one
+            attention call per layer; :mod:`megatron_rgm.rollout.decode_attention`) where it applies;
+            False: megatron-core's default path, which re-rotates and repeats the whole cache every step.
     """
 
     def __init__(self, model, vocab_size: int, segmenter: StepSegmenter | None = None, tokenizer=None,
-                 score_steps: bool = True):
+                 score_steps: bool = True, fast_decode: bool = True):
         from megatron.core import parallel_state as ps
 
         self.pp = ps.get_pipeline_model_parallel_world_size() if dist.is_initialized() else 1
@@ -125,12 +153,14 @@ class Sampler:
         self.segmenter = segmenter
         self.tokenizer = tokenizer
         self.score_steps = score_steps  # False: plain sampling (benchmarks the cost of scoring)
+        self.fast_decode = fast_decode  # False: megatron-core's default KV-cache path (see _decode_path)
 
     def _forward(self, tokens, positions, context):
         """(last-position logits ``[b, V]``, head logits ``[b]``) on the last stage; (None, None) elsewhere."""
         if not self.first:
             cfg = self.model.config
-            hidden = torch.empty(tokens.shape[1], tokens.shape[0], cfg.hidden_size, dtype=cfg.pipeline_dtype)
+            hidden = torch.empty(tokens.shape[1], tokens.shape[0], cfg.hidden_size, dtype=cfg.pipeline_dtype,
+                                 device=tokens.device)
             dist.recv(hidden, src=self.prev)
             self.model.set_input_tensor(hidden)
         out = self.model(tokens, positions, None, inference_context=context, runtime_gather_output=True)
@@ -140,13 +170,16 @@ class Sampler:
         logits = out[:, -1, : self.vocab_size].float()
         head = None
         if self.score_steps and self.model.sprm_head is not None:
-            feature = self.model.sprm.feature()  # [s, b, h]; last position below
-            last = torch.ones(feature.shape[1], 1, dtype=torch.bool, device=feature.device)
-            head = self.model.sprm.score(self.model.sprm_head, feature[-1:], last).view(-1)
+            feature = self.model.sprm.feature()  # [s, b, h]: the head reads the last position only
+            if self.model.config.sequence_parallel:
+                last = torch.ones(feature.shape[1], 1, dtype=torch.bool, device=feature.device)
+                head = self.model.sprm.score(self.model.sprm_head, feature[-1:], last).view(-1)
+            else:
+                head = _head_logits(self.model.sprm_head, feature[-1])
         return logits, head
 
     def _sample(self, logits, tokens, params: SamplingParams, gen: torch.Generator):
-        logits = _repetition_penalty(logits, tokens, params.repetition_penalty).cpu()
+        logits = _repetition_penalty(logits, tokens, params.repetition_penalty)
         if params.temperature == 0:
             nxt = logits.argmax(-1)
             return nxt, torch.log_softmax(logits, -1).gather(-1, nxt[:, None]).squeeze(-1)
@@ -154,6 +187,17 @@ class Sampler:
         probs = torch.softmax(_filter(scaled, params), -1)
         nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
         return nxt, torch.log_softmax(scaled, -1).gather(-1, nxt[:, None]).squeeze(-1)
+
+    def _decode_path(self, use_cache: bool):
+        """megatron-core's flash-decode KV-cache path for this generate call, where it applies (see
+        :mod:`megatron_rgm.rollout.decode_attention`); else its default path."""
+        from megatron_rgm.rollout import decode_attention
+
+        cfg = getattr(self.model, "config", None)
+        if (not use_cache or not getattr(self, "fast_decode", True) or not hasattr(cfg, "flash_decode")
+                or not decode_attention.supported(self.model)):
+            return contextlib.nullcontext()
+        return decode_attention.flash_decode(self.model)
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[int], num_samples: int, params: SamplingParams,
@@ -180,54 +224,63 @@ class Sampler:
         self.model.eval()
         b, p0 = num_samples, len(prompt_ids)
         device = next(self.model.parameters()).device
-        tokens = torch.tensor(prompt_ids, device=device).unsqueeze(0).repeat(b, 1)
+        # Everything the loop touches lives on the model's device and is preallocated: no per-step host copies
+        # (one host read a step, ``done.all()``, ends the loop early; stop strings add a decode per token).
+        tokens = torch.zeros(b, max_len, dtype=torch.long, device=device)
+        tokens[:, :p0] = torch.tensor(prompt_ids, dtype=torch.long, device=device)
         positions = torch.arange(max_len, device=device).unsqueeze(0).expand(b, max_len)
-        gen = torch.Generator(device="cpu").manual_seed(params.seed)
-        log_probs = torch.zeros(b, max_len)
-        position_logits = torch.zeros(b, max_len)
-        done = torch.zeros(b, dtype=torch.bool)
-        lengths = torch.full((b,), max_len, dtype=torch.long)
+        gen = torch.Generator(device=device).manual_seed(params.seed)
+        log_probs = torch.zeros(b, max_len, device=device)
+        position_logits = torch.zeros(b, max_len, device=device)
+        done = torch.zeros(b, dtype=torch.bool, device=device)
+        lengths = torch.full((b,), max_len, dtype=torch.long, device=device)
         context = StaticInferenceContext(b, max_len) if use_cache else None
-        eos = torch.tensor(params.eos_token_ids or [-1])
+        eos = torch.tensor(params.eos_token_ids or [-1], device=device)
+        stops = params.stop_strings if self.tokenizer is not None else []
+        window = max((len(x) for x in stops), default=0)
         texts = [""] * b
-        for t in range(p0, max_len):
-            if use_cache and t > p0:
-                context.enable_decode_mode()
-                logits, head = self._forward(tokens[:, -1:], positions[:, t - 1:t], context)
-            else:
-                logits, head = self._forward(tokens, positions[:, :t], context)
-            if use_cache:
-                context.sequence_len_offset = t
-            if self.last:
-                if head is not None:
-                    position_logits[:, t - 1] = head.float().cpu()
-                nxt, lp = self._sample(logits, tokens, params, gen)
-                nxt = torch.where(done, torch.zeros_like(nxt), nxt)
-                log_probs[:, t] = torch.where(done, torch.zeros_like(lp), lp)
-            else:
-                nxt = torch.zeros(b, dtype=torch.long)
-            if self.pp > 1:  # every stage needs the token for its next step
-                dist.broadcast(nxt, src=self.last_rank, group=self.pp_group)
-            tokens = torch.cat([tokens, nxt.to(device)[:, None]], dim=1)
-            finished = ~done & torch.isin(nxt, eos)
-            if params.stop_strings and self.tokenizer is not None:
-                for i in range(b):
-                    if not done[i]:
-                        texts[i] += self.tokenizer.decode([int(nxt[i])])
-                        if any(s in texts[i] for s in params.stop_strings):
-                            finished[i] = True
-            lengths = torch.where(finished, torch.full_like(lengths, t + 1), lengths)
-            done |= finished
-            if bool(done.all()):
-                break
+        s = p0
+        with self._decode_path(use_cache):
+            for t in range(p0, max_len):
+                if use_cache and t > p0:
+                    context.enable_decode_mode()
+                    logits, head = self._forward(tokens[:, t - 1:t], positions[:, t - 1:t], context)
+                else:
+                    logits, head = self._forward(tokens[:, :t], positions[:, :t], context)
+                if use_cache:
+                    context.sequence_len_offset = t
+                if self.last:
+                    if head is not None:
+                        position_logits[:, t - 1] = head
+                    nxt, lp = self._sample(logits, tokens[:, :t], params, gen)
+                    nxt = nxt.masked_fill(done, 0)
+                    log_probs[:, t] = lp.masked_fill(done, 0.0)
+                else:
+                    nxt = torch.zeros(b, dtype=torch.long, device=device)
+                if self.pp > 1:  # every stage needs the token for its next step
+                    dist.broadcast(nxt, src=self.last_rank, group=self.pp_group)
+                tokens[:, t] = nxt
+                s = t + 1
+                finished = ~done & torch.isin(nxt, eos)
+                if stops:
+                    for i in range(b):
+                        if not done[i]:
+                            piece = self.tokenizer.decode([int(nxt[i])])
+                            texts[i] += piece
+                            # A stop string that is new ends inside this piece.
+                            if any(x in texts[i][-(len(piece) + window):] for x in stops):
+                                finished[i] = True
+                lengths.masked_fill_(finished, t + 1)
+                done |= finished
+                if bool(done.all()):
+                    break
         if self.pp > 1:
             dist.broadcast(log_probs, src=self.last_rank, group=self.pp_group)
             dist.broadcast(position_logits, src=self.last_rank, group=self.pp_group)
-        s = tokens.shape[1]
-        tokens = tokens.cpu()
+        tokens, lengths = tokens[:, :s].cpu(), lengths.cpu()
+        log_probs, position_logits = log_probs[:, :s].cpu(), position_logits[:, :s].cpu()
         keep = torch.arange(s).unsqueeze(0) < lengths.unsqueeze(1)
         tokens = torch.where(keep, tokens, torch.zeros_like(tokens))
-        log_probs, position_logits = log_probs[:, :s], position_logits[:, :s]
         response = (torch.arange(s).unsqueeze(0) >= p0) & keep
         if self.segmenter is not None:
             layout = self.segmenter(tokens, response_mask=response)

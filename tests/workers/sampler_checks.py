@@ -41,6 +41,12 @@ def run(out: str):
         recompute = sampler.generate(PROMPT, 2, SamplingParams(temperature=0, max_new_tokens=24), use_cache=False)
         sampled = sampler.generate(PROMPT, 4, SamplingParams(temperature=1.0, top_p=0.95, top_k=50,
                                                              repetition_penalty=1.05, max_new_tokens=24, seed=7))
+        # megatron-core's default KV-cache path (the sampler decodes through its flash-decode path).
+        default = Sampler(model, 500, StepSegmenter(STEP_IDS), fast_decode=False)
+        default_greedy = default.generate(PROMPT, 2, SamplingParams(temperature=0, max_new_tokens=24))
+        default_sampled = default.generate(PROMPT, 4, SamplingParams(temperature=1.0, top_p=0.95, top_k=50,
+                                                                     repetition_penalty=1.05, max_new_tokens=24,
+                                                                     seed=7))
         # A separate forward over the finished sequences, scoring the same step positions.
         with torch.no_grad():
             model.eval()
@@ -54,6 +60,13 @@ def run(out: str):
             "score_diff": (sampled.step_logits - separate).abs().max().item() if separate.numel() else 0.0,
             "score_max": sampled.step_logits.abs().max().item() if separate.numel() else 0.0,
             "log_probs": sampled.log_probs.tolist(),
+            "default_greedy": default_greedy.tokens.tolist(), "default_sampled": default_sampled.tokens.tolist(),
+            "default_logit_diff": max((greedy.position_logits - default_greedy.position_logits).abs().max().item(),
+                                      (sampled.step_logits - default_sampled.step_logits).abs().max().item()
+                                      if sampled.step_logits.numel() == default_sampled.step_logits.numel()
+                                      else float("inf")),
+            "default_log_prob_diff": (sampled.log_probs - default_sampled.log_probs).abs().max().item(),
+            "flash_decode_after": bool(model.config.flash_decode),
         }
         if tp == 1:
             results["_tp1_step_logits"] = sampled.step_logits.tolist()
