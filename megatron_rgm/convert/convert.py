@@ -1,10 +1,12 @@
 """hf-to-mcore, mcore-to-hf and verify.
 
 hf-to-mcore runs one process per model-parallel rank (tp x pp; spawned when
-not under torchrun): each builds its own shard of RGMModel and reads from the
-HF safetensors only the tensors it needs, one at a time, so a process holds
-about one rank's share plus one full tensor, never the whole model. The
-result is a ``torch_dist`` checkpoint, which any TP/PP layout can load.
+not under torchrun): each builds its shard of RGMModel without filling it (the
+layout of its checkpoint), and writes each tensor of its share as it reads it
+from the HF safetensors, only the rank's slice (:mod:`.slices`,
+:mod:`.stream_save`): a process holds about one tensor shard at a time, never
+its whole share, let alone the model. The result is a ``torch_dist``
+checkpoint, which any TP/PP layout can load.
 
 mcore-to-hf runs in one process and reads the checkpoint one tensor at a time.
 """
@@ -23,7 +25,7 @@ from tqdm import tqdm
 from megatron_rgm.config import ConfigError
 from megatron_rgm.convert.hf_io import (HEAD_KEYS, HFCheckpoint, ShardWriter, copy_tokenizer_files, load_head,
                                         save_head)
-from megatron_rgm.convert.mapping import CKPT_KEY_ALIASES, HFArch, hf_tensors, megatron_tensor
+from megatron_rgm.convert.mapping import CKPT_KEY_ALIASES, HFArch, hf_tensors
 
 ASSETS = "hf_assets"  # tokenizer files carried inside an mcore checkpoint directory
 
@@ -46,10 +48,12 @@ def build_args(argv: list[str]):
 def _hf_to_mcore_rank(hf_path: str, output: str, tp: int, pp: int, head_file: str | None, divisible_by: int,
                       seed: int) -> None:
     from megatron_rgm import distributed
+    from megatron_rgm.convert.slices import megatron_shard
+    from megatron_rgm.convert.stream_save import param_producer, return_freed_memory
     from megatron_rgm.model import build_model
-    from megatron_rgm.model.state import _split, global_name, shard
-    from megatron_rgm.training.checkpointing import save_checkpoint
+    from megatron_rgm.model.state import _split, global_name
 
+    return_freed_memory()
     hf = HFCheckpoint(hf_path)
     arch = hf.arch
     argv = arch.model_argv(tp, pp, divisible_by) + ["--seed", str(seed)]
@@ -57,28 +61,60 @@ def _hf_to_mcore_rank(hf_path: str, output: str, tp: int, pp: int, head_file: st
     distributed.initialize(args.parallel)
     from megatron.core import parallel_state as ps
 
+    # The model gives the checkpoint's layout (its sharded_state_dict); its backbone parameters are never
+    # filled (perform_initialization=False leaves them untouched torch.empty memory, not resident): each
+    # rank's slice of each tensor is read from the HF files when the writer reaches it, written, dropped.
     model = build_model(args)[0]
-    # The head was initialised from the seeded generator before the weights overwrite anything.
+    # The head was initialised from the seeded generator; it is the one tensor written from the model.
     tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
-    params = [(n, p) for n, p in model.named_parameters() if not n.startswith("sprm_head.")]
-    show = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
-    with torch.no_grad():
-        for name, param in tqdm(params, desc=f"hf->mcore pp{ps.get_pipeline_model_parallel_rank()}",
-                                disable=not show, file=sys.stdout):
-            full = megatron_tensor(global_name(model, name), hf.get, arch, args.vocab_size)
-            dim, gated = _split(model, name, param)
-            param.copy_(shard(full, dim, gated, tp_rank, tp_size).to(param.dtype))
-            del full
-        if model.sprm_head is not None and head_file:
+    if model.sprm_head is not None and head_file:
+        with torch.no_grad():
             model.sprm_head.load_state_dict(load_head(head_file, arch.hidden_size))
+
+    def make_shard(name: str, param: torch.Tensor) -> torch.Tensor:
+        dim, gated = _split(model, name, param)
+        return megatron_shard(global_name(model, name), hf, arch, args.vocab_size, dim, gated, tp_rank, tp_size)
+
+    produce = param_producer(model, make_shard, keep=lambda name: name.startswith("sprm_head."))
     extra = {"model_argv": arch.model_argv(1, 1, divisible_by), "padded_vocab_size": args.vocab_size,
              "hf_config": arch.config, "source": str(hf_path), "head": "file" if head_file else f"fresh (seed {seed})"}
-    save_checkpoint(output, 0, [model], extra=extra)
+    show = tp_rank == 0 and ps.get_data_parallel_rank() == 0
+    _save_streaming(output, model, produce, extra, f"hf->mcore pp{ps.get_pipeline_model_parallel_rank()}" if show
+                    else None)
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     print(f"[hf-to-mcore rank {torch.distributed.get_rank()}] peak RSS {peak:.3f} GiB", flush=True)
     distributed.shutdown()
+
+
+def _save_streaming(output: str, model, produce, extra: dict, progress: str | None = None) -> None:
+    """What ``training.checkpointing.save_checkpoint(output, 0, [model], extra=extra)`` writes (same keys, the
+    same ``iter_0000000`` publish), with the tensors made by ``produce`` as they are written."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    from megatron_rgm.convert.stream_save import StreamingSaveStrategy
+    from megatron_rgm.training.checkpointing import LATEST, _layout, _rng_object, iteration_dir, \
+        model_sharded_state_dict
+
+    final = iteration_dir(output, 0)
+    tmp = final.with_name(final.name + ".tmp")
+    if dist.get_rank() == 0:
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    state = model_sharded_state_dict([model])
+    state["rng_state"] = _rng_object(None)
+    state["rgm_extra"] = dict(extra, iteration=0, layout=_layout())
+    dist_checkpointing.save(state, str(tmp), sharded_strategy=StreamingSaveStrategy(produce, progress))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        os.replace(tmp, final)
+        pointer = Path(output) / (LATEST + ".tmp")
+        pointer.write_text("0")
+        os.replace(pointer, Path(output) / LATEST)
+    dist.barrier()
+    _say(f"[checkpoint] saved iteration 0 to {final}")
 
 
 def hf_to_mcore(hf_path: str, output: str, tp: int = 1, pp: int = 1, head_file: str | None = None,
@@ -99,7 +135,8 @@ def hf_to_mcore(hf_path: str, output: str, tp: int = 1, pp: int = 1, head_file: 
         build_args(hf.arch.model_argv(tp, pp, divisible_by))  # layout errors before any rank starts
         if not head_file:
             print(f"no --sprm-head given: the SPRM head is freshly initialised (seed {seed})", flush=True)
-        run_ranks(_hf_to_mcore_rank, tp * pp, str(hf_path), str(out), tp, pp, head_file, divisible_by, seed)
+        run_ranks(_hf_to_mcore_rank, tp * pp, str(hf_path), str(out), tp, pp, head_file, divisible_by, seed,
+                  skip_teardown=True)
         (out / ASSETS).mkdir()
         copied = copy_tokenizer_files(Path(hf_path), out / ASSETS)
         (out / ASSETS / "config.json").write_text(json.dumps(hf.arch.config, indent=2))

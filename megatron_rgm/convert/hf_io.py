@@ -92,21 +92,91 @@ class HFCheckpoint:
             if found != tuple(shape):
                 raise ConfigError(f"HF tensor {name} has shape {found}, expected {tuple(shape)} "
                                   f"from {self.path / 'config.json'}")
-
-    def get(self, name: str) -> torch.Tensor:
-        if name not in self.entries:
-            raise ConfigError(f"HF checkpoint {self.path} has no tensor {name}")
-        f, entry, data_start = self.entries[name]
-        start, end = entry["data_offsets"]
-        buf = bytearray(end - start)
-        with open(f, "rb") as fh:
-            fh.seek(data_start + start)
-            if fh.readinto(buf) != len(buf):
+        # The ranks read slices of these tensors while they write: every problem they could meet is named here.
+        sizes = {}
+        for name in expected:
+            f, entry, data_start = self.entries[name]
+            if f not in sizes:
+                sizes[f] = f.stat().st_size
+            numel = 1
+            for n in entry["shape"]:
+                numel *= n
+            if entry["data_offsets"][1] - entry["data_offsets"][0] != numel * self.dtype(name).itemsize:
+                raise ConfigError(f"{f}: tensor {name} holds {entry['data_offsets'][1] - entry['data_offsets'][0]} "
+                                  f"bytes, but its shape {tuple(entry['shape'])} and dtype {entry['dtype']} need "
+                                  f"{numel * self.dtype(name).itemsize}: re-export it")
+            if data_start + entry["data_offsets"][1] > sizes[f]:
                 raise ConfigError(f"{f} is truncated (tensor {name} runs past the end of the file): re-export it")
+
+    def dtype(self, name: str) -> torch.dtype:
+        entry = self._entry(name)[1]
         dtype = _DTYPES.get(entry["dtype"])
         if dtype is None:
             raise ConfigError(f"HF tensor {name} has dtype {entry['dtype']}, which the conversion does not read")
-        return torch.frombuffer(buf, dtype=dtype).reshape(entry["shape"]) if buf else torch.empty(entry["shape"], dtype=dtype)
+        return dtype
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._entry(name)[1]["shape"])
+
+    def _entry(self, name: str) -> tuple[Path, dict, int]:
+        if name not in self.entries:
+            raise ConfigError(f"HF checkpoint {self.path} has no tensor {name}")
+        return self.entries[name]
+
+    def read_into(self, name: str, out: torch.Tensor, rows: tuple[int, int] | None = None,
+                  cols: tuple[int, int] | None = None, block_bytes: int = 8 * 2**20) -> torch.Tensor:
+        """Read rows ``[rows[0], rows[1])`` (and of a 2-D tensor only columns ``[cols[0], cols[1])``) of a tensor.
+
+        Only those bytes leave the file: the rows of a dim-0 slice are one
+        contiguous range, read straight into ``out`` (a contiguous CPU tensor of
+        the tensor's dtype and the slice's shape); a column slice is read
+        ``block_bytes`` of whole rows at a time. Returns ``out``.
+        """
+        f, entry, data_start = self._entry(name)
+        shape = tuple(entry["shape"])
+        dtype = self.dtype(name)
+        a, b = rows if rows is not None else (0, shape[0] if shape else 1)
+        inner = shape[1:]
+        if cols is not None:
+            if len(shape) != 2:
+                raise ValueError(f"column slice of {name}, which has shape {shape}")
+            want = (b - a, cols[1] - cols[0])
+        else:
+            want = (b - a, *inner) if shape else ()
+        if (tuple(out.shape) != want or out.dtype != dtype or out.device.type != "cpu"
+                or not out.is_contiguous()):
+            raise ValueError(f"{name}: out is {out.dtype} {tuple(out.shape)}, expected a contiguous CPU {dtype} {want}")
+        row_bytes = dtype.itemsize
+        for n in inner:
+            row_bytes *= n
+        start = data_start + entry["data_offsets"][0] + a * row_bytes
+        with open(f, "rb") as fh:
+            if cols is None:
+                self._read_exact(fh, start, _bytes_of(out), f, name)
+                return out
+            per = max(1, min(b - a, block_bytes // max(row_bytes, 1)))
+            buf = torch.empty(per, shape[1], dtype=dtype)
+            for r in range(0, b - a, per):
+                n = min(per, b - a - r)
+                self._read_exact(fh, start + r * row_bytes, _bytes_of(buf[:n]), f, name)
+                out[r:r + n].copy_(buf[:n, cols[0]:cols[1]])
+        return out
+
+    @staticmethod
+    def _read_exact(fh, offset: int, view: memoryview, f: Path, name: str) -> None:
+        fh.seek(offset)
+        if view.nbytes and fh.readinto(view) != view.nbytes:
+            raise ConfigError(f"{f} is truncated (tensor {name} runs past the end of the file): re-export it")
+
+    def get(self, name: str) -> torch.Tensor:
+        """The whole tensor ``name`` (read with plain file reads, not a memory map)."""
+        return self.read_into(name, torch.empty(self.shape(name), dtype=self.dtype(name)))
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's memory (any dtype, bfloat16 included)."""
+    flat = t.reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(bytearray())
 
 
 def load_head(path: str | os.PathLike, hidden_size: int) -> dict[str, torch.Tensor]:

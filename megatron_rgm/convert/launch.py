@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
 import torch.multiprocessing as mp
 
@@ -16,17 +17,40 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child(local_rank: int, world: int, port: int, fn, args) -> None:
+def _child(local_rank: int, world: int, port: int, fn, args, skip_teardown: bool = False) -> None:
     os.environ.update(RANK=str(local_rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
         fn(*args)
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
+    if skip_teardown:
+        exit_now(0)
 
 
-def run_ranks(fn, world_size: int, *args) -> None:
-    """Call ``fn(*args)`` on ``world_size`` ranks (each sets up its own process group from the env)."""
+def exit_now(code: int) -> None:
+    """End the process without the interpreter's teardown, once its work is done and its output flushed.
+
+    Tearing down torch and megatron-core (about 3,000 modules) pages in
+    another ~0.12 GiB (measured: a process that only imports them peaks at
+    0.71 GiB, 0.83 GiB at its exit); for a conversion rank that is as much as
+    its largest tensor. Every file the tools write is closed before this.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+    os._exit(code)
+
+
+def run_ranks(fn, world_size: int, *args, skip_teardown: bool = False) -> None:
+    """Call ``fn(*args)`` on ``world_size`` ranks (each sets up its own process group from the env).
+
+    Args:
+        skip_teardown: spawned ranks end with :func:`exit_now` once ``fn`` returns (``fn`` must have closed
+            everything it wrote).
+    """
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         if int(os.environ["WORLD_SIZE"]) != world_size:
             raise ConfigError(f"launched with WORLD_SIZE={os.environ['WORLD_SIZE']} but this layout needs "
@@ -37,7 +61,7 @@ def run_ranks(fn, world_size: int, *args) -> None:
         _child(0, 1, _free_port(), fn, args)
         return
     try:
-        mp.start_processes(_child, args=(world_size, _free_port(), fn, args), nprocs=world_size,
+        mp.start_processes(_child, args=(world_size, _free_port(), fn, args, skip_teardown), nprocs=world_size,
                            start_method="spawn")
     except mp.ProcessExitedException as e:
         raise SystemExit(f"a conversion rank failed (exit code {e.exit_code}); its error is printed above") from None
