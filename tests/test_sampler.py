@@ -9,7 +9,7 @@ import torch
 
 from conftest import torchrun
 from megatron_rgm.config import ConfigError
-from megatron_rgm.rollout.sampler import SamplingParams, _filter, _repetition_penalty
+from megatron_rgm.rollout.sampler import SamplingParams, _filter, _nucleus, _repetition_penalty
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +92,23 @@ def test_filters_and_penalty():
     assert kept.tolist() == [[True, True, False, False]]
     pen = _repetition_penalty(logits, torch.tensor([[0, 3]]), 2.0)
     assert pen.tolist() == [[1.0, 1.0, 0.0, -2.0]]
+
+
+@pytest.mark.parametrize("scale", [8.0, 0.05], ids=["peaked", "flat"])  # flat: a nucleus of ~95% of V
+@pytest.mark.parametrize("top_k, top_p", [(0, 0.95), (0, 0.5), (5, 1.0), (50, 0.9), (0, 1.0)])
+def test_nucleus_draws_from_the_filtered_distribution(scale, top_k, top_p):
+    """The sampler's candidates (top-k, then the smallest top-p prefix) give softmax(_filter(logits))."""
+    torch.manual_seed(0)
+    scaled = torch.randn(4, 1000) * scale
+    p = SamplingParams(top_k=top_k, top_p=top_p)
+    kept = _nucleus(scaled, p, torch.logsumexp(scaled, -1, keepdim=True))
+    expected = torch.softmax(_filter(scaled, p), -1)
+    if kept is None:
+        assert top_k == 0 and top_p == 1.0
+        return
+    logits, ids = kept
+    ours = torch.zeros_like(scaled).scatter(-1, ids, torch.softmax(logits, -1))
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("kw, message", [

@@ -17,8 +17,10 @@ over the pipeline group (per-token log-probs and head logits at the end).
 Decode steps run megatron-core's ``flash_decode`` KV-cache path (see
 :mod:`megatron_rgm.rollout.decode_attention`): a key is rotated once, when it
 is cached, and a step's attention is one call, instead of re-rotating and
-repeating the whole cache in every layer at every step. The head runs on the
-new position only (``2c^2`` multiply-adds a sequence a step).
+repeating the whole cache in every layer at every step. The k samples share
+their prompt: it is prefilled once (batch 1) and its KV cache copied to the k
+rows. The head runs on the new position only (``2c^2`` multiply-adds a
+sequence a step).
 """
 
 from __future__ import annotations
@@ -87,7 +89,10 @@ class Rollout:
 
 
 def _filter(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """Top-k and top-p filtering of ``[b, V]`` logits (already temperature-scaled)."""
+    """Top-k and top-p filtering of ``[b, V]`` logits (already temperature-scaled).
+
+    The definition the sampler draws by; it draws over :func:`_nucleus`'s candidates, which are the same.
+    """
     if p.top_k and p.top_k < logits.shape[-1]:
         kth = torch.topk(logits, p.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -99,6 +104,41 @@ def _filter(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return logits
+
+
+_CANDIDATES = 64  # first guess at the size of a top-p nucleus (grown until it holds the nucleus)
+
+
+def _nucleus(scaled: torch.Tensor, p: SamplingParams, lse: torch.Tensor):
+    """The tokens :func:`_filter` keeps, without sorting the vocabulary.
+
+    Args:
+        scaled: ``[b, V]`` temperature-scaled logits.
+        lse: ``[b, 1]`` their logsumexp.
+
+    Returns:
+        ``(logits [b, n], ids [b, n])``: the ``n`` largest logits of each row, in descending order, the
+        ones :func:`_filter` drops set to ``-inf``; ``None`` when nothing is filtered (top-k and top-p off).
+        Top-p needs only the largest logits: every token after the first that brings the cumulative
+        probability to ``top_p`` is dropped, so ``n`` grows (x8) until the ``n`` largest hold ``top_p``.
+    """
+    vocab = scaled.shape[-1]
+    top_k = p.top_k if p.top_k and p.top_k < vocab else 0
+    if not top_k and p.top_p >= 1.0:
+        return None
+    n = top_k or min(_CANDIDATES, vocab)
+    while True:
+        logits, ids = torch.topk(scaled, n, dim=-1)  # sorted, largest first
+        if p.top_p >= 1.0:
+            return logits, ids
+        # top-p over the distribution that top-k left (renormalised), else over the whole vocabulary
+        probs = torch.softmax(logits, -1) if top_k else torch.exp(logits - lse)
+        cum = probs.cumsum(-1)
+        if top_k or n == vocab or bool((cum[:, -1] >= p.top_p).all()):
+            break
+        n = min(8 * n, vocab)
+    drop = cum - probs >= p.top_p  # the mass before a token already reaches top_p (the first always stays)
+    return logits.masked_fill(drop, float("-inf")), ids
 
 
 def _repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -122,6 +162,15 @@ def _head_logits(head: torch.nn.Module, feature: torch.Tensor) -> torch.Tensor:
         x = F.relu(F.linear(feature.to(first.weight.dtype), first.weight, first.bias))
         return F.linear(x, last.weight, last.bias).view(-1).float()
     return head(feature.to(first.weight.dtype)).view(-1).float()
+
+
+def _replicate_prompt_cache(context, b: int, length: int) -> None:
+    """Copy row 0 of every layer's KV cache (``[s, b, heads, d]``, its first ``length`` positions) to rows 1..b-1."""
+    for entry in context.key_value_memory_dict.values():
+        if not (isinstance(entry, tuple) and len(entry) == 2 and all(x.shape[1] >= b for x in entry)):
+            raise RuntimeError(f"unexpected KV cache entry in the inference context: {type(entry)}")
+        for memory in entry:
+            memory[:length, 1:b] = memory[:length, :1]
 
 
 class Sampler:
@@ -179,22 +228,35 @@ class Sampler:
         return logits, head
 
     def _sample(self, logits, tokens, params: SamplingParams, gen: torch.Generator):
+        """(next tokens ``[b]``, their log-probs under the temperature-scaled, unfiltered distribution).
+
+        Draws from the distribution :func:`_filter` leaves, but over the top-k / top-p candidates only
+        (:func:`_nucleus`): no sort and no multinomial over the whole vocabulary.
+        """
         logits = _repetition_penalty(logits, tokens, params.repetition_penalty)
         if params.temperature == 0:
             nxt = logits.argmax(-1)
-            return nxt, torch.log_softmax(logits, -1).gather(-1, nxt[:, None]).squeeze(-1)
+            return nxt, (logits.gather(-1, nxt[:, None]) - torch.logsumexp(logits, -1, keepdim=True)).squeeze(-1)
         scaled = logits / params.temperature
-        probs = torch.softmax(_filter(scaled, params), -1)
-        nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
-        return nxt, torch.log_softmax(scaled, -1).gather(-1, nxt[:, None]).squeeze(-1)
+        lse = torch.logsumexp(scaled, -1, keepdim=True)
+        kept = _nucleus(scaled, params, lse)
+        if kept is None:
+            nxt = torch.multinomial(torch.exp(scaled - lse), 1, generator=gen)
+        else:
+            candidates, ids = kept
+            nxt = ids.gather(-1, torch.multinomial(torch.softmax(candidates, -1), 1, generator=gen))
+        return nxt.squeeze(-1), (scaled.gather(-1, nxt) - lse).squeeze(-1)
+
+    def _is_megatron(self) -> bool:
+        """A megatron-core model (its KV cache is the StaticInferenceContext's), not a subclass's own model."""
+        return hasattr(getattr(self.model, "config", None), "flash_decode")
 
     def _decode_path(self, use_cache: bool):
         """megatron-core's flash-decode KV-cache path for this generate call, where it applies (see
         :mod:`megatron_rgm.rollout.decode_attention`); else its default path."""
         from megatron_rgm.rollout import decode_attention
 
-        cfg = getattr(self.model, "config", None)
-        if (not use_cache or not getattr(self, "fast_decode", True) or not hasattr(cfg, "flash_decode")
+        if (not use_cache or not getattr(self, "fast_decode", True) or not self._is_megatron()
                 or not decode_attention.supported(self.model)):
             return contextlib.nullcontext()
         return decode_attention.flash_decode(self.model)
@@ -240,11 +302,18 @@ class Sampler:
         window = max((len(x) for x in stops), default=0)
         texts = [""] * b
         s = p0
+        share = use_cache and b > 1 and self._is_megatron()
         with self._decode_path(use_cache):
             for t in range(p0, max_len):
                 if use_cache and t > p0:
                     context.enable_decode_mode()
                     logits, head = self._forward(tokens[:, t - 1:t], positions[:, t - 1:t], context)
+                elif share:  # the k samples share the prompt: prefill it once, copy its KV cache to every row
+                    logits, head = self._forward(tokens[:1, :t], positions[:1, :t], context)
+                    _replicate_prompt_cache(context, b, t)
+                    if logits is not None:
+                        logits = logits.expand(b, -1).contiguous()
+                        head = None if head is None else head.expand(b)
                 else:
                     logits, head = self._forward(tokens[:, :t], positions[:, :t], context)
                 if use_cache:
