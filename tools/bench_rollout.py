@@ -12,8 +12,11 @@ Prints three ratios:
 The native sampler decodes through megatron-core's flash-decode KV path
 (:mod:`megatron_rgm.rollout.decode_attention`); its default path is timed as
 well, for reference. The variants run in turns within each round (their order rotating from round
-to round), so that load from other jobs on the machine hits them alike; each
-ratio is the median over rounds of the ratio within a round. The separate PRM
+to round), so that load from other jobs on the machine hits them alike. Each
+ratio is given three ways: the median over rounds of the ratio within a round,
+the same in CPU time (blind to time spent preempted), and the ratio of the best
+rounds (interference only adds time); "scoring on vs on" times the same run
+twice, the noise floor of the machine. The separate PRM
 is the same backbone with the SPRM head and no LM head (a PRM has a value head
 instead), run once over the k finished sequences.
 """
@@ -83,7 +86,8 @@ def _bench(hf_dir: str, mcore_dir: str, k: int, prompt_len: int, new: int, round
             del out.forward
 
     variants = {"on": lambda: scored.generate(prompt, k, params), "off": lambda: plain.generate(prompt, k, params),
-                "hf": hf_generate, "prm": prm_pass, "default": lambda: default_path.generate(prompt, k, params)}
+                "hf": hf_generate, "prm": prm_pass, "default": lambda: default_path.generate(prompt, k, params),
+                "on again": lambda: scored.generate(prompt, k, params)}  # the same run twice: the noise floor
     for fn in variants.values():  # warm-up
         fn()
     times = {name: [] for name in variants}  # wall-clock seconds
@@ -96,9 +100,12 @@ def _bench(hf_dir: str, mcore_dir: str, k: int, prompt_len: int, new: int, round
             times[name].append(time.perf_counter() - t)
             cpu[name].append(time.process_time() - c)
     med = {name: statistics.median(v) for name, v in times.items()}
+    best = {name: min(v) for name, v in times.items()}
 
-    def ratio(a, b, source=times):  # median over rounds of a/b within a round
-        return statistics.median(x / y for x, y in zip(source[a], source[b]))
+    def ratios(a, b):
+        """time a / time b: median over rounds of the ratio within a round, the same in CPU time, best/best."""
+        return (statistics.median(x / y for x, y in zip(times[a], times[b])),
+                statistics.median(x / y for x, y in zip(cpu[a], cpu[b])), best[a] / best[b])
 
     # The head's own cost: what scoring adds to each decode step (2c^2 multiply-adds a sequence).
     feature = torch.randn(k, model.config.hidden_size)
@@ -114,32 +121,30 @@ def _bench(hf_dir: str, mcore_dir: str, k: int, prompt_len: int, new: int, round
     print(f"k={k}, prompt {prompt_len} + {new} new tokens, {n_params / 1e6:.1f}M params "
           f"(hidden {model.config.hidden_size}, {model.config.num_layers} layers, vocab {vocab}), "
           f"{torch.get_num_threads()} threads, {rounds} rounds")
-    print(f"native sampler (scoring on):  {tokens / med['on']:8.1f} tokens/s")
-    print(f"native sampler (scoring off): {tokens / med['off']:8.1f} tokens/s")
-    print(f"native sampler (scoring on), megatron-core's default KV path: {tokens / med['default']:8.1f} tokens/s "
-          f"(the flash-decode path is {ratio('default', 'on'):.2f}x as fast)")
-    print(f"transformers generate:        {tokens / med['hf']:8.1f} tokens/s")
-    print(f"separate PRM pass:            {med['prm'] * 1e3:8.1f} ms ({k} x {prompt_len + new} tokens)")
-    print("ratios: median over rounds of the ratio within a round [same in CPU time; ratio of the best rounds]")
+    print(f"{'tokens/s':52s} {'median':>8s} {'best':>8s}")
+    for name, label in [("on", "native sampler, scoring on"), ("off", "native sampler, scoring off"),
+                        ("default", "native, scoring on, megatron-core's default KV path"),
+                        ("hf", "transformers generate")]:
+        print(f"{label:52s} {tokens / med[name]:8.1f} {tokens / best[name]:8.1f}")
+    print(f"{'separate PRM pass (' + str(k) + ' x ' + str(prompt_len + new) + ' tokens), ms':52s} "
+          f"{med['prm'] * 1e3:8.1f} {best['prm'] * 1e3:8.1f}")
+    print(f"{'ratio':52s} {'median':>8s} {'CPU':>8s} {'best':>8s}  goal")
 
-    def three(a, b):
-        best = min(times[a]) / min(times[b])
-        return ratio(a, b), ratio(a, b, cpu), best
+    def row(label, values, fmt, goal):
+        print(f"{label:52s} " + " ".join(f"{fmt(v):>8s}" for v in values) + f"  {goal}")
 
-    x = three("hf", "on")
-    print(f"native / transformers tokens/s: {x[0]:.2f}x [{x[1]:.2f}x; {x[2]:.2f}x] (goal >= 1.0x)")
-    x = three("on", "off")
-    print(f"scoring on vs off: {100 * (x[0] - 1):+.1f}% time [{100 * (x[1] - 1):+.1f}%; {100 * (x[2] - 1):+.1f}%] "
-          f"(goal <= +3%)")
-    x = three("prm", "on")
-    print(f"separate same-size PRM pass: +{100 * x[0]:.1f}% on top of generation [+{100 * x[1]:.1f}%; "
-          f"+{100 * x[2]:.1f}%] (goal >= 30%)")
-    per_step = med["on"] / (new + 1)
-    print(f"the head alone: {head_s * 1e6:.0f} us a decode step, {100 * head_s / per_step:.2f}% of a step of "
-          f"{per_step * 1e3:.1f} ms (generation with scoring on / forwards)")
-    if rounds >= 4:
-        q = statistics.quantiles([a / b for a, b in zip(times["on"], times["off"])], n=4)
-        print(f"scoring on/off per round, quartiles: {q[0]:.3f} .. {q[2]:.3f} (the noise of this machine)")
+    row("native / transformers tokens/s", [1 / x for x in ratios("on", "hf")], lambda v: f"{v:.2f}x", ">= 1.0x")
+    row("scoring on vs off, time", ratios("on", "off"), lambda v: f"{100 * (v - 1):+.1f}%", "<= +3%")
+    row("scoring on vs on (the same run: noise floor)", ratios("on again", "on"), lambda v: f"{100 * (v - 1):+.1f}%",
+        "0")
+    row("separate PRM pass / generation", ratios("prm", "on"), lambda v: f"+{100 * v:.1f}%", ">= +30%")
+    row("flash-decode path speed-up over the default", ratios("default", "on"), lambda v: f"{v:.2f}x", "")
+    per_step = best["on"] / (new + 1)
+    head_params = sum(p.numel() for p in model.sprm_head.parameters())
+    decode_params = n_params - hf.get_input_embeddings().weight.numel()  # what a decode step reads
+    print(f"the head alone: {head_s * 1e6:.0f} us a decode step with its weights in cache, "
+          f"{100 * head_s / per_step:.2f}% of a step ({per_step * 1e3:.1f} ms: best generation / forwards); "
+          f"its {head_params / 1e6:.2f}M weights are {100 * head_params / decode_params:.2f}% of what a step reads")
     distributed.shutdown()
 
 

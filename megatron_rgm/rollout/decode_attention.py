@@ -204,9 +204,10 @@ def install() -> list[str]:
 def supported(model) -> bool:
     """Whether the flash-decode path computes what the default path does for this model.
 
-    Not for: multi-latent attention, a custom softmax scale (megatron's flash
-    decode ignores it), attention-output gates, or flash-attn's real kernels with
-    fp32 weights (they take fp16/bf16 only).
+    Not for what megatron's flash decode ignores (a custom softmax scale or
+    softmax type, sliding windows, attention-output gates, layers without RoPE),
+    multi-latent attention, or flash-attn's real kernels with fp32 weights (they
+    take fp16/bf16 only).
     """
     from megatron.core.transformer import attention
 
@@ -214,6 +215,8 @@ def supported(model) -> bool:
     if getattr(cfg, "multi_latent_attention", False) or getattr(cfg, "softmax_scale", None) is not None:
         return False
     if getattr(cfg, "attention_output_gate", False) or getattr(cfg, "no_rope_freq", None):
+        return False
+    if getattr(cfg, "window_size", None) is not None or getattr(cfg, "softmax_type", "vanilla") != "vanilla":
         return False
     if getattr(model, "position_embedding_type", "rope") not in ("rope", "learned_absolute", "none"):
         return False
