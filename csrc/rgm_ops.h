@@ -26,9 +26,19 @@ struct CpuKernels {
   torch::Tensor (*segment_aggregate)(const torch::Tensor&, const torch::Tensor&, int64_t, bool);
   torch::Tensor (*segment_aggregate_backward)(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
                                               const torch::Tensor&, int64_t, bool);
+  // Geometric / arithmetic for training: {out [T], d [S]} with d_i = d(term_i)/dx_i (the backward's only
+  // per-step factor: sigmoid(-x) or 1/p, zero where the 1e-10 clamp is active; p(1-p) or 1).
+  std::vector<torch::Tensor> (*segment_aggregate_train)(const torch::Tensor&, const torch::Tensor&, int64_t, bool);
+  // grad_i = grad_out_t * (out_t or 1) / k_t * d_i, from segment_aggregate_train's {out, d}.
+  torch::Tensor (*segment_aggregate_backward_saved)(const torch::Tensor& grad_out, const torch::Tensor& d,
+                                                    const torch::Tensor& cu_steps, const torch::Tensor& out,
+                                                    int64_t mode);
 };
 namespace base { CpuKernels kernels(); }
-namespace avx2 { CpuKernels kernels(); }
+namespace avx2 {
+CpuKernels kernels();
+CpuKernels kernels_avx512();  // AVX2 kernels, geometric / product of float logits in 512-bit vectors
+}
 
 #ifdef WITH_CUDA
 torch::Tensor spr_stats_cuda(const torch::Tensor& logits, const torch::Tensor& cu_steps,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 
 import pytest
@@ -13,6 +15,8 @@ from megatron_rgm.ops import reference
 
 MODES = reference.MODES
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# Every CPU kernel variant this processor runs (avx512, avx2, default), to test each one.
+CPU_ISAS = list(ops.extension().cpu_isas()) if ops.extension() is not None else ["default"]
 
 
 def packed(lengths, seed=0, scale=4.0, dtype=torch.float32, device="cpu", p_correct=0.5):
@@ -66,6 +70,24 @@ def check_aggregate(values, cu, mode, from_probs=False):
         (ops.segment_aggregate(a, cu, mode, from_probs=from_probs) * w).sum().backward()
         (reference.segment_aggregate(b, cu, mode, from_probs=from_probs) * w).sum().backward()
         torch.testing.assert_close(a.grad.float(), b.grad.float(), rtol=rtol, atol=atol)
+    return out
+
+
+def check_aggregate_vs_float64(values, cu, mode, from_probs=False):
+    """Output and gradient against the reference evaluated in float64 (for long trajectories,
+    where the float32 reference's own accumulation error exceeds the float32 tolerances)."""
+    truth_in = values.detach().double().requires_grad_(True)
+    truth = reference.segment_aggregate(truth_in, cu, mode, from_probs=from_probs)
+    out = ops.segment_aggregate(values, cu, mode, from_probs=from_probs)
+    # float32 math: relative 1e-5 (a product of thousands of steps underflows: compare those to 0).
+    torch.testing.assert_close(out.double(), truth.detach(), rtol=1e-5, atol=1e-35)
+    if mode in ("geometric", "arithmetic"):
+        w = torch.linspace(-1, 1, cu.numel() - 1, dtype=torch.float64)
+        x = values.detach().clone().requires_grad_(True)
+        (ops.segment_aggregate(x, cu, mode, from_probs=from_probs) * w.to(out.dtype)).sum().backward()
+        (truth * w).sum().backward()
+        rtol, atol = (1e-5, 1e-7) if values.dtype == torch.float32 else tol(values.dtype)  # half: its rounding
+        torch.testing.assert_close(x.grad.double(), truth_in.grad.to(values.dtype).double(), rtol=rtol, atol=atol)
     return out
 
 
@@ -148,6 +170,81 @@ def test_extreme_logits(device):
     for mode in MODES:
         out = check_aggregate(logits, cu, mode)
         assert torch.isfinite(out).all()
+
+
+@contextlib.contextmanager
+def cpu_isa(name):
+    e = ext()
+    previous = e._use_cpu_isa(name)
+    try:
+        yield
+    finally:
+        e._use_cpu_isa(previous)
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_segment_aggregate_every_cpu_isa(isa, dtype):
+    # Lengths around every vector width (8 and 16 lanes, products of three vectors, masked tails)
+    # and the 2048-step blocks, in one packed batch.
+    lengths = list(range(70)) + [95, 96, 97, 2047, 2048, 2049, 5000]
+    logits, cu, _ = packed(lengths, seed=21, dtype=dtype)
+    check = check_aggregate if dtype == torch.float64 else check_aggregate_vs_float64
+    with cpu_isa(isa):
+        assert ext().cpu_isa() == isa
+        for mode in MODES:
+            check(logits, cu, mode)
+        probs = torch.sigmoid(logits.float()).to(dtype)
+        probs[::5] = 0
+        for mode in ("geometric", "arithmetic"):
+            check(probs, cu, mode, from_probs=True)
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_clamp_region_and_huge_logits_every_cpu_isa(isa, dtype):
+    # log(sigmoid(x)) is clamped at log(1e-10) below x = logit(1e-10) = -23.03: the aggregate sees
+    # 1e-10 there and the gradient is exactly zero. Far-out and infinite logits must not overflow.
+    values = [-math.inf, -1e4, -100.0, -88.0, -80.0, -30.0, -23.5, -23.0, -10.0, 0.0, 10.0, 30.0, 80.0,
+              88.0, 100.0, 1e4, math.inf]
+    runs = [torch.full((37,), v, dtype=dtype) for v in values]  # one value per trajectory: vector paths
+    mixed = torch.tensor(values * 3, dtype=dtype)  # all values in one trajectory, and in short ones
+    logits = torch.cat(runs + [mixed, mixed[:5], mixed[5:7]])
+    lengths = [37] * len(values) + [mixed.numel(), 5, 2]
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths).cumsum(0)
+    check = check_aggregate if dtype == torch.float64 else check_aggregate_vs_float64
+    with cpu_isa(isa):
+        for mode in MODES:
+            out = check(logits, cu, mode)
+            assert torch.isfinite(out).all()
+        geo = ops.segment_aggregate(logits, cu, "geometric")
+        torch.testing.assert_close(geo[:6], torch.full((6,), 1e-10, dtype=geo.dtype), rtol=1e-5, atol=0)
+        x = logits.clone().requires_grad_(True)
+        ops.segment_aggregate(x, cu, "geometric").sum().backward()
+        assert torch.isfinite(x.grad).all()
+        clamped = logits < -23.03
+        assert (x.grad[clamped] == 0).all()
+        live = (logits > -23.02) & (logits < 20)
+        assert (x.grad[live] > 0).all()
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_nan_logit_poisons_only_its_trajectory(isa):
+    logits, cu, _ = packed([40, 40, 5, 3], seed=4)
+    logits[45] = math.nan
+    logits[82] = math.nan
+    with cpu_isa(isa):
+        for mode in ("geometric", "product", "arithmetic"):
+            out = ops.segment_aggregate(logits, cu, mode)
+            ref = reference.segment_aggregate(logits, cu, mode)
+            assert torch.isnan(out[1]) and torch.isnan(out[2]), mode
+            torch.testing.assert_close(out[[0, 3]], ref[[0, 3]], rtol=1e-5, atol=1e-30)
+
+
+def test_unknown_cpu_isa_is_refused():
+    with pytest.raises(ValueError, match="not available"):
+        ext()._use_cpu_isa("avx1024")
 
 
 def test_hand_computed_spr_loss():

@@ -83,7 +83,9 @@ def main() -> None:
         raise SystemExit("megatron_rgm._C is not built: pip install --no-build-isolation -e .")
     if device == "cuda" and not ext.cuda_compiled():
         raise SystemExit("megatron_rgm._C was built without CUDA kernels")
-    print(f"device: {device} ({torch.cuda.get_device_name() if device == 'cuda' else f'{torch.get_num_threads()} threads'})")
+    where = (torch.cuda.get_device_name() if device == "cuda"
+             else f"{torch.get_num_threads()} threads, {ext.cpu_isa()} kernels")
+    print(f"device: {device} ({where})")
     print(f"{'case':32s} {'steps':>9s} | {'SPR ref ms':>10s} {'SPR ext ms':>10s} {'x':>6s} | "
           f"{'geo ref ms':>10s} {'geo ext ms':>10s} {'x':>6s}" + (" | ext GB/s  copy GB/s  %copy" if device == "cuda" else ""))
     for name, trajectories, tokens, frac in CASES[: a.cases]:

@@ -87,14 +87,15 @@ class _SPRLoss(torch.autograd.Function):
         return g, None, None, None, None
 
 
-def _check_packed(values: torch.Tensor, cu_steps: torch.Tensor, name: str) -> None:
+def _check_packed(values: torch.Tensor, cu_steps: torch.Tensor, name: str, check_end: bool = True) -> None:
+    """Shapes and dtypes; with ``check_end`` also ``cu_steps[-1] == S`` (the kernel checks it itself)."""
     if values.dim() != 1:
         raise ValueError(f"{name} must be 1-D [S] (packed steps), got shape {tuple(values.shape)}")
     if cu_steps.dim() != 1 or cu_steps.numel() < 1:
         raise ValueError(f"cu_steps must be 1-D [T+1], got shape {tuple(cu_steps.shape)}")
     if cu_steps.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"cu_steps must be int32 or int64, got {cu_steps.dtype}")
-    if cu_steps.numel() > 1 and int(cu_steps[-1]) != values.numel():
+    if check_end and cu_steps.numel() > 1 and int(cu_steps[-1]) != values.numel():
         raise ValueError(
             f"cu_steps ends at {int(cu_steps[-1])} but {name} has {values.numel()} steps: "
             "cu_steps[-1] must equal the number of packed steps"
@@ -151,21 +152,6 @@ def spr_loss(step_logits: torch.Tensor, cu_steps: torch.Tensor, correct: torch.T
     return loss
 
 
-class _Aggregate(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, values, cu_steps, mode_index, from_probs):
-        out = extension().segment_aggregate(values, cu_steps, mode_index, from_probs)
-        ctx.save_for_backward(values, cu_steps, out)
-        ctx.mode, ctx.from_probs = mode_index, from_probs
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        values, cu_steps, out = ctx.saved_tensors
-        g = extension().segment_aggregate_backward(grad, values, cu_steps, out, ctx.mode, ctx.from_probs)
-        return g, None, None, None
-
-
 def segment_aggregate(step_logits: torch.Tensor, cu_steps: torch.Tensor, mode: str = "geometric", *,
                       from_probs: bool = False) -> torch.Tensor:
     """Per-trajectory aggregate of step probabilities ``sigmoid(step_logits)``.
@@ -182,10 +168,18 @@ def segment_aggregate(step_logits: torch.Tensor, cu_steps: torch.Tensor, mode: s
     """
     if mode not in MODES:
         raise ValueError(f"aggregation {mode!r} is not one of {', '.join(MODES)}")
-    _check_packed(step_logits, cu_steps, "step_logits")
-    cu_steps = cu_steps.to(step_logits.device)
+    # Per-call Python costs about as much as the kernel at 10^4 steps: the kernel checks that
+    # cu_steps ends at S (the same ValueError), and cu_steps moves only when it must.
+    _check_packed(step_logits, cu_steps, "step_logits", check_end=False)
+    if cu_steps.device != step_logits.device:
+        cu_steps = cu_steps.to(step_logits.device)
     ext = _use_ext(step_logits)
     needs_grad = step_logits.requires_grad and torch.is_grad_enabled()
     if ext is None or (needs_grad and mode not in ("geometric", "arithmetic")):
+        _check_packed(step_logits, cu_steps, "step_logits")
         return reference.segment_aggregate(step_logits, cu_steps, mode, from_probs=from_probs)
-    return _Aggregate.apply(step_logits, cu_steps, MODES.index(mode), from_probs)
+    if needs_grad:
+        # A C++ autograd function: the forward also writes each step's derivative, the backward
+        # (no Python) multiplies it by its trajectory's coefficient.
+        return ext.segment_aggregate_autograd(step_logits, cu_steps, MODES.index(mode), from_probs)
+    return ext.segment_aggregate(step_logits, cu_steps, MODES.index(mode), from_probs)
