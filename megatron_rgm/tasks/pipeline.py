@@ -37,7 +37,7 @@ from megatron_rgm.config import ConfigError, run_tool
 
 @dataclass
 class PipelineConfig:
-    """Sizes and hyper-parameters of the tiny run (defaults: the documented ~15-minute run on 2 CPU cores)."""
+    """Sizes and hyper-parameters of the tiny run (defaults: the run docs/RESULTS.md measures)."""
 
     output: str
     nproc: int = 2
