@@ -118,7 +118,7 @@ def run(cfg: PipelineConfig) -> dict:
     from megatron_rgm.evaluation.report import run as evaluate
     from megatron_rgm.inference.best_of_n import BestOfNConfig, load_problems, run_megatron
     from megatron_rgm.rollout.sampler import SamplingParams
-    from megatron_rgm.tasks.prepare import prepare
+    from megatron_rgm.tasks.prepare import prepare, task_paths
     from megatron_rgm.tasks.probe import format_report as format_probe
     from megatron_rgm.tasks.probe import report as probe_report
 
@@ -140,8 +140,7 @@ def run(cfg: PipelineConfig) -> dict:
         _say(f"1-2/6 task and SFT warm start copied from {src}")
         shutil.copytree(src / "task", out / "task")
         shutil.copytree(src / "sft", out / "sft")
-        task = {"tokenizer": out / "task" / "tokenizer" / "tokenizer.model",
-                "train": out / "task" / "train_prompts.jsonl", "eval": out / "task" / "eval_prompts.jsonl"}
+        task = task_paths(out / "task")
     else:
         _say(f"1/6 task: {cfg.n_train} train / {cfg.n_eval} eval problems, {cfg.n_sft} SFT traces, tokenizer")
         task = prepare(out / "task", seed=cfg.seed, n_train=cfg.n_train, n_eval=cfg.n_eval, n_sft=cfg.n_sft,

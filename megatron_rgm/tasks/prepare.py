@@ -20,7 +20,7 @@ from math import ceil
 from pathlib import Path
 
 from megatron_rgm.config import ConfigError, run_tool
-from megatron_rgm.tasks.arithmetic import check_ranges, make_problems, prompt_text, sft_texts, train_tokenizer
+from megatron_rgm.tasks.arithmetic import SP_FILE, check_ranges, make_problems, prompt_text, sft_texts, train_tokenizer
 
 
 def _write_jsonl(path: Path, rows) -> Path:
@@ -28,6 +28,13 @@ def _write_jsonl(path: Path, rows) -> Path:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path
+
+
+def task_paths(out_dir: str | Path) -> dict[str, Path]:
+    """Where :func:`prepare` writes its files under ``out_dir``, by name (tokenizer, train, eval, sft, meta)."""
+    out = Path(out_dir)
+    return {"tokenizer": out / "tokenizer" / SP_FILE, "train": out / "train_prompts.jsonl",
+            "eval": out / "eval_prompts.jsonl", "sft": out / "sft.jsonl", "meta": out / "task.json"}
 
 
 def prepare(out_dir: str | Path, seed: int = 0, n_train: int = 2000, n_eval: int = 200, n_sft: int = 4000, *,
@@ -68,12 +75,10 @@ def prepare(out_dir: str | Path, seed: int = 0, n_train: int = 2000, n_eval: int
     # Prompts join the SFT texts so the tokenizer also sees numbers only eval problems use.
     tok_path = train_tokenizer(texts + [prompt_text(p) for p in problems], out / "tokenizer", vocab_size=vocab_size,
                                max_number=max_terms * max_value)
-    paths = {
-        "tokenizer": tok_path,
-        "train": _write_jsonl(out / "train_prompts.jsonl", (p.to_json() for p in train_set)),
-        "eval": _write_jsonl(out / "eval_prompts.jsonl", (p.to_json() for p in eval_set)),
-        "sft": _write_jsonl(out / "sft.jsonl", ({"text": t} for t in texts)),
-    }
+    paths = task_paths(out)
+    _write_jsonl(paths["train"], (p.to_json() for p in train_set))
+    _write_jsonl(paths["eval"], (p.to_json() for p in eval_set))
+    _write_jsonl(paths["sft"], ({"text": t} for t in texts))
     from megatron_rgm.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tok_path)
@@ -81,7 +86,6 @@ def prepare(out_dir: str | Path, seed: int = 0, n_train: int = 2000, n_eval: int
     meta = dict(seed=seed, n_train=n_train, n_eval=n_eval, n_sft=len(texts), error_rate=error_rate, fix_rate=fix_rate,
                 min_terms=min_terms, max_terms=max_terms, max_value=max_value, tree_fraction=tree_fraction, order=order,
                 vocab_size=len(tok), sft_tokens_max=lengths[-1], sft_tokens_mean=round(sum(lengths) / len(lengths), 2))
-    paths["meta"] = out / "task.json"
     paths["meta"].write_text(json.dumps(meta, indent=1) + "\n")
     return paths
 
