@@ -34,6 +34,8 @@ def test_shrunken_pipeline_writes_every_artefact_and_a_consistent_table(tmp_path
                  "score_divergence.png", "train_metrics.jsonl", "scorer.json"):
         assert (out / name).exists(), name
     assert len((out / "train_metrics.jsonl").read_text().splitlines()) == 2
+    # The head reads the last layer at this size (docs/RESULTS.md), and the export says so for serving.
+    assert json.loads((out / "hf" / "sprm_config.json").read_text())["sprm_layer"] == -1
 
     from megatron_rgm.rollout.store import RolloutStore
 

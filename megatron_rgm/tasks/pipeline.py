@@ -51,6 +51,7 @@ class PipelineConfig:
     fix_rate: float = 0.5
     order: str = "given"
     num_layers: int = 8
+    sprm_layer: int = -1
     sft_iters: int = 2000
     sft_batch: int = 32
     sft_lr: float = 2e-3
@@ -165,9 +166,10 @@ def run(cfg: PipelineConfig) -> dict:
                           "--prompts-per-iter", str(cfg.prompts_per_iter), "--grpo-group-size", str(cfg.k),
                           "--rollout-temperature", str(cfg.temperature), "--max-response-length",
                           str(cfg.max_response), "--micro-batch-size", str(cfg.prompts_per_iter * cfg.k // 4),
-                          "--lr", str(cfg.rgm_lr), "--sprm-lr", str(cfg.sprm_lr), "--save", str(out / "rgm"),
-                          "--save-rollouts", str(out / "rollouts"), "--metrics-file",
-                          str(out / "train_metrics.jsonl"), "--tensorboard-dir", str(out / "tensorboard"),
+                          "--lr", str(cfg.rgm_lr), "--sprm-lr", str(cfg.sprm_lr), "--sprm-layer",
+                          str(cfg.sprm_layer), "--save", str(out / "rgm"), "--save-rollouts", str(out / "rollouts"),
+                          "--metrics-file", str(out / "train_metrics.jsonl"), "--tensorboard-dir",
+                          str(out / "tensorboard"),
                           *cfg.extra], out / "rgm.log")
 
     _say(f"4/6 Best-of-N on {cfg.n_eval} eval problems: k={cfg.eval_k}, every candidate answered")
@@ -205,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     for name in ("error_rate", "fix_rate", "sft_lr", "rgm_lr", "sprm_lr", "temperature"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    p.add_argument("--sprm-layer", type=int, default=d.sprm_layer,
+                   help="decoder layer the SPRM head reads in the RGM stage (-1: the last; -2, the paper's "
+                        "penultimate layer, is the ablation of docs/RESULTS.md)")
     p.add_argument("--order", choices=("shuffled", "given"), default=d.order,
                    help="SFT traces add the numbers in a random order or in the statement's order")
     p.add_argument("--sft-from", default=None, metavar="RUN",
