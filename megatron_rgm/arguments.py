@@ -47,6 +47,7 @@ class RunConfig:
     wandb_project: str | None = None
     metrics_file: str | None = None
     sprm_calibrate: bool = True
+    sprm_orient: bool = True
     max_consecutive_nonfinite: int = 5
 
     @property
@@ -208,6 +209,11 @@ def add_sprm_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="on a run's first iteration, shift the head's output bias so the median step logit of the "
                         "batch is 0: the SPR loss needs steps on both sides of 0 (with every logit of one sign, P "
                         "or N is 0 and so is the loss)")
+    g.add_argument("--sprm-orient-head", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --sprm-calibrate-head, also negate the head's output when its scores rank the first "
+                        "batch's correct trajectories below the incorrect ones of the same prompt (within-prompt "
+                        "pairwise accuracy < 0.5): the SPR loss trains only steps the head already agrees with, so a "
+                        "head that starts reversed stays reversed")
     g.add_argument("--sprm-only", action="store_true",
                    help="freeze the policy and train only the head on rollouts (adding an SPRM to a policy)")
     return p
@@ -476,6 +482,7 @@ def validate(ns: argparse.Namespace) -> Args:
         wandb_project=ns.wandb_project,
         metrics_file=ns.metrics_file,
         sprm_calibrate=ns.sprm_calibrate_head,
+        sprm_orient=ns.sprm_orient_head,
         max_consecutive_nonfinite=ns.max_consecutive_nonfinite,
     )
     data = DataConfig(

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import REPO, clean_env
 from megatron_rgm.config import ConfigError
-from megatron_rgm.evaluation.metrics import Problem, evaluate, pass_at_k
+from megatron_rgm.evaluation.metrics import Problem, evaluate, pairwise_accuracy, pass_at_k
 
 
 def test_hand_computed_with_ties():
@@ -39,6 +39,17 @@ def test_bon_at_1_equals_pass_at_1_and_zero_correct():
     # p: one group of 2 (remainder dropped): {0, 1} -> geometric picks 1 (right); q: nothing right
     assert m["bon@2/geometric"] == pytest.approx(0.5)
     assert m["bon@2/last"] == 0.0  # p: tie 1 vs 1 -> the first sample (wrong); q: nothing right
+
+
+def test_pairwise_accuracy_by_hand():
+    # group a: correct 0.9 vs wrong 0.5 and 0.9 (a tie: half) -> 1.5 of 2; group b: correct 0.2 vs wrong 0.4 -> 0 of 1;
+    # group c has no incorrect sample and adds no pair.
+    scores = [0.9, 0.5, 0.9, 0.2, 0.4, 0.7]
+    correct = [True, False, False, True, False, True]
+    groups = ["a", "a", "a", "b", "b", "c"]
+    assert pairwise_accuracy(scores, correct, groups) == (pytest.approx(1.5 / 3), 3)
+    value, pairs = pairwise_accuracy([0.1, 0.2], [True, True], ["a", "a"])
+    assert pairs == 0 and value != value  # nan: nothing to rank
 
 
 def test_fewer_than_k_samples_is_a_clear_error():

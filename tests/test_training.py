@@ -80,6 +80,13 @@ def test_three_colocated_iterations_are_finite_and_on_policy(task, tmp_path, lay
         assert abs(r["ppo kl"]) < 1e-5, r["ppo kl"]
         assert 0 <= r["accuracy"] <= 1 and 0 <= r["masked step fraction"] <= 1
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-7), "the reference is the starting policy"
+    # The first batch calibrated and oriented the head (on the last stage, over the whole batch): negated iff it
+    # ranked reversed. A batch without any step leaves the head as it is.
+    if rows[0]["steps"] > 0:
+        assert rows[0]["sprm head negated"] == float(rows[0]["sprm initial pairwise"] < 0.5)
+    else:
+        assert "sprm head negated" not in rows[0] and "sprm calibration shift" not in rows[0]
+    assert "sprm head negated" not in rows[1]
 
 
 @pytest.mark.multirank
@@ -149,6 +156,41 @@ def test_sprm_only_trains_the_head_and_leaves_the_policy(task, tmp_path):
     # After calibration both classes are masked, so the head learns (a later batch may mask one class only,
     # and then the SPR loss is 0 by definition).
     assert rows[0]["spr positives"] > 0 and rows[0]["spr negatives"] > 0 and rows[0]["sprm grad norm"] > 0
+
+
+def test_orient_head_negates_a_reversed_head_and_keeps_an_aligned_one():
+    import torch
+
+    from megatron_rgm.evaluation.metrics import pairwise_accuracy
+    from megatron_rgm.model import SPRMHead
+    from megatron_rgm.ops import segment_aggregate
+    from megatron_rgm.training.loop import orient_head
+
+    torch.manual_seed(0)
+    head = SPRMHead(16, 2, 0.0).eval()
+    x = torch.randn(8 * 4 * 3, 16)  # 8 prompts x 4 trajectories x 3 steps
+    cu = torch.arange(0, x.shape[0] + 1, 3)
+    groups = [g for g in range(8) for _ in range(4)]
+    with torch.no_grad():
+        z = head(x).squeeze(-1)
+    scores = segment_aggregate(z, cu, "geometric")
+    # In every group the head's two best trajectories are the incorrect ones: a fully reversed start.
+    correct = []
+    for g in range(8):
+        order = scores[4 * g:4 * g + 4].argsort().tolist()
+        correct += [order.index(j) < 2 for j in range(4)]
+    assert orient_head(head, z, cu, correct, groups) == {"sprm initial pairwise": 0.0, "sprm head negated": 1.0}
+    with torch.no_grad():
+        flipped = head(x).squeeze(-1)
+    torch.testing.assert_close(flipped, -z)
+    after = segment_aggregate(flipped, cu, "geometric").tolist()
+    assert pairwise_accuracy(after, correct, groups) == (1.0, 32)
+    # Aligned (or without any group holding both outcomes): the head is left as it is.
+    state = {k: v.clone() for k, v in head.state_dict().items()}
+    assert orient_head(head, flipped, cu, correct, groups)["sprm head negated"] == 0.0
+    assert orient_head(head, flipped, cu, [True] * 32, groups)["sprm head negated"] == 0.0
+    for k, v in head.state_dict().items():
+        assert torch.equal(v, state[k]), k
 
 
 def test_sft_files_with_a_bad_line_are_named(task, tmp_path):

@@ -45,6 +45,22 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - comb(n - c, k) / comb(n, k)
 
 
+def pairwise_accuracy(scores: Sequence[float], correct: Sequence[bool], groups: Sequence) -> tuple[float, int]:
+    """Within-group ranking of correct above incorrect samples.
+
+    Returns ``(fraction of (correct, incorrect) pairs of one group whose scores are ordered right, ties
+    counting half; number of such pairs)``; the fraction is nan when no group holds both.
+    """
+    members: dict = {}
+    for score, ok, g in zip(scores, correct, groups, strict=True):
+        members.setdefault(g, ([], []))[0 if ok else 1].append(float(score))
+    hits, pairs = 0.0, 0
+    for good, bad in members.values():
+        hits += sum((a > b) + 0.5 * (a == b) for a in good for b in bad)
+        pairs += len(good) * len(bad)
+    return (hits / pairs if pairs else float("nan")), pairs
+
+
 def _groups(n: int, k: int, pid: str) -> list[range]:
     if k < 1:
         raise ConfigError(f"--k must be >= 1 (samples per group), got {k}")

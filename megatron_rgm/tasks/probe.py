@@ -119,19 +119,14 @@ def _auc(pos: Sequence[float], neg: Sequence[float]) -> float:
 
 def scorer_metrics(cands: Sequence[Candidate], scores: Sequence[Sequence[float]], k: int = 8) -> dict[str, float]:
     """pairwise, margin, step_auc and bon@k (geometric) of per-candidate step probabilities ``scores``."""
-    from megatron_rgm.evaluation.metrics import Problem, evaluate
+    from megatron_rgm.evaluation.metrics import Problem, evaluate, pairwise_accuracy
     from megatron_rgm.evaluation.report import aggregate_scores
 
     agg = aggregate_scores(scores)["geometric"]  # as tools/evaluate.py computes it, so bon@k matches eval.json
     by_problem: dict[str, list[int]] = {}
     for i, c in enumerate(cands):
         by_problem.setdefault(c.problem, []).append(i)
-    pair_hits, pairs = 0.0, 0
-    for members in by_problem.values():
-        good = [agg[i] for i in members if cands[i].correct]
-        bad = [agg[i] for i in members if not cands[i].correct]
-        pair_hits += sum((g > b) + 0.5 * (g == b) for g in good for b in bad)
-        pairs += len(good) * len(bad)
+    pairwise, pairs = pairwise_accuracy(agg, [c.correct for c in cands], [c.problem for c in cands])
     labelled = [(s, c.step_ok) for c, s in zip(cands, scores) if c.step_ok and len(c.step_ok) == len(s)]
     right = [p for s, ok in labelled for p, o in zip(s, ok) if o]
     wrong = [p for s, ok in labelled for p, o in zip(s, ok) if not o]
@@ -139,7 +134,7 @@ def scorer_metrics(cands: Sequence[Candidate], scores: Sequence[Sequence[float]]
     bad = [a for a, c in zip(agg, cands) if not c.correct]
     problems = [Problem(pid, [cands[i].correct for i in m], [None] * len(m), {"geometric": [agg[i] for i in m]})
                 for pid, m in by_problem.items()]
-    return {"pairwise": pair_hits / pairs if pairs else float("nan"), "pairs": pairs,
+    return {"pairwise": pairwise, "pairs": pairs,
             "margin": (sum(good) / len(good) - sum(bad) / len(bad)) if good and bad else float("nan"),
             "step_auc": _auc(right, wrong), "right_steps": len(right), "wrong_steps": len(wrong),
             f"bon@{k}": evaluate(problems, [k])[f"bon@{k}/geometric"]}

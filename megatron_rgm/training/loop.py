@@ -43,6 +43,27 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
+@torch.no_grad()
+def orient_head(head: torch.nn.Sequential, step_logits: torch.Tensor, cu_steps: torch.Tensor,
+                correct: list[bool], groups: list) -> dict[str, float]:
+    """Negate ``head``'s output layer when its ``step_logits`` rank correct trajectories below incorrect ones.
+
+    Ranking: the geometric mean of the step scores, compared within each group (prompt). Returns the
+    within-group pairwise accuracy before (nan without a group holding both outcomes, which never negates)
+    and whether the head was negated (1.0 / 0.0).
+    """
+    from megatron_rgm.evaluation.metrics import pairwise_accuracy
+    from megatron_rgm.ops import segment_aggregate
+
+    scores = segment_aggregate(step_logits.float(), cu_steps, "geometric").tolist()
+    pairwise, pairs = pairwise_accuracy(scores, correct, groups)
+    flip = pairs > 0 and pairwise < 0.5
+    if flip:  # the logits become -z: every ranking reverses, a median of 0 stays 0
+        head[-1].weight.neg_()
+        head[-1].bias.neg_()
+    return {"sprm initial pairwise": pairwise, "sprm head negated": float(flip)}
+
+
 class Trainer:
     """Model, optimizer, data and reference model of one run, on this rank."""
 
@@ -281,23 +302,29 @@ class Trainer:
             self._forward_backward(batches, length, forward_only=True, model=self.ref, step_func=step)
 
     @torch.no_grad()
-    def calibrate_head(self, samples: list[Sample]) -> float | None:
-        """Shift the head's output bias so the median step logit of ``samples`` (all DP ranks) is 0.
+    def calibrate_head(self, samples: list[Sample]) -> dict[str, float]:
+        """Shift the head's output bias so the median step logit of ``samples`` (all DP ranks) is 0, and orient it.
 
         The SPR loss weighs masked positives by N/(P+N) and masked negatives by
         P/(P+N): with every logit on one side of 0 one count is 0 and so is the
         loss, and the head never starts learning. A fresh head on a small model
-        is often in that state. Returns the shift (last stage; None elsewhere).
+        is often in that state. With ``--sprm-orient-head`` the head's output
+        is also negated when its geometric-mean scores rank the batch's correct
+        trajectories below the incorrect ones of the same prompt: the mask keeps
+        only steps the head already agrees with, so a reversed start is a fixed
+        point of the SPR loss (docs/RESULTS.md). Returns the metrics to log
+        (last stage; empty elsewhere or without steps).
         """
         length = self._length(samples)
         micro = self.run.micro_batch_size
         batches = [collate(samples[i:i + micro], length) for i in range(0, len(samples), micro)]
-        collected = []
+        collected, counts = [], []
 
         def step(data_iterator, model):
             batch = next(data_iterator)
             b, s = batch["tokens"].shape
             out = model(batch["tokens"], torch.arange(s).unsqueeze(0).expand(b, s), None, step_mask=batch["step_mask"])
+            counts.append(batch["step_mask"].sum(1))
 
             def loss(output):
                 collected.append(output[1].detach().float().cpu())
@@ -310,18 +337,25 @@ class Trainer:
         for m in self.model:
             m.train()
         if not self.last_stage:
-            return None
-        local = torch.cat(collected) if collected else torch.zeros(0)
+            return {}
+        local = (torch.cat(collected) if collected else torch.zeros(0), torch.cat(counts) if counts else
+                 torch.zeros(0, dtype=torch.long), [s.correct for s in samples], [s.group for s in samples])
         gathered = [None] * self.dp
         dist.all_gather_object(gathered, local, group=self.ps.get_data_parallel_group())
-        logits = torch.cat(gathered)
+        logits = torch.cat([g[0] for g in gathered])
         if logits.numel() == 0:
-            return None
+            return {}
         shift = float(logits.median())
         head = _unwrap(self.model[-1]).sprm_head
         head[-1].bias.sub_(shift)
+        out = {"sprm calibration shift": shift}
+        if self.run.sprm_orient:
+            steps = torch.cat([g[1] for g in gathered])
+            cu = torch.cat([torch.zeros(1, dtype=torch.long), steps.cumsum(0)])
+            out.update(orient_head(head, logits - shift, cu, [c for g in gathered for c in g[2]],
+                                   [p for g in gathered for p in g[3]]))
         self.optimizer.reload_model_params()
-        return shift
+        return out
 
     def _length(self, samples: list[Sample]) -> int:
         multiple = 8 * (self.args.parallel.tensor_model_parallel_size if self.args.parallel.sequence_parallel else 1)
@@ -387,9 +421,7 @@ class Trainer:
                                                      self.args.grpo.advantage_eps) for g in groups])
             rollout_metrics = self._rollout_metrics(samples)
             if it == 1 and self.run.sprm_calibrate:
-                shift = self.calibrate_head(samples)
-                if shift is not None:
-                    rollout_metrics["sprm calibration shift"] = shift
+                rollout_metrics.update(self.calibrate_head(samples))
         step_metrics, reports, step_times, tokens = self.train_step(samples, advantages)
         times.update(step_times)
         metrics = {**lrs, **rollout_metrics, **step_metrics, **self._loss_metrics(reports)}
