@@ -206,8 +206,9 @@ def add_sprm_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--sprm-weight-decay", type=float, default=0.01)
     g.add_argument("--sprm-clip-grad", type=float, default=1.0, help="the head's own gradient-norm clip (0: off)")
     g.add_argument("--sprm-calibrate-head", action=argparse.BooleanOptionalAction, default=True,
-                   help="on a run's first iteration, shift the head's output bias so the median step logit of the "
-                        "batch is 0: the SPR loss needs steps on both sides of 0 (with every logit of one sign, P "
+                   help="on a run's first iteration, shift the head's output bias so the batch's step logits straddle 0 "
+                        "(0 midway across the widest gap near the median, so no logit sits on the SPR mask's "
+                        "boundary): the SPR loss needs steps on both sides of 0 (with every logit of one sign, P "
                         "or N is 0 and so is the loss)")
     g.add_argument("--sprm-orient-head", action=argparse.BooleanOptionalAction, default=True,
                    help="with --sprm-calibrate-head, also negate the head's output when its scores rank the first "

@@ -96,6 +96,12 @@ def test_tp1_and_tp2_give_the_same_losses(task, tmp_path):
               "--sprm-dropout", "0", "--lr", "1e-3", "--sprm-lr", "1e-2"]
     tp1 = pretrain(1, common, tmp_path / "tp1.jsonl")
     tp2 = pretrain(2, [*common, "--tensor-model-parallel-size", "2"], tmp_path / "tp2.jsonl")
+    # The SPR mask is a sign test: the counts are equal only if no step logit sits within rounding of 0.
+    # The calibration keeps every first-batch logit at least `margin` away (reported, and far above fp32
+    # reordering of a TP split, ~1e-6 here), so equal counts are a property of the model, not of the CPU.
+    for rows in (tp1, tp2):
+        assert rows[0]["sprm calibration margin"] > 1e-4, rows[0]
+    assert tp1[0]["sprm calibration shift"] == pytest.approx(tp2[0]["sprm calibration shift"], abs=1e-5)
     for a, b in zip(tp1, tp2, strict=True):
         for key in ("grpo loss", "pg loss", "kl", "entropy", "spr loss", "ppo kl"):
             assert abs(a[key] - b[key]) < 1e-5, (key, a[key], b[key])
@@ -164,7 +170,7 @@ def test_orient_head_negates_a_reversed_head_and_keeps_an_aligned_one():
     from megatron_rgm.evaluation.metrics import pairwise_accuracy
     from megatron_rgm.model import SPRMHead
     from megatron_rgm.ops import segment_aggregate
-    from megatron_rgm.training.loop import orient_head
+    from megatron_rgm.training.calibration import orient_head
 
     torch.manual_seed(0)
     head = SPRMHead(16, 2, 0.0).eval()
@@ -191,6 +197,74 @@ def test_orient_head_negates_a_reversed_head_and_keeps_an_aligned_one():
     assert orient_head(head, flipped, cu, [True] * 32, groups)["sprm head negated"] == 0.0
     for k, v in head.state_dict().items():
         assert torch.equal(v, state[k]), k
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 17, 64, 101])
+def test_calibration_never_puts_a_logit_on_the_boundary(n):
+    """Odd and even batches: both classes masked, every logit at least the reported margin from 0."""
+    import torch
+
+    from megatron_rgm.training.calibration import calibration_shift
+
+    torch.manual_seed(n)
+    z = torch.randn(n) * 0.3 + 2.0  # a fresh head: every logit of one sign
+    shift, margin = calibration_shift(z)
+    moved = z.double() - shift
+    assert margin > 0
+    assert float(moved.abs().min()) >= margin * (1 - 1e-9)
+    below, above = int((moved < 0).sum()), int((moved > 0).sum())
+    assert below + above == n and min(below, above) >= max(1, -(-n // 4)), (below, above)
+    # A median shift would have put the middle logit of an odd batch exactly on 0: this one cannot.
+    if n % 2:
+        assert float((z.double() - z.double().median()).abs().min()) == 0.0
+
+
+def test_calibration_takes_the_widest_gap_near_the_median():
+    import torch
+
+    from megatron_rgm.training.calibration import calibration_shift
+
+    # sorted: 0, 1, 1.001, 5, 6, 7, 8, 9: the central splits (2..6) have gaps .001, 3.999, 1, 1, 1
+    z = torch.tensor([9.0, 0.0, 5.0, 1.001, 8.0, 1.0, 7.0, 6.0])
+    shift, margin = calibration_shift(z)
+    assert shift == pytest.approx((1.001 + 5.0) / 2) and margin == pytest.approx((5.0 - 1.001) / 2)
+    # the gap 0 -> 1 is wider than some central ones but would leave one step alone below: not a candidate
+    z = torch.tensor([0.0, 3.0, 3.1, 3.2, 3.3, 3.4, 3.5, 3.6])
+    shift, _ = calibration_shift(z)
+    assert 3.0 < shift < 3.6
+    # equal gaps: the one nearest the middle
+    shift, margin = calibration_shift(torch.arange(9.0))
+    assert (shift, margin) in ((3.5, 0.5), (4.5, 0.5))
+    # nothing to split: no shift, and a margin of 0 says so
+    assert calibration_shift(torch.tensor([0.7])) == (0.0, 0.0)
+    assert calibration_shift(torch.full((5,), 0.7)) == (0.0, 0.0)
+    # central logits all equal: the nearest split that separates anything
+    shift, margin = calibration_shift(torch.tensor([0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 2.0]))
+    assert margin == 0.5 and shift in (0.5, 1.5)
+
+
+def test_orientation_does_not_depend_on_rounding_of_near_equal_scores():
+    """Two trajectories of a group whose scores differ only by rounding count as a tie, whichever is larger."""
+    import torch
+
+    from megatron_rgm.model import SPRMHead
+    from megatron_rgm.ops import segment_aggregate
+    from megatron_rgm.training.calibration import orient_head
+
+    cu = torch.tensor([0, 1, 2, 3, 4])
+    groups, correct = [0, 0, 1, 1], [True, False, True, False]
+    decisions = []
+    for eps in (3e-7, -3e-7):  # about one float32 ulp of the scores
+        # group 0: a clear win for the correct one; group 1: equal but for rounding, in either direction
+        z = torch.tensor([1.0, -1.0, 0.3, 0.3 + eps])
+        scores = segment_aggregate(z, cu, "geometric")
+        assert scores[2] != scores[3], "the scores must differ for the tie rule to be what is tested"
+        head = SPRMHead(4, 1, 0.0)
+        decisions.append(orient_head(head, z, cu, correct, groups))
+    assert decisions[0] == decisions[1] == {"sprm initial pairwise": 0.75, "sprm head negated": 0.0}
+    # exactly 0.5 keeps the head
+    z = torch.tensor([1.0, -1.0, -1.0, 1.0])
+    assert orient_head(SPRMHead(4, 1, 0.0), z, cu, correct, groups)["sprm head negated"] == 0.0
 
 
 def test_sft_files_with_a_bad_line_are_named(task, tmp_path):

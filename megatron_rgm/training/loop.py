@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from megatron_rgm import distributed
 from megatron_rgm.config import ConfigError
+from megatron_rgm.training.calibration import calibration_shift, orient_head
 from megatron_rgm.training.data import (PromptSource, Sample, SFTSource, StoreSource, collate, padded_length,
                                         sft_sample)
 from megatron_rgm.training.logging import MetricsLogger
@@ -41,27 +42,6 @@ class TrainingError(RuntimeError):
 
 def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
-
-
-@torch.no_grad()
-def orient_head(head: torch.nn.Sequential, step_logits: torch.Tensor, cu_steps: torch.Tensor,
-                correct: list[bool], groups: list) -> dict[str, float]:
-    """Negate ``head``'s output layer when its ``step_logits`` rank correct trajectories below incorrect ones.
-
-    Ranking: the geometric mean of the step scores, compared within each group (prompt). Returns the
-    within-group pairwise accuracy before (nan without a group holding both outcomes, which never negates)
-    and whether the head was negated (1.0 / 0.0).
-    """
-    from megatron_rgm.evaluation.metrics import pairwise_accuracy
-    from megatron_rgm.ops import segment_aggregate
-
-    scores = segment_aggregate(step_logits.float(), cu_steps, "geometric").tolist()
-    pairwise, pairs = pairwise_accuracy(scores, correct, groups)
-    flip = pairs > 0 and pairwise < 0.5
-    if flip:  # the logits become -z: every ranking reverses, a median of 0 stays 0
-        head[-1].weight.neg_()
-        head[-1].bias.neg_()
-    return {"sprm initial pairwise": pairwise, "sprm head negated": float(flip)}
 
 
 class Trainer:
@@ -303,7 +283,7 @@ class Trainer:
 
     @torch.no_grad()
     def calibrate_head(self, samples: list[Sample]) -> dict[str, float]:
-        """Shift the head's output bias so the median step logit of ``samples`` (all DP ranks) is 0, and orient it.
+        """Shift the head's output bias so ``samples``' step logits (all DP ranks) straddle 0, and orient it.
 
         The SPR loss weighs masked positives by N/(P+N) and masked negatives by
         P/(P+N): with every logit on one side of 0 one count is 0 and so is the
@@ -345,10 +325,10 @@ class Trainer:
         logits = torch.cat([g[0] for g in gathered])
         if logits.numel() == 0:
             return {}
-        shift = float(logits.median())
+        shift, margin = calibration_shift(logits)
         head = _unwrap(self.model[-1]).sprm_head
         head[-1].bias.sub_(shift)
-        out = {"sprm calibration shift": shift}
+        out = {"sprm calibration shift": shift, "sprm calibration margin": margin}
         if self.run.sprm_orient:
             steps = torch.cat([g[1] for g in gathered])
             cu = torch.cat([torch.zeros(1, dtype=torch.long), steps.cumsum(0)])
