@@ -269,12 +269,24 @@ def test_hf_backend_equals_megatron(setup, megatron_tp1, tmp_path):
 
 
 def _assert_same(rows: list[dict], ref: list[dict]) -> None:
-    """Same draws (same seeds, logits within fp32 reordering), same texts, step scores within 1e-5, same choice."""
+    """Same draws (same seeds, logits within fp32 reordering), same texts, step scores within 1e-5, same choice.
+
+    The choice is an argmax of aggregates that two backends compute within ~1e-6 of each other: it must be the
+    same wherever the reference's best aggregate leads the runner-up by more than that; within it, either of the
+    tied candidates is a right answer. Most problems here are far from a tie (checked, so this is not vacuous).
+    """
+    decided = 0
     for r, q in zip(rows, ref, strict=True):
         assert [c["text"] for c in r["candidates"]] == [c["text"] for c in q["candidates"]]
-        assert r["responses"] == q["responses"] and r["chosen"] == q["chosen"]
+        assert r["responses"] == q["responses"]
         for c, d in zip(r["candidates"], q["candidates"]):
             assert c["step_scores"] == pytest.approx(d["step_scores"], abs=1e-5)
+        aggregates = [c["aggregate"] for c in q["candidates"]]
+        best = max(aggregates)
+        tied = [i for i, a in enumerate(aggregates) if best - a <= 1e-5]
+        assert r["chosen"] in tied, (r["chosen"], aggregates)
+        decided += len(tied) == 1
+    assert decided >= len(ref) - 1, "the picks compared must mostly be away from ties"
 
 
 def test_best_of_n_then_evaluate_writes_table_and_plot(setup, megatron_tp1, capsys):
