@@ -3,7 +3,8 @@
 Each op dispatches to the ``megatron_rgm._C`` extension (C++ on the CPU, CUDA
 on a GPU) and falls back to the pure-torch reference (:mod:`.reference`) with
 one warning when the extension is missing; ``MEGATRON_RGM_REQUIRE_EXT=1``
-turns that into an error.
+turns that into an error. ``MEGATRON_RGM_CPU_ISA`` forces the CPU kernels onto one
+instruction set (``avx512``, ``avx2`` or ``default``).
 
 Packed layout: trajectory t owns ``step_logits[cu_steps[t]:cu_steps[t+1]]``
 (``cu_steps`` like flash-attn's ``cu_seqlens``).
@@ -38,10 +39,11 @@ def extension():
     if _EXT is None and _EXT_ERROR is None:
         try:
             from megatron_rgm import _C
-
-            _EXT = _C
         except ImportError as e:
             _EXT_ERROR = str(e)
+        else:
+            _select_cpu_isa(_C)
+            _EXT = _C
     if _EXT is not None:
         return _EXT
     if os.environ.get("MEGATRON_RGM_REQUIRE_EXT", "0") == "1":
@@ -53,6 +55,19 @@ def extension():
         warnings.warn(f"megatron_rgm._C is not built ({_EXT_ERROR}); using the pure-torch reference ops")
         _WARNED = True
     return None
+
+
+def _select_cpu_isa(ext) -> None:
+    """``MEGATRON_RGM_CPU_ISA=avx2|avx512|default`` runs the CPU kernels on that instruction set instead of
+    the best one this processor has, so one machine can run the whole suite on each of its paths."""
+    wanted = os.environ.get("MEGATRON_RGM_CPU_ISA", "")
+    if not wanted:
+        return
+    available = list(ext.cpu_isas())
+    if wanted not in available:
+        raise RuntimeError(f"MEGATRON_RGM_CPU_ISA={wanted!r} is not an instruction set this processor's kernels "
+                           f"can run; choose one of {available}, or unset it for the best ({available[0]})")
+    ext._use_cpu_isa(wanted)
 
 
 def _use_ext(t: torch.Tensor):
