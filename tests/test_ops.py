@@ -354,3 +354,21 @@ def test_dp_summed_counts_give_every_rank_the_same_weights(tmp_path):
         assert r["global"] == total
         assert r["loss_diff_vs_reference_with_global_counts"] < 1e-6
     assert ranks[0]["weights"] == ranks[1]["weights"]
+
+
+@pytest.mark.skipif(ops.extension() is None, reason="needs the compiled extension")
+def test_cpu_isa_environment_variable_selects_the_kernels_or_names_the_choices():
+    import subprocess
+    import sys
+
+    from conftest import clean_env
+
+    probe = "from megatron_rgm import ops; print(ops.extension().cpu_isa())"
+    for isa in CPU_ISAS:
+        out = subprocess.run([sys.executable, "-c", probe], env=clean_env(MEGATRON_RGM_CPU_ISA=isa),
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and out.stdout.strip() == isa, out.stderr[-2000:]
+    out = subprocess.run([sys.executable, "-c", probe], env=clean_env(MEGATRON_RGM_CPU_ISA="avx1024"),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "MEGATRON_RGM_CPU_ISA='avx1024'" in out.stderr and str(CPU_ISAS) in out.stderr, out.stderr[-2000:]
