@@ -32,6 +32,8 @@ from megatron.core.dist_checkpointing.strategies.torch import (MCoreSavePlanner,
 from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, _write_item
 from torch.distributed.checkpoint.planner import WriteItemType
 
+from megatron_rgm.compat.mcore import save_callbacks
+
 # produce(tensor in the state dict) -> the data to write in its place, or None to write the tensor itself.
 Producer = Callable[[torch.Tensor], "torch.Tensor | None"]
 
@@ -101,7 +103,8 @@ class StreamingSaveStrategy(TorchDistSaveShardedStrategy):
         super().__init__("torch_dist", 1, thread_count=1)
         self._produce, self._progress = produce, progress
 
-    def async_save(self, sharded_state_dict, checkpoint_dir: Path):
+    def async_save(self, sharded_state_dict, checkpoint_dir: Path, async_strategy: str = "mcore"):
+        # async_strategy (0.19's save() passes it): always megatron's own machinery, run synchronously here
         sharded_state_dict, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict,
                                                                               self.keep_only_main_replica)
         pyt_state_dict = mcore_to_pyt_state_dict(sharded_state_dict, False)
@@ -110,7 +113,7 @@ class StreamingSaveStrategy(TorchDistSaveShardedStrategy):
         planner = _StreamingPlanner(self._produce, dedup_replicated_tensors=not self.keep_only_main_replica,
                                     flatten_state_dict=False)
         ret = save_state_dict_async_plan(pyt_state_dict, writer, None, 0, planner=planner)[0]
-        return self._get_save_and_finalize_callbacks(writer, ret)
+        return save_callbacks(self, writer, ret)
 
 
 def return_freed_memory() -> None:

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from megatron_rgm.compat.mcore import inference_mode
 from megatron_rgm.config import ConfigError
 from megatron_rgm.steps import StepSegmenter
 
@@ -303,7 +304,7 @@ class Sampler:
         texts = [""] * b
         s = p0
         share = use_cache and b > 1 and self._is_megatron()
-        with self._decode_path(use_cache):
+        with self._decode_path(use_cache), (inference_mode() if use_cache else contextlib.nullcontext()):
             for t in range(p0, max_len):
                 if use_cache and t > p0:
                     context.enable_decode_mode()

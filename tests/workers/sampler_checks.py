@@ -1,6 +1,7 @@
 """Worker: the KV-cache sampler against full recompute, a separate scoring pass, TP=2 vs TP=1,
 and (mode "hf") transformers' greedy decoding on a converted checkpoint."""
 
+import contextlib
 import json
 import os
 import sys
@@ -29,6 +30,40 @@ def build(tp: int, full=None, pp: int = 1):
     return model
 
 
+@contextlib.contextmanager
+def count_flash_decode_calls():
+    """Counts decode steps of megatron-core's flash-decode attention (our torch kernel's one-token path)."""
+    from megatron_rgm.rollout import decode_attention
+
+    calls, inner = [0], decode_attention._decode_static
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return inner(*args, **kwargs)
+
+    decode_attention._decode_static = counted
+    try:
+        yield calls
+    finally:
+        decode_attention._decode_static = inner
+
+
+def top2_gap(logits: torch.Tensor) -> float:
+    """Smallest gap between the largest and the second-largest logit over ``logits [n, V]``."""
+    top = logits.float().topk(2, dim=-1).values
+    return (top[:, 0] - top[:, 1]).min().item()
+
+
+@torch.no_grad()
+def greedy_margin(model, tokens: torch.Tensor, prompt_len: int) -> float:
+    """How far greedy decoding of ``tokens [b, s]`` was from a tie: the smallest top-1 minus top-2 logit
+    over the generated positions (TP=1; a property of the model, not of the layout)."""
+    model.eval()
+    b, s = tokens.shape
+    logits, _ = model(tokens, torch.arange(s).expand(b, s), None, step_mask=torch.zeros(b, s, dtype=torch.bool))
+    return top2_gap(logits[:, prompt_len - 1:s - 1, :500].reshape(-1, 500))
+
+
 def run(out: str):
 
     ref = build(1)
@@ -37,7 +72,8 @@ def run(out: str):
     for tp in (1, 2):
         model = build(tp, full)
         sampler = Sampler(model, 500, StepSegmenter(STEP_IDS))
-        greedy = sampler.generate(PROMPT, 2, SamplingParams(temperature=0, max_new_tokens=24))
+        with count_flash_decode_calls() as calls:
+            greedy = sampler.generate(PROMPT, 2, SamplingParams(temperature=0, max_new_tokens=24))
         recompute = sampler.generate(PROMPT, 2, SamplingParams(temperature=0, max_new_tokens=24), use_cache=False)
         sampled = sampler.generate(PROMPT, 4, SamplingParams(temperature=1.0, top_p=0.95, top_k=50,
                                                              repetition_penalty=1.05, max_new_tokens=24, seed=9))
@@ -68,9 +104,12 @@ def run(out: str):
                                       else float("inf")),
             "default_log_prob_diff": (sampled.log_probs - default_sampled.log_probs).abs().max().item(),
             "flash_decode_after": bool(model.config.flash_decode),
+            "flash_decode_calls": calls[0], "decode_steps": greedy.tokens.shape[1] - len(PROMPT) - 1,
+            "layers": model.config.num_layers,
         }
         if tp == 1:
             results["_tp1_step_logits"] = sampled.step_logits.tolist()
+            results["_tp1_greedy_margin"] = greedy_margin(model, greedy.tokens, len(PROMPT))
     # PP=2: each stage caches its own layers; tokens come back from the last stage.
     model = build(1, full, pp=2)
     sampler = Sampler(model, 500, StepSegmenter(STEP_IDS))
@@ -80,6 +119,7 @@ def run(out: str):
     results["pp2"] = {"greedy": greedy.tokens.tolist(), "sampled": sampled.tokens.tolist(),
                       "log_probs": sampled.log_probs.tolist(), "step_logits": sampled.step_logits.tolist()}
     results["tp1"]["step_logits"] = results.pop("_tp1_step_logits")
+    results["tp1"]["greedy_margin"] = results.pop("_tp1_greedy_margin")
     if int(os.environ["RANK"]) == 0:
         with open(os.path.join(out, "sampler.json"), "w") as f:
             json.dump(results, f)
@@ -102,8 +142,9 @@ def run_hf(mcore: str, hf: str, out: str):
     with torch.no_grad():
         theirs = hf_model.generate(torch.tensor([HF_PROMPT]), max_new_tokens=20, do_sample=False,
                                    pad_token_id=0, eos_token_id=None)
+        margin = top2_gap(hf_model(theirs).logits[0, len(HF_PROMPT) - 1:-1])
     with open(os.path.join(out, "hf.json"), "w") as f:
-        json.dump({"ours": ours.tokens[0].tolist(), "theirs": theirs[0].tolist()}, f)
+        json.dump({"ours": ours.tokens[0].tolist(), "theirs": theirs[0].tolist(), "greedy_margin": margin}, f)
     distributed.shutdown()
 
 

@@ -1,0 +1,77 @@
+"""megatron-core APIs that changed between 0.16 and 0.19, one function each.
+
+Every function here is detected by the API itself (a signature, an attribute), so a release in
+between, or a patched build, takes the path its own API asks for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+
+import megatron.core
+
+
+def version() -> tuple[int, ...]:
+    """megatron-core's version as integers, e.g. ``(0, 19, 2)`` (for messages and records only)."""
+    parts = []
+    for piece in megatron.core.__version__.split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def inference_mode():
+    """The context in which megatron-core's modules take their inference paths.
+
+    Up to 0.17 passing an ``inference_context`` was enough: attention reads and
+    writes the KV cache, and a static context returns the last position's
+    logits only. From 0.18 the model also asks ``InferenceMode.is_active()``
+    (``megatron.core.inference.utils``): without it, a forward with a KV cache
+    recomputes the rotary table for the new tokens from position 0, takes the
+    training path for flash decode, and returns every position's logits.
+    Returns ``InferenceMode.active()`` where it exists, else a no-op context.
+    """
+    try:
+        from megatron.core.inference.utils import InferenceMode
+    except ImportError:
+        return contextlib.nullcontext()
+    return InferenceMode.active()
+
+
+def save_callbacks(strategy, writer, save_ret):
+    """``TorchDistSaveShardedStrategy._get_save_and_finalize_callbacks`` for megatron's own async machinery.
+
+    0.19 takes a third argument naming the async implementation ("mcore" or "nvrx"); 0.16 had one only.
+    """
+    method = strategy._get_save_and_finalize_callbacks
+    if "async_strategy" in inspect.signature(method).parameters:
+        return method(writer, save_ret, "mcore")
+    return method(writer, save_ret)
+
+
+LEGACY_COMMON_FILE = "common.pt"
+
+
+def write_legacy_common_state(checkpoint_dir) -> bool:
+    """Write the checkpoint's common (non-tensor) state to ``common.pt`` if the save kept it elsewhere.
+
+    0.16 writes the common state to ``common.pt`` and reads it from there only.
+    0.19 keeps it in the ``torch_dist`` files as one ``common_state`` object and
+    reads ``common.pt`` first where one exists. Writing the same state to both
+    places lets either version open a checkpoint the other wrote. Rank 0 only;
+    returns whether it wrote the file.
+    """
+    import os
+
+    import torch
+    from megatron.core import dist_checkpointing
+
+    path = os.path.join(str(checkpoint_dir), LEGACY_COMMON_FILE)
+    if os.path.exists(path):
+        return False
+    common = dist_checkpointing.load_common_state_dict(str(checkpoint_dir))
+    tmp = path + ".tmp"
+    torch.save(common, tmp)
+    os.replace(tmp, path)
+    return True
