@@ -1,0 +1,152 @@
+"""RGM inside Megatron-LM's own training loop (``megatron.training.pretrain``) and checkpoints both ways.
+
+Needs ``megatron.training``: megatron-core's wheel ships it from 0.17 on (Python 3.12); the 0.16.1
+wheel on Python 3.11 has none, and these tests are skipped there.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from conftest import torchrun
+from megatron_rgm.compat import megatron_lm
+
+pytestmark = pytest.mark.skipif(
+    not megatron_lm.available(),
+    reason="megatron.training (Megatron-LM's pretrain loop) is not installed: it ships with megatron-core>=0.17 "
+           "on Python 3.12, not with the 0.16.1 wheel")
+
+# A pretrain_gpt.py command line: 4 layers, hidden 64, GQA, RMSNorm, SwiGLU, RoPE; TP=2 on 2 gloo ranks.
+FLAGS = ("--num-layers 4 --hidden-size 64 --num-attention-heads 4 --group-query-attention --num-query-groups 2 "
+         "--ffn-hidden-size 128 --seq-length 32 --max-position-embeddings 32 --micro-batch-size 4 "
+         "--global-batch-size 4 --tensor-model-parallel-size 2 --lr 1e-3 --lr-decay-style constant "
+         "--weight-decay 0 --tokenizer-type NullTokenizer --vocab-size 200 --distributed-backend gloo "
+         "--use-cpu-initialization --transformer-impl local --no-persist-layer-norm "
+         "--no-gradient-accumulation-fusion --no-masked-softmax-fusion --no-bias-swiglu-fusion "
+         "--no-bias-dropout-fusion --no-rope-fusion --normalization RMSNorm --swiglu --disable-bias-linear "
+         "--position-embedding-type rope --hidden-dropout 0 --attention-dropout 0 --eval-iters 0 "
+         "--eval-interval 1000 --log-interval 1 --seed 1234 --num-workers 0 --sprm-dropout 0 "
+         # Feature scale: at 0.02 the layer outputs are so small that the fresh head gives every step
+         # the same sign, the SPR mask then holds one class only and its loss is 0.
+         "--init-method-std 0.5").split()
+
+TRAIN_ITERS = 6  # Megatron-LM saves at iteration SAVED and at the end
+SAVED = 4
+
+
+def _iteration_lines(stdout: str) -> list[int]:
+    return [int(m.group(1)) for m in re.finditer(r"iteration\s+(\d+)/\s*\d+ \|", stdout)]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Megatron-LM's pretrain(): 6 iterations at TP=2 with RGM's pieces; its save_checkpoint at 4 (and 6)."""
+    out = tmp_path_factory.mktemp("megatron_lm")
+    proc = torchrun("megatron_lm_pretrain.py", 2,
+                    [str(out / "train"), *FLAGS, "--train-iters", str(TRAIN_ITERS), "--save", str(out / "mlm_ckpt"),
+                     "--save-interval", str(SAVED)])
+    ranks = [json.loads((out / "train" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return out, proc.stdout, ranks
+
+
+@pytest.mark.multirank
+def test_megatron_lm_pretrain_trains_the_head_and_the_spr_loss_decreases(trained):
+    _, stdout, ranks = trained
+    assert _iteration_lines(stdout) == list(range(1, TRAIN_ITERS + 1))
+    assert all(r["tp"] == 2 and r["iterations"] == TRAIN_ITERS for r in ranks)
+    spr = ranks[0]["spr"]
+    assert len(spr) == TRAIN_ITERS and ranks[1]["spr"] == spr  # TP ranks see one loss
+    # Both classes take part (a one-class mask has weight 0 and a loss of exactly 0).
+    first = next(line for line in stdout.splitlines() if re.search(r"iteration\s+1/", line))
+    negatives = float(re.search(r"spr negatives: ([0-9.E+-]+)", first).group(1))
+    positives = float(re.search(r"spr positives: ([0-9.E+-]+)", first).group(1))
+    assert positives > 0 and negatives > 0, first
+    # Over the first 4 iterations (later a step changes class and joins the mask).
+    assert spr[0] > 0
+    assert all(b < a for a, b in zip(spr[:SAVED], spr[1:SAVED])), spr
+    assert spr[SAVED - 1] < 0.1 * spr[0], spr
+
+
+@pytest.fixture(scope="module")
+def exchanged(trained):
+    """Plain Megatron-LM checkpoint -> RGM; Megatron-LM checkpoint with head + optimizer -> RGM and a step;
+    RGM's save_checkpoint; then Megatron-LM's pretrain resumes the RGM checkpoint for one iteration."""
+    import torch
+
+    out, _, _ = trained
+    ex = out / "exchange"
+    torchrun("megatron_lm_checkpoint.py", 2,
+             [str(ex), str(out / "mlm_ckpt"), *FLAGS, "--train-iters", "1", "--save", str(ex / "plain_ckpt"),
+              "--save-interval", "1"])
+    proc = torchrun("megatron_lm_pretrain.py", 2,
+                    [str(out / "resume"), *FLAGS, "--train-iters", "6", "--load", str(ex / "rgm_ckpt"),
+                     "--use-checkpoint-opt_param-scheduler"])
+    return {
+        "train_spr": trained[2][0]["spr"],
+        "exchange": torch.load(ex / "logits.pt"),
+        "result": json.loads((ex / "result.json").read_text()),
+        "resume": torch.load(out / "resume" / "logits.pt"),
+        "resume_ranks": [json.loads((out / "resume" / f"rank{r}.json").read_text()) for r in (0, 1)],
+        "resume_stdout": proc.stdout,
+    }
+
+
+def _max_diff(a, b) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
+@pytest.mark.multirank
+def test_plain_megatron_lm_checkpoint_loads_into_rgm_with_equal_logits_and_a_fresh_head(exchanged):
+    got = exchanged["result"]["plain_into_rgm"]
+    assert got["megatron_lm"] and got["fresh_head"] and got["head_kept"]
+    assert got["iteration"] == 1
+    ex = exchanged["exchange"]
+    assert ex["plain_saved"].shape == ex["plain_into_rgm"].shape
+    assert _max_diff(ex["plain_saved"], ex["plain_into_rgm"]) == 0.0
+    assert any("scheduler" in item for item in got["not_loaded"])  # named, not silently skipped
+
+
+@pytest.mark.multirank
+def test_megatron_lm_checkpoint_with_head_resumes_in_rgm_with_its_optimizer(exchanged):
+    got = exchanged["result"]["head_ckpt_into_rgm"]
+    assert got["megatron_lm"] and not got["fresh_head"] and got["iteration"] == SAVED
+    assert got["adam_before"] == 0.0 and got["adam_after"] > 0.0  # Adam moments came from the checkpoint
+    step = exchanged["result"]["resumed_step"]
+    # RGM's step 5 from Megatron-LM's iteration-4 weights, optimizer and RNG is Megatron-LM's own step 5.
+    assert step["ok"]
+    assert step["spr loss"] == pytest.approx(exchanged["train_spr"][SAVED], rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.multirank
+def test_rgm_checkpoint_loads_and_resumes_in_megatron_lm_load_checkpoint(exchanged):
+    # Megatron-LM's load_checkpoint read iteration 5 and the weights saved by megatron_rgm, then trained.
+    assert _iteration_lines(exchanged["resume_stdout"]) == [6]
+    assert all(r["iterations"] == 1 for r in exchanged["resume_ranks"])
+    # ... and its iteration 6 is the uninterrupted run's: weights, Adam state and schedule carried over.
+    assert exchanged["resume_ranks"][0]["spr"][0] == pytest.approx(exchanged["train_spr"][SAVED + 1], rel=1e-6,
+                                                                    abs=1e-9)
+    assert _max_diff(exchanged["exchange"]["rgm_saved"], exchanged["resume"]["before"]) == 0.0
+    assert "successfully loaded checkpoint" in exchanged["resume_stdout"]
+    assert "at iteration 5" in exchanged["resume_stdout"]
+
+
+def test_activate_lists_each_megatron_lm_patch_with_its_reason():
+    # In a process of its own: the patches change torch and megatron for the life of the process.
+    import subprocess
+    import sys
+
+    from conftest import REPO, clean_env
+
+    code = ("import json; from megatron_rgm.compat import megatron_lm; megatron_lm.activate(force=True); "
+            "print(json.dumps([[p.target, p.reason] for p in megatron_lm.applied_patches()]))")
+    proc = subprocess.run([sys.executable, "-c", code], env=clean_env(), capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    patches = dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+    for target in ("megatron.training.arguments.get_device_arch_version",
+                   "megatron.training.training.initialize_megatron",
+                   "megatron.core.datasets.utils.compile_helpers"):
+        assert target in patches and patches[target], sorted(patches)

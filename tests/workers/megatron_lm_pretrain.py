@@ -1,0 +1,165 @@
+"""A ``pretrain_gpt.py``-style script on Megatron-LM's own ``megatron.training.pretrain()`` loop
+(megatron-core 0.19's wheel), with RGM added the way docs/INTEGRATION.md shows, on the CPU.
+
+    python -m torch.distributed.run --nproc-per-node 2 megatron_lm_pretrain.py OUT [megatron flags]
+
+Everything between the two ``----`` rulers is the script a Megatron-LM user has; lines marked
+``# RGM`` are the diff. Below the second ruler: what the tests record (probe logits on a fixed
+batch before the first and after the last step, the SPR loss per iteration), and the modes that
+save and load checkpoints with megatron_rgm's own ``save_checkpoint`` / ``load_checkpoint``.
+"""
+
+import json
+import os
+import sys
+from functools import partial
+
+import torch
+
+from megatron_rgm.compat import megatron_lm
+
+megatron_lm.activate()  # RGM on the CPU: megatron-core's and Megatron-LM's CUDA assumptions (no-op on a GPU)
+
+# ---------------------------------------------------------------------------------- the script
+from megatron.core import mpu, tensor_parallel  # noqa: E402
+from megatron.core.enums import ModelType  # noqa: E402
+from megatron.core.models.gpt import GPTModel  # noqa: E402
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
+from megatron.training import get_args, pretrain  # noqa: E402
+from megatron.training.argument_utils import pretrain_cfg_container_from_args  # noqa: E402
+from megatron.training.arguments import core_transformer_config_from_args, parse_and_validate_args  # noqa: E402
+
+from megatron_rgm.integration import add_rgm_args, attach_sprm_head, forward_step as rgm_forward_step  # noqa: E402,E501 RGM
+from megatron_rgm.integration import grpo_config_from_args, rgm_config_from_args  # noqa: E402 RGM
+from megatron_rgm.steps import StepSegmenter  # noqa: E402 RGM
+
+SEQ, MBS, STEP_ID = 32, 4, 7  # STEP_ID: the id of ".\n\n" in this synthetic vocabulary
+SEGMENTER = None
+MODELS = []  # test instrumentation: the chunks model_provider built
+
+
+def model_provider(pre_process=True, post_process=True, vp_stage=None, **kwargs):
+    args = get_args()
+    config = core_transformer_config_from_args(args)
+    model = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(normalization=args.normalization),
+                     vocab_size=args.padded_vocab_size, max_sequence_length=args.max_position_embeddings,
+                     pre_process=pre_process, post_process=post_process, vp_stage=vp_stage,
+                     position_embedding_type=args.position_embedding_type,
+                     share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights)
+    attach_sprm_head(model, rgm_config_from_args(args))  # RGM
+    MODELS.append(model)
+    return model
+
+
+class FixedBatch(torch.utils.data.Dataset):
+    """The same 4 trajectories every micro-batch: random ids with step tokens, 2 correct, 2 not."""
+
+    def __init__(self, num_samples):
+        g = torch.Generator().manual_seed(7)
+        self.num_samples = num_samples
+        self.tokens = torch.randint(10, 200, (MBS, SEQ + 1), generator=g)
+        self.tokens[:, 5::6] = STEP_ID  # a step ends every 6 tokens
+        self.correct = torch.tensor([True, False, True, False])
+
+    def __len__(self):
+        return self.num_samples
+
+    def __getitem__(self, i):
+        j = i % MBS
+        return {"text": self.tokens[j], "correct": self.correct[j]}
+
+
+def train_valid_test_datasets_provider(num_samples):
+    return FixedBatch(max(num_samples[0], MBS)), None, None
+
+
+train_valid_test_datasets_provider.is_distributed = True  # every rank reads the same fixed batch
+
+
+def get_batch(data_iterator, vp_stage=None):
+    data = next(data_iterator)
+    text = data["text"]
+    tokens, labels = text[:, :-1].contiguous(), text[:, 1:].contiguous()
+    loss_mask = torch.ones_like(tokens, dtype=torch.float)
+    position_ids = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    batch = dict(tokens=tokens, labels=labels, loss_mask=loss_mask, attention_mask=None,  # RGM
+                 position_ids=position_ids)  # RGM
+    batch["step_mask"] = SEGMENTER(tokens, response_mask=loss_mask.bool()).mask  # RGM
+    batch["correct"] = data["correct"]  # RGM: per-trajectory final-answer correctness
+    return batch  # RGM
+
+
+def forward_step(data_iterator, model):
+    args = get_args()  # RGM
+    batch = get_batch(data_iterator)  # RGM
+    return rgm_forward_step(iter([batch]), model, rgm_config=rgm_config_from_args(args),  # RGM
+                            grpo=grpo_config_from_args(args))  # RGM
+
+
+def main():
+    global SEGMENTER
+    args = parse_and_validate_args(extra_args_provider=add_rgm_args)  # RGM: add_rgm_args
+    # A real tokenizer: StepSegmenter.from_tokenizer(build_tokenizer(args)); this vocabulary is synthetic.
+    SEGMENTER = StepSegmenter([STEP_ID])  # RGM
+    cfg = pretrain_cfg_container_from_args(args)
+    pretrain(cfg, train_valid_test_datasets_provider, ModelType.encoder_or_decoder, instrumented(forward_step),
+             model_provider=model_provider)
+# ---------------------------------------------------------------------------------- the tests' part
+
+
+RECORD = {"spr": [], "iterations": 0}
+
+
+def probe_logits():
+    """Full-vocabulary logits of the probe batch (the fixed batch) through the captured model."""
+    model = MODELS[-1]
+    ds = FixedBatch(MBS)
+    tokens = ds.tokens[:, :-1]
+    pos = torch.arange(SEQ).unsqueeze(0).expand_as(tokens)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        logits = model(tokens, pos, None)
+        logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+    model.train(was_training)
+    return logits
+
+
+def instrumented(step):
+    """Record the probe logits before the first step (after any --load) and the SPR loss per micro-batch."""
+
+    def wrapped(data_iterator, model):
+        if not RECORD["iterations"]:
+            RECORD["before"] = probe_logits()
+        RECORD["iterations"] += 1
+        output, loss_func = step(data_iterator, model)
+
+        def recorded(output_tensor):
+            loss, n, report = loss_func(output_tensor)
+            if "spr loss" in report:
+                v = report["spr loss"]
+                RECORD["spr"].append((v[0] / v[1]).item())
+            return loss, n, report
+
+        return output, recorded
+
+    return wrapped
+
+
+def write(out):
+    os.makedirs(out, exist_ok=True)
+    RECORD["after"] = probe_logits()
+    rank = torch.distributed.get_rank()
+    if rank == 0:
+        torch.save({k: v for k, v in RECORD.items() if isinstance(v, torch.Tensor)}, os.path.join(out, "logits.pt"))
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump({"spr": RECORD["spr"], "iterations": RECORD["iterations"],
+                   "tp": mpu.get_tensor_model_parallel_world_size()}, f)
+
+
+if __name__ == "__main__":
+    out = sys.argv.pop(1)
+    torch.set_num_threads(1)
+    main()
+    write(out)
+    torch.distributed.destroy_process_group()
