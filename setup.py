@@ -9,8 +9,9 @@ from setuptools import find_packages, setup
 HERE = Path(__file__).resolve().parent
 
 INSTALL_REQUIRES = [
-    "torch>=2.4",
-    "megatron-core>=0.16.1",
+    "torch>=2.6",  # megatron-core's own floor
+    # 0.16.1 is the newest for Python 3.11; 0.19.x on 3.12. Both are tested (.ci/run); 0.20 is not yet.
+    "megatron-core>=0.16.1,<0.20",
     "sentencepiece>=0.2",
     "zarr>=3",
     "safetensors>=0.4",
