@@ -9,27 +9,16 @@ from __future__ import annotations
 import contextlib
 import inspect
 
-import megatron.core
-
-
-def version() -> tuple[int, ...]:
-    """megatron-core's version as integers, e.g. ``(0, 19, 2)`` (for messages and records only)."""
-    parts = []
-    for piece in megatron.core.__version__.split(".")[:3]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
-
 
 def inference_mode():
     """The context in which megatron-core's modules take their inference paths.
 
-    Up to 0.17 passing an ``inference_context`` was enough: attention reads and
-    writes the KV cache, and a static context returns the last position's
-    logits only. From 0.18 the model also asks ``InferenceMode.is_active()``
-    (``megatron.core.inference.utils``): without it, a forward with a KV cache
-    recomputes the rotary table for the new tokens from position 0, takes the
-    training path for flash decode, and returns every position's logits.
+    Up to 0.17 passing an ``inference_context`` was enough for attention to take
+    its KV-cache decode branch (flash decode included). From 0.18 the model,
+    its attention and its output layer also ask ``InferenceMode.is_active()``
+    (``megatron.core.inference.utils``): without it a decode step skips that
+    branch, and the sampler's greedy tokens left a full recompute's at the
+    first generated token (measured on 0.19.2).
     Returns ``InferenceMode.active()`` where it exists, else a no-op context.
     """
     try:
