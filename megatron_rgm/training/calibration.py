@@ -40,12 +40,10 @@ def calibration_shift(step_logits: torch.Tensor) -> tuple[float, float]:
     if n < 2 or z[0] == z[-1]:
         return 0.0, 0.0
     quarter = max(1, math.ceil(n / 4))
-    # split i puts z[:i] below the boundary and z[i:] above it
+    # split i puts z[:i] below the boundary and z[i:] above it; 2 * ceil(n / 4) <= n + 1, so never empty
     splits = torch.arange(quarter, n - quarter + 1)
-    if splits.numel() == 0:
-        splits = torch.arange(1, n)
     gaps = z[splits] - z[splits - 1]
-    if float(gaps.max()) == 0.0:  # the central logits are all equal: take the nearest split that separates any
+    if float(gaps.max()) == 0.0:  # the central logits are all equal: the widest gap of any split
         splits = torch.arange(1, n)
         gaps = z[splits] - z[splits - 1]
     widest = gaps == gaps.max()
