@@ -42,21 +42,15 @@ SIZES = {
 
 def _bench(hf_dir: str, mcore_dir: str, k: int, prompt_len: int, new: int, rounds: int, threads: int) -> None:
     from megatron_rgm import distributed
-    from megatron_rgm.convert.verify import megatron_args
     from megatron_rgm.hf import load_causal_lm
-    from megatron_rgm.model import build_model
+    from megatron_rgm.model.load import load_model
     from megatron_rgm.rollout.sampler import Sampler, SamplingParams, _head_logits
     from megatron_rgm.steps import StepSegmenter
-    from megatron_rgm.training.checkpointing import load_checkpoint
 
     if threads:
         torch.set_num_threads(threads)
-    args, extra = megatron_args(mcore_dir, 1, 1)
-    distributed.initialize(args.parallel)
-    model = build_model(args)[0]
-    load_checkpoint(mcore_dir, [model])
-    model.eval()
-    vocab = extra["hf_config"]["vocab_size"]
+    loaded = load_model(mcore_dir)
+    model, vocab = loaded.model, loaded.checkpoint.vocab_size
     hf = load_causal_lm(hf_dir).eval()
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (prompt_len,), generator=g).tolist()

@@ -70,14 +70,13 @@ def main(argv=None) -> int:
             raise ConfigError("--backend megatron needs --mcore-path (a checkpoint written by hf-to-mcore or --save)")
         if a.tp < 1 or a.pp < 1:
             raise ConfigError(f"--tp and --pp must be >= 1, got {a.tp} and {a.pp}")
-        from megatron_rgm.convert.convert import ASSETS
         from megatron_rgm.convert.launch import run_ranks
         from megatron_rgm.tokenizer import load_tokenizer
-        from megatron_rgm.training.checkpointing import resolve_checkpoint
+        from megatron_rgm.model.load import describe_checkpoint
 
         # Bad paths fail here, once, before any rank starts.
-        resolve_checkpoint(a.mcore_path)
-        load_tokenizer(a.tokenizer or Path(a.mcore_path) / ASSETS)
+        checkpoint = describe_checkpoint(a.mcore_path)
+        load_tokenizer(checkpoint.tokenizer_path(a.tokenizer))
         run_ranks(run_megatron, a.tp * a.pp, a.mcore_path, a.tokenizer, problems, a.output, cfg, a.tp, a.pp)
 
     return run_tool(body)

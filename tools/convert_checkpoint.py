@@ -26,6 +26,8 @@ def main(argv=None) -> int:
     b.add_argument("--mcore-path", required=True)
     b.add_argument("--output", required=True)
     b.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    b.add_argument("--vocab-size", type=int, help="the tokenizer's vocabulary, for a checkpoint that records only "
+                   "the padded one (Megatron-LM's, with an HF tokenizer)")
     c = sub.add_parser("verify", help="run both and report max abs differences")
     c.add_argument("--hf-path", required=True)
     c.add_argument("--mcore-path", required=True)
@@ -42,7 +44,7 @@ def main(argv=None) -> int:
             convert.hf_to_mcore(args.hf_path, args.output, args.tp, args.pp, args.sprm_head,
                                 args.make_vocab_size_divisible_by, args.seed)
         elif args.cmd == "mcore-to-hf":
-            convert.mcore_to_hf(args.mcore_path, args.output, args.dtype)
+            convert.mcore_to_hf(args.mcore_path, args.output, args.dtype, args.vocab_size)
         else:
             verify(args.hf_path, args.mcore_path, args.tp, args.pp, args.batches, args.json)
 

@@ -58,15 +58,12 @@ def main(argv=None) -> int:
                 raise ConfigError("--backend megatron needs --mcore-path (a checkpoint written by hf-to-mcore or --save)")
             if min(a.tp, a.pp, a.dp) < 1:
                 raise ConfigError(f"--tp, --pp and --dp must be >= 1, got {a.tp}, {a.pp} and {a.dp}")
-            from pathlib import Path
-
-            from megatron_rgm.convert.convert import ASSETS
+            from megatron_rgm.model.load import describe_checkpoint
             from megatron_rgm.tokenizer import load_tokenizer
-            from megatron_rgm.training.checkpointing import resolve_checkpoint
 
             # Bad paths fail here, once, before any rank starts.
-            resolve_checkpoint(a.mcore_path)
-            load_tokenizer(a.tokenizer or Path(a.mcore_path) / ASSETS)
+            checkpoint = describe_checkpoint(a.mcore_path)
+            load_tokenizer(checkpoint.tokenizer_path(a.tokenizer))
             run_ranks(generate_megatron, a.tp * a.pp * a.dp, a.mcore_path, a.tokenizer, prompts, a.output, a.k,
                       params, a.verifier, a.tp, a.prompt_template, a.pp)
         print(f"output: {a.output}")

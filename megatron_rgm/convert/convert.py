@@ -26,8 +26,7 @@ from megatron_rgm.config import ConfigError
 from megatron_rgm.convert.hf_io import (HEAD_KEYS, HFCheckpoint, ShardWriter, copy_tokenizer_files, load_head,
                                         save_head)
 from megatron_rgm.convert.mapping import CKPT_KEY_ALIASES, HFArch, hf_tensors
-
-ASSETS = "hf_assets"  # tokenizer files carried inside an mcore checkpoint directory
+from megatron_rgm.training.checkpointing import ASSETS
 
 
 def _say(msg: str) -> None:
@@ -150,23 +149,6 @@ def hf_to_mcore(hf_path: str, output: str, tp: int = 1, pp: int = 1, head_file: 
         raise
 
 
-def _checkpoint_dir(mcore_path: Path) -> Path:
-    from megatron_rgm.training.checkpointing import resolve_checkpoint
-
-    return resolve_checkpoint(mcore_path)[0]
-
-
-def read_extra(ckpt: Path) -> dict:
-    from megatron.core import dist_checkpointing
-
-    common = dist_checkpointing.load_common_state_dict(str(ckpt))
-    extra = common.get("rgm_extra") if isinstance(common, dict) else None
-    if not extra or "hf_config" not in extra:
-        raise ConfigError(f"checkpoint {ckpt} does not record its HF architecture (no rgm_extra.hf_config): "
-                          "it was not written by megatron-rgm")
-    return extra
-
-
 def head_flags(model_argv: list[str]) -> dict:
     """``sprm_layer`` and ``sprm_step_tokens`` of a checkpoint's recorded argv, for ``sprm_config.json``.
 
@@ -184,17 +166,18 @@ def head_flags(model_argv: list[str]) -> dict:
     return {"sprm_layer": ns.sprm_layer, "sprm_step_tokens": [_decode_escapes(t) for t in ns.sprm_step_tokens]}
 
 
-def _mcore_to_hf_rank(mcore_path: str, output: str, dtype: str | None) -> None:
+def _mcore_to_hf_rank(mcore_path: str, output: str, dtype: str | None, vocab_size: int | None) -> None:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import ShardedTensor
 
     from megatron_rgm import distributed
+    from megatron_rgm.model.load import describe_checkpoint
 
     distributed.initialize(distributed.ParallelConfig())
     root = Path(mcore_path)
-    ckpt = _checkpoint_dir(root)
-    extra = read_extra(ckpt)
-    arch = HFArch.from_config(extra["hf_config"])
+    source = describe_checkpoint(root).with_vocab_size(vocab_size)
+    ckpt = source.directory
+    arch = HFArch.from_config(source.hf_architecture())
     meta = dist_checkpointing.load_tensors_metadata(str(ckpt))
     out = Path(output)
     tmp = out.with_name(out.name + ".tmp")
@@ -236,7 +219,7 @@ def _mcore_to_hf_rank(mcore_path: str, output: str, dtype: str | None) -> None:
     if (root / ASSETS).is_dir():
         copy_tokenizer_files(root / ASSETS, tmp)
     if set(head) == set(HEAD_KEYS):
-        save_head(tmp, head, {**head_flags(extra.get("model_argv", [])), "hidden_size": arch.hidden_size,
+        save_head(tmp, head, {**head_flags(list(source.model_argv)), "hidden_size": arch.hidden_size,
                               "hidden_mult": head["0.weight"].shape[0] // arch.hidden_size})
     if out.exists():
         shutil.rmtree(out)
@@ -245,12 +228,18 @@ def _mcore_to_hf_rank(mcore_path: str, output: str, dtype: str | None) -> None:
     print(f"wrote {out} ({len(writer.files)} safetensors shards{', SPRM head' if head else ''})", flush=True)
 
 
-def mcore_to_hf(mcore_path: str, output: str, dtype: str | None = None) -> None:
-    """Export a Megatron dist checkpoint to an HF directory plus ``score_module.pt``."""
+def mcore_to_hf(mcore_path: str, output: str, dtype: str | None = None, vocab_size: int | None = None) -> None:
+    """Export a Megatron dist checkpoint (ours or Megatron-LM's) to an HF directory plus ``score_module.pt``.
+
+    Args:
+        vocab_size: the real vocabulary, for a checkpoint that records only the padded one (Megatron-LM's).
+    """
     from megatron_rgm.convert.launch import run_ranks
+    from megatron_rgm.model.load import describe_checkpoint
 
     if not Path(mcore_path).exists():
         raise ConfigError(f"--mcore-path {mcore_path} does not exist")
     if dtype and dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"--dtype {dtype!r}: use float32, bfloat16 or float16")
-    run_ranks(_mcore_to_hf_rank, 1, str(mcore_path), str(output), dtype)
+    describe_checkpoint(mcore_path).with_vocab_size(vocab_size).hf_architecture()  # refusals before a rank starts
+    run_ranks(_mcore_to_hf_rank, 1, str(mcore_path), str(output), dtype, vocab_size)

@@ -13,27 +13,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_rgm.convert.convert import _checkpoint_dir, build_args, read_extra
-from megatron_rgm.convert.mapping import HFArch
-
-
-def _with_layout(argv: list[str], tp: int, pp: int, padded_vocab: int) -> list[str]:
-    out = list(argv)
-    for flag, value in (("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp),
-                        ("--vocab-size", padded_vocab), ("--make-vocab-size-divisible-by", 1)):
-        if flag in out:
-            out[out.index(flag) + 1] = str(value)
-        else:
-            out += [flag, str(value)]
-    return out
-
-
-def megatron_args(mcore_path: str, tp: int, pp: int, extra_argv: list[str] | None = None):
-    """Args that rebuild the checkpoint's model at a TP/PP layout (same padded vocabulary)."""
-    ckpt = _checkpoint_dir(Path(mcore_path))
-    extra = read_extra(ckpt)
-    argv = _with_layout(extra["model_argv"], tp, pp, extra["padded_vocab_size"])
-    return build_args(argv + (extra_argv or []) + ["--sprm-dropout", "0"]), extra
+from megatron_rgm.convert.hf_io import HFCheckpoint
 
 
 def _verify_rank(hf_path: str, mcore_path: str, tp: int, pp: int, batches: int, report_file: str | None) -> None:
@@ -55,17 +35,13 @@ def verify_layout(hf_path: str, mcore_path: str, tp: int, pp: int, batches: int 
     from megatron.core import tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_rgm import distributed
     from megatron_rgm.hf import HFFeature, head_logits
-    from megatron_rgm.model import SPRMHead, build_model
-    from megatron_rgm.training.checkpointing import load_checkpoint
+    from megatron_rgm.model import SPRMHead
+    from megatron_rgm.model.load import load_model
 
-    args, extra = megatron_args(mcore_path, tp, pp)
-    arch = HFArch.from_config(extra["hf_config"])
-    distributed.initialize(args.parallel)
-    model = build_model(args)[0]
-    load_checkpoint(mcore_path, [model])
-    model.eval()
+    loaded = load_model(mcore_path, tp, pp)
+    model, args = loaded.model, loaded.args
+    arch = HFCheckpoint(hf_path).arch  # what is compared: the HF side's own architecture
     last = ps.is_pipeline_last_stage()
     seq, bsz = 32, 2
     report = {"max_abs_logit_diff": 0.0, "max_abs_head_diff": 0.0, "steps": 0, "tp": tp, "pp": pp}
@@ -124,7 +100,6 @@ def verify_layout(hf_path: str, mcore_path: str, tp: int, pp: int, batches: int 
 def verify(hf_path: str, mcore_path: str, tp: int = 1, pp: int = 1, batches: int = 2,
            report_file: str | None = None) -> None:
     """Compare an HF directory with a Megatron checkpoint run at ``tp`` x ``pp``."""
-    from megatron_rgm.convert.hf_io import HFCheckpoint
     from megatron_rgm.convert.launch import run_ranks
 
     HFCheckpoint(hf_path)  # path / config errors before any rank starts

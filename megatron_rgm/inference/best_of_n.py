@@ -295,21 +295,16 @@ def run_megatron(mcore_path: str, tokenizer_path: str | None, problems: list[dic
                  cfg: BestOfNConfig, tp: int = 1, pp: int = 1) -> None:
     """Best-of-N with a Megatron checkpoint at a TP x PP layout, on this rank (run on every rank; rank 0 writes)."""
     from megatron_rgm import distributed
-    from megatron_rgm.convert.convert import ASSETS
-    from megatron_rgm.convert.verify import megatron_args
-    from megatron_rgm.model import build_model
+    from megatron_rgm.model.load import describe_checkpoint, load_model
     from megatron_rgm.steps import StepSegmenter
     from megatron_rgm.tokenizer import load_tokenizer
-    from megatron_rgm.training.checkpointing import load_checkpoint
 
-    tokenizer = load_tokenizer(tokenizer_path or Path(mcore_path) / ASSETS)
-    args, extra = megatron_args(mcore_path, tp, pp)
-    distributed.initialize(args.parallel)
+    checkpoint = describe_checkpoint(mcore_path)
+    tokenizer = load_tokenizer(checkpoint.tokenizer_path(tokenizer_path))
     try:
-        model = build_model(args)[0]
-        load_checkpoint(mcore_path, [model])
-        segmenter = StepSegmenter.from_tokenizer(tokenizer, args.rgm.sprm_step_tokens)
-        sampler = Sampler(model, extra["hf_config"]["vocab_size"], segmenter, tokenizer)
+        loaded = load_model(mcore_path, tp, pp, checkpoint=checkpoint)
+        segmenter = StepSegmenter.from_tokenizer(tokenizer, loaded.args.rgm.sprm_step_tokens)
+        sampler = Sampler(loaded.model, checkpoint.sampling_vocab(tokenizer), segmenter, tokenizer)
         writer = dist.get_rank() == 0
         summary = BestOfN(sampler, tokenizer, cfg, grade=writer).run(problems, output if writer else None)
         if writer:

@@ -66,22 +66,16 @@ def generate_megatron(mcore_path: str, tokenizer_path: str | None, prompts: list
     from megatron.core import parallel_state as ps
 
     from megatron_rgm import distributed
-    from megatron_rgm.convert.convert import ASSETS
-    from megatron_rgm.convert.verify import megatron_args
-    from megatron_rgm.model import build_model
+    from megatron_rgm.model.load import describe_checkpoint, load_model
     from megatron_rgm.rollout.sampler import Sampler
-    from megatron_rgm.training.checkpointing import load_checkpoint
-
-    tok_dir = tokenizer_path or str(Path(mcore_path) / ASSETS)
     from megatron_rgm.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(tok_dir)
-    args, extra = megatron_args(mcore_path, tp, pp)
-    distributed.initialize(args.parallel)
-    model = build_model(args)[0]
-    load_checkpoint(mcore_path, [model])
-    vocab = extra.get("vocab_size") or extra["hf_config"]["vocab_size"]
-    sampler = Sampler(model, vocab, StepSegmenter.from_tokenizer(tokenizer, args.rgm.sprm_step_tokens), tokenizer)
+    checkpoint = describe_checkpoint(mcore_path)
+    tokenizer = load_tokenizer(checkpoint.tokenizer_path(tokenizer_path))
+    loaded = load_model(mcore_path, tp, pp, checkpoint=checkpoint)
+    model, args = loaded.model, loaded.args
+    sampler = Sampler(model, checkpoint.sampling_vocab(tokenizer),
+                      StepSegmenter.from_tokenizer(tokenizer, args.rgm.sprm_step_tokens), tokenizer)
     if tokenizer.eos_token_id is not None and not params.eos_token_ids:
         params.eos_token_ids = [tokenizer.eos_token_id]
     check_prompt_lengths(tokenizer, prompts, template, params.max_new_tokens, model.max_sequence_length)

@@ -48,6 +48,7 @@ from megatron_rgm.compat.mcore import write_legacy_common_state
 from megatron_rgm.config import ConfigError
 
 LATEST = "latest_checkpointed_iteration.txt"
+ASSETS = "hf_assets"  # tokenizer (and HF config.json) beside the iteration directories
 HEAD_PREFIX = "sprm_head."
 
 
@@ -242,6 +243,9 @@ def megatron_lm_args(chunks, iteration: int, *, optimizer=None, global_batch_siz
     ``data_parallel_size`` (rerun state), ``no_save_rng`` / ``no_save_optim`` and the
     consumed-sample counters. ``overrides`` adds or replaces entries (e.g.
     ``tokenizer_type``, ``make_vocab_size_divisible_by`` for a run with a vocab file).
+    The rest of the geometry (normalization, SwiGLU, biases, QK norm, RoPE base, precision, the
+    head's ``sprm_*`` options) is recorded too, under Megatron-LM's names, so that
+    :func:`megatron_rgm.model.load.describe_checkpoint` rebuilds the model from ``args`` alone.
     Not a full Megatron-LM argument set: ``--use-checkpoint-args`` needs more.
     """
     from megatron.core import parallel_state as ps
@@ -267,7 +271,18 @@ def megatron_lm_args(chunks, iteration: int, *, optimizer=None, global_batch_siz
         data_parallel_random_init=False,  # weights start equal on every data-parallel rank
         skipped_train_samples=0, consumed_valid_samples=0, ckpt_format="torch_dist", use_dist_ckpt=True,
         saved_by="megatron_rgm",
+        normalization=config.normalization, norm_epsilon=config.layernorm_epsilon,
+        swiglu=bool(config.gated_linear_unit), add_bias_linear=bool(config.add_bias_linear),
+        add_qkv_bias=bool(config.add_qkv_bias), qk_layernorm=bool(config.qk_layernorm),
+        group_query_attention=config.num_query_groups not in (None, config.num_attention_heads),
+        rotary_base=getattr(model, "rotary_base", None), rotary_percent=getattr(model, "rotary_percent", 1.0),
+        bf16=bool(config.bf16), fp16=bool(config.fp16), num_experts=config.num_moe_experts,
     )
+    attachment = getattr(model, "sprm", None)
+    if attachment is not None:
+        rgm = attachment.rgm_config
+        ns.sprm_layer, ns.sprm_hidden_mult = rgm.sprm_layer, rgm.sprm_hidden_mult
+        ns.sprm_step_tokens = [t.encode("unicode_escape").decode() for t in rgm.sprm_step_tokens]
     if global_batch_size:
         ns.global_batch_size = global_batch_size
         ns.consumed_train_samples = iteration * global_batch_size
@@ -452,6 +467,25 @@ def resolve_checkpoint(path: str | os.PathLike, iteration: int | None = None) ->
     if not ckpt.is_dir():
         raise CheckpointError(f"checkpoint {ckpt} does not exist (the latest file points at a missing directory)")
     return ckpt, iteration
+
+
+def read_common_state(ckpt: str | os.PathLike) -> dict:
+    """The common (non-sharded) state of one checkpoint directory: ``rgm_extra``, Megatron-LM's ``args``, ..."""
+    from megatron.core import dist_checkpointing
+
+    try:
+        common = dist_checkpointing.load_common_state_dict(str(ckpt))
+    except Exception as e:  # a torn or foreign directory: name it rather than show a loader's internals
+        raise CheckpointError(f"{ckpt} is not a readable dist checkpoint ({type(e).__name__}: {e}): pass a "
+                              "directory written by megatron-rgm's or Megatron-LM's save_checkpoint") from None
+    return common if isinstance(common, dict) else {}
+
+
+def read_tensor_names(ckpt: str | os.PathLike) -> list[str]:
+    """The sharded tensors one checkpoint directory holds (model, optimizer and RNG entries alike)."""
+    from megatron.core import dist_checkpointing
+
+    return list(dist_checkpointing.load_tensors_metadata(str(ckpt)))
 
 
 @dataclass

@@ -467,9 +467,8 @@ class Trainer:
         import json
         from pathlib import Path
 
-        from megatron_rgm.convert.convert import ASSETS
         from megatron_rgm.convert.mapping import hf_config_from_args
-        from megatron_rgm.training.checkpointing import save_checkpoint
+        from megatron_rgm.training.checkpointing import ASSETS, save_checkpoint
 
         hf_config = hf_config_from_args(self.args, self.vocab)
         extra = {"model_argv": self.args.namespace.model_argv, "stage": self.run.stage,

@@ -6,19 +6,13 @@ import sys
 import torch
 
 from megatron_rgm import distributed
-from megatron_rgm.convert.verify import megatron_args
-from megatron_rgm.model import build_model
-from megatron_rgm.training.checkpointing import load_checkpoint
+from megatron_rgm.model.load import load_model
 
 
 def main():
     mcore, inp, out = sys.argv[1:4]
     data = json.loads(open(inp).read())
-    args, _ = megatron_args(mcore, 1, 1)
-    distributed.initialize(args.parallel)
-    model = build_model(args)[0]
-    load_checkpoint(mcore, [model])
-    model.eval()
+    model = load_model(mcore).model
     ids = torch.tensor([data["ids"]])
     mask = torch.tensor([data["mask"]])
     with torch.no_grad():

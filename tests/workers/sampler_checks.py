@@ -129,14 +129,10 @@ def run(out: str):
 def run_hf(mcore: str, hf: str, out: str):
     from transformers import AutoModelForCausalLM  # noqa: F401
 
-    from megatron_rgm.convert.verify import megatron_args
     from megatron_rgm.hf import load_causal_lm
-    from megatron_rgm.training.checkpointing import load_checkpoint
+    from megatron_rgm.model.load import load_model
 
-    args, _ = megatron_args(mcore, 1, 1)
-    distributed.initialize(args.parallel)
-    model = build_model(args)[0]
-    load_checkpoint(mcore, [model])
+    model = load_model(mcore).model
     ours = Sampler(model, 300).generate(HF_PROMPT, 1, SamplingParams(temperature=0, max_new_tokens=20))
     hf_model = load_causal_lm(hf).eval()
     with torch.no_grad():

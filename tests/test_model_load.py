@@ -1,0 +1,106 @@
+"""Rebuilding a model from a checkpoint (megatron_rgm.model.load): what it reads, what it refuses."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from megatron_rgm.arguments import parse_args
+from megatron_rgm.config import ConfigError
+from megatron_rgm.model import build_model
+from megatron_rgm.model.load import describe_checkpoint, load_model, megatron_lm_model_argv
+from megatron_rgm.training.checkpointing import save_checkpoint
+
+
+def _pretrain_gpt_args(**changes) -> argparse.Namespace:
+    """The args Namespace Megatron-LM saves for a Qwen2-like pretrain_gpt.py run (the attributes read here)."""
+    ns = argparse.Namespace(
+        num_layers=4, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, group_query_attention=True,
+        num_query_groups=2, kv_channels=16, padded_vocab_size=384, vocab_size=300, seq_length=64,
+        max_position_embeddings=128, normalization="RMSNorm", norm_epsilon=1e-6, position_embedding_type="rope",
+        rotary_base=1000000, rotary_percent=1.0, add_qkv_bias=True, add_bias_linear=False, qk_layernorm=False,
+        swiglu=True, untie_embeddings_and_output_weights=True, bf16=False, fp16=False, num_experts=None,
+        multi_latent_attention=False, use_rope_scaling=False, window_size=None)
+    for key, value in changes.items():
+        setattr(ns, key, value)
+    return ns
+
+
+def test_megatron_lm_args_translate_into_the_same_transformer_config():
+    argv, notes = megatron_lm_model_argv(_pretrain_gpt_args(), "ckpt")
+    assert notes == []
+    args = parse_args(argv + ["--vocab-size", "384", "--make-vocab-size-divisible-by", "1"])
+    t = args.transformer
+    assert (t.num_layers, t.hidden_size, t.ffn_hidden_size, t.num_attention_heads) == (4, 64, 96, 4)
+    assert (t.num_query_groups, t.kv_channels, t.layernorm_epsilon) == (2, 16, 1e-6)
+    assert t.normalization == "RMSNorm" and t.gated_linear_unit and not t.add_bias_linear and t.add_qkv_bias
+    assert not t.qk_layernorm and not args.share_embeddings_and_output_weights
+    assert args.rotary_base == 1000000 and args.position_embedding_type == "rope" and args.vocab_size == 384
+
+
+def test_megatron_lm_without_group_query_attention_has_one_kv_head_per_head():
+    # Megatron-LM leaves --num-query-groups at its default 1 when --group-query-attention is not given.
+    argv, _ = megatron_lm_model_argv(_pretrain_gpt_args(group_query_attention=False, num_query_groups=1), "ckpt")
+    assert parse_args(argv).transformer.num_query_groups == 4
+
+
+@pytest.mark.parametrize("change, named", [
+    (dict(num_experts=8), "num_experts=8"),
+    (dict(multi_latent_attention=True), "multi_latent_attention=True"),
+    (dict(use_rope_scaling=True), "use_rope_scaling=True"),
+    (dict(window_size=(128, 0)), "window_size=(128, 0)"),
+    (dict(position_embedding_type="yarn"), "position_embedding_type='yarn'"),
+    (dict(normalization="L2Norm"), "normalization='L2Norm'"),
+])
+def test_a_feature_rgm_does_not_build_is_refused_by_name(change, named):
+    with pytest.raises(ConfigError, match="does not build") as e:
+        megatron_lm_model_argv(_pretrain_gpt_args(**change), "ckpt_dir")
+    assert named in str(e.value) and "ckpt_dir" in str(e.value)
+
+
+# A model no HF class matches (LayerNorm, learned positions, GELU MLP with biases): trained natively, it must
+# still rebuild from its checkpoint for rollouts and Best-of-N; only the HF export is refused.
+NATIVE = ["--preset", "tiny", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+          "--ffn-hidden-size", "48", "--vocab-size", "100", "--seq-length", "16", "--max-position-embeddings", "16",
+          "--normalization", "LayerNorm", "--position-embedding-type", "learned_absolute", "--no-swiglu",
+          "--no-disable-bias-linear", "--seed", "5", "--sprm-dropout", "0"]
+
+
+def test_a_native_model_without_an_hf_class_rebuilds_with_equal_logits(single_rank, tmp_path):
+    args = parse_args(NATIVE)
+    single_rank.initialize(args.parallel)
+    model = build_model(args)[0].eval()
+    save_checkpoint(tmp_path / "ckpt", 3, [model], extra={"model_argv": NATIVE, "padded_vocab_size": args.vocab_size,
+                                                          "vocab_size": 100})
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(16).expand(2, 16)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, 5::5] = True
+    with torch.no_grad():
+        want, want_head = model(ids, pos, None, step_mask=mask)
+
+    checkpoint = describe_checkpoint(tmp_path / "ckpt")
+    assert (checkpoint.source, checkpoint.iteration, checkpoint.vocab_size) == ("megatron-rgm", 3, 100)
+    assert checkpoint.has_head and checkpoint.padded_vocab_size == args.vocab_size
+    with pytest.raises(ConfigError, match="no HF class matches"):
+        checkpoint.hf_architecture()
+    with pytest.raises(ConfigError, match="pass --tokenizer"):
+        checkpoint.tokenizer_path(None)
+    loaded = load_model(tmp_path / "ckpt")
+    assert not loaded.result.fresh_head and loaded.args.transformer.normalization == "LayerNorm"
+    with torch.no_grad():
+        got, got_head = loaded.model(ids, pos, None, step_mask=mask)
+    assert torch.equal(got, want) and torch.equal(got_head, want_head)
+
+
+def test_a_checkpoint_that_describes_no_model_is_refused(single_rank, tmp_path):
+    args = parse_args(NATIVE)
+    single_rank.initialize(args.parallel)
+    model = build_model(args)[0]
+    save_checkpoint(tmp_path / "ckpt", 1, [model], extra={"stage": "sft"})
+    # Our save records Megatron-LM's args too: the model still rebuilds from them.
+    assert describe_checkpoint(tmp_path / "ckpt").args().transformer.normalization == "LayerNorm"
+    with pytest.raises(ConfigError, match="does not exist"):
+        describe_checkpoint(tmp_path / "nothing")
