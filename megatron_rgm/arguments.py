@@ -285,7 +285,7 @@ def parse_args(argv: list[str] | None = None) -> Args:
     return validate(ns)
 
 
-def _decode_escapes(s: str) -> str:
+def decode_escapes(s: str) -> str:
     return s.encode("utf-8").decode("unicode_escape") if "\\" in s else s
 
 
@@ -378,7 +378,7 @@ def validate(ns: argparse.Namespace) -> Args:
         sprm_hidden_mult=ns.sprm_hidden_mult,
         sprm_dropout=ns.sprm_dropout,
         sprm_backbone_grad_scale=ns.sprm_backbone_grad_scale,
-        sprm_step_tokens=[_decode_escapes(t) for t in ns.sprm_step_tokens],
+        sprm_step_tokens=[decode_escapes(t) for t in ns.sprm_step_tokens],
         sprm_loss=ns.sprm_loss,
         sprm_pos_weight=ns.sprm_pos_weight,
         sprm_loss_weight=ns.sprm_loss_weight,
@@ -488,7 +488,7 @@ def validate(ns: argparse.Namespace) -> Args:
     )
     data = DataConfig(
         tokenizer=ns.tokenizer, prompts=ns.prompts, problem_key=ns.problem_key, answer_key=ns.answer_key,
-        prompt_template=_decode_escapes(ns.prompt_template), verifier=ns.verifier, rollouts=ns.rollouts,
+        prompt_template=decode_escapes(ns.prompt_template), verifier=ns.verifier, rollouts=ns.rollouts,
         prompts_per_iter=ns.prompts_per_iter, sft_data=ns.sft_data, save_rollouts=ns.save_rollouts,
         group_size=ns.grpo_group_size,
         temperature=ns.rollout_temperature, top_p=ns.rollout_top_p, max_response_length=ns.max_response_length,

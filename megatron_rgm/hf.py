@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from megatron_rgm.config import ConfigError
-from megatron_rgm.convert.hf_io import load_head
+from megatron_rgm.model.head_io import load_head
 from megatron_rgm.model.rgm_model import SPRMHead
 from megatron_rgm.steps import StepSegmenter
 

@@ -35,12 +35,12 @@ def add_rgm_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def rgm_config_from_args(args: Any) -> RGMConfig:
     """RGMConfig from a namespace that went through :func:`add_rgm_args`."""
-    from megatron_rgm.arguments import _decode_escapes
+    from megatron_rgm.arguments import decode_escapes
 
     return RGMConfig(
         sprm_layer=args.sprm_layer, sprm_hidden_mult=args.sprm_hidden_mult, sprm_dropout=args.sprm_dropout,
         sprm_backbone_grad_scale=args.sprm_backbone_grad_scale,
-        sprm_step_tokens=[_decode_escapes(t) for t in args.sprm_step_tokens], sprm_loss=args.sprm_loss,
+        sprm_step_tokens=[decode_escapes(t) for t in args.sprm_step_tokens], sprm_loss=args.sprm_loss,
         sprm_pos_weight=args.sprm_pos_weight, sprm_loss_weight=args.sprm_loss_weight,
         sprm_aggregation=args.sprm_aggregation,
     )

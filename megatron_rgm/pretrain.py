@@ -97,7 +97,7 @@ def backbone_check(args: Args) -> list[float]:
     if args.run.load:
         from pathlib import Path
 
-        from megatron_rgm.training.checkpointing import latest_iteration, load_checkpoint
+        from megatron_rgm.checkpoint import latest_iteration, load_checkpoint
 
         # A save directory with a finished checkpoint, or one iter_XXXXXXX directory; an empty
         # --load directory starts a new run (Megatron-LM's behaviour).
@@ -135,7 +135,7 @@ def backbone_check(args: Args) -> list[float]:
                       f"grad norm: {grad_norm:.3f} | mean step score: {score:.4f} | "
                       f"elapsed time per iteration (ms): {elapsed:.1f}", flush=True)
         if args.run.save and (it == args.run.train_iters or (args.run.save_interval and it % args.run.save_interval == 0)):
-            from megatron_rgm.training.checkpointing import save_checkpoint
+            from megatron_rgm.checkpoint import save_checkpoint
 
             save_checkpoint(args.run.save, it, model, optimizer=optimizer,
                             extra={"model_argv": args.namespace.model_argv})

@@ -27,7 +27,7 @@ from megatron_rgm.config import ConfigError
 THINK_START, THINK_END = "<think>", "</think>"
 
 
-def _vocab_size(tokenizer: Any) -> int:
+def vocab_size_of(tokenizer: Any) -> int:
     for attr in ("get_piece_size", "get_vocab_size"):
         if hasattr(tokenizer, attr):
             return int(getattr(tokenizer, attr)())
@@ -65,7 +65,7 @@ def step_token_ids(tokenizer: Any, step_strings: Sequence[str] = (".\n\n",)) -> 
         ConfigError: the tokenizer has no such token.
     """
     wanted = [s for s in step_strings if s]
-    ids = [i for i in range(_vocab_size(tokenizer)) if any(s in decode_token(tokenizer, i) for s in wanted)]
+    ids = [i for i in range(vocab_size_of(tokenizer)) if any(s in decode_token(tokenizer, i) for s in wanted)]
     if not ids:
         raise ConfigError(
             f"tokenizer {_tokenizer_name(tokenizer)} has no token whose text contains "

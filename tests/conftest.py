@@ -1,53 +1,12 @@
-"""Shared test helpers: launching real ranks under torchrun on gloo."""
+"""Shared fixtures (the helpers they use, and that test modules import, are in helpers.py)."""
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
+import concurrent.futures
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-WORKERS = Path(__file__).resolve().parent / "workers"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """Environment for a child launch: no inherited rank variables, one thread per rank."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "TORCHELASTIC_")) and k not in
-           ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
-    env.update(extra)
-    return env
-
-
-def torchrun(script: str, nproc: int, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run ``tests/workers/<script>`` (or ``-m package.module``) on ``nproc`` gloo ranks.
-
-    Fails the test with the launch's output when any rank fails.
-    """
-    target = script.split() if script.startswith("-m ") else [str(WORKERS / script)]
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           f"--master-port={free_port()}", *target, *args]
-    proc = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    if proc.returncode != 0:
-        pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n"
-                    f"--- stderr\n{proc.stderr[-10000:]}")
-    return proc
-
-
-def read_rank_results(out: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
+from helpers import QWEN2_KINDS, convert, free_port, qwen2_conversions, qwen2_hf
 
 
 @pytest.fixture(scope="session")
@@ -61,3 +20,28 @@ def single_rank():
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     yield distributed
     distributed.shutdown()
+
+
+@pytest.fixture(scope="session")
+def qwen2_checkpoints(request, tmp_path_factory):
+    """The tiny Qwen2 checkpoints of test_best_of_n and test_generate_rollouts: ``{kind: (root, done)}``.
+
+    ``done()`` waits for that kind's conversions (and re-raises their failure, in the module that waits). Only
+    the kinds of the selected modules are built. The HF directories are written here, one after the other, on
+    this thread (they are seeded: the same bytes as when each module built its own); the conversions are
+    children, one chain per kind on a thread of its own that only waits on them, so the second module's
+    conversions run beside the first module's children (one thread each, two cores) instead of after them.
+    """
+    selected = {item.path.stem for item in request.session.items}
+    kinds = [kind for kind, module in QWEN2_KINDS.items() if module in selected] or list(QWEN2_KINDS)
+    roots = {kind: tmp_path_factory.mktemp(kind) for kind in kinds}
+    for kind in kinds:
+        qwen2_hf(kind, roots[kind])
+
+    def chain(kind):
+        for args in qwen2_conversions(kind, roots[kind]):
+            convert(*args)
+
+    with concurrent.futures.ThreadPoolExecutor(len(kinds)) as pool:
+        futures = {kind: pool.submit(chain, kind) for kind in kinds}
+        yield {kind: (roots[kind], futures[kind].result) for kind in kinds}

@@ -18,11 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, WORKERS
+from helpers import REPO, WORKERS, make_hf, save_tokenizer, tool
 from megatron_rgm.config import ConfigError
-from megatron_rgm.rollout.store import RolloutStore
-from test_best_of_n import tool
-from test_convert import make_hf, save_tokenizer
+from megatron_rgm.data.store import RolloutStore
 
 sys.path.insert(0, str(WORKERS))
 from store_writer import batch  # noqa: E402
@@ -171,7 +169,7 @@ def evil_file(f: Path, marker: Path, how: str) -> Path:
 @pytest.mark.parametrize("how", ["torch.save", "pickle"])
 def test_malicious_pickle_is_refused_and_never_run(export, tmp_path, how):
     from megatron_rgm.convert import hf_to_mcore
-    from megatron_rgm.convert.hf_io import load_head
+    from megatron_rgm.model.head_io import load_head
     from megatron_rgm.hf import RGMScorer
 
     # The payload is live: a plain unpickling runs it.
@@ -200,7 +198,7 @@ def test_malicious_pickle_is_refused_and_never_run(export, tmp_path, how):
 
 
 def test_empty_or_corrupt_head_files(tmp_path):
-    from megatron_rgm.convert.hf_io import load_head
+    from megatron_rgm.model.head_io import load_head
 
     (tmp_path / "score_module.pt").write_bytes(b"")
     raises(lambda: load_head(tmp_path / "score_module.pt", 64), "empty or truncated file")

@@ -6,7 +6,6 @@ tiny random Qwen2 (steered so that steps and ``</think>`` are frequent) runs the
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -15,11 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, clean_env, torchrun
+from helpers import REPO, clean_env, tool, torchrun
 from megatron_rgm.config import AGGREGATIONS, ConfigError
 from megatron_rgm.inference import BestOfN, BestOfNConfig, choose
 from megatron_rgm.rollout.sampler import Rollout, SamplingParams
-from test_convert import convert, make_hf, save_tokenizer
 
 # --- a scripted sampler: the logic with known scores and gradable answers -------------------------------------
 
@@ -160,39 +158,11 @@ def test_a_failure_leaves_no_output(tmp_path):
 
 # --- a tiny random Qwen2, both backends, then tools/evaluate.py -----------------------------------------------
 
-def _steer(hf: Path) -> None:
-    """Make ``.\\n\\n`` and ``</think>`` likely after half the tokens (a random model almost never samples them)."""
-    import transformers
-
-    tok = transformers.PreTrainedTokenizerFast.from_pretrained(hf)
-    step, end = tok.convert_tokens_to_ids(".\n\n"), tok.convert_tokens_to_ids("</think>")
-    model = transformers.AutoModelForCausalLM.from_pretrained(hf)
-    g = torch.Generator().manual_seed(0)
-    v = torch.randn(64, generator=g)
-    v /= v.norm()
-    some = torch.rand(model.config.vocab_size, generator=g) < 0.5
-    some[[step, end]] = False
-    with torch.no_grad():  # those tokens share a direction the step / end logits read (~+3.5 / +2.5)
-        model.model.embed_tokens.weight[some] += 0.16 * v
-        model.lm_head.weight[step] = 3.5 * v / 3.2
-        model.lm_head.weight[end] = 2.5 * v / 3.2
-    model.save_pretrained(hf)
-
-
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bon")
-    hf = make_hf("qwen2", root / "hf")
-    save_tokenizer(hf)
-    _steer(hf)
-    torch.manual_seed(1)
-    head = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Dropout(), torch.nn.Linear(128, 1))
-    with torch.no_grad():  # the features are small at init: scale up so that step scores differ (~.45 to ~.85)
-        head[0].weight *= 100
-        head[3].weight *= 3
-    torch.save(head.state_dict(), hf / "score_module.pt")
-    convert("hf-to-mcore", "--hf-path", str(hf), "--output", str(root / "mcore"), "--sprm-head",
-            str(hf / "score_module.pt"))
+def setup(qwen2_checkpoints):
+    # root/hf: steered (helpers.steer: steps and </think> frequent) with a scaled-up head; root/mcore: its conversion.
+    root, converted = qwen2_checkpoints["bon"]
+    converted()
     prompts = root / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps({"q": f"Add {i} and {i + 1}.", "a": str(2 * i + 1)}) for i in range(3)))
     return root, prompts
@@ -200,14 +170,6 @@ def setup(tmp_path_factory):
 
 SAMPLED = ["--problem-key", "q", "--answer-key", "a", "--k", "4", "--temperature", "1.0", "--max-new-tokens", "24",
            "--answer-max-new-tokens", "8", "--complete-all", "--seed", "3"]
-
-
-def tool(name: str):
-    """``tools/<name>.py`` as a module (in-process runs skip a fresh interpreter's imports)."""
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def best_of_n(*args: str) -> None:

@@ -9,8 +9,8 @@ import re
 import pytest
 import torch
 
-from conftest import torchrun
-from megatron_rgm.training.checkpointing import CheckpointError, latest_iteration
+from helpers import torchrun
+from megatron_rgm.checkpoint import CheckpointError, latest_iteration
 
 LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \| lm loss: (\S+) \| grad norm: (\S+)")
 FLAGS = ["--preset", "tiny", "--stage", "backbone-check", "--tensor-model-parallel-size", "2", "--micro-batch-size", "2",
@@ -65,7 +65,7 @@ def test_saved_at_tp2_loads_at_tp1_pp2_and_tp2_pp2_with_identical_logits_and_con
 
 
 def test_bad_load_paths(tmp_path):
-    from megatron_rgm.training.checkpointing import load_checkpoint
+    from megatron_rgm.checkpoint import load_checkpoint
 
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "nope", [])

@@ -5,59 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, clean_env, torchrun
-
-ARCHS = {
-    # kind: (config class name, extra config, tied)
-    "qwen2": ("Qwen2Config", dict(rope_theta=10000.0), False),
-    "qwen3": ("Qwen3Config", dict(head_dim=32, rope_theta=1000000.0), True),
-    "llama": ("LlamaConfig", dict(rope_theta=500000.0), True),
-}
-VOCAB = 300
-TEXT = "<think>Add 3 and 4.\n\nThat gives 7.\n\nDouble it.\n\n</think>The answer is \\boxed{14}."
-
-
-def make_hf(kind: str, out: Path) -> Path:
-    import transformers
-
-    cls, extra, tied = ARCHS[kind]
-    cfg = getattr(transformers, cls)(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                     tie_word_embeddings=tied, rms_norm_eps=1e-6, **extra)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg)
-    model.save_pretrained(out)
-    return out
-
-
-def save_tokenizer(out: Path, text: str = TEXT, step_token: bool = True) -> None:
-    """A byte-level BPE trained on ``text``; ``step_token`` adds ".\n\n" as one token."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB - 4, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<think>", "</think>"], show_progress=False)
-    tok.train_from_iterator([text] * 20, trainer)
-    if step_token:
-        tok.add_tokens([AddedToken(".\n\n", normalized=False)])
-    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(out)
-
-
-def convert(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), *args], env=clean_env(),
-                          capture_output=True, text=True, timeout=600, cwd=REPO)
-    if check and proc.returncode != 0:
-        pytest.fail(f"convert_checkpoint {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n"
-                    f"{proc.stderr[-6000:]}")
-    return proc
+from helpers import ARCHS, TEXT, clean_env, convert, make_hf, save_tokenizer, torchrun
 
 
 @pytest.fixture(scope="module", params=sorted(ARCHS))

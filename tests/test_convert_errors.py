@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from helpers import make_hf
 from megatron_rgm.config import ConfigError
 from megatron_rgm.convert import hf_to_mcore, mcore_to_hf
-from megatron_rgm.convert.hf_io import load_head
-from test_convert import make_hf
+from megatron_rgm.model.head_io import load_head
 
 
 @pytest.fixture(scope="module")

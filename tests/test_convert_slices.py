@@ -55,7 +55,7 @@ def megatron_names(arch) -> list[str]:
 @pytest.mark.parametrize("kind", sorted(CONFIGS))
 def test_rank_slices_equal_shards_of_full_tensors(kind, tmp_path, monkeypatch):
     from megatron_rgm.convert import slices
-    from megatron_rgm.model.state import _split, shard
+    from megatron_rgm.model.state import partition, shard
 
     def no_fallback(name, *args):
         raise AssertionError(f"{name} fell back to reading the full tensor")
@@ -66,7 +66,7 @@ def test_rank_slices_equal_shards_of_full_tensors(kind, tmp_path, monkeypatch):
     model = SimpleNamespace(config=SimpleNamespace(gated_linear_unit=True))
     for size, padded in ((1, 384), (2, 512), (4, 1024)):  # at TP=4, ranks 2 and 3 hold only padding rows
         for name in megatron_names(arch):
-            dim, gated = _split(model, name, None)
+            dim, gated = partition(model, name, None)
             full = megatron_tensor(name, hf.get, arch, padded)
             for rank in range(size):
                 want = shard(full, dim, gated, rank, size)

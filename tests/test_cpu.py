@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import clean_env
+from helpers import finish, start, stop
 from megatron_rgm import cpu
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU mapping is inactive with CUDA")
@@ -63,26 +62,41 @@ def test_megatron_rng_tracker_forks_the_cpu_generator(patches, single_rank):
         assert torch.equal(torch.rand(4), a), "re-seeding did not reproduce the forked stream"
 
 
-def test_inactive_when_cuda_is_available():
-    code = (
+# Two checks in fresh interpreters (the patches last for the life of a process): both are started with this
+# module's first test and collected by their own; most of each is imports, so they run beside each other.
+CHILDREN = {
+    "inactive_when_cuda_is_available": (
         "import torch\n"
         "torch.cuda.is_available = lambda: True\n"
         "from megatron_rgm import cpu\n"
         "assert cpu.activate() == [] and not cpu.is_active()\n"
         "assert not getattr(torch.zeros, '__rgm_cpu_patch__', False)\n"
         "print('ok')\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], env=clean_env(), capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
-
-
-def test_activate_before_importing_megatron():
-    code = (
+    ),
+    "activate_before_importing_megatron": (
         "from megatron_rgm import cpu\n"
         "cpu.activate()\n"
         "import torch._dynamo, megatron.core\n"
         "from megatron.core.models.gpt import GPTModel\n"
         "print('ok')\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], env=clean_env(), capture_output=True, text=True, timeout=300)
+    ),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def children():
+    procs = {name: start([sys.executable, "-c", code]) for name, code in CHILDREN.items()}
+    try:
+        yield procs
+    finally:
+        stop(procs.values())
+
+
+def test_inactive_when_cuda_is_available(children):
+    out = finish(children["inactive_when_cuda_is_available"], timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_activate_before_importing_megatron(children):
+    out = finish(children["activate_before_importing_megatron"], timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, WORKERS, clean_env, free_port
+from helpers import REPO, WORKERS, clean_env, free_port
 
 OTHER = os.environ.get("MEGATRON_RGM_OTHER_PYTHON", "")
 THIS = sys.executable

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import WORKERS, clean_env, free_port, read_rank_results, torchrun
+from helpers import WORKERS, clean_env, free_port, read_rank_results, torchrun
 from megatron_rgm.distributed import LaunchError, first_slurm_host, launch_info
 
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, clean_env
+from helpers import REPO, clean_env, make_hf, save_tokenizer
 from megatron_rgm.config import ConfigError
 from megatron_rgm.evaluation.metrics import Problem, evaluate, pairwise_accuracy, pass_at_k
 
@@ -123,7 +123,6 @@ def test_processbench_end_to_end_on_real_records(tmp_path):
     from megatron_rgm.evaluation.processbench import evaluate_processbench, load_processbench
     from megatron_rgm.hf import RGMScorer, load_causal_lm
     from megatron_rgm.model import SPRMHead
-    from test_convert import make_hf, save_tokenizer
 
     records = load_processbench(REPO.parent / "shared" / "data" / "processbench" / "gsm8k.json")[:8]
     hf = make_hf("qwen2", tmp_path / "hf")

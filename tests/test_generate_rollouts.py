@@ -8,11 +8,9 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
-from conftest import REPO, clean_env
-from megatron_rgm.rollout.store import RolloutStore
-from test_convert import convert, make_hf, save_tokenizer
+from helpers import REPO, as_a_child, clean_env, finish, start, stop, tool
+from megatron_rgm.data.store import RolloutStore
 
 
 def generate(*args: str) -> subprocess.CompletedProcess:
@@ -23,19 +21,20 @@ def generate(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gen")
-    hf = make_hf("qwen2", root / "hf")
-    save_tokenizer(hf)
-    torch.manual_seed(1)
-    head = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Dropout(), torch.nn.Linear(128, 1))
-    torch.save(head.state_dict(), hf / "score_module.pt")
-    convert("hf-to-mcore", "--hf-path", str(hf), "--output", str(root / "mcore"), "--sprm-head",
-            str(hf / "score_module.pt"))
-    convert("mcore-to-hf", "--mcore-path", str(root / "mcore"), "--output", str(root / "export"))
+def setup(qwen2_checkpoints):
+    # root/hf: a random Qwen2 and head; root/mcore: its conversion; root/export: that exported back (mcore-to-hf).
+    root, converted = qwen2_checkpoints["gen"]
     prompts = root / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps({"q": f"Add {i} and {i + 1}.", "a": str(2 * i + 1)}) for i in range(3)))
-    return root, prompts
+    # The refusal of test_missing_backend_path_is_named, in a fresh interpreter: started here, it runs beside the
+    # conversions or test_hf_backend (one thread) and is collected by that test.
+    refusal = start([sys.executable, str(REPO / "tools" / "generate_rollouts.py"), "--prompts", str(prompts),
+                     "--output", str(root / "x"), "--backend", "hf", *COMMON])
+    try:
+        converted()
+        yield root, prompts, refusal
+    finally:
+        stop([refusal])
 
 
 COMMON = ["--problem-key", "q", "--answer-key", "a", "--k", "2", "--max-new-tokens", "12", "--temperature", "1.0"]
@@ -43,7 +42,7 @@ COMMON = ["--problem-key", "q", "--answer-key", "a", "--k", "2", "--max-new-toke
 
 @pytest.mark.multirank
 def test_megatron_backend_at_tp2_then_resumed_at_pp2(setup):
-    root, prompts = setup
+    root, prompts, _ = setup
     out = root / "store_megatron"
     generate("--prompts", str(prompts), "--output", str(out), "--backend", "megatron", "--mcore-path",
              str(root / "mcore"), "--tp", "2", "--limit", "2", *COMMON)
@@ -67,10 +66,11 @@ def test_megatron_backend_at_tp2_then_resumed_at_pp2(setup):
 
 
 def test_hf_backend(setup):
-    root, prompts = setup
+    root, prompts, _ = setup
     out = root / "store_hf"
-    generate("--prompts", str(prompts), "--output", str(out), "--backend", "hf", "--hf-path", str(root / "export"),
-             *COMMON)
+    with as_a_child():  # in-process: the hf backend sets up no process group
+        assert tool("generate_rollouts").main(["--prompts", str(prompts), "--output", str(out), "--backend", "hf",
+                                               "--hf-path", str(root / "export"), *COMMON]) == 0
     store = RolloutStore(out, "r")
     assert len(store) == 6 and store.attrs["backend"] == "hf"
     t = store[0]
@@ -78,8 +78,6 @@ def test_hf_backend(setup):
 
 
 def test_missing_backend_path_is_named(setup):
-    root, prompts = setup
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "generate_rollouts.py"), "--prompts", str(prompts),
-                           "--output", str(root / "x"), "--backend", "hf", *COMMON], env=clean_env(),
-                          capture_output=True, text=True, timeout=120)
+    _, _, refusal = setup
+    proc = finish(refusal, timeout=120)
     assert proc.returncode == 2 and "--backend hf needs --hf-path" in proc.stderr

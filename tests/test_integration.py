@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from conftest import torchrun
+from helpers import torchrun
 from megatron_rgm.integration import add_rgm_args, rgm_config_from_args
 
 

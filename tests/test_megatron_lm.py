@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from conftest import torchrun
+from helpers import REPO, clean_env, torchrun
 from megatron_rgm.compat import megatron_lm
 
 pytestmark = pytest.mark.skipif(
@@ -91,6 +91,7 @@ def exchanged(trained):
         "resume": torch.load(out / "resume" / "logits.pt"),
         "resume_ranks": [json.loads((out / "resume" / f"rank{r}.json").read_text()) for r in (0, 1)],
         "resume_stdout": proc.stdout,
+        "dir": ex,
     }
 
 
@@ -138,8 +139,6 @@ def test_activate_lists_each_megatron_lm_patch_with_its_reason():
     import subprocess
     import sys
 
-    from conftest import REPO, clean_env
-
     code = ("import json; from megatron_rgm.compat import megatron_lm; megatron_lm.activate(force=True); "
             "print(json.dumps([[p.target, p.reason] for p in megatron_lm.applied_patches()]))")
     proc = subprocess.run([sys.executable, "-c", code], env=clean_env(), capture_output=True, text=True,
@@ -150,3 +149,63 @@ def test_activate_lists_each_megatron_lm_patch_with_its_reason():
                    "megatron.training.training.initialize_megatron",
                    "megatron.core.datasets.utils.compile_helpers"):
         assert target in patches and patches[target], sorted(patches)
+
+
+def _word_tokenizer(out, size: int = 200) -> None:
+    """A word-level HF tokenizer of ``size`` ids (the Megatron-LM run's vocabulary), with ".\\n\\n" as one token."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "</s>"] + [f"w{i}" for i in range(size - 3)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_tokens([AddedToken(".\n\n", normalized=False)])  # id size - 1
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>").save_pretrained(out)
+
+
+def _tool(name: str, *args: str, check: bool = True):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / f"{name}.py"), *args], env=clean_env(),
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+@pytest.mark.multirank
+def test_the_tools_rebuild_a_megatron_lm_checkpoint_from_its_args(exchanged, tmp_path):
+    """Export, verify, rollouts and Best-of-N on the plain checkpoint Megatron-LM's own loop saved."""
+    from megatron_rgm.data.store import RolloutStore
+
+    plain = str(exchanged["dir"] / "plain_ckpt")
+    # Export (the vocabulary of 200 is in its args) and compare the export with the checkpoint at TP=2.
+    _tool("convert_checkpoint", "mcore-to-hf", "--mcore-path", plain, "--output", str(tmp_path / "hf"))
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["vocab_size"] == 200 and config["num_hidden_layers"] == 4 and config["num_key_value_heads"] == 2
+    assert not (tmp_path / "hf" / "score_module.pt").exists()  # Megatron-LM's plain GPT has no head to export
+    _tool("convert_checkpoint", "verify", "--hf-path", str(tmp_path / "hf"), "--mcore-path", plain, "--tp", "2",
+          "--json", str(tmp_path / "verify.json"))
+    assert json.loads((tmp_path / "verify.json").read_text())["max_abs_logit_diff"] < 1e-4
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"problem": f"w{i} w{i + 1}", "answer": "w3"}) for i in range(2)))
+    sampling = ["--prompts", str(prompts), "--problem-key", "problem", "--answer-key", "answer", "--k", "2",
+                "--max-new-tokens", "8", "--temperature", "1.0", "--verifier", "exact"]
+    # No tokenizer travels with a Megatron-LM checkpoint: the tool says which flag to pass.
+    proc = _tool("generate_rollouts", *sampling, "--output", str(tmp_path / "none"), "--backend", "megatron",
+                 "--mcore-path", plain, check=False)
+    assert proc.returncode == 2 and "pass --tokenizer" in proc.stderr, proc.stderr[-2000:]
+    _word_tokenizer(tmp_path / "tok")
+    _tool("generate_rollouts", *sampling, "--output", str(tmp_path / "store"), "--backend", "megatron",
+          "--mcore-path", plain, "--tokenizer", str(tmp_path / "tok"), "--tp", "2")
+    store = RolloutStore(tmp_path / "store", "r")
+    assert len(store) == 4
+    for i in range(4):
+        t = store[i]
+        assert (t.log_probs[t.response_mask] < 0).all() and (t.tokens < 200).all()
+    _tool("best_of_n", *sampling, "--output", str(tmp_path / "bon.jsonl"), "--mcore-path", plain,
+          "--tokenizer", str(tmp_path / "tok"), "--complete-all", "--answer-max-new-tokens", "4")
+    rows = [json.loads(line) for line in (tmp_path / "bon.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(len(r["candidates"]) == 2 for r in rows)

@@ -9,9 +9,10 @@ import torch
 
 from megatron_rgm.arguments import parse_args
 from megatron_rgm.config import ConfigError
+from megatron_rgm.convert.convert import export_config
 from megatron_rgm.model import build_model
 from megatron_rgm.model.load import describe_checkpoint, load_model, megatron_lm_model_argv
-from megatron_rgm.training.checkpointing import save_checkpoint
+from megatron_rgm.checkpoint import save_checkpoint
 
 
 def _pretrain_gpt_args(**changes) -> argparse.Namespace:
@@ -85,7 +86,7 @@ def test_a_native_model_without_an_hf_class_rebuilds_with_equal_logits(single_ra
     assert (checkpoint.source, checkpoint.iteration, checkpoint.vocab_size) == ("megatron-rgm", 3, 100)
     assert checkpoint.has_head and checkpoint.padded_vocab_size == args.vocab_size
     with pytest.raises(ConfigError, match="no HF class matches"):
-        checkpoint.hf_architecture()
+        export_config(checkpoint)
     with pytest.raises(ConfigError, match="pass --tokenizer"):
         checkpoint.tokenizer_path(None)
     loaded = load_model(tmp_path / "ckpt")

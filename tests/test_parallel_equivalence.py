@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import read_rank_results, torchrun
+from helpers import read_rank_results, torchrun
 
 TOL = 1e-5
 TWO_RANK = ["tp2", "tp2_sp", "tp2_recompute", "tp2_head_dropout", "pp2", "pp2_untied",

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, clean_env
+from helpers import REPO, clean_env
 
 AGGREGATIONS = ("geometric", "arithmetic", "product", "min", "last")
 
@@ -37,7 +37,7 @@ def test_shrunken_pipeline_writes_every_artefact_and_a_consistent_table(tmp_path
     # The head reads the last layer at this size (docs/RESULTS.md), and the export says so for serving.
     assert json.loads((out / "hf" / "sprm_config.json").read_text())["sprm_layer"] == -1
 
-    from megatron_rgm.rollout.store import RolloutStore
+    from megatron_rgm.data.store import RolloutStore
 
     assert len(RolloutStore(out / "rollouts", "r")) == 2 * 2 * 4  # iterations x prompts x k
 

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from conftest import torchrun
+from helpers import torchrun
 from megatron_rgm.pretrain import main
 
 LINE = re.compile(r"iteration\s+(\d+)/\s*(\d+) \| lm loss: (\S+) \| grad norm: (\S+)")

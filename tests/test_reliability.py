@@ -13,15 +13,17 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, clean_env, free_port, torchrun
-from test_training import TINY, make_store
+from helpers import REPO, TINY, WORKERS, clean_env, free_port, make_store, torchrun
 
 VOLATILE = ("tokens/s",)
 
 
-def launch(nproc: int, args: list[str], env: dict | None = None) -> subprocess.Popen:
+def launch(nproc: int, args: list[str], env: dict | None = None, fault: list[str] | None = None) -> subprocess.Popen:
+    """``torchrun -m megatron_rgm.pretrain ARGS``; ``fault``: POINT [KEY=VALUE ...] where every rank kills itself
+    (tests/workers/with_fault.py)."""
+    target = [str(WORKERS / "with_fault.py"), *fault, "--", "-m"] if fault else ["-m"]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
-           "-m", "megatron_rgm.pretrain", *args]
+           *target, "megatron_rgm.pretrain", *args]
     return subprocess.Popen(cmd, env=clean_env(**(env or {})), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
@@ -92,12 +94,12 @@ def test_killed_inside_a_save_then_at_a_random_point_then_resumed_is_bitwise_ide
                                                                                         tmp_path):
     """Three launches of one run: SIGKILL inside the save of iteration 2, SIGKILL of torchrun and all its
     workers at a random point, then to the end; every iteration must equal the uninterrupted run's."""
-    from megatron_rgm.training.checkpointing import latest_iteration
+    from megatron_rgm.checkpoint import latest_iteration
 
     ckpt, metrics = tmp_path / "ckpt", tmp_path / "m.jsonl"
     args = [*RUN(task_files), "--save", str(ckpt), "--load", str(ckpt), "--metrics-file", str(metrics)]
     # 1. Rank 0 dies after writing iteration 2, before publishing it: the previous checkpoint stays current.
-    proc = launch(2, args, env={"MEGATRON_RGM_TEST_DIE_IN_SAVE": "2"})
+    proc = launch(2, args, fault=["checkpoint.before_publish", "iteration=2"])
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0, out[-2000:]
     assert latest_iteration(ckpt) == 1 and (ckpt / "iter_0000002.tmp").is_dir()

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import read_rank_results, torchrun
+from helpers import read_rank_results, torchrun
 from megatron_rgm.rl import (GRPOConfig, entropy_bonus, group_advantages, grpo_loss, low_var_kl, policy_loss,
                              vocab_parallel_entropy, vocab_parallel_log_probs)
 

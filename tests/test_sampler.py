@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import torchrun
+from helpers import convert, torchrun
 from megatron_rgm.config import ConfigError
 from megatron_rgm.rollout.sampler import SamplingParams, _filter, _nucleus, _repetition_penalty
 
@@ -93,8 +93,6 @@ def test_step_scores_equal_a_separate_forward(results, tp):
 @pytest.mark.multirank
 def test_greedy_equals_transformers_on_the_converted_model(tmp_path):
     import transformers
-
-    from test_convert import convert
 
     cfg = transformers.Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,

@@ -10,18 +10,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import WORKERS, clean_env
+from helpers import WORKERS, clean_env
 from megatron_rgm.config import ConfigError
-from megatron_rgm.rollout.store import RolloutStore, tokenizer_fingerprint
+from megatron_rgm.data.store import RolloutStore, tokenizer_fingerprint
 
 sys.path.insert(0, str(WORKERS))
 from store_writer import batch  # noqa: E402
 
 
 def write(path: Path, rank: int, batches: int, die: bool = False) -> subprocess.Popen:
-    env = clean_env(MEGATRON_RGM_TEST_DIE_BEFORE_COMMIT="1" if die else "0")
-    return subprocess.Popen([sys.executable, str(WORKERS / "store_writer.py"), str(path), str(rank), str(batches)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    """A writer process; ``die``: it SIGKILLs itself between writing a batch's arrays and committing it."""
+    fault = [str(WORKERS / "with_fault.py"), "store.before_commit", "--"] if die else []
+    return subprocess.Popen([sys.executable, *fault, str(WORKERS / "store_writer.py"), str(path), str(rank),
+                             str(batches)], env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
 
 
 def test_round_trip(tmp_path):

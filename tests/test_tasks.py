@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megatron_rgm.config import ConfigError
-from megatron_rgm.evaluation.benchmarks import load_benchmark
+from megatron_rgm.data.benchmarks import load_benchmark
 from megatron_rgm.rollout.generate import PROMPT_TEMPLATE as ROLLOUT_TEMPLATE
 from megatron_rgm.rollout.rewards import CORRECT, WRONG, ExactVerifier
 from megatron_rgm.steps import StepSegmenter, single_token_id

@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
-from conftest import REPO, clean_env, torchrun
-
-TINY = ["--preset", "tiny", "--micro-batch-size", "4", "--grpo-group-size", "4", "--prompts-per-iter", "2",
-        "--max-response-length", "24", "--verifier", "exact", "--lr", "1e-4"]
+from helpers import REPO, TINY, clean_env, make_store, torchrun
 
 
 @pytest.fixture(scope="module")
@@ -22,42 +17,6 @@ def task(tmp_path_factory):
     from megatron_rgm.tasks.prepare import prepare
 
     return prepare(tmp_path_factory.mktemp("task"), seed=0, n_train=64, n_eval=8, n_sft=256)
-
-
-def make_store(path, task, n_groups: int, k: int = 4, seed: int = 0, nan_log_probs: bool = False):
-    """A rollout store of task traces: per prompt k responses, about half with one wrong, propagated step.
-
-    ``nan_log_probs``: old log-probs of NaN (a corrupt store), which makes every GRPO loss non-finite.
-    """
-    from megatron_rgm.rollout.rewards import ExactVerifier
-    from megatron_rgm.rollout.store import RolloutStore, Trajectory, tokenizer_fingerprint
-    from megatron_rgm.steps import StepSegmenter
-    from megatron_rgm.tasks.arithmetic import make_problems, make_trace, prompt_text
-    from megatron_rgm.tokenizer import load_tokenizer
-
-    import torch
-
-    tok = load_tokenizer(task["tokenizer"])
-    seg = StepSegmenter.from_tokenizer(tok)
-    rng = random.Random(seed)
-    store = RolloutStore(path, "a", tokenizer=tokenizer_fingerprint(tok), attrs={"k": k})
-    for g, problem in enumerate(make_problems(n_groups, seed)):
-        prompt = tok.encode(prompt_text(problem))
-        batch = []
-        for j in range(k):
-            response = make_trace(problem, rng, error=j % 2 == 1)
-            ids = prompt + tok.encode(response) + [tok.eos_token_id]
-            mask = np.arange(len(ids)) >= len(prompt)
-            layout = seg(torch.tensor([ids]), response_mask=torch.tensor([mask]))
-            steps = layout.positions.numpy()
-            grade = ExactVerifier()(response, problem.answer)
-            batch.append(Trajectory(tokens=np.asarray(ids), response_mask=mask,
-                                    log_probs=np.where(mask, np.nan if nan_log_probs else -1.5, 0.0).astype(np.float32),
-                                    step_positions=steps,
-                                    step_scores=np.full(len(steps), 0.5, np.float32), reward=grade.reward,
-                                    correct=grade.reward > 0, prompt_id=g, group_id=g))
-        store.append(0, batch)
-    return path
 
 
 def pretrain(nproc: int, args: list[str], metrics) -> list[dict]:
@@ -270,7 +229,7 @@ def test_orientation_does_not_depend_on_rounding_of_near_equal_scores():
 def test_sft_files_with_a_bad_line_are_named(task, tmp_path):
     from megatron_rgm.config import ConfigError
     from megatron_rgm.tokenizer import load_tokenizer
-    from megatron_rgm.training.data import read_sft
+    from megatron_rgm.data.sources import read_sft
 
     tok = load_tokenizer(task["tokenizer"])
     bad = tmp_path / "sft.jsonl"

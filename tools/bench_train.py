@@ -25,7 +25,7 @@ import torch
 
 
 def write_store(path: Path, groups: int, k: int, tokens: int, prompt: int, vocab: int, step_every: int) -> None:
-    from megatron_rgm.rollout.store import RolloutStore, Trajectory
+    from megatron_rgm.data.store import RolloutStore, Trajectory
 
     rng = np.random.default_rng(0)
     store = RolloutStore(path, "a", attrs={"k": k})

@@ -6,7 +6,6 @@
 """
 
 import argparse
-import sys
 
 from megatron_rgm.config import run_tool
 

@@ -22,11 +22,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from megatron_rgm.checkpoint import ASSETS
 from megatron_rgm.config import ConfigError
-from megatron_rgm.convert.hf_io import (HEAD_KEYS, HFCheckpoint, ShardWriter, copy_tokenizer_files, load_head,
-                                        save_head)
-from megatron_rgm.convert.mapping import CKPT_KEY_ALIASES, HFArch, hf_tensors
-from megatron_rgm.training.checkpointing import ASSETS
+from megatron_rgm.convert.hf_io import HFCheckpoint, ShardWriter, copy_tokenizer_files
+from megatron_rgm.convert.mapping import CKPT_KEY_ALIASES, HFArch, hf_config_from_args, hf_tensors
+from megatron_rgm.model.head_io import HEAD_KEYS, load_head, save_head
+from megatron_rgm.model.load import CheckpointModel, describe_checkpoint
 
 
 def _say(msg: str) -> None:
@@ -50,7 +51,7 @@ def _hf_to_mcore_rank(hf_path: str, output: str, tp: int, pp: int, head_file: st
     from megatron_rgm.convert.slices import megatron_shard
     from megatron_rgm.convert.stream_save import param_producer, return_freed_memory
     from megatron_rgm.model import build_model
-    from megatron_rgm.model.state import _split, global_name
+    from megatron_rgm.model.state import partition, global_name
 
     return_freed_memory()
     hf = HFCheckpoint(hf_path)
@@ -71,7 +72,7 @@ def _hf_to_mcore_rank(hf_path: str, output: str, tp: int, pp: int, head_file: st
             model.sprm_head.load_state_dict(load_head(head_file, arch.hidden_size))
 
     def make_shard(name: str, param: torch.Tensor) -> torch.Tensor:
-        dim, gated = _split(model, name, param)
+        dim, gated = partition(model, name, param)
         return megatron_shard(global_name(model, name), hf, arch, args.vocab_size, dim, gated, tp_rank, tp_size)
 
     produce = param_producer(model, make_shard, keep=lambda name: name.startswith("sprm_head."))
@@ -88,32 +89,12 @@ def _hf_to_mcore_rank(hf_path: str, output: str, tp: int, pp: int, head_file: st
 
 
 def _save_streaming(output: str, model, produce, extra: dict, progress: str | None = None) -> None:
-    """What ``training.checkpointing.save_checkpoint(output, 0, [model], extra=extra)`` writes (same keys, the
-    same ``iter_0000000`` publish), with the tensors made by ``produce`` as they are written."""
-    import torch.distributed as dist
-    from megatron.core import dist_checkpointing
-
+    """``save_checkpoint(output, 0, [model], extra=extra)``, with the tensors made by ``produce`` as they are
+    written (the same keys, common state and publish as a training save)."""
+    from megatron_rgm.checkpoint import save_checkpoint
     from megatron_rgm.convert.stream_save import StreamingSaveStrategy
-    from megatron_rgm.training.checkpointing import LATEST, _layout, _rng_object, iteration_dir, \
-        model_sharded_state_dict
 
-    final = iteration_dir(output, 0)
-    tmp = final.with_name(final.name + ".tmp")
-    if dist.get_rank() == 0:
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    state = model_sharded_state_dict([model])
-    state["rng_state"] = _rng_object(None)
-    state["rgm_extra"] = dict(extra, iteration=0, layout=_layout())
-    dist_checkpointing.save(state, str(tmp), sharded_strategy=StreamingSaveStrategy(produce, progress))
-    dist.barrier()
-    if dist.get_rank() == 0:
-        os.replace(tmp, final)
-        pointer = Path(output) / (LATEST + ".tmp")
-        pointer.write_text("0")
-        os.replace(pointer, Path(output) / LATEST)
-    dist.barrier()
-    _say(f"[checkpoint] saved iteration 0 to {final}")
+    save_checkpoint(output, 0, [model], extra=extra, sharded_strategy=StreamingSaveStrategy(produce, progress))
 
 
 def hf_to_mcore(hf_path: str, output: str, tp: int = 1, pp: int = 1, head_file: str | None = None,
@@ -157,13 +138,27 @@ def head_flags(model_argv: list[str]) -> dict:
     """
     import argparse
 
-    from megatron_rgm.arguments import _decode_escapes
+    from megatron_rgm.arguments import decode_escapes
 
     p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     p.add_argument("--sprm-layer", type=int, default=-2)
     p.add_argument("--sprm-step-tokens", nargs="+", default=[".\n\n"])
     ns, _ = p.parse_known_args(model_argv)
-    return {"sprm_layer": ns.sprm_layer, "sprm_step_tokens": [_decode_escapes(t) for t in ns.sprm_step_tokens]}
+    return {"sprm_layer": ns.sprm_layer, "sprm_step_tokens": [decode_escapes(t) for t in ns.sprm_step_tokens]}
+
+
+def export_config(checkpoint: CheckpointModel) -> dict:
+    """The HF ``config.json`` a checkpoint's model exports as: the recorded one, else one built from its flags."""
+    if checkpoint.hf_config is not None:
+        return checkpoint.hf_config
+    if checkpoint.vocab_size is None:
+        raise ConfigError(f"checkpoint {checkpoint.directory} does not record its real vocabulary size (Megatron-LM "
+                          "saves only the padded one): pass --vocab-size with the tokenizer's size")
+    config = hf_config_from_args(checkpoint.args(), checkpoint.vocab_size)
+    if config is None:
+        raise ConfigError(f"checkpoint {checkpoint.directory} holds a model no HF class matches (the export needs "
+                          "RMSNorm, SwiGLU, RoPE and no linear biases: Qwen2, Qwen3 or Llama)")
+    return config
 
 
 def _mcore_to_hf_rank(mcore_path: str, output: str, dtype: str | None, vocab_size: int | None) -> None:
@@ -171,13 +166,12 @@ def _mcore_to_hf_rank(mcore_path: str, output: str, dtype: str | None, vocab_siz
     from megatron.core.dist_checkpointing import ShardedTensor
 
     from megatron_rgm import distributed
-    from megatron_rgm.model.load import describe_checkpoint
 
     distributed.initialize(distributed.ParallelConfig())
     root = Path(mcore_path)
     source = describe_checkpoint(root).with_vocab_size(vocab_size)
     ckpt = source.directory
-    arch = HFArch.from_config(source.hf_architecture())
+    arch = HFArch.from_config(export_config(source))
     meta = dist_checkpointing.load_tensors_metadata(str(ckpt))
     out = Path(output)
     tmp = out.with_name(out.name + ".tmp")
@@ -235,11 +229,10 @@ def mcore_to_hf(mcore_path: str, output: str, dtype: str | None = None, vocab_si
         vocab_size: the real vocabulary, for a checkpoint that records only the padded one (Megatron-LM's).
     """
     from megatron_rgm.convert.launch import run_ranks
-    from megatron_rgm.model.load import describe_checkpoint
 
     if not Path(mcore_path).exists():
         raise ConfigError(f"--mcore-path {mcore_path} does not exist")
     if dtype and dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"--dtype {dtype!r}: use float32, bfloat16 or float16")
-    describe_checkpoint(mcore_path).with_vocab_size(vocab_size).hf_architecture()  # refusals before a rank starts
+    export_config(describe_checkpoint(mcore_path).with_vocab_size(vocab_size))  # refusals before a rank starts
     run_ranks(_mcore_to_hf_rank, 1, str(mcore_path), str(output), dtype, vocab_size)

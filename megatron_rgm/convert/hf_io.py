@@ -1,25 +1,21 @@
-"""Reading and writing HF checkpoints (safetensors) and SPRM head files, one tensor at a time.
+"""Reading and writing HF checkpoints (safetensors), one tensor at a time.
 
-Nothing here unpickles arbitrary objects: weights come from safetensors, and a
-``score_module.pt`` is read with ``torch.load(weights_only=True)``.
+Nothing here unpickles: weights come from safetensors (the head's files are
+:mod:`megatron_rgm.model.head_io`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import pickle
-import re
 import shutil
 from pathlib import Path
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from megatron_rgm.config import ConfigError
 from megatron_rgm.convert.mapping import HFArch
 
-HEAD_KEYS = ("0.weight", "0.bias", "3.weight", "3.bias")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json", "generation_config.json")
 
@@ -177,50 +173,6 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
     """A writable byte view of a contiguous CPU tensor's memory (any dtype, bfloat16 included)."""
     flat = t.reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(bytearray())
-
-
-def load_head(path: str | os.PathLike, hidden_size: int) -> dict[str, torch.Tensor]:
-    """A ``score_module.pt`` / ``sprm_head.safetensors`` state dict, checked against the model width."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--sprm-head {path} is not a file: pass score_module.pt or sprm_head.safetensors")
-    if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt") as h:
-                sd = {k: h.get_tensor(k) for k in h.keys()}
-        except SafetensorError as e:
-            raise ConfigError(f"--sprm-head {path} is not a readable safetensors file ({e}): re-export it") from None
-    else:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-            # torch's own text suggests weights_only=False, i.e. running the file's code: name the cause only.
-            found = re.search(r"GLOBAL (\S+)", str(e))
-            cause = (f"it references {found.group(1)}" if found else
-                     "empty or truncated file" if isinstance(e, EOFError) else "not a torch.save state dict")
-            raise ConfigError(f"--sprm-head {path} is not a plain tensor state dict ({cause}; refused to unpickle it, "
-                              "which could run code): save it with torch.save(head.state_dict()) or pass "
-                              "sprm_head.safetensors") from None
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ConfigError(f"--sprm-head {path} does not hold a state dict of tensors")
-    if set(sd) != set(HEAD_KEYS):
-        raise ConfigError(f"--sprm-head {path} has keys {sorted(sd)}, expected {list(HEAD_KEYS)} "
-                          "(Linear(c, 2c) -> ReLU -> Dropout -> Linear(2c, 1))")
-    inner = sd["0.weight"].shape[0]
-    want = {"0.weight": (inner, hidden_size), "0.bias": (inner,), "3.weight": (1, inner), "3.bias": (1,)}
-    for k, shape in want.items():
-        if tuple(sd[k].shape) != shape:
-            raise ConfigError(f"--sprm-head {path}: {k} has shape {tuple(sd[k].shape)}, expected {shape} for a "
-                              f"model of hidden size {hidden_size}")
-    return sd
-
-
-def save_head(out: Path, sd: dict[str, torch.Tensor], meta: dict) -> None:
-    """``score_module.pt`` (reference format), ``sprm_head.safetensors`` and ``sprm_config.json``."""
-    sd = {k: sd[k].detach().cpu().contiguous() for k in HEAD_KEYS}  # the reference file's key order
-    torch.save(sd, out / "score_module.pt")
-    save_file(sd, str(out / "sprm_head.safetensors"))
-    (out / "sprm_config.json").write_text(json.dumps(meta, indent=2))
 
 
 class ShardWriter:

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from megatron_rgm.config import ConfigError
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -58,10 +58,10 @@ def run_ranks(fn, world_size: int, *args, skip_teardown: bool = False) -> None:
         fn(*args)
         return
     if world_size == 1:
-        _child(0, 1, _free_port(), fn, args)
+        _child(0, 1, free_port(), fn, args)
         return
     try:
-        mp.start_processes(_child, args=(world_size, _free_port(), fn, args, skip_teardown), nprocs=world_size,
+        mp.start_processes(_child, args=(world_size, free_port(), fn, args, skip_teardown), nprocs=world_size,
                            start_method="spawn")
     except mp.ProcessExitedException as e:
         raise SystemExit(f"a conversion rank failed (exit code {e.exit_code}); its error is printed above") from None

@@ -123,10 +123,10 @@ class HFArch:
         return names
 
 
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+LAYER_NAME = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 # Megatron per-layer name -> HF per-layer name, where the layout is the same.
-_SAME = {
+SAME_NAMES = {
     "input_layernorm.weight": "input_layernorm.weight",
     "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
     "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
@@ -168,12 +168,12 @@ def megatron_tensor(name: str, get: Callable[[str], torch.Tensor], arch: HFArch,
         return _pad_rows(get("model.embed_tokens.weight" if arch.tied else "lm_head.weight"), padded_vocab)
     if name == "decoder.final_layernorm.weight":
         return get("model.norm.weight")
-    m = _LAYER.match(name)
+    m = LAYER_NAME.match(name)
     if not m:
         raise KeyError(f"no HF source for Megatron tensor {name}")
     p, rest = f"model.layers.{m.group(1)}.", m.group(2)
-    if rest in _SAME:
-        return get(p + _SAME[rest])
+    if rest in SAME_NAMES:
+        return get(p + SAME_NAMES[rest])
     if rest in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
         kind = rest.rsplit(".", 1)[1]
         return _qkv_merge(*(get(f"{p}self_attn.{x}_proj.{kind}") for x in "qkv"), arch)
@@ -190,12 +190,12 @@ def hf_tensors(name: str, tensor: torch.Tensor, arch: HFArch) -> dict[str, torch
         return {} if arch.tied else {"lm_head.weight": tensor[: arch.vocab_size]}
     if name == "decoder.final_layernorm.weight":
         return {"model.norm.weight": tensor}
-    m = _LAYER.match(name)
+    m = LAYER_NAME.match(name)
     if not m:
         raise KeyError(f"no HF name for Megatron tensor {name}")
     p, rest = f"model.layers.{m.group(1)}.", m.group(2)
-    if rest in _SAME:
-        return {p + _SAME[rest]: tensor}
+    if rest in SAME_NAMES:
+        return {p + SAME_NAMES[rest]: tensor}
     if rest in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
         kind = rest.rsplit(".", 1)[1]
         q, k, v = _qkv_split(tensor, arch)

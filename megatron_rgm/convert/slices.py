@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from megatron_rgm.convert.hf_io import HFCheckpoint
-from megatron_rgm.convert.mapping import _LAYER, _SAME, HFArch, megatron_tensor
+from megatron_rgm.convert.mapping import LAYER_NAME, SAME_NAMES, HFArch, megatron_tensor
 
 
 def _chunk(n: int, rank: int, size: int) -> tuple[int, int]:
@@ -43,7 +43,7 @@ def megatron_shard(name: str, hf: HFCheckpoint, arch: HFArch, padded_vocab: int,
 
     Args:
         name: full (TP=1, PP=1) Megatron name, as :func:`megatron_rgm.model.state.global_name` gives it.
-        dim, gated: how tensor parallelism splits it (:func:`megatron_rgm.model.state._split`).
+        dim, gated: how tensor parallelism splits it (:func:`megatron_rgm.model.state.partition`).
         rank, size: tensor-parallel rank and world size.
     """
     if dim is None or size == 1:
@@ -60,11 +60,11 @@ def megatron_shard(name: str, hf: HFCheckpoint, arch: HFArch, padded_vocab: int,
         return out
     if name == "decoder.final_layernorm.weight":
         return hf.get("model.norm.weight")
-    m = _LAYER.match(name)
+    m = LAYER_NAME.match(name)
     if m:
         p, rest = f"model.layers.{m.group(1)}.", m.group(2)
-        if rest in _SAME:
-            src = p + _SAME[rest]
+        if rest in SAME_NAMES:
+            src = p + SAME_NAMES[rest]
             shape = hf.shape(src)
             if dim == 0:
                 return _rows(hf, src, *_chunk(shape[0], rank, size))

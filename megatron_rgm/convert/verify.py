@@ -54,7 +54,7 @@ def verify_layout(hf_path: str, mcore_path: str, tp: int, pp: int, batches: int 
         head_file = Path(hf_path) / "score_module.pt"
         hf_head = SPRMHead(arch.hidden_size, args.rgm.sprm_hidden_mult, 0.0).eval()
         if head_file.exists():
-            from megatron_rgm.convert.hf_io import load_head
+            from megatron_rgm.model.head_io import load_head
 
             hf_head.load_state_dict(load_head(head_file, arch.hidden_size))
         else:

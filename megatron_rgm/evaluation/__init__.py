@@ -1,1 +1,1 @@
-"""Evaluation: benchmark loaders (metrics and reports land here too)."""
+"""Evaluation: metrics over sampled responses, their report (table, JSON, plot), ProcessBench step evaluation."""

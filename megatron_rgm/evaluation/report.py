@@ -17,9 +17,9 @@ from typing import Callable, Sequence
 import torch
 
 from megatron_rgm.config import AGGREGATIONS, ConfigError
-from megatron_rgm.evaluation.benchmarks import read_jsonl
+from megatron_rgm.data.benchmarks import read_jsonl
 from megatron_rgm.evaluation.metrics import Problem, evaluate
-from megatron_rgm.rollout.rewards import CORRECT, ExactVerifier, MathVerifier
+from megatron_rgm.rollout.rewards import CORRECT, make_verifier
 
 
 def aggregate_scores(step_scores: Sequence[Sequence[float]]) -> dict[str, list[float]]:
@@ -34,7 +34,7 @@ def aggregate_scores(step_scores: Sequence[Sequence[float]]) -> dict[str, list[f
 
 def load_problems(path: str | Path, verifier: str = "math") -> tuple[list[Problem], Callable[[str, str], bool]]:
     """Problems from a samples jsonl, each response graded against the gold answer."""
-    grade = MathVerifier() if verifier == "math" else ExactVerifier()
+    grade = make_verifier(verifier)
     problems = []
     for n, row in enumerate(read_jsonl(path), 1):
         for key in ("id", "answer", "responses"):

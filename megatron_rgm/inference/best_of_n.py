@@ -42,8 +42,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from megatron_rgm.config import AGGREGATIONS, ConfigError
-from megatron_rgm.rollout.generate import PROMPT_TEMPLATE, _verifier, check_prompt_lengths
-from megatron_rgm.rollout.rewards import CORRECT, last_boxed
+from megatron_rgm.rollout.generate import PROMPT_TEMPLATE, check_prompt_lengths
+from megatron_rgm.rollout.rewards import CORRECT, VERIFIERS, last_boxed, make_verifier
 from megatron_rgm.rollout.sampler import Rollout, Sampler, SamplingParams
 
 THINK_END = "</think>"
@@ -84,8 +84,8 @@ class BestOfNConfig:
             raise ConfigError(f"--answer-max-new-tokens must be >= 1, got {self.answer_max_new_tokens}")
         if self.answer_temperature < 0:
             raise ConfigError(f"--answer-temperature must be >= 0, got {self.answer_temperature}")
-        if self.verifier not in ("math", "exact"):
-            raise ConfigError(f"--verifier {self.verifier!r} is unknown: use math or exact")
+        if self.verifier not in VERIFIERS:
+            raise ConfigError(f"--verifier {self.verifier!r} is unknown: use one of {', '.join(VERIFIERS)}")
         if "{problem}" not in self.template:
             raise ConfigError(f"--prompt-template {self.template!r} has no {{problem}} field: add one")
 
@@ -144,7 +144,7 @@ class BestOfN:
         self.eos = eos
         self.thinking = replace(cfg.sampling, eos_token_ids=eos,
                                 stop_strings=list(dict.fromkeys([*cfg.sampling.stop_strings, cfg.think_end])))
-        self.verify = _verifier(cfg.verifier) if grade else None
+        self.verify = make_verifier(cfg.verifier) if grade else None
 
     def _finish(self, ids: list[int], text: str) -> str:
         if ids and ids[-1] in self.eos:
@@ -270,7 +270,7 @@ class HFSampler(Sampler):
 
 def load_problems(path: str, problem_key: str | None, answer_key: str | None, limit: int | None) -> list[dict]:
     """``[{"id", "problem", "answer"}]``; with ``problem_key`` and no ``answer_key`` (an unknown file), no gold."""
-    from megatron_rgm.evaluation.benchmarks import KNOWN, read_jsonl
+    from megatron_rgm.data.benchmarks import KNOWN, read_jsonl
     from megatron_rgm.rollout.generate import load_prompts
 
     if problem_key and not answer_key and Path(path).stem not in KNOWN:

@@ -21,9 +21,9 @@ import argparse
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from megatron_rgm.checkpoint import (ASSETS, HEAD_PREFIX, LoadResult, load_checkpoint, read_common_state,
+                                     read_tensor_names, resolve_checkpoint)
 from megatron_rgm.config import ConfigError
-from megatron_rgm.training.checkpointing import (ASSETS, HEAD_PREFIX, LoadResult, load_checkpoint,
-                                                 read_common_state, read_tensor_names, resolve_checkpoint)
 
 # Megatron-LM args attributes that name a model feature RGMModel does not build: (attribute, refused when).
 _UNSUPPORTED = {
@@ -76,9 +76,7 @@ class CheckpointModel:
         """:class:`megatron_rgm.arguments.Args` that rebuild the model at ``tp`` x ``pp`` (the same padded rows)."""
         from megatron_rgm.arguments import parse_args
 
-        argv = _replace_flags(list(self.model_argv), {
-            "--tensor-model-parallel-size": tp, "--pipeline-model-parallel-size": pp,
-            "--vocab-size": self.padded_vocab_size, "--make-vocab-size-divisible-by": 1})
+        argv = at_layout(self.model_argv, tp, pp, self.padded_vocab_size)
         args = parse_args(argv + list(extra_argv) + ["--sprm-dropout", "0"])
         args.transformer.perform_initialization = False  # every weight is overwritten by the load
         return args
@@ -104,21 +102,6 @@ class CheckpointModel:
                           f"{', as in every Megatron-LM checkpoint' if self.source == 'megatron-lm' else ''}): "
                           "pass --tokenizer with the model's tokenizer directory")
 
-    def hf_architecture(self) -> dict:
-        """The HF ``config.json`` this model exports as: the recorded one, else one built from its flags."""
-        if self.hf_config is not None:
-            return self.hf_config
-        from megatron_rgm.convert.mapping import hf_config_from_args
-
-        if self.vocab_size is None:
-            raise ConfigError(f"checkpoint {self.directory} does not record its real vocabulary size (Megatron-LM "
-                              "saves only the padded one): pass --vocab-size with the tokenizer's size")
-        config = hf_config_from_args(self.args(), self.vocab_size)
-        if config is None:
-            raise ConfigError(f"checkpoint {self.directory} holds a model no HF class matches (the export needs "
-                              "RMSNorm, SwiGLU, RoPE and no linear biases: Qwen2, Qwen3 or Llama)")
-        return config
-
     def with_vocab_size(self, vocab_size: int | None) -> CheckpointModel:
         """The same description with the real vocabulary given by the user (a Megatron-LM checkpoint lacks it)."""
         if vocab_size is None:
@@ -129,8 +112,11 @@ class CheckpointModel:
         return replace(self, vocab_size=vocab_size)
 
 
-def _replace_flags(argv: list[str], values: dict[str, object]) -> list[str]:
-    for flag, value in values.items():
+def at_layout(model_argv, tp: int, pp: int, padded_vocab_size: int) -> list[str]:
+    """``model_argv`` with its layout set to ``tp`` x ``pp`` and its vocabulary fixed at the saved padded rows."""
+    argv = list(model_argv)
+    for flag, value in (("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp),
+                        ("--vocab-size", padded_vocab_size), ("--make-vocab-size-divisible-by", 1)):
         if flag in argv:
             argv[argv.index(flag) + 1] = str(value)
         else:

@@ -43,7 +43,7 @@ _COLUMN_SPLIT = ("linear_qkv.weight", "linear_qkv.bias", "linear_fc1.weight", "l
 _ROW_SPLIT = ("linear_proj.weight", "linear_fc2.weight")
 
 
-def _split(model, name: str, param: torch.Tensor) -> tuple[int | None, bool]:
+def partition(model, name: str, param: torch.Tensor) -> tuple[int | None, bool]:
     """(partition dim or None if replicated, whether the dim stacks [gate; up])."""
     if name.endswith(_COLUMN_SPLIT):
         return 0, bool(model.config.gated_linear_unit) and "linear_fc1." in name
@@ -85,7 +85,7 @@ def load_full_state(model, full: dict[str, torch.Tensor]) -> None:
         key = global_name(model, name)
         if key not in full:
             raise KeyError(f"no tensor {key!r} (for parameter {name!r}) in the given state")
-        dim, gated = _split(model, name, param)
+        dim, gated = partition(model, name, param)
         piece = shard(full[key], dim, gated, rank, size)
         if piece.shape != param.shape:
             raise ValueError(f"{key}: expected shard shape {tuple(param.shape)}, got {tuple(piece.shape)}")
@@ -111,7 +111,7 @@ def gather_full(model, tensors: dict[str, torch.Tensor] | None = None) -> dict[s
     out = {}
     for name, param in model.named_parameters():
         local = (tensors[name] if tensors is not None else param).detach().contiguous()
-        dim, gated = _split(model, name, param)
+        dim, gated = partition(model, name, param)
         if dim is None or size == 1:
             out[global_name(model, name)] = local.clone()
             continue

@@ -1,1 +1,1 @@
-"""Rollouts: answer rewards (the sampler and the rollout store land here too)."""
+"""Rollouts: the KV-cache sampler that scores steps as it samples, offline generation into a store, answer rewards."""

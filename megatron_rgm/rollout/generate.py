@@ -12,24 +12,19 @@ from __future__ import annotations
 
 import sys
 from dataclasses import asdict, replace
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from megatron_rgm.config import ConfigError
-from megatron_rgm.evaluation.benchmarks import load_benchmark
-from megatron_rgm.rollout.rewards import CORRECT, ExactVerifier, MathVerifier
+from megatron_rgm.data.benchmarks import load_benchmark
+from megatron_rgm.rollout.rewards import CORRECT, make_verifier
 from megatron_rgm.rollout.sampler import SamplingParams
-from megatron_rgm.rollout.store import RolloutStore, Trajectory, tokenizer_fingerprint
+from megatron_rgm.data.store import RolloutStore, Trajectory, tokenizer_fingerprint
 from megatron_rgm.steps import StepSegmenter
 
 PROMPT_TEMPLATE = "{problem}\n<think>\n"
-
-
-def _verifier(name: str):
-    return MathVerifier() if name == "math" else ExactVerifier()
 
 
 def _trajectories(tokens, prompt_len, lengths, log_probs, step_mask, step_logits, cu, texts, answer, verifier,
@@ -90,7 +85,7 @@ def generate_megatron(mcore_path: str, tokenizer_path: str | None, prompts: list
     store = RolloutStore(output, "a" if writer else "r", tokenizer=fingerprint)
     done = store.prompt_ids()
     mine = [(i, p) for i, p in enumerate(prompts) if i % dp == dp_rank and i not in done]
-    grade = _verifier(verifier)
+    grade = make_verifier(verifier)
     for i, prompt in tqdm(mine, desc=f"rollouts dp{dp_rank}", disable=not writer, file=sys.stdout):
         ids = tokenizer.encode(template.format(problem=prompt["problem"]), add_special_tokens=False)
         # Seeded per prompt: the same draws whatever the layout or the point a run resumed from.
@@ -114,7 +109,7 @@ def generate_hf(hf_path: str, prompts: list[dict], output: str, k: int, params: 
     store = RolloutStore(output, "a", tokenizer=tokenizer_fingerprint(tokenizer),
                          attrs={"model": str(hf_path), "k": k, "sampling": asdict(params), "backend": "hf"})
     done = store.prompt_ids()
-    grade = _verifier(verifier)
+    grade = make_verifier(verifier)
     eos = params.eos_token_ids or ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else None)
     for i, prompt in tqdm([(i, p) for i, p in enumerate(prompts) if i not in done], desc="rollouts (hf)",
                           file=sys.stdout):

@@ -14,6 +14,8 @@ import threading
 from dataclasses import dataclass
 from typing import Protocol
 
+from megatron_rgm.config import ConfigError
+
 CORRECT, WRONG, FORMAT_ERROR = "correct", "wrong", "format_error"
 
 
@@ -90,3 +92,13 @@ class ExactVerifier:
             return Grade(FORMAT_ERROR, None)
         norm = lambda s: s.replace(" ", "").rstrip(".")  # noqa: E731
         return Grade(CORRECT if norm(answer) == norm(str(gold)) else WRONG, answer)
+
+
+VERIFIERS = {"math": MathVerifier, "exact": ExactVerifier}
+
+
+def make_verifier(name: str) -> Verifier:
+    """The verifier ``--verifier NAME`` selects."""
+    if name not in VERIFIERS:
+        raise ConfigError(f"--verifier {name!r} is not one of {', '.join(VERIFIERS)}")
+    return VERIFIERS[name]()

@@ -75,10 +75,10 @@ def _say(msg: str) -> None:
 
 def _torchrun(nproc: int, argv: list[str], log: Path) -> None:
     """``torchrun -m megatron_rgm.pretrain`` with ``argv``; its lines go to the terminal and to ``log``."""
-    from megatron_rgm.convert.launch import _free_port
+    from megatron_rgm.convert.launch import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           f"--master-port={_free_port()}", "-m", "megatron_rgm.pretrain", *argv]
+           f"--master-port={free_port()}", "-m", "megatron_rgm.pretrain", *argv]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONWARNINGS="ignore")
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)

@@ -87,7 +87,7 @@ def step_labels(numbers: Sequence[int], steps: Sequence[Step]) -> list[bool]:
 
 def load_candidates(path: str | Path) -> list[Candidate]:
     """Every graded candidate of a Best-of-N samples file (``--complete-all`` output)."""
-    from megatron_rgm.evaluation.benchmarks import read_jsonl
+    from megatron_rgm.data.benchmarks import read_jsonl
 
     out = []
     for n, row in enumerate(read_jsonl(path)):

@@ -1,1 +1,1 @@
-"""Training infrastructure: checkpointing (the GRPO + SPR loop lands here too)."""
+"""Training: the GRPO + SPR loop, its optimizer, the head's first-iteration calibration, and iteration logs."""

@@ -29,9 +29,10 @@ import torch.distributed as dist
 
 from megatron_rgm import distributed
 from megatron_rgm.config import ConfigError
-from megatron_rgm.training.calibration import calibration_shift, orient_head
-from megatron_rgm.training.data import (PromptSource, Sample, SFTSource, StoreSource, collate, padded_length,
+from megatron_rgm.data.sources import (PromptSource, Sample, SFTSource, StoreSource, collate, padded_length,
                                         sft_sample)
+from megatron_rgm.steps import vocab_size_of
+from megatron_rgm.training.calibration import calibration_shift, orient_head
 from megatron_rgm.training.logging import MetricsLogger
 from megatron_rgm.training.optimizer import build_optimizer, optimizer_step, set_learning_rates
 
@@ -78,7 +79,7 @@ class Trainer:
         args.transformer.grad_scale_func = self.optimizer.scale_loss
 
         self.tokenizer = self._tokenizer()
-        self.vocab = _vocab_size(self.tokenizer) if self.tokenizer is not None else args.namespace.vocab_size
+        self.vocab = vocab_size_of(self.tokenizer) if self.tokenizer is not None else args.namespace.vocab_size
         if self.vocab > args.vocab_size:
             raise ConfigError(f"the tokenizer has {self.vocab} tokens but --vocab-size is {args.namespace.vocab_size}:"
                               f" set --vocab-size {self.vocab} or more")
@@ -103,12 +104,14 @@ class Trainer:
                 raise ConfigError(f"--prompts-per-iter {data.prompts_per_iter} is not a multiple of the data-parallel "
                                   f"size {dp}: every replica samples the same number of prompts")
             per_iter = data.prompts_per_iter * data.group_size
+            self.samples_per_iteration = per_iter  # trajectories trained on per iteration, in global batches
             self.global_batch = run.global_batch_size or per_iter
             if per_iter % self.global_batch:
                 raise ConfigError(f"--global-batch-size {self.global_batch} does not divide the {per_iter} trajectories "
                                   f"of an iteration (--prompts-per-iter x --grpo-group-size)")
         else:
             self.global_batch = run.global_batch_size or micro * dp
+            self.samples_per_iteration = self.global_batch
         if self.global_batch % (micro * dp):
             raise ConfigError(f"--global-batch-size {self.global_batch} is not a multiple of --micro-batch-size "
                               f"{micro} x data-parallel size {dp}: change one of them")
@@ -128,7 +131,7 @@ class Trainer:
         if self.run.stage != "rgm":
             return None
         if data.rollouts:
-            from megatron_rgm.rollout.store import tokenizer_fingerprint
+            from megatron_rgm.data.store import tokenizer_fingerprint
 
             fp = tokenizer_fingerprint(self.tokenizer) if self.tokenizer is not None else None
             source = StoreSource(data.rollouts, data.prompts_per_iter, seed, fp)
@@ -145,7 +148,7 @@ class Trainer:
     def _load(self) -> int:
         from pathlib import Path
 
-        from megatron_rgm.training.checkpointing import latest_iteration, load_checkpoint
+        from megatron_rgm.checkpoint import latest_iteration, load_checkpoint
 
         load = self.run.load
         if load and (latest_iteration(load) is not None or (Path(load) / "metadata.json").exists()):
@@ -161,7 +164,7 @@ class Trainer:
     def _reference_model(self):
         """The frozen policy the KL term pulls towards: the starting weights (pretrained checkpoint or init)."""
         from megatron_rgm.model import build_model
-        from megatron_rgm.training.checkpointing import load_checkpoint, rng_state, set_rng_state
+        from megatron_rgm.checkpoint import load_checkpoint, rng_state, set_rng_state
 
         saved = rng_state()  # building draws initial weights: leave the run's random streams untouched
         ref = build_model(self.args)
@@ -182,14 +185,14 @@ class Trainer:
         """This replica's groups of k samples for ``iteration``."""
         if isinstance(self.source, StoreSource):
             return self.source.for_iteration(iteration, self.dp_rank, self.dp)
-        from megatron_rgm.rollout.generate import _verifier
+        from megatron_rgm.rollout.rewards import make_verifier
         from megatron_rgm.rollout.sampler import Sampler, SamplingParams
         from megatron_rgm.steps import encode
 
         data = self.args.data
         model = _unwrap(self.model[0])
         sampler = Sampler(model, self.vocab, self.segmenter, self.tokenizer)
-        verifier = _verifier(data.verifier)
+        verifier = make_verifier(data.verifier)
         eos = self.tokenizer.eos_token_id
         groups = []
         for index, prompt in self.source.for_iteration(iteration, self.dp_rank, self.dp):
@@ -224,7 +227,7 @@ class Trainer:
 
     def _record(self, iteration: int, groups: list[list[Sample]]) -> None:
         """Append this replica's rollouts to ``--save-rollouts`` (one writer per replica)."""
-        from megatron_rgm.rollout.store import RolloutStore, Trajectory, tokenizer_fingerprint
+        from megatron_rgm.data.store import RolloutStore, Trajectory, tokenizer_fingerprint
 
         if self._store is None:
             fp = tokenizer_fingerprint(self.tokenizer)
@@ -468,14 +471,16 @@ class Trainer:
         from pathlib import Path
 
         from megatron_rgm.convert.mapping import hf_config_from_args
-        from megatron_rgm.training.checkpointing import ASSETS, save_checkpoint
+        from megatron_rgm.checkpoint import ASSETS, save_checkpoint
 
         hf_config = hf_config_from_args(self.args, self.vocab)
         extra = {"model_argv": self.args.namespace.model_argv, "stage": self.run.stage,
                  "padded_vocab_size": self.args.vocab_size, "vocab_size": self.vocab}
         if hf_config is not None:
             extra["hf_config"] = hf_config
-        save_checkpoint(self.run.save, it, self.model, optimizer=self.optimizer, extra=extra)
+        # Megatron-LM counts consumed samples (and its scheduler's steps) as iteration x global batch.
+        save_checkpoint(self.run.save, it, self.model, optimizer=self.optimizer, extra=extra,
+                        global_batch_size=self.samples_per_iteration)
         assets = Path(self.run.save) / ASSETS
         if dist.get_rank() == 0 and self.tokenizer is not None and not assets.exists():
             tmp = assets.with_name(ASSETS + ".tmp")
@@ -504,12 +509,6 @@ def _unwrap(module):
     from megatron_rgm.model import unwrap
 
     return unwrap(module)
-
-
-def _vocab_size(tokenizer) -> int:
-    from megatron_rgm.steps import _vocab_size as size
-
-    return size(tokenizer)
 
 
 def _mean(xs) -> float:

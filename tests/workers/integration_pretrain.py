@@ -27,7 +27,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_rgm import cpu
 from megatron_rgm.integration import add_rgm_args, attach_sprm_head, forward_step, model_provider, rgm_config_from_args
 from megatron_rgm.integration import sprm_step_logits
-from megatron_rgm.training.checkpointing import load_checkpoint
+from megatron_rgm.checkpoint import load_checkpoint
 
 VOCAB, SEQ, MBS = 256, 32, 4
 

@@ -35,7 +35,7 @@ from megatron.training.arguments import core_transformer_config_from_args, parse
 from megatron_rgm.integration import add_rgm_args, forward_step as rgm_forward_step
 from megatron_rgm.integration import grpo_config_from_args, rgm_config_from_args
 from megatron_rgm.steps import StepSegmenter
-from megatron_rgm.training.checkpointing import load_checkpoint, save_checkpoint
+from megatron_rgm.checkpoint import load_checkpoint, save_checkpoint
 
 
 def plain_model_provider(pre_process=True, post_process=True, vp_stage=None, **kwargs):

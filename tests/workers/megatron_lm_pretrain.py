@@ -12,7 +12,6 @@ save and load checkpoints with megatron_rgm's own ``save_checkpoint`` / ``load_c
 import json
 import os
 import sys
-from functools import partial
 
 import torch
 

@@ -18,9 +18,9 @@ import torch
 
 from megatron_rgm import distributed
 from megatron_rgm.arguments import parse_args
-from megatron_rgm.convert.verify import _with_layout
+from megatron_rgm.checkpoint import load_checkpoint
 from megatron_rgm.model import build_model
-from megatron_rgm.training.checkpointing import load_checkpoint
+from megatron_rgm.model.load import at_layout
 
 
 def _reporting_rank() -> bool:
@@ -33,7 +33,7 @@ def logits_at(ckpt: str, model_argv: list[str], padded_vocab: int, tp: int, pp: 
     from megatron.core import tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    args = parse_args(_with_layout(model_argv, tp, pp, padded_vocab))
+    args = parse_args(at_layout(model_argv, tp, pp, padded_vocab))
     distributed.initialize(args.parallel)
     model = build_model(args)[0]
     load_checkpoint(ckpt, [model])
@@ -58,7 +58,7 @@ def logits_at(ckpt: str, model_argv: list[str], padded_vocab: int, tp: int, pp: 
 def continue_at(ckpt: str, argv: list[str], padded_vocab: int, tp: int, pp: int):
     from megatron_rgm.pretrain import backbone_check
 
-    args = parse_args(_with_layout(argv + ["--load", ckpt], tp, pp, padded_vocab))
+    args = parse_args(at_layout(argv + ["--load", ckpt], tp, pp, padded_vocab))
     losses = backbone_check(args)
     return losses if _reporting_rank() else None
 

@@ -4,7 +4,7 @@ import sys
 
 import numpy as np
 
-from megatron_rgm.rollout.store import RolloutStore, Trajectory
+from megatron_rgm.data.store import RolloutStore, Trajectory
 
 
 def batch(rank: int, b: int, n: int = 3):

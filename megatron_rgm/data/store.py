@@ -29,6 +29,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from megatron_rgm import faults
 from megatron_rgm.config import ConfigError
 
 SCHEMA_VERSION = 1
@@ -42,10 +43,10 @@ TOKEN_CHUNK, STEP_CHUNK, TRAJ_CHUNK = 1 << 16, 1 << 14, 256
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """A short hash of a tokenizer's vocabulary (sentencepiece, tokenizers or transformers)."""
-    from megatron_rgm.steps import _vocab_size, decode_token
+    from megatron_rgm.steps import vocab_size_of, decode_token
 
     h = hashlib.sha1()
-    n = _vocab_size(tokenizer)
+    n = vocab_size_of(tokenizer)
     h.update(str(n).encode())
     for i in range(n):
         h.update(decode_token(tokenizer, i).encode("utf-8", "surrogatepass"))
@@ -180,8 +181,7 @@ class RolloutStore:
         g["correct"].append(np.asarray([t.correct for t in trajectories], dtype="bool"))
         g["prompt_id"].append(np.asarray([t.prompt_id for t in trajectories], dtype="int64"))
         g["group_id"].append(np.asarray([t.group_id for t in trajectories], dtype="int64"))
-        if os.environ.get("MEGATRON_RGM_TEST_DIE_BEFORE_COMMIT") == "1":  # tests: a writer killed mid-batch
-            os.kill(os.getpid(), 9)
+        faults.reach("store.before_commit", rank=rank)
         _write_json_atomic(commit_file, {"trajectories": done["trajectories"] + len(trajectories),
                                          "tokens": done["tokens"] + sum(lens), "steps": done["steps"] + sum(steps)})
         self._index = None

@@ -58,7 +58,7 @@ class PromptSource:
     """Prompts of a jsonl file (``load_benchmark`` keys), split over data-parallel ranks per iteration."""
 
     def __init__(self, path: str, problem_key: str | None, answer_key: str | None, per_iter: int, seed: int):
-        from megatron_rgm.evaluation.benchmarks import load_benchmark
+        from megatron_rgm.data.benchmarks import load_benchmark
 
         self.prompts = load_benchmark(path, problem_key, answer_key)
         if not self.prompts:
@@ -75,7 +75,7 @@ class StoreSource:
     """Groups (same ``group_id``) of a rollout store, ``per_iter`` groups per iteration over all DP ranks."""
 
     def __init__(self, path: str, per_iter: int, seed: int, tokenizer_fingerprint: str | None = None):
-        from megatron_rgm.rollout.store import RolloutStore
+        from megatron_rgm.data.store import RolloutStore
 
         self.store = RolloutStore(path, "r", tokenizer=tokenizer_fingerprint)
         groups: dict[int, list[int]] = {}
@@ -106,7 +106,7 @@ def read_sft(path: str, tokenizer, eos_id: int | None) -> list[tuple[list[int], 
 
     The loss covers the response (the whole text for ``{"text"}``) and an end-of-sequence token.
     """
-    from megatron_rgm.evaluation.benchmarks import read_jsonl
+    from megatron_rgm.data.benchmarks import read_jsonl
     from megatron_rgm.steps import encode
 
     p = Path(path)

@@ -1,0 +1,254 @@
+"""Shared test builders and launchers (no fixtures: those live in conftest.py and the test modules).
+
+Test modules import from here, never from each other: ``from helpers import ...`` (``tests/`` is on
+``sys.path`` as the directory of the rootdir conftest and of every test module).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+WORKERS = Path(__file__).resolve().parent / "workers"
+
+
+# --- launching child processes ----------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """Environment for a child launch: no inherited rank variables, one thread per rank."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "TORCHELASTIC_")) and k not in
+           ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
+    env.update(extra)
+    return env
+
+
+def torchrun(script: str, nproc: int, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``tests/workers/<script>`` (or ``-m package.module``) on ``nproc`` gloo ranks.
+
+    Fails the test with the launch's output when any rank fails.
+    """
+    target = script.split() if script.startswith("-m ") else [str(WORKERS / script)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           f"--master-port={free_port()}", *target, *args]
+    proc = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    if proc.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n"
+                    f"--- stderr\n{proc.stderr[-10000:]}")
+    return proc
+
+
+def start(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.Popen:
+    """A child started now and collected later by :func:`finish`: children that are mostly imports overlap."""
+    return subprocess.Popen(cmd, env=clean_env() if env is None else env, cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> subprocess.CompletedProcess:
+    """What ``subprocess.run(..., capture_output=True, text=True, timeout=timeout)`` returns (killed on timeout)."""
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def stop(procs) -> None:
+    """Kill and reap any of ``procs`` still running (a test that failed before collecting them)."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+def read_rank_results(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
+
+
+def tool(name: str):
+    """``tools/<name>.py`` as a module (in-process runs skip a fresh interpreter's imports)."""
+    spec = importlib.util.spec_from_file_location(f"_tool_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def as_a_child():
+    """Torch as in a child of :func:`clean_env` (one thread), and this process's RNG state back afterwards.
+
+    For a tool's ``main`` run in-process that a test ran in a fresh interpreter before; only for one that sets up
+    no process group and no rank variables (e.g. the hf backends). One thread is also the fast choice on a small,
+    shared machine, where a second thread per small matmul mostly waits.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng():
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+# --- tiny random HF models, a tokenizer trained here, the converter ---------------------------------------------
+
+ARCHS = {
+    # kind: (config class name, extra config, tied)
+    "qwen2": ("Qwen2Config", dict(rope_theta=10000.0), False),
+    "qwen3": ("Qwen3Config", dict(head_dim=32, rope_theta=1000000.0), True),
+    "llama": ("LlamaConfig", dict(rope_theta=500000.0), True),
+}
+VOCAB = 300
+TEXT = "<think>Add 3 and 4.\n\nThat gives 7.\n\nDouble it.\n\n</think>The answer is \\boxed{14}."
+
+
+def make_hf(kind: str, out: Path) -> Path:
+    import transformers
+
+    cls, extra, tied = ARCHS[kind]
+    cfg = getattr(transformers, cls)(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                     tie_word_embeddings=tied, rms_norm_eps=1e-6, **extra)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(out)
+    return out
+
+
+def save_tokenizer(out: Path, text: str = TEXT, step_token: bool = True) -> None:
+    """A byte-level BPE trained on ``text``; ``step_token`` adds ".\n\n" as one token."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB - 4, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<think>", "</think>"], show_progress=False)
+    tok.train_from_iterator([text] * 20, trainer)
+    if step_token:
+        tok.add_tokens([AddedToken(".\n\n", normalized=False)])
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(out)
+
+
+def convert(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """``tools/convert_checkpoint.py`` in a fresh process (it sets up process groups and rank variables)."""
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), *args], env=clean_env(),
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    if check and proc.returncode != 0:
+        pytest.fail(f"convert_checkpoint {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n"
+                    f"{proc.stderr[-6000:]}")
+    return proc
+
+
+# --- the training loop's flags and rollout stores of the synthetic task -----------------------------------------
+
+TINY = ["--preset", "tiny", "--micro-batch-size", "4", "--grpo-group-size", "4", "--prompts-per-iter", "2",
+        "--max-response-length", "24", "--verifier", "exact", "--lr", "1e-4"]
+
+
+def make_store(path, task, n_groups: int, k: int = 4, seed: int = 0, nan_log_probs: bool = False):
+    """A rollout store of task traces: per prompt k responses, about half with one wrong, propagated step.
+
+    ``nan_log_probs``: old log-probs of NaN (a corrupt store), which makes every GRPO loss non-finite.
+    """
+    from megatron_rgm.rollout.rewards import ExactVerifier
+    from megatron_rgm.data.store import RolloutStore, Trajectory, tokenizer_fingerprint
+    from megatron_rgm.steps import StepSegmenter
+    from megatron_rgm.tasks.arithmetic import make_problems, make_trace, prompt_text
+    from megatron_rgm.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(task["tokenizer"])
+    seg = StepSegmenter.from_tokenizer(tok)
+    rng = random.Random(seed)
+    store = RolloutStore(path, "a", tokenizer=tokenizer_fingerprint(tok), attrs={"k": k})
+    for g, problem in enumerate(make_problems(n_groups, seed)):
+        prompt = tok.encode(prompt_text(problem))
+        batch = []
+        for j in range(k):
+            response = make_trace(problem, rng, error=j % 2 == 1)
+            ids = prompt + tok.encode(response) + [tok.eos_token_id]
+            mask = np.arange(len(ids)) >= len(prompt)
+            layout = seg(torch.tensor([ids]), response_mask=torch.tensor([mask]))
+            steps = layout.positions.numpy()
+            grade = ExactVerifier()(response, problem.answer)
+            batch.append(Trajectory(tokens=np.asarray(ids), response_mask=mask,
+                                    log_probs=np.where(mask, np.nan if nan_log_probs else -1.5, 0.0).astype(np.float32),
+                                    step_positions=steps,
+                                    step_scores=np.full(len(steps), 0.5, np.float32), reward=grade.reward,
+                                    correct=grade.reward > 0, prompt_id=g, group_id=g))
+        store.append(0, batch)
+    return path
+
+
+# --- the tiny Qwen2 checkpoints of test_best_of_n ("bon") and test_generate_rollouts ("gen") ---------------------
+
+QWEN2_KINDS = {"bon": "test_best_of_n", "gen": "test_generate_rollouts"}  # kind: the module that uses it
+
+
+def steer(hf: Path) -> None:
+    """Make ``.\\n\\n`` and ``</think>`` likely after half the tokens (a random model almost never samples them)."""
+    import transformers
+
+    tok = transformers.PreTrainedTokenizerFast.from_pretrained(hf)
+    step, end = tok.convert_tokens_to_ids(".\n\n"), tok.convert_tokens_to_ids("</think>")
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf)
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(64, generator=g)
+    v /= v.norm()
+    some = torch.rand(model.config.vocab_size, generator=g) < 0.5
+    some[[step, end]] = False
+    with torch.no_grad():  # those tokens share a direction the step / end logits read (~+3.5 / +2.5)
+        model.model.embed_tokens.weight[some] += 0.16 * v
+        model.lm_head.weight[step] = 3.5 * v / 3.2
+        model.lm_head.weight[end] = 2.5 * v / 3.2
+    model.save_pretrained(hf)
+
+
+def qwen2_hf(kind: str, root: Path) -> Path:
+    """``root/hf``: a random Qwen2 with the BPE tokenizer and a seeded ``score_module.pt``.
+
+    ``bon``: steered (:func:`steer`) and its head scaled up; ``gen``: as initialised.
+    """
+    hf = make_hf("qwen2", root / "hf")
+    save_tokenizer(hf)
+    if kind == "bon":
+        steer(hf)
+    torch.manual_seed(1)
+    head = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Dropout(), torch.nn.Linear(128, 1))
+    if kind == "bon":
+        with torch.no_grad():  # the features are small at init: scale up so that step scores differ (~.45 to ~.85)
+            head[0].weight *= 100
+            head[3].weight *= 3
+    torch.save(head.state_dict(), hf / "score_module.pt")
+    return hf
+
+
+def qwen2_conversions(kind: str, root: Path) -> list[list[str]]:
+    """The converter runs, in order, that make ``root/mcore`` (both kinds) and ``root/export`` (``gen``)."""
+    runs = [["hf-to-mcore", "--hf-path", str(root / "hf"), "--output", str(root / "mcore"), "--sprm-head",
+             str(root / "hf" / "score_module.pt")]]
+    if kind == "gen":
+        runs.append(["mcore-to-hf", "--mcore-path", str(root / "mcore"), "--output", str(root / "export")])
+    return runs

@@ -1,0 +1,112 @@
+"""The package's floor plan (docs/ARCHITECTURE.md), checked on the source: imports run one way.
+
+Read from the code's own import statements (those inside functions too), so a change that
+imports a later stage of the data flow, or another module's private name, fails here.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "megatron_rgm"
+
+# Lowest first; a unit may import its own layer and those below it. A unit is a top-level module or
+# subpackage of megatron_rgm, or one of the modules named in UNITS (they sit apart from their package).
+LAYERS = [
+    ["config", "faults", "ops", "cpu", "model.presets"],
+    ["rl", "compat", "distributed", "tokenizer", "steps"],
+    ["checkpoint", "arguments", "data"],
+    ["model"],
+    ["model.load"],
+    ["hf", "integration"],
+    ["convert", "rollout"],
+    ["evaluation", "inference"],
+    ["training"],
+    ["tasks", "pretrain"],
+]
+UNITS = {"model.presets", "model.load"}  # the model's geometry presets sit below arguments; load above it
+EXTENSION = "_C"  # the compiled kernels, imported by ops only
+# Units still longer than the ~400 lines a reader takes in one sitting (the open part of the re-plumbing).
+LONG = {"training/loop.py": 540, "arguments.py": 550}
+MAX_LINES = 400
+
+
+def _unit(module: str) -> str:
+    rest = module.removeprefix("megatron_rgm").lstrip(".")
+    parts = rest.split(".")
+    if ".".join(parts[:2]) in UNITS:
+        return ".".join(parts[:2])
+    return parts[0]
+
+
+def _modules():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        yield ".".join(parts), path
+
+
+def _imports(path: Path):
+    """(imported module, name or None) for every megatron_rgm import in a file."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("megatron_rgm"):
+                    yield alias.name, None
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("megatron_rgm"):
+            for alias in node.names:
+                if node.module == "megatron_rgm":  # `from megatron_rgm import distributed`
+                    yield f"megatron_rgm.{alias.name}", None
+                else:
+                    yield node.module, alias.name
+
+
+LEVEL = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}
+
+
+def test_every_unit_has_a_layer():
+    units = {_unit(m) for m, _ in _modules() if m != "megatron_rgm"}
+    assert units - {EXTENSION} <= set(LEVEL), f"place {sorted(units - set(LEVEL))} in LAYERS and in ARCHITECTURE.md"
+
+
+def test_imports_run_down_the_data_flow_only():
+    upward = []
+    for module, path in _modules():
+        here = _unit(module)
+        for target, _ in _imports(path):
+            there = _unit(target)
+            if there in (here, "", EXTENSION):
+                continue
+            if LEVEL[there] > LEVEL[here]:
+                upward.append(f"{module} imports {target} (layer {LEVEL[here]} -> {LEVEL[there]})")
+    assert not upward, "\n".join(upward)
+
+
+def test_no_private_name_is_imported_from_another_module():
+    found = [f"{module} imports {name} from {target}" for module, path in _modules()
+             for target, name in _imports(path)
+             if name and name.startswith("_") and not name.startswith("__") and name != EXTENSION]
+    assert not found, "\n".join(found)
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_a_library_file_reads_in_one_sitting(path):
+    rel = str(path.relative_to(PACKAGE))
+    lines = len(path.read_text().splitlines())
+    assert lines <= LONG.get(rel, MAX_LINES), f"{rel} has {lines} lines: split it by concern"
+
+
+def test_the_layering_check_fails_on_an_upward_import(tmp_path, monkeypatch):
+    # The check itself must be able to fail: a model module that imports the trainer.
+    fake = tmp_path / "megatron_rgm"
+    (fake / "model").mkdir(parents=True)
+    (fake / "training").mkdir()
+    (fake / "model" / "bad.py").write_text("from megatron_rgm.training.loop import Trainer\n")
+    (fake / "training" / "loop.py").write_text("class Trainer: ...\n")
+    monkeypatch.setitem(globals(), "PACKAGE", fake)
+    with pytest.raises(AssertionError, match="megatron_rgm.model.bad imports megatron_rgm.training.loop"):
+        test_imports_run_down_the_data_flow_only()
