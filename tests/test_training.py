@@ -99,6 +99,11 @@ def test_sft_then_store_from_generate_rollouts_then_rgm(task, tmp_path):
     # The store's old log-probs came from the same weights at the same temperature: on-policy.
     assert abs(rows[0]["ppo kl"]) < 1e-5 and math.isfinite(rows[1]["grpo loss"])
     assert (tmp_path / "rgm" / "hf_assets" / "tokenizer.model").exists()
+    # What Megatron-LM's loop reads to resume: samples consumed so far (2 iterations of 2 prompts x 4).
+    from megatron_rgm.checkpoint import read_common_state, resolve_checkpoint
+
+    saved = read_common_state(resolve_checkpoint(tmp_path / "rgm")[0])["args"]
+    assert (saved.global_batch_size, saved.consumed_train_samples) == (8, 16)
     # A training checkpoint (optimizer state and all) exports to HF; the export scores with its own tokenizer.
     from megatron_rgm.convert import mcore_to_hf
     from megatron_rgm.hf import RGMScorer
