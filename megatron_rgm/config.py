@@ -1,13 +1,24 @@
-"""RGMConfig: everything about the SPRM head, its loss and step-score aggregation."""
+"""The typed config tree: every option of a run, its default, its flag and its own range checks, once.
+
+A run is seven dataclasses: :class:`ModelConfig` (geometry and precision), :class:`ParallelConfig`
+(layout), :class:`RGMConfig` (the SPRM head, its loss and aggregation), :class:`GRPOConfig` (policy
+loss), :class:`OptimConfig`, :class:`DataConfig` (prompts, rollouts, sampling) and :class:`RunConfig`.
+A field declared with :func:`option` carries its command-line flag (Megatron-LM's name where Megatron
+has the flag; RGM's own start with ``--sprm-`` or ``--grpo-``) and help text, and
+:mod:`megatron_rgm.cli` generates the parser from them. Checks that involve one config live in its
+``__post_init__``; checks across configs (and the TransformerConfig) in :mod:`megatron_rgm.arguments`.
+Checkpoints record ``model`` and ``sprm`` as plain dicts (:func:`dataclasses.asdict`).
+"""
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import MISSING, dataclass, field
+from typing import Any, Callable
 
 AGGREGATIONS = ("geometric", "arithmetic", "product", "min", "last")
 SPRM_LOSSES = ("spr", "bce")
+STAGES = ("rgm", "sft", "backbone-check")
 
 
 class ConfigError(ValueError):
@@ -22,6 +33,120 @@ def run_tool(body: Callable[[], object]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def decode_escapes(s: str) -> str:
+    """``\\n`` and friends as typed on a command line -> the characters (a string without ``\\`` is kept)."""
+    return s.encode("utf-8").decode("unicode_escape") if "\\" in s else s
+
+
+def option(default: Any = MISSING, help: str | None = None, *, flag: str | None = None, choices=None,
+           metavar: str | None = None, parse: Callable[[str], Any] | None = None, default_factory=MISSING,
+           cli: bool = True):
+    """A config field with its command-line flag.
+
+    Args:
+        flag: the flag, when it is not ``--`` + the field name with dashes.
+        parse: applied to each string the command line gives (e.g. :func:`decode_escapes`).
+        cli: False for a field the command line does not set (derived, or set by code).
+    """
+    meta = {"help": help, "flag": flag, "choices": choices, "metavar": metavar, "parse": parse, "cli": cli}
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _at_least(owner: object, names: tuple[str, ...], low: float) -> None:
+    for name in names:
+        value = getattr(owner, name)
+        if value is not None and value < low:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= {low:g}, got {value}")
+
+
+@dataclass
+class ModelConfig:
+    """The backbone's geometry and numerics (``--preset`` fills the geometry; flags override it)."""
+
+    num_layers: int | None = option(None)
+    hidden_size: int | None = option(None)
+    ffn_hidden_size: int | None = option(None, "MLP width; default 4 x hidden")
+    num_attention_heads: int | None = option(None)
+    num_query_groups: int | None = option(None, "KV heads (grouped-query attention); default: the attention heads")
+    kv_channels: int | None = option(None, "head dim; default hidden/heads")
+    vocab_size: int | None = option(None, "the tokenizer's vocabulary (rows are padded for TP)")
+    make_vocab_size_divisible_by: int = option(128)
+    seq_length: int | None = option(None)
+    max_position_embeddings: int | None = option(None, "default: --seq-length")
+    normalization: str = option("LayerNorm", choices=("LayerNorm", "RMSNorm"))
+    norm_epsilon: float = option(1e-5)
+    position_embedding_type: str = option("rope", choices=("rope", "learned_absolute"))
+    rotary_base: int = option(10000)
+    add_qkv_bias: bool = option(False)
+    qk_layernorm: bool = option(False)
+    swiglu: bool = option(False)
+    disable_bias_linear: bool = option(False)
+    untie_embeddings_and_output_weights: bool = option(False)
+    hidden_dropout: float = option(0.0)
+    attention_dropout: float = option(0.0)
+    init_method_std: float = option(0.02)
+    transformer_impl: str = option("local", choices=("local", "transformer_engine"))
+    recompute_granularity: str | None = option(None, choices=("full", "selective"))
+    recompute_method: str | None = option(None, choices=("uniform", "block"))
+    recompute_num_layers: int | None = option(None)
+    bf16: bool = option(False)
+    fp16: bool = option(False)
+    fp8_format: str | None = option(None, choices=("e4m3", "hybrid"))
+    fp8_recipe: str = option("delayed", choices=("delayed", "tensorwise", "mxfp8", "blockwise"))
+    fp8_margin: int = option(0)
+    fp8_amax_history_len: int = option(1)
+    fp8_amax_compute_algo: str = option("most_recent", choices=("most_recent", "max"))
+    fp8_param_gather: bool = option(False)
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "seq_length"):
+            if getattr(self, name) is None or getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer (or pick a --preset)")
+        _at_least(self, ("ffn_hidden_size", "num_query_groups", "kv_channels", "make_vocab_size_divisible_by",
+                         "max_position_embeddings"), 1)
+        if self.bf16 and self.fp16:
+            raise ConfigError("--bf16 and --fp16 are exclusive: pick one")
+        if self.fp8_format and self.transformer_impl != "transformer_engine":
+            raise ConfigError("--fp8-format needs --transformer-impl transformer_engine (FP8 runs in Transformer Engine)")
+        if self.recompute_granularity == "full" and self.recompute_method is None:
+            raise ConfigError("--recompute-granularity full needs --recompute-method uniform or block")
+        heads, groups = self.num_attention_heads, self.num_query_groups or self.num_attention_heads
+        if heads % groups:
+            raise ConfigError(f"--num-query-groups {groups} must divide --num-attention-heads {heads}")
+        if self.kv_channels is None and self.hidden_size % heads:
+            raise ConfigError(f"--hidden-size {self.hidden_size} is not divisible by --num-attention-heads {heads}: "
+                              "set --kv-channels (the head dim) explicitly")
+
+
+@dataclass
+class ParallelConfig:
+    """Model-parallel layout and the run's seed (Megatron flag names)."""
+
+    tensor_model_parallel_size: int = option(1)
+    pipeline_model_parallel_size: int = option(1)
+    virtual_pipeline_model_parallel_size: int | None = option(None)
+    decoder_first_pipeline_num_layers: int | None = option(None)
+    decoder_last_pipeline_num_layers: int | None = option(None)
+    context_parallel_size: int = option(1)
+    sequence_parallel: bool = option(False)
+    distributed_backend: str | None = option(None, "default: nccl with CUDA, gloo otherwise", choices=("nccl", "gloo"))
+    distributed_timeout_minutes: float = option(10, "a collective waiting longer than this (a rank died or hangs) "
+                                                    "fails the run")
+    seed: int = option(1234)
+
+    def __post_init__(self) -> None:
+        if self.tensor_model_parallel_size < 1 or self.pipeline_model_parallel_size < 1:
+            raise ConfigError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
+        _at_least(self, ("context_parallel_size", "virtual_pipeline_model_parallel_size"), 1)
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+
+    def model_parallel_size(self) -> int:
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
 
 
 @dataclass
@@ -42,15 +167,16 @@ class RGMConfig:
         sprm_aggregation: how step scores become a trajectory score.
     """
 
-    sprm_layer: int = -2
-    sprm_hidden_mult: int = 2
-    sprm_dropout: float = 0.5
-    sprm_backbone_grad_scale: float = 1e-4
-    sprm_step_tokens: list[str] = field(default_factory=lambda: [".\n\n"])
-    sprm_loss: str = "spr"
-    sprm_pos_weight: float = 1.5
-    sprm_loss_weight: float = 1.0
-    sprm_aggregation: str = "geometric"
+    sprm_layer: int = option(-2, "transformer layer feeding the head; negative counts from the end")
+    sprm_hidden_mult: int = option(2)
+    sprm_dropout: float = option(0.5)
+    sprm_backbone_grad_scale: float = option(1e-4, "share of the SPR-loss gradient that reaches the backbone")
+    sprm_step_tokens: list[str] = option(help="strings ending a reasoning step; escapes such as \\n are decoded",
+                                         default_factory=lambda: [".\n\n"], parse=decode_escapes)
+    sprm_loss: str = option("spr", choices=SPRM_LOSSES)
+    sprm_pos_weight: float = option(1.5)
+    sprm_loss_weight: float = option(1.0)
+    sprm_aggregation: str = option("geometric", choices=AGGREGATIONS)
 
     def __post_init__(self) -> None:
         if self.sprm_hidden_mult < 1:
@@ -81,3 +207,120 @@ class RGMConfig:
                 f"use a value in [{-num_layers}, {num_layers - 1}] (-2 is the penultimate layer)"
             )
         return index
+
+
+@dataclass
+class GRPOConfig:
+    """GRPO coefficients (the reference's defaults)."""
+
+    clip_low: float = option(0.2, flag="--grpo-clip-low")
+    clip_high: float = option(0.2, flag="--grpo-clip-high")
+    kl_coef: float = option(0.001, "0 skips the reference model", flag="--grpo-kl-coef")
+    entropy_coef: float = option(0.001, flag="--grpo-entropy-coef")
+    advantage_eps: float = option(1e-6, "added to a group's reward std", flag="--grpo-advantage-eps")
+    # The sampling temperature: logits are divided by it, as the old log-probs were (set from the rollouts').
+    temperature: float = option(1.0, cli=False)
+
+    def __post_init__(self) -> None:
+        for name in ("clip_low", "clip_high", "kl_coef", "entropy_coef", "advantage_eps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--grpo-{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class OptimConfig:
+    """Adam, its schedule and gradient clipping; the SPRM head is a param group of its own."""
+
+    lr: float = option(1e-6)
+    sprm_lr: float | None = option(None, "head learning rate (default 10 x --lr)")
+    weight_decay: float = option(0.01)
+    sprm_weight_decay: float = option(0.01)
+    clip_grad: float = option(1.0, "gradient-norm clip of the policy (0: off)")
+    sprm_clip_grad: float = option(1.0, "the head's own gradient-norm clip (0: off)")
+    lr_warmup_iters: int = option(0)
+    use_distributed_optimizer: bool = option(False)
+
+    def __post_init__(self) -> None:
+        _at_least(self, ("lr", "sprm_lr", "weight_decay", "sprm_weight_decay", "clip_grad", "sprm_clip_grad",
+                         "lr_warmup_iters"), 0)
+
+    @property
+    def head_lr(self) -> float:
+        return self.sprm_lr if self.sprm_lr is not None else 10 * self.lr
+
+
+@dataclass
+class DataConfig:
+    """Where prompts, rollouts and SFT texts come from, and how colocated rollouts are sampled."""
+
+    tokenizer: str | None = option(None, "sentencepiece .model file or HF tokenizer directory")
+    prompts: str | None = option(None, "prompts jsonl (id, problem, answer) for colocated rollouts")
+    problem_key: str | None = option(None, "prompt field of --prompts (default: problem / prompt / question)")
+    answer_key: str | None = option(None, "gold-answer field of --prompts (default: answer)")
+    prompt_template: str = option("{problem}\n<think>\n", "how a problem becomes the model's prompt; escapes "
+                                  "such as \\n are decoded", parse=decode_escapes)
+    verifier: str = option("math", "final-answer grading: math-verify equivalence or exact string match",
+                           choices=("math", "exact"))
+    rollouts: str | None = option(None, "train from a rollout store (tools/generate_rollouts.py) with its old "
+                                  "log-probs instead of sampling", metavar="STORE")
+    prompts_per_iter: int = option(2, "prompts per iteration over all data-parallel ranks")
+    sft_data: str | None = option(None, "jsonl of {text} or {prompt, response} for --stage sft")
+    save_rollouts: str | None = option(None, "append every iteration's colocated rollouts (with their step "
+                                       "scores) to this rollout store; group id = iteration x 1e6 + prompt "
+                                       "index", metavar="STORE")
+    group_size: int = option(8, "k: samples per prompt", flag="--grpo-group-size")
+    temperature: float = option(0.6, flag="--rollout-temperature")
+    top_p: float = option(0.95, flag="--rollout-top-p")
+    max_response_length: int = option(256, "new tokens per rollout")
+
+    def __post_init__(self) -> None:
+        for flag, value in {"--prompts-per-iter": self.prompts_per_iter, "--grpo-group-size": self.group_size,
+                            "--max-response-length": self.max_response_length}.items():
+            if value < 1:
+                raise ConfigError(f"{flag} must be >= 1, got {value}")
+        if self.temperature < 0:
+            raise ConfigError(f"--rollout-temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"--rollout-top-p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class RunConfig:
+    """What a run does, beside the model, its layout, its optimizer and its data."""
+
+    stage: str = option("rgm", "rgm: joint GRPO + SPR training; sft: language-model warm start on --sft-data "
+                        "texts; backbone-check: a synthetic next-token task that only exercises model, layout and "
+                        "optimizer", choices=STAGES)
+    micro_batch_size: int = option(1)
+    global_batch_size: int | None = option(None)
+    train_iters: int = option(3)
+    save: str | None = option(None)
+    load: str | None = option(None)
+    save_interval: int | None = option(None)
+    pretrained_checkpoint: str | None = option(None, "weights to start from when --load holds no checkpoint (e.g. "
+                                               "the SFT stage's); also the frozen KL reference")
+    no_load_optim: bool = option(False, "resume weights and iteration, not the optimizer")
+    log_interval: int = option(1)
+    max_consecutive_nonfinite: int = option(5, "stop after this many optimizer steps in a row skipped for a "
+                                            "NaN/Inf gradient")
+    tensorboard_dir: str | None = option(None)
+    wandb_project: str | None = option(None, "log to Weights & Biases (when wandb is installed)")
+    metrics_file: str | None = option(None, "append each iteration's metrics as a JSON line (last rank)")
+    sprm_calibrate_head: bool = option(
+        True, "on a run's first iteration, shift the head's output bias so the batch's step logits straddle 0 "
+        "(0 midway across the widest gap near the median, so no logit sits on the SPR mask's boundary): the SPR "
+        "loss needs steps on both sides of 0 (with every logit of one sign, P or N is 0 and so is the loss)")
+    sprm_orient_head: bool = option(
+        True, "with --sprm-calibrate-head, also negate the head's output when its scores rank the first batch's "
+        "correct trajectories below the incorrect ones of the same prompt (within-prompt pairwise accuracy < 0.5): "
+        "the SPR loss trains only steps the head already agrees with, so a head that starts reversed stays reversed")
+    sprm_only: bool = option(False, "freeze the policy and train only the head on rollouts (adding an SPRM to a "
+                                    "policy)")
+
+    def __post_init__(self) -> None:
+        for name in ("micro_batch_size", "train_iters", "log_interval", "max_consecutive_nonfinite"):
+            value = getattr(self, name)
+            if value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.stage not in STAGES:
+            raise ConfigError(f"--stage must be one of {', '.join(STAGES)}, got {self.stage!r}")

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_rgm import cpu
+from megatron_rgm.config import ParallelConfig
 
 
 class LaunchError(RuntimeError):
@@ -116,27 +117,6 @@ def launch_info() -> LaunchInfo:
             launcher="slurm",
         )
     return LaunchInfo(0, 1, 0, "127.0.0.1", int(os.environ.get("MASTER_PORT", 29500)), "single")
-
-
-@dataclass
-class ParallelConfig:
-    """Model-parallel layout (Megatron flag names in the CLI)."""
-
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    virtual_pipeline_model_parallel_size: int | None = None
-    context_parallel_size: int = 1
-    sequence_parallel: bool = False
-    distributed_timeout_minutes: float = 10
-    distributed_backend: str | None = None  # None: nccl with CUDA, gloo otherwise
-    seed: int = 1234
-
-    def model_parallel_size(self) -> int:
-        return (
-            self.tensor_model_parallel_size
-            * self.pipeline_model_parallel_size
-            * self.context_parallel_size
-        )
 
 
 def initialize(parallel: ParallelConfig | None = None) -> LaunchInfo:

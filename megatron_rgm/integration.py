@@ -10,45 +10,18 @@ See docs/INTEGRATION.md for the ~20-line change to a ``pretrain_gpt.py``-style s
 
 from __future__ import annotations
 
-import argparse
 from functools import partial
-from typing import Any
 
 import torch
 
-from megatron_rgm.arguments import add_grpo_args, add_sprm_args
-from megatron_rgm.config import RGMConfig
+from megatron_rgm.arguments import add_rgm_args, grpo_config_from_args, rgm_config_from_args
+from megatron_rgm.config import GRPOConfig, RGMConfig
 from megatron_rgm.model.rgm_model import RGMModel, attach_sprm_head, sprm_step_logits
-from megatron_rgm.rl import GRPOConfig, grpo_loss, vocab_parallel_entropy, vocab_parallel_log_probs
+from megatron_rgm.rl import grpo_loss, vocab_parallel_entropy, vocab_parallel_log_probs
 from megatron_rgm.steps import StepLayout
 
 __all__ = ["attach_sprm_head", "model_provider", "forward_step", "add_rgm_args", "rgm_config_from_args",
            "grpo_config_from_args", "rgm_loss_func", "sprm_step_logits"]
-
-
-def add_rgm_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Register RGM's flags (``--sprm-*``, ``--grpo-*``) and nothing else; usable as ``extra_args_provider``."""
-    add_sprm_args(parser)
-    add_grpo_args(parser)
-    return parser
-
-
-def rgm_config_from_args(args: Any) -> RGMConfig:
-    """RGMConfig from a namespace that went through :func:`add_rgm_args`."""
-    from megatron_rgm.arguments import decode_escapes
-
-    return RGMConfig(
-        sprm_layer=args.sprm_layer, sprm_hidden_mult=args.sprm_hidden_mult, sprm_dropout=args.sprm_dropout,
-        sprm_backbone_grad_scale=args.sprm_backbone_grad_scale,
-        sprm_step_tokens=[decode_escapes(t) for t in args.sprm_step_tokens], sprm_loss=args.sprm_loss,
-        sprm_pos_weight=args.sprm_pos_weight, sprm_loss_weight=args.sprm_loss_weight,
-        sprm_aggregation=args.sprm_aggregation,
-    )
-
-
-def grpo_config_from_args(args: Any) -> GRPOConfig:
-    return GRPOConfig(clip_low=args.grpo_clip_low, clip_high=args.grpo_clip_high, kl_coef=args.grpo_kl_coef,
-                      entropy_coef=args.grpo_entropy_coef)
 
 
 def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None, *,

@@ -32,7 +32,7 @@ def synthetic_batch(args: Args, generator: torch.Generator):
         tokens ``[b, s]``, labels ``[b, s]``, positions ``[b, s]``, step mask ``[b, s]``.
     """
     b, s = args.run.micro_batch_size, args.seq_length
-    vocab = args.namespace.vocab_size
+    vocab = args.model.vocab_size
     start = torch.randint(0, vocab, (b, 1), generator=generator)
     step = torch.randint(1, 4, (b, 1), generator=generator)
     seq = (start + step * torch.arange(s + 1)) % vocab
@@ -79,11 +79,11 @@ def backbone_check(args: Args) -> list[float]:
     num_micro = global_batch // (micro * dp)
 
     chunks = build_model(args)
-    ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=args.run.use_distributed_optimizer)
+    ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=args.optim.use_distributed_optimizer)
     model = [DistributedDataParallel(args.transformer, ddp_config, m) for m in chunks]
     optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=args.run.lr, weight_decay=0.0, clip_grad=1.0,
-                        use_distributed_optimizer=args.run.use_distributed_optimizer,
+        OptimizerConfig(optimizer="adam", lr=args.optim.lr, weight_decay=0.0, clip_grad=1.0,
+                        use_distributed_optimizer=args.optim.use_distributed_optimizer,
                         bf16=args.transformer.bf16, params_dtype=args.transformer.params_dtype),
         model,
     )
@@ -138,7 +138,7 @@ def backbone_check(args: Args) -> list[float]:
             from megatron_rgm.checkpoint import save_checkpoint
 
             save_checkpoint(args.run.save, it, model, optimizer=optimizer,
-                            extra={"model_argv": args.namespace.model_argv})
+                            extra=args.model_record())
     if info.rank == 0:
         print("backbone check done: model, layout, DDP and optimizer ran", flush=True)
     return losses

@@ -289,6 +289,7 @@ def save_tokenizer_without_step_token(out: Path) -> None:
 
 
 def test_tokenizer_without_step_token_unless_step_tokens_say_which(export, tmp_path):
+    from megatron_rgm.arguments import parse_args
     from megatron_rgm.convert.convert import head_flags
     from megatron_rgm.hf import RGMScorer
     from megatron_rgm.steps import StepSegmenter
@@ -304,7 +305,7 @@ def test_tokenizer_without_step_token_unless_step_tokens_say_which(export, tmp_p
     assert len(StepSegmenter.from_tokenizer(tok, ["\n\n"]).step_ids) > 0
     raises(lambda: RGMScorer.from_pretrained(str(served)), "pass --sprm-step-tokens")
     # The export records the trained model's --sprm-step-tokens; the scorer then uses them.
-    meta = head_flags(["--num-layers", "4", "--sprm-step-tokens", "\\n\\n", "--lr", "1e-6"])
+    meta = head_flags(parse_args(["--num-layers", "4", "--sprm-step-tokens", "\\n\\n", "--lr", "1e-6"]).rgm)
     assert meta == {"sprm_layer": -2, "sprm_step_tokens": ["\n\n"]}
     (served / "sprm_config.json").write_text(json.dumps(meta))
     scorer = RGMScorer.from_pretrained(str(served))

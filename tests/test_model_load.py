@@ -7,11 +7,11 @@ import argparse
 import pytest
 import torch
 
-from megatron_rgm.arguments import parse_args
+from megatron_rgm.arguments import build_args, parse_args
 from megatron_rgm.config import ConfigError
 from megatron_rgm.convert.convert import export_config
 from megatron_rgm.model import build_model
-from megatron_rgm.model.load import describe_checkpoint, load_model, megatron_lm_model_argv
+from megatron_rgm.model.load import describe_checkpoint, load_model, megatron_lm_model
 from megatron_rgm.checkpoint import save_checkpoint
 
 
@@ -30,9 +30,10 @@ def _pretrain_gpt_args(**changes) -> argparse.Namespace:
 
 
 def test_megatron_lm_args_translate_into_the_same_transformer_config():
-    argv, notes = megatron_lm_model_argv(_pretrain_gpt_args(), "ckpt")
+    model, sprm, notes = megatron_lm_model(_pretrain_gpt_args(sprm_layer=-3, sprm_step_tokens=["\\n\\n"]), "ckpt")
     assert notes == []
-    args = parse_args(argv + ["--vocab-size", "384", "--make-vocab-size-divisible-by", "1"])
+    assert sprm.sprm_layer == -3 and sprm.sprm_step_tokens == ["\n\n"]  # the flags' escapes decoded
+    args = build_args(model)
     t = args.transformer
     assert (t.num_layers, t.hidden_size, t.ffn_hidden_size, t.num_attention_heads) == (4, 64, 96, 4)
     assert (t.num_query_groups, t.kv_channels, t.layernorm_epsilon) == (2, 16, 1e-6)
@@ -43,8 +44,8 @@ def test_megatron_lm_args_translate_into_the_same_transformer_config():
 
 def test_megatron_lm_without_group_query_attention_has_one_kv_head_per_head():
     # Megatron-LM leaves --num-query-groups at its default 1 when --group-query-attention is not given.
-    argv, _ = megatron_lm_model_argv(_pretrain_gpt_args(group_query_attention=False, num_query_groups=1), "ckpt")
-    assert parse_args(argv).transformer.num_query_groups == 4
+    model, _, _ = megatron_lm_model(_pretrain_gpt_args(group_query_attention=False, num_query_groups=1), "ckpt")
+    assert build_args(model).transformer.num_query_groups == 4
 
 
 @pytest.mark.parametrize("change, named", [
@@ -57,7 +58,7 @@ def test_megatron_lm_without_group_query_attention_has_one_kv_head_per_head():
 ])
 def test_a_feature_rgm_does_not_build_is_refused_by_name(change, named):
     with pytest.raises(ConfigError, match="does not build") as e:
-        megatron_lm_model_argv(_pretrain_gpt_args(**change), "ckpt_dir")
+        megatron_lm_model(_pretrain_gpt_args(**change), "ckpt_dir")
     assert named in str(e.value) and "ckpt_dir" in str(e.value)
 
 
@@ -69,11 +70,14 @@ NATIVE = ["--preset", "tiny", "--num-layers", "2", "--hidden-size", "32", "--num
           "--no-disable-bias-linear", "--seed", "5", "--sprm-dropout", "0"]
 
 
-def test_a_native_model_without_an_hf_class_rebuilds_with_equal_logits(single_rank, tmp_path):
+@pytest.mark.parametrize("record", ["configs", "flags"])
+def test_a_native_model_without_an_hf_class_rebuilds_with_equal_logits(single_rank, tmp_path, record):
+    # "flags": how checkpoints recorded the model before the config tree (the command line); still read.
     args = parse_args(NATIVE)
     single_rank.initialize(args.parallel)
     model = build_model(args)[0].eval()
-    save_checkpoint(tmp_path / "ckpt", 3, [model], extra={"model_argv": NATIVE, "padded_vocab_size": args.vocab_size,
+    described = args.model_record() if record == "configs" else {"model_argv": NATIVE}
+    save_checkpoint(tmp_path / "ckpt", 3, [model], extra={**described, "padded_vocab_size": args.vocab_size,
                                                           "vocab_size": 100})
     ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
     pos = torch.arange(16).expand(2, 16)
@@ -89,6 +93,7 @@ def test_a_native_model_without_an_hf_class_rebuilds_with_equal_logits(single_ra
         export_config(checkpoint)
     with pytest.raises(ConfigError, match="pass --tokenizer"):
         checkpoint.tokenizer_path(None)
+    assert checkpoint.model.normalization == "LayerNorm" and checkpoint.sprm == args.rgm
     loaded = load_model(tmp_path / "ckpt")
     assert not loaded.result.fresh_head and loaded.args.transformer.normalization == "LayerNorm"
     with torch.no_grad():

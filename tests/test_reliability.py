@@ -147,7 +147,7 @@ def test_a_nonfinite_gradient_never_reaches_the_weights(single_rank):
     args = parse_args(["--preset", "tiny", "--stage", "backbone-check", "--lr", "1e-2"])
     single_rank.initialize(args.parallel)
     model = [DistributedDataParallel(args.transformer, DistributedDataParallelConfig(), m) for m in build_model(args)]
-    optimizer = build_optimizer(model, args.run, args.transformer)
+    optimizer = build_optimizer(model, args.optim, args.transformer)
     before = {n: p.detach().clone() for n, p in model[0].named_parameters()}
     for n, p in model[0].named_parameters():
         p.main_grad.fill_(float("nan") if "sprm_head.3.bias" in n else 0.5)

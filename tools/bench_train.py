@@ -55,9 +55,8 @@ def _bench(argv: list[str], repeats: int) -> None:
     times = {True: [], False: []}
     for r in range(repeats + 1):  # the first round warms up
         for with_spr in (True, False) if r % 2 == 0 else (False, True):
-            trainer.train_head = with_spr
             t = time.perf_counter()
-            trainer.train_step(samples, adv)
+            trainer.train_step(samples, adv, spr=with_spr)
             if r:
                 times[with_spr].append(time.perf_counter() - t)
     grpo, both = statistics.median(times[False]), statistics.median(times[True])

@@ -23,7 +23,8 @@ import torch
 from tqdm import tqdm
 
 from megatron_rgm.checkpoint import ASSETS
-from megatron_rgm.config import ConfigError
+from megatron_rgm.arguments import build_args
+from megatron_rgm.config import ConfigError, ModelConfig, ParallelConfig, RGMConfig
 from megatron_rgm.convert.hf_io import HFCheckpoint, ShardWriter, copy_tokenizer_files
 from megatron_rgm.convert.mapping import CKPT_KEY_ALIASES, HFArch, hf_config_from_args, hf_tensors
 from megatron_rgm.model.head_io import HEAD_KEYS, load_head, save_head
@@ -37,11 +38,11 @@ def _say(msg: str) -> None:
         print(msg, flush=True)
 
 
-def build_args(argv: list[str]):
-    from megatron_rgm.arguments import parse_args
-
-    args = parse_args(argv)
-    args.transformer.perform_initialization = False  # every weight is overwritten
+def layout_args(model: ModelConfig, tp: int, pp: int, seed: int = 1234):
+    """Args of ``model`` at ``tp`` x ``pp`` whose weights are all overwritten (no initialisation)."""
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, seed=seed)
+    args = build_args(model, parallel)
+    args.transformer.perform_initialization = False
     return args
 
 
@@ -56,8 +57,7 @@ def _hf_to_mcore_rank(hf_path: str, output: str, tp: int, pp: int, head_file: st
     return_freed_memory()
     hf = HFCheckpoint(hf_path)
     arch = hf.arch
-    argv = arch.model_argv(tp, pp, divisible_by) + ["--seed", str(seed)]
-    args = build_args(argv)
+    args = layout_args(arch.model_config(divisible_by), tp, pp, seed)
     distributed.initialize(args.parallel)
     from megatron.core import parallel_state as ps
 
@@ -76,7 +76,7 @@ def _hf_to_mcore_rank(hf_path: str, output: str, tp: int, pp: int, head_file: st
         return megatron_shard(global_name(model, name), hf, arch, args.vocab_size, dim, gated, tp_rank, tp_size)
 
     produce = param_producer(model, make_shard, keep=lambda name: name.startswith("sprm_head."))
-    extra = {"model_argv": arch.model_argv(1, 1, divisible_by), "padded_vocab_size": args.vocab_size,
+    extra = {**args.model_record(), "padded_vocab_size": args.vocab_size,
              "hf_config": arch.config, "source": str(hf_path), "head": "file" if head_file else f"fresh (seed {seed})"}
     show = tp_rank == 0 and ps.get_data_parallel_rank() == 0
     _save_streaming(output, model, produce, extra, f"hf->mcore pp{ps.get_pipeline_model_parallel_rank()}" if show
@@ -112,7 +112,7 @@ def hf_to_mcore(hf_path: str, output: str, tp: int = 1, pp: int = 1, head_file: 
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        build_args(hf.arch.model_argv(tp, pp, divisible_by))  # layout errors before any rank starts
+        layout_args(hf.arch.model_config(divisible_by), tp, pp)  # layout errors before any rank starts
         if not head_file:
             print(f"no --sprm-head given: the SPRM head is freshly initialised (seed {seed})", flush=True)
         run_ranks(_hf_to_mcore_rank, tp * pp, str(hf_path), str(out), tp, pp, head_file, divisible_by, seed,
@@ -130,21 +130,13 @@ def hf_to_mcore(hf_path: str, output: str, tp: int = 1, pp: int = 1, head_file: 
         raise
 
 
-def head_flags(model_argv: list[str]) -> dict:
-    """``sprm_layer`` and ``sprm_step_tokens`` of a checkpoint's recorded argv, for ``sprm_config.json``.
+def head_flags(sprm: RGMConfig) -> dict:
+    """``sprm_layer`` and ``sprm_step_tokens`` of a checkpoint's head, for ``sprm_config.json``.
 
     The step strings travel with the export: a scorer of a model trained with ``--sprm-step-tokens`` must not
     fall back to the default ``".\\n\\n"`` (its tokenizer may have no such token).
     """
-    import argparse
-
-    from megatron_rgm.arguments import decode_escapes
-
-    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    p.add_argument("--sprm-layer", type=int, default=-2)
-    p.add_argument("--sprm-step-tokens", nargs="+", default=[".\n\n"])
-    ns, _ = p.parse_known_args(model_argv)
-    return {"sprm_layer": ns.sprm_layer, "sprm_step_tokens": [decode_escapes(t) for t in ns.sprm_step_tokens]}
+    return {"sprm_layer": sprm.sprm_layer, "sprm_step_tokens": list(sprm.sprm_step_tokens)}
 
 
 def export_config(checkpoint: CheckpointModel) -> dict:
@@ -213,7 +205,7 @@ def _mcore_to_hf_rank(mcore_path: str, output: str, dtype: str | None, vocab_siz
     if (root / ASSETS).is_dir():
         copy_tokenizer_files(root / ASSETS, tmp)
     if set(head) == set(HEAD_KEYS):
-        save_head(tmp, head, {**head_flags(list(source.model_argv)), "hidden_size": arch.hidden_size,
+        save_head(tmp, head, {**head_flags(source.sprm), "hidden_size": arch.hidden_size,
                               "hidden_mult": head["0.weight"].shape[0] // arch.hidden_size})
     if out.exists():
         shutil.rmtree(out)

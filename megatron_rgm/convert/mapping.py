@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from megatron_rgm.config import ConfigError
+from megatron_rgm.config import ConfigError, ModelConfig
 
 SUPPORTED = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama",
              "MistralForCausalLM": "llama"}
@@ -77,24 +77,17 @@ class HFArch:
             config=cfg,
         )
 
-    def model_argv(self, tp: int = 1, pp: int = 1, divisible_by: int = 128) -> list[str]:
-        """megatron_rgm.arguments flags that build the matching RGMModel."""
-        argv = ["--num-layers", str(self.num_layers), "--hidden-size", str(self.hidden_size),
-                "--ffn-hidden-size", str(self.ffn_hidden_size), "--num-attention-heads", str(self.num_heads),
-                "--num-query-groups", str(self.num_kv_heads), "--kv-channels", str(self.head_dim),
-                "--vocab-size", str(self.vocab_size), "--make-vocab-size-divisible-by", str(divisible_by),
-                "--seq-length", str(min(self.max_position_embeddings, 4096)),
-                "--max-position-embeddings", str(self.max_position_embeddings),
-                "--normalization", "RMSNorm", "--norm-epsilon", repr(self.norm_eps),
-                "--position-embedding-type", "rope", "--rotary-base", str(int(self.rope_theta)),
-                "--swiglu", "--disable-bias-linear",
-                "--add-qkv-bias" if self.qkv_bias else "--no-add-qkv-bias",
-                "--qk-layernorm" if self.qk_norm else "--no-qk-layernorm",
-                "--untie-embeddings-and-output-weights" if not self.tied else "--no-untie-embeddings-and-output-weights",
-                "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)]
-        if self.dtype in ("bfloat16", "float16"):
-            argv.append("--bf16" if self.dtype == "bfloat16" else "--fp16")
-        return argv
+    def model_config(self, divisible_by: int = 128) -> ModelConfig:
+        """The geometry of the matching RGMModel."""
+        return ModelConfig(
+            num_layers=self.num_layers, hidden_size=self.hidden_size, ffn_hidden_size=self.ffn_hidden_size,
+            num_attention_heads=self.num_heads, num_query_groups=self.num_kv_heads, kv_channels=self.head_dim,
+            vocab_size=self.vocab_size, make_vocab_size_divisible_by=divisible_by,
+            seq_length=min(self.max_position_embeddings, 4096), max_position_embeddings=self.max_position_embeddings,
+            normalization="RMSNorm", norm_epsilon=self.norm_eps, position_embedding_type="rope",
+            rotary_base=int(self.rope_theta), swiglu=True, disable_bias_linear=True, add_qkv_bias=self.qkv_bias,
+            qk_layernorm=self.qk_norm, untie_embeddings_and_output_weights=not self.tied,
+            bf16=self.dtype == "bfloat16", fp16=self.dtype == "float16")
 
     def hf_names(self) -> dict[str, tuple[int, ...]]:
         """Every tensor an HF checkpoint of this architecture holds, with its shape."""

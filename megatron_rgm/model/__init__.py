@@ -30,7 +30,7 @@ def build_model(args) -> list[RGMModel]:
             RGMModel(
                 config=args.transformer,
                 rgm_config=args.rgm,
-                transformer_layer_spec=block_spec(args.transformer, args.run.transformer_impl, vp_stage=stage),
+                transformer_layer_spec=block_spec(args.transformer, args.model.transformer_impl, vp_stage=stage),
                 vocab_size=args.vocab_size,
                 max_sequence_length=args.max_position_embeddings,
                 pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),

@@ -3,10 +3,10 @@
 Two writers are understood:
 
 * megatron-rgm (our ``save_checkpoint``, training or ``hf-to-mcore``): the common state's
-  ``rgm_extra`` records the flags that built the model (``model_argv``), the padded and
+  ``rgm_extra`` records the model and head configs (``model``, ``sprm``: dicts), the padded and
   the real vocabulary and, where an HF class matches, the HF ``config.json``;
 * Megatron-LM's ``save_checkpoint`` (``pretrain_gpt.py`` and friends): its ``args``
-  Namespace is translated into our flags. A feature of that model that RGMModel does not
+  Namespace is translated into a ModelConfig. A feature of that model that RGMModel does not
   build (MoE, multi-latent attention, RoPE scaling, sliding windows, ...) is refused with
   its name, never dropped; a checkpoint without an SPRM head loads with a fresh head and
   the load says so.
@@ -23,7 +23,9 @@ from pathlib import Path
 
 from megatron_rgm.checkpoint import (ASSETS, HEAD_PREFIX, LoadResult, load_checkpoint, read_common_state,
                                      read_tensor_names, resolve_checkpoint)
-from megatron_rgm.config import ConfigError
+from megatron_rgm import cli
+from megatron_rgm.arguments import at_layout, build_args, parse_args
+from megatron_rgm.config import ConfigError, ModelConfig, ParallelConfig, RGMConfig
 
 # Megatron-LM args attributes that name a model feature RGMModel does not build: (attribute, refused when).
 _UNSUPPORTED = {
@@ -44,17 +46,10 @@ _UNSUPPORTED = {
 }
 _EMBEDDINGS = ("rope", "learned_absolute")
 _NORMS = ("LayerNorm", "RMSNorm")
-# Megatron-LM args attribute -> our flag (values written as they are).
-_VALUE_FLAGS = {
-    "num_layers": "--num-layers", "hidden_size": "--hidden-size", "ffn_hidden_size": "--ffn-hidden-size",
-    "num_attention_heads": "--num-attention-heads", "kv_channels": "--kv-channels",
-    "seq_length": "--seq-length", "max_position_embeddings": "--max-position-embeddings",
-    "normalization": "--normalization", "norm_epsilon": "--norm-epsilon",
-    "position_embedding_type": "--position-embedding-type", "rotary_base": "--rotary-base",
-    "sprm_hidden_mult": "--sprm-hidden-mult", "sprm_layer": "--sprm-layer",
-}
-_BOOL_FLAGS = {"add_qkv_bias": "add-qkv-bias", "qk_layernorm": "qk-layernorm", "swiglu": "swiglu",
-               "untie_embeddings_and_output_weights": "untie-embeddings-and-output-weights"}
+# Megatron-LM args attributes that are ModelConfig fields of the same name and meaning.
+_VALUES = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "kv_channels", "seq_length",
+           "max_position_embeddings", "normalization", "norm_epsilon", "position_embedding_type", "rotary_base")
+_BOOLS = ("add_qkv_bias", "qk_layernorm", "swiglu", "untie_embeddings_and_output_weights")
 
 
 @dataclass(frozen=True)
@@ -65,19 +60,18 @@ class CheckpointModel:
     root: Path  # the path given (a save directory, or the checkpoint directory itself)
     iteration: int
     source: str  # "megatron-rgm" or "megatron-lm"
-    model_argv: tuple[str, ...]  # megatron_rgm flags that rebuild the model (any layout flags are replaced)
+    model: ModelConfig  # the geometry as recorded (its vocabulary is replaced by the padded rows on a rebuild)
+    sprm: RGMConfig  # the head
     padded_vocab_size: int
     vocab_size: int | None  # rows a tokenizer produces; None when the writer did not record it
     hf_config: dict | None  # the HF config.json the model exports as, when recorded
     has_head: bool
     notes: tuple[str, ...] = field(default=())  # what the translation of a foreign checkpoint left out, named
 
-    def args(self, tp: int = 1, pp: int = 1, extra_argv: list[str] | tuple[str, ...] = ()):
+    def args(self, tp: int = 1, pp: int = 1):
         """:class:`megatron_rgm.arguments.Args` that rebuild the model at ``tp`` x ``pp`` (the same padded rows)."""
-        from megatron_rgm.arguments import parse_args
-
-        argv = at_layout(self.model_argv, tp, pp, self.padded_vocab_size)
-        args = parse_args(argv + list(extra_argv) + ["--sprm-dropout", "0"])
+        parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        args = build_args(at_layout(self.model, self.padded_vocab_size), parallel, replace(self.sprm, sprm_dropout=0.0))
         args.transformer.perform_initialization = False  # every weight is overwritten by the load
         return args
 
@@ -112,20 +106,8 @@ class CheckpointModel:
         return replace(self, vocab_size=vocab_size)
 
 
-def at_layout(model_argv, tp: int, pp: int, padded_vocab_size: int) -> list[str]:
-    """``model_argv`` with its layout set to ``tp`` x ``pp`` and its vocabulary fixed at the saved padded rows."""
-    argv = list(model_argv)
-    for flag, value in (("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp),
-                        ("--vocab-size", padded_vocab_size), ("--make-vocab-size-divisible-by", 1)):
-        if flag in argv:
-            argv[argv.index(flag) + 1] = str(value)
-        else:
-            argv += [flag, str(value)]
-    return argv
-
-
-def megatron_lm_model_argv(args: argparse.Namespace, where: str) -> tuple[list[str], list[str]]:
-    """Our flags for the model a Megatron-LM ``args`` Namespace describes, and what was left out (named).
+def megatron_lm_model(args: argparse.Namespace, where: str) -> tuple[ModelConfig, RGMConfig, list[str]]:
+    """The model (and head) a Megatron-LM ``args`` Namespace describes, and what was left out (named).
 
     Raises:
         ConfigError: the model has a feature RGMModel does not build (naming it).
@@ -144,29 +126,35 @@ def megatron_lm_model_argv(args: argparse.Namespace, where: str) -> tuple[list[s
     if missing:
         raise ConfigError(f"Megatron-LM checkpoint {where} does not record {', '.join(missing)} in its args: "
                           "it cannot be rebuilt; save it with a current Megatron-LM")
-    argv: list[str] = []
-    for name, flag in _VALUE_FLAGS.items():
-        value = getattr(args, name, None)
-        if value is not None:
-            argv += [flag, str(value)]
+    values = {name: getattr(args, name) for name in _VALUES if getattr(args, name, None) is not None}
+    values.update({name: bool(getattr(args, name, False)) for name in _BOOLS})
+    # The training sequence length shapes no weight; a writer that kept only the positions gives those.
+    values.setdefault("seq_length", values.get("max_position_embeddings"))
     # Megatron-LM keeps num_query_groups at its default (1) unless --group-query-attention is given.
     gqa = getattr(args, "group_query_attention", True)
     groups = getattr(args, "num_query_groups", None) if gqa else None
-    argv += ["--num-query-groups", str(groups or args.num_attention_heads)]
-    for name, flag in _BOOL_FLAGS.items():
-        argv.append(f"--{flag}" if getattr(args, name, False) else f"--no-{flag}")
-    argv.append("--no-disable-bias-linear" if getattr(args, "add_bias_linear", True) else "--disable-bias-linear")
-    if getattr(args, "bf16", False):
-        argv.append("--bf16")
-    elif getattr(args, "fp16", False):
-        argv.append("--fp16")
-    step_tokens = getattr(args, "sprm_step_tokens", None)
-    if step_tokens:
-        argv += ["--sprm-step-tokens", *step_tokens]
+    bf16 = bool(getattr(args, "bf16", False))
+    model = ModelConfig(**values, num_query_groups=groups or args.num_attention_heads,
+                        disable_bias_linear=not getattr(args, "add_bias_linear", True), bf16=bf16,
+                        fp16=not bf16 and bool(getattr(args, "fp16", False)),
+                        vocab_size=int(args.padded_vocab_size), make_vocab_size_divisible_by=1)
+    sprm = cli.from_namespace(RGMConfig, args)  # the --sprm-* flags add_rgm_args registered, or the defaults
     notes = []
     if getattr(args, "num_experts", None) in (0, 1):
         notes.append(f"num_experts={args.num_experts} (a dense MLP)")
-    return argv, notes
+    return model, sprm, notes
+
+
+def _recorded(extra: dict, directory: Path) -> tuple[ModelConfig, RGMConfig]:
+    """The model and head our ``save_checkpoint`` recorded: config dicts, or (older checkpoints) the flags."""
+    if "model_argv" in extra and "model" not in extra:
+        args = parse_args(list(extra["model_argv"]))
+        return args.model, args.rgm
+    try:
+        return ModelConfig(**extra["model"]), RGMConfig(**extra.get("sprm", {}))
+    except TypeError as e:
+        raise ConfigError(f"checkpoint {directory} records a model this megatron-rgm does not know ({e}): load it "
+                          "with the megatron-rgm version that wrote it") from None
 
 
 def describe_checkpoint(path: str | Path, iteration: int | None = None) -> CheckpointModel:
@@ -186,20 +174,20 @@ def describe_checkpoint(path: str | Path, iteration: int | None = None) -> Check
     extra = common.get("rgm_extra") or {}
     hf_config = extra.get("hf_config")
     vocab = extra.get("vocab_size") or (hf_config or {}).get("vocab_size")
-    if "model_argv" in extra and "padded_vocab_size" in extra:  # our training loop and hf-to-mcore
-        return CheckpointModel(directory, root, it, "megatron-rgm", tuple(extra["model_argv"]),
+    if ("model" in extra or "model_argv" in extra) and "padded_vocab_size" in extra:  # ours: training, hf-to-mcore
+        return CheckpointModel(directory, root, it, "megatron-rgm", *_recorded(extra, directory),
                                int(extra["padded_vocab_size"]), vocab, hf_config, has_head)
     # Megatron-LM's save_checkpoint, or ours called from a Megatron-LM script (its args describe the model).
     args = common.get("args")
     if args is None:
-        raise ConfigError(f"checkpoint {directory} records neither rgm_extra.model_argv (megatron-rgm) nor args "
+        raise ConfigError(f"checkpoint {directory} records neither rgm_extra.model (megatron-rgm) nor args "
                           "(Megatron-LM): its model cannot be rebuilt; give a checkpoint written by megatron-rgm's "
                           "or Megatron-LM's save_checkpoint")
-    argv, notes = megatron_lm_model_argv(args, str(directory))
+    model, sprm, notes = megatron_lm_model(args, str(directory))
     it = int(common.get("iteration", it) or 0)
     vocab = vocab or getattr(args, "vocab_size", None)
     source = "megatron-rgm" if extra else "megatron-lm"
-    return CheckpointModel(directory, root, it, source, tuple(argv), int(args.padded_vocab_size),
+    return CheckpointModel(directory, root, it, source, model, sprm, int(args.padded_vocab_size),
                            int(vocab) if vocab else None, hf_config, has_head, tuple(notes))
 
 
@@ -211,20 +199,18 @@ class LoadedModel:
     result: LoadResult
 
 
-def load_model(path: str | Path, tp: int = 1, pp: int = 1, extra_argv: list[str] | tuple[str, ...] = (),
-               checkpoint: CheckpointModel | None = None) -> LoadedModel:
+def load_model(path: str | Path, tp: int = 1, pp: int = 1, checkpoint: CheckpointModel | None = None) -> LoadedModel:
     """Start the layout, build the checkpoint's model at ``tp`` x ``pp`` and load its weights. Collective.
 
     Args:
         path: what :func:`describe_checkpoint` takes.
-        extra_argv: further flags for the model (e.g. ``--sprm-step-tokens``).
         checkpoint: its description, when the caller has read it already.
     """
     from megatron_rgm import distributed
     from megatron_rgm.model import build_model
 
     checkpoint = checkpoint or describe_checkpoint(path)
-    args = checkpoint.args(tp, pp, extra_argv)
+    args = checkpoint.args(tp, pp)
     distributed.initialize(args.parallel)
     model = build_model(args)[0]
     result = load_checkpoint(checkpoint.directory, [model])

@@ -6,21 +6,9 @@ All token-level terms are averaged over the response tokens of the batch
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-
-@dataclass
-class GRPOConfig:
-    """GRPO coefficients (the reference's defaults)."""
-
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    kl_coef: float = 0.001
-    entropy_coef: float = 0.001
-    advantage_eps: float = 1e-6
-    temperature: float = 1.0  # the sampling temperature: logits are divided by it, as the old log-probs were
+from megatron_rgm.config import GRPOConfig
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:

@@ -79,3 +79,17 @@ def orient_head(head: torch.nn.Sequential, step_logits: torch.Tensor, cu_steps: 
         head[-1].weight.neg_()
         head[-1].bias.neg_()
     return {"sprm initial pairwise": pairwise, "sprm head negated": float(flip)}
+
+
+@torch.no_grad()
+def calibrate_head(head: torch.nn.Sequential, step_logits: torch.Tensor, steps: torch.Tensor, correct: list[bool],
+                   groups: list, orient: bool) -> dict[str, float]:
+    """Shift ``head``'s output bias by :func:`calibration_shift` of ``step_logits`` (every replica's) and, with
+    ``orient``, :func:`orient_head` it; ``steps`` holds each trajectory's step count. Returns what to log."""
+    shift, margin = calibration_shift(step_logits)
+    head[-1].bias.sub_(shift)
+    out = {"sprm calibration shift": shift, "sprm calibration margin": margin}
+    if orient:
+        cu = torch.cat([torch.zeros(1, dtype=torch.long), steps.cumsum(0)])
+        out.update(orient_head(head, step_logits - shift, cu, correct, groups))
+    return out

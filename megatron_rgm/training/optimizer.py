@@ -23,29 +23,29 @@ def _one_dimensional(param: torch.Tensor) -> bool:
     return param.dim() == 1
 
 
-def build_optimizer(model_chunks, run, transformer_config):
+def build_optimizer(model_chunks, optim, transformer_config):
     """``get_megatron_optimizer`` over the chunks (DDP-wrapped), with the head's param group.
 
     Args:
         model_chunks: this rank's DDP-wrapped model chunks.
-        run: :class:`megatron_rgm.arguments.RunConfig` (lr, head lr, weight decays, distributed optimizer).
+        optim: :class:`megatron_rgm.config.OptimConfig` (lr, head lr, weight decays, distributed optimizer).
         transformer_config: the model's TransformerConfig (precision).
     """
     from megatron.core.optimizer import OptimizerConfig, ParamKey, get_megatron_optimizer
 
     config = OptimizerConfig(
-        optimizer="adam", lr=run.lr, min_lr=run.lr, weight_decay=run.weight_decay, clip_grad=run.clip_grad,
-        use_distributed_optimizer=run.use_distributed_optimizer, bf16=transformer_config.bf16,
+        optimizer="adam", lr=optim.lr, min_lr=optim.lr, weight_decay=optim.weight_decay, clip_grad=optim.clip_grad,
+        use_distributed_optimizer=optim.use_distributed_optimizer, bf16=transformer_config.bf16,
         fp16=transformer_config.fp16, params_dtype=transformer_config.params_dtype,
     )
-    head_decay = run.sprm_weight_decay
+    head_decay = optim.sprm_weight_decay
     overrides = {
         # Biases and norm weights take no weight decay (megatron's default rule).
         ParamKey(predicate=(_one_dimensional,)): {"wd_mult": 0.0},
         # is_decoupled_lr marks the head's groups apart from the policy's in the checkpoint: megatron
         # matches saved and current param groups by (wd_mult, lr_mult, is_expert_parallel, is_decoupled_lr).
         ParamKey(name="*sprm_head.*"): {
-            "max_lr": run.head_lr, "min_lr": run.head_lr, HEAD_GROUP_KEY: True, "base_weight_decay": head_decay,
+            "max_lr": optim.head_lr, "min_lr": optim.head_lr, HEAD_GROUP_KEY: True, "base_weight_decay": head_decay,
             "is_decoupled_lr": True},
     }
     return get_megatron_optimizer(config, model_chunks, config_overrides=overrides)
@@ -55,14 +55,14 @@ def _inner_optimizers(optimizer) -> list:
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
-def set_learning_rates(optimizer, run, iteration: int) -> dict[str, float]:
+def set_learning_rates(optimizer, optim, iteration: int) -> dict[str, float]:
     """Linear warm-up over ``--lr-warmup-iters``, then constant; returns ``{"lr", "sprm lr"}``."""
-    warm = min(1.0, iteration / run.lr_warmup_iters) if run.lr_warmup_iters else 1.0
-    out = {"lr": run.lr * warm, "sprm lr": run.head_lr * warm}
+    warm = min(1.0, iteration / optim.lr_warmup_iters) if optim.lr_warmup_iters else 1.0
+    out = {"lr": optim.lr * warm, "sprm lr": optim.head_lr * warm}
     for opt in _inner_optimizers(optimizer):
         for group in opt.param_groups:
-            group["lr"] = group.get("max_lr", run.lr) * warm
-            group["weight_decay"] = group.get("base_weight_decay", run.weight_decay) * group.get("wd_mult", 1.0)
+            group["lr"] = group.get("max_lr", optim.lr) * warm
+            group["weight_decay"] = group.get("base_weight_decay", optim.weight_decay) * group.get("wd_mult", 1.0)
     return out
 
 

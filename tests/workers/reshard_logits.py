@@ -20,7 +20,12 @@ from megatron_rgm import distributed
 from megatron_rgm.arguments import parse_args
 from megatron_rgm.checkpoint import load_checkpoint
 from megatron_rgm.model import build_model
-from megatron_rgm.model.load import at_layout
+
+
+def at_layout(argv: list[str], tp: int, pp: int, padded_vocab: int) -> list[str]:
+    """``argv`` at ``tp`` x ``pp`` with the saved padded vocabulary rows (argparse keeps a flag's last value)."""
+    return argv + ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
+                   "--vocab-size", str(padded_vocab), "--make-vocab-size-divisible-by", "1"]
 
 
 def _reporting_rank() -> bool:

@@ -1,0 +1,87 @@
+"""The command line, generated from the config dataclasses (:mod:`megatron_rgm.config`).
+
+A field declared with :func:`megatron_rgm.config.option` becomes one flag: its type from the
+annotation (``int | None`` -> ``type=int``; ``list[str]`` -> ``nargs="+"``; a bool -> ``--x`` and
+``--no-x``, a field named ``no_x`` -> ``--no-x`` alone), its default from the dataclass, so a default
+is written once. :func:`from_namespace` reads the parsed values back into the dataclass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T")
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def dest_of(f: dataclasses.Field) -> str:
+    return flag_of(f)[2:].replace("-", "_")
+
+
+def cli_fields(cls: type, only: Callable[[str], bool] | None = None) -> list[dataclasses.Field]:
+    """The fields of ``cls`` the command line sets (those ``only`` keeps, by field name)."""
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("cli", False) and (only is None or only(f.name))]
+
+
+def _scalar(annotation: Any) -> tuple[type, bool]:
+    """(element type, is a list) of a field annotation such as ``int | None`` or ``list[str]``."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if typing.get_origin(annotation) is list:
+        return typing.get_args(annotation)[0], True
+    return annotation, False
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, title: str,
+                  only: Callable[[str], bool] | None = None) -> argparse.ArgumentParser:
+    """Register ``cls``'s flags as one argument group of ``parser``; returns ``parser``."""
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(title)
+    for f in cli_fields(cls, only):
+        kind, many = _scalar(hints[f.name])
+        m, default = f.metadata, _default(f)
+        kw: dict[str, Any] = {"dest": dest_of(f), "default": default, "help": m.get("help")}
+        if kind is bool:
+            # --x / --no-x (a preset may turn a flag on that a command line turns off); a --no-x field: store_true
+            kw["action"] = "store_true" if f.name.startswith("no_") else argparse.BooleanOptionalAction
+        else:
+            kw["type"] = kind
+            if many:
+                kw["nargs"] = "+"
+            if m.get("choices"):
+                kw["choices"] = m["choices"]
+            if m.get("metavar"):
+                kw["metavar"] = m["metavar"]
+        group.add_argument(flag_of(f), **kw)
+    return parser
+
+
+def from_namespace(cls: type[T], ns: argparse.Namespace, only: Callable[[str], bool] | None = None,
+                   **overrides: Any) -> T:
+    """``cls`` built from the parsed flags (its ``parse`` applied to command-line strings) and ``overrides``.
+
+    A field the namespace lacks (a parser that did not register it) keeps its default.
+    """
+    values: dict[str, Any] = {}
+    for f in cli_fields(cls, only):
+        if not hasattr(ns, dest_of(f)):
+            continue
+        value, parse = getattr(ns, dest_of(f)), f.metadata.get("parse")
+        if parse is not None and value is not None:
+            value = [parse(v) for v in value] if isinstance(value, list) else parse(value)
+        values[f.name] = value
+    values.update(overrides)
+    return cls(**values)

@@ -1,0 +1,36 @@
+"""A training checkpoint that every tool can use as it is.
+
+Beside the weights, optimizer and RNG state (:func:`megatron_rgm.checkpoint.save_checkpoint`): the
+model and head configs, the vocabulary sizes, the HF architecture (when one matches) and, once per
+save directory, the tokenizer under ``hf_assets/``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch.distributed as dist
+
+from megatron_rgm.checkpoint import ASSETS, save_checkpoint
+from megatron_rgm.convert.mapping import hf_config_from_args
+
+
+def save_run(args, iteration: int, model: list, optimizer, tokenizer, vocab: int, samples_per_iteration: int) -> None:
+    """Save ``model`` and ``optimizer`` at ``iteration`` under ``--save``. Collective."""
+    hf_config = hf_config_from_args(args, vocab)
+    extra = {**args.model_record(), "stage": args.run.stage, "padded_vocab_size": args.vocab_size,
+             "vocab_size": vocab}
+    if hf_config is not None:
+        extra["hf_config"] = hf_config
+    # Megatron-LM counts consumed samples (and its scheduler's steps) as iteration x global batch.
+    save_checkpoint(args.run.save, iteration, model, optimizer=optimizer, extra=extra,
+                    global_batch_size=samples_per_iteration)
+    assets = Path(args.run.save) / ASSETS
+    if dist.get_rank() == 0 and tokenizer is not None and not assets.exists():
+        tmp = assets.with_name(ASSETS + ".tmp")
+        tokenizer.save_pretrained(tmp)
+        if hf_config is not None:
+            (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        tmp.rename(assets)
+    dist.barrier()

@@ -1,0 +1,97 @@
+"""The forward passes of an iteration, through megatron-core's pipeline schedules.
+
+:func:`forward_backward` runs any step function over micro-batches on every stage; the training
+step itself is :func:`megatron_rgm.integration.forward_step`. Here also the frozen reference model
+(KL term) and the forward-only pass that collects the head's step logits for calibration.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from megatron_rgm.checkpoint import load_checkpoint, rng_state, set_rng_state
+from megatron_rgm.integration import forward_step
+from megatron_rgm.model import build_model, unwrap
+from megatron_rgm.rl import vocab_parallel_log_probs
+
+
+def forward_backward(model: list, batches: list[dict], length: int, micro_batch_size: int, step_func,
+                     forward_only: bool = False) -> list[dict]:
+    """``step_func`` over ``batches`` (one micro-batch each) on this stage's chunks; the last stage's reports."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    return get_forward_backward_func()(
+        forward_step_func=step_func,
+        data_iterator=[iter(batches) for _ in model] if len(model) > 1 else iter(batches),
+        model=model, num_microbatches=len(batches), seq_length=length, micro_batch_size=micro_batch_size,
+        forward_only=forward_only)
+
+
+def training_step_func(args, vocab: int):
+    """The GRPO + SPR step (``--sprm-only``: the SPR term alone)."""
+    return partial(forward_step, rgm_config=args.rgm, grpo=args.grpo, vocab_size=vocab,
+                   policy_loss=not args.run.sprm_only)
+
+
+def reference_model(args, policy: list) -> list:
+    """The frozen policy the KL term pulls towards: ``--pretrained-checkpoint``, else ``policy`` as initialised.
+
+    Building draws initial weights, so the run's random streams are saved and restored around it.
+    """
+    saved = rng_state()
+    ref = build_model(args)
+    set_rng_state(saved)
+    if args.run.pretrained_checkpoint:
+        load_checkpoint(args.run.pretrained_checkpoint, ref)
+    else:
+        for r, m in zip(ref, policy):
+            r.load_state_dict(unwrap(m).state_dict())
+    for r in ref:
+        r.eval()
+        r.requires_grad_(False)
+    return ref
+
+
+@torch.no_grad()
+def add_reference_log_probs(ref: list, batches: list[dict], length: int, micro_batch_size: int, grpo,
+                            vocab: int) -> None:
+    """Adds ``ref_log_probs`` to each batch (last stage; other stages only pass activations)."""
+
+    def step(data_iterator, model):
+        batch = next(data_iterator)
+        b, s = batch["tokens"].shape
+        out = model(batch["tokens"], torch.arange(s).unsqueeze(0).expand(b, s), None)
+
+        def loss(output):
+            batch["ref_log_probs"] = vocab_parallel_log_probs(output / grpo.temperature, batch["labels"],
+                                                              vocab).detach()
+            return torch.zeros((), device=output.device), {}
+        return out, loss
+
+    forward_backward(ref, batches, length, micro_batch_size, step, forward_only=True)
+
+
+@torch.no_grad()
+def head_step_logits(model: list, batches: list[dict], length: int, micro_batch_size: int):
+    """The head's step logits ``[S]`` (last stage; empty elsewhere) and each trajectory's step count, in eval mode."""
+    collected, counts = [], []
+
+    def step(data_iterator, chunk):
+        batch = next(data_iterator)
+        b, s = batch["tokens"].shape
+        out = chunk(batch["tokens"], torch.arange(s).unsqueeze(0).expand(b, s), None, step_mask=batch["step_mask"])
+        counts.append(batch["step_mask"].sum(1))
+
+        def loss(output):
+            collected.append(output[1].detach().float().cpu())
+            return torch.zeros(()), {}
+        return out, loss
+
+    for m in model:
+        m.eval()
+    forward_backward(model, batches, length, micro_batch_size, step, forward_only=True)
+    for m in model:
+        m.train()
+    return (torch.cat(collected) if collected else torch.zeros(0),
+            torch.cat(counts) if counts else torch.zeros(0, dtype=torch.long))

@@ -1,0 +1,96 @@
+"""The config tree and the command line generated from it: one default per option, Megatron's flag names."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, fields
+
+import pytest
+
+from megatron_rgm import cli
+from megatron_rgm.arguments import add_rgm_args, build_args, build_parser, parse_args, rgm_config_from_args
+from megatron_rgm.config import (ConfigError, DataConfig, GRPOConfig, ModelConfig, OptimConfig, ParallelConfig,
+                                 RGMConfig, RunConfig)
+from megatron_rgm.model.presets import PRESETS
+
+# Flags a Megatron-LM user already types; each must keep its name and meaning here.
+MEGATRON_FLAGS = {
+    "--num-layers": ("4", "model", "num_layers", 4), "--hidden-size": ("64", "model", "hidden_size", 64),
+    "--num-query-groups": ("1", "model", "num_query_groups", 1), "--seq-length": ("32", "model", "seq_length", 32),
+    "--tensor-model-parallel-size": ("2", "parallel", "tensor_model_parallel_size", 2),
+    "--pipeline-model-parallel-size": ("2", "parallel", "pipeline_model_parallel_size", 2),
+    "--micro-batch-size": ("2", "run", "micro_batch_size", 2), "--global-batch-size": ("8", "run", "global_batch_size", 8),
+    "--train-iters": ("9", "run", "train_iters", 9), "--lr": ("0.5", "optim", "lr", 0.5),
+    "--clip-grad": ("0.3", "optim", "clip_grad", 0.3), "--lr-warmup-iters": ("2", "optim", "lr_warmup_iters", 2),
+    "--seed": ("7", "parallel", "seed", 7), "--save-interval": ("3", "run", "save_interval", 3),
+}
+
+
+@pytest.mark.parametrize("flag", sorted(MEGATRON_FLAGS))
+def test_megatron_lm_flags_keep_their_names(flag):
+    value, group, name, want = MEGATRON_FLAGS[flag]
+    base = ["--num-attention-heads", "4", "--num-layers", "4"] if group == "parallel" else []
+    args = parse_args(base + [flag, value])
+    assert getattr(getattr(args, group), name) == want
+
+
+def test_defaults_are_the_dataclasses_own():
+    # One place defines each default: what the parser leaves alone equals the dataclass's field default.
+    args = parse_args([])
+    assert args.optim == OptimConfig() and args.run == RunConfig() and args.data == DataConfig()
+    assert args.rgm == RGMConfig() and args.parallel == ParallelConfig()
+    assert args.grpo == GRPOConfig(temperature=DataConfig().temperature)  # logits divided as sampled
+    preset_free = {f.name for f in fields(ModelConfig)} - set(PRESETS["tiny"])
+    assert {n: getattr(args.model, n) for n in preset_free} == {n: getattr(ModelConfig(**PRESETS["tiny"]), n)
+                                                                   for n in preset_free}
+
+
+def test_each_field_is_one_flag_and_bools_turn_both_ways():
+    parser = build_parser()
+    flags = [s for a in parser._actions for s in a.option_strings]
+    assert len(flags) == len(set(flags))
+    assert "--no-swiglu" in flags and "--no-sprm-calibrate-head" in flags
+    assert "--no-no-load-optim" not in flags  # a field named no_x is a plain switch
+    # A preset turns SwiGLU on; the command line turns it off again.
+    assert not parse_args(["--no-swiglu"]).transformer.gated_linear_unit
+
+
+def test_a_model_record_rebuilds_the_same_transformer_config():
+    args = parse_args(["--preset", "qwen3-32b", "--num-layers", "6", "--sprm-step-tokens", "\\n\\n", "--bf16"])
+    record = args.model_record()
+    model, sprm = ModelConfig(**record["model"]), RGMConfig(**record["sprm"])
+    assert model == args.model and sprm == args.rgm and sprm.sprm_step_tokens == ["\n\n"]
+    again = build_args(model, rgm=sprm)
+    keys = ("num_layers", "hidden_size", "ffn_hidden_size", "num_query_groups", "kv_channels", "qk_layernorm",
+            "add_qkv_bias", "gated_linear_unit", "layernorm_epsilon", "normalization", "params_dtype")
+    assert {k: getattr(again.transformer, k) for k in keys} == {k: getattr(args.transformer, k) for k in keys}
+    assert again.vocab_size == args.vocab_size and again.rotary_base == args.rotary_base == 1000000
+
+
+def test_rgm_flags_alone_on_a_foreign_parser():
+    # What a Megatron-LM script's extra_args_provider registers: the head's and GRPO's flags, no others.
+    parser = add_rgm_args(argparse.ArgumentParser())
+    flags = {s for a in parser._actions for s in a.option_strings} - {"-h", "--help"}
+    assert flags and all(f.startswith(("--sprm-", "--no-sprm-", "--grpo-")) for f in flags)
+    assert {"--sprm-lr", "--sprm-calibrate-head", "--sprm-only", "--grpo-kl-coef"} <= flags
+    ns = parser.parse_args(["--sprm-step-tokens", "\\n\\n", "--sprm-layer", "-3"])
+    assert rgm_config_from_args(ns) == RGMConfig(sprm_layer=-3, sprm_step_tokens=["\n\n"])
+
+
+@pytest.mark.parametrize("cls, change, message", [
+    (OptimConfig, dict(lr=-1.0), "--lr must be >= 0"),
+    (RunConfig, dict(train_iters=0), "--train-iters must be >= 1"),
+    (DataConfig, dict(top_p=0.0), "--rollout-top-p must be in (0, 1]"),
+    (DataConfig, dict(group_size=0), "--grpo-group-size must be >= 1"),
+    (GRPOConfig, dict(kl_coef=-0.1), "--grpo-kl-coef must be >= 0"),
+    (ParallelConfig, dict(sequence_parallel=True), "--sequence-parallel needs"),
+])
+def test_each_config_checks_its_own_fields_by_flag(cls, change, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("]", r"\]")):
+        cls(**change)
+
+
+def test_from_namespace_reads_only_what_a_parser_registered():
+    ns = argparse.Namespace(lr=0.25)
+    assert cli.from_namespace(OptimConfig, ns) == OptimConfig(lr=0.25)
+    assert asdict(cli.from_namespace(OptimConfig, argparse.Namespace())) == asdict(OptimConfig())
