@@ -9,7 +9,7 @@ import torch
 
 from helpers import convert, torchrun
 from megatron_rgm.config import ConfigError
-from megatron_rgm.rollout.sampler import SamplingParams, _filter, _nucleus, _repetition_penalty
+from megatron_rgm.rollout.sampling import SamplingParams, filter_logits, nucleus, repetition_penalty
 
 
 @pytest.fixture(scope="module")
@@ -109,23 +109,23 @@ def test_greedy_equals_transformers_on_the_converted_model(tmp_path):
 
 def test_filters_and_penalty():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
-    assert torch.isinf(_filter(logits, SamplingParams(top_k=2, top_p=1.0))[0, 2:]).all()
+    assert torch.isinf(filter_logits(logits, SamplingParams(top_k=2, top_p=1.0))[0, 2:]).all()
     # probs ~ [.64, .24, .09, .03]: top_p 0.7 keeps the first two
-    kept = ~torch.isinf(_filter(logits, SamplingParams(top_p=0.7)))
+    kept = ~torch.isinf(filter_logits(logits, SamplingParams(top_p=0.7)))
     assert kept.tolist() == [[True, True, False, False]]
-    pen = _repetition_penalty(logits, torch.tensor([[0, 3]]), 2.0)
+    pen = repetition_penalty(logits, torch.tensor([[0, 3]]), 2.0)
     assert pen.tolist() == [[1.0, 1.0, 0.0, -2.0]]
 
 
 @pytest.mark.parametrize("scale", [8.0, 0.05], ids=["peaked", "flat"])  # flat: a nucleus of ~95% of V
 @pytest.mark.parametrize("top_k, top_p", [(0, 0.95), (0, 0.5), (5, 1.0), (50, 0.9), (0, 1.0)])
 def test_nucleus_draws_from_the_filtered_distribution(scale, top_k, top_p):
-    """The sampler's candidates (top-k, then the smallest top-p prefix) give softmax(_filter(logits))."""
+    """The sampler's candidates (top-k, then the smallest top-p prefix) give softmax(filter_logits(logits))."""
     torch.manual_seed(0)
     scaled = torch.randn(4, 1000) * scale
     p = SamplingParams(top_k=top_k, top_p=top_p)
-    kept = _nucleus(scaled, p, torch.logsumexp(scaled, -1, keepdim=True))
-    expected = torch.softmax(_filter(scaled, p), -1)
+    kept = nucleus(scaled, p, torch.logsumexp(scaled, -1, keepdim=True))
+    expected = torch.softmax(filter_logits(scaled, p), -1)
     if kept is None:
         assert top_k == 0 and top_p == 1.0
         return

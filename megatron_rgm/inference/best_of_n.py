@@ -250,10 +250,7 @@ class HFSampler(Sampler):
     """
 
     def __init__(self, scorer, tokenizer, segmenter):
-        self.pp, self.first, self.last = 1, True, True
-        self.model = _HFPolicy(scorer)
-        self.vocab_size = scorer.model.config.vocab_size
-        self.segmenter, self.tokenizer, self.score_steps = segmenter, tokenizer, True
+        super().__init__(_HFPolicy(scorer), scorer.model.config.vocab_size, segmenter, tokenizer, pipeline=False)
         self.position_limit = self.model.max_sequence_length
         self._past = None
 

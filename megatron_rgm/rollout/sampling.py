@@ -1,0 +1,124 @@
+"""Decoding options, the distribution a token is drawn from (temperature, top-k, top-p, repetition penalty),
+and the record of a sampled batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from megatron_rgm.config import ConfigError
+
+
+@dataclass
+class SamplingParams:
+    """Decoding options (the reference samples at T=0.6, top-p 0.95, repetition penalty 1.05)."""
+
+    temperature: float = 0.6  # 0: greedy
+    top_p: float = 0.95
+    top_k: int = 0  # 0: off
+    repetition_penalty: float = 1.0
+    max_new_tokens: int = 256
+    eos_token_ids: list[int] = field(default_factory=list)
+    stop_strings: list[str] = field(default_factory=list)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.repetition_penalty <= 0:
+            raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+@dataclass
+class Rollout:
+    """Samples of one batch.
+
+    Attributes:
+        tokens: ``[b, s]`` prompt + response (right-padded with ``pad_id`` after each end).
+        prompt_length: length of the (shared) prompt.
+        lengths: ``[b]`` total length of each sequence (prompt + response).
+        log_probs: ``[b, s]`` log-probability of each sampled token under the
+            temperature-scaled distribution (0 at prompt and padding positions).
+        position_logits: ``[b, s]`` head logit at every position that sampled a token (0 elsewhere).
+        step_logits: ``[S]`` head logits of the steps (packed), with ``cu_steps`` ``[b + 1]``.
+    """
+
+    tokens: torch.Tensor
+    prompt_length: int
+    lengths: torch.Tensor
+    log_probs: torch.Tensor
+    position_logits: torch.Tensor
+    step_logits: torch.Tensor
+    cu_steps: torch.Tensor
+    step_mask: torch.Tensor
+
+    def response_mask(self) -> torch.Tensor:
+        idx = torch.arange(self.tokens.shape[1]).unsqueeze(0)
+        return (idx >= self.prompt_length) & (idx < self.lengths.unsqueeze(1))
+
+
+def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """Top-k and top-p filtering of ``[b, V]`` logits (already temperature-scaled).
+
+    The definition the sampler draws by; it draws over :func:`nucleus`'s candidates, which are the same.
+    """
+    if p.top_k and p.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, p.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the mass before it already reaches top_p (the first token always stays).
+        drop = probs.cumsum(-1) - probs >= p.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+CANDIDATES = 64  # first guess at the size of a top-p nucleus (grown until it holds the nucleus)
+
+
+def nucleus(scaled: torch.Tensor, p: SamplingParams, lse: torch.Tensor):
+    """The tokens :func:`filter_logits` keeps, without sorting the vocabulary.
+
+    Args:
+        scaled: ``[b, V]`` temperature-scaled logits.
+        lse: ``[b, 1]`` their logsumexp.
+
+    Returns:
+        ``(logits [b, n], ids [b, n])``: the ``n`` largest logits of each row, in descending order, the
+        ones :func:`filter_logits` drops set to ``-inf``; ``None`` when nothing is filtered (top-k and top-p off).
+        Top-p needs only the largest logits: every token after the first that brings the cumulative
+        probability to ``top_p`` is dropped, so ``n`` grows (x8) until the ``n`` largest hold ``top_p``.
+    """
+    vocab = scaled.shape[-1]
+    top_k = p.top_k if p.top_k and p.top_k < vocab else 0
+    if not top_k and p.top_p >= 1.0:
+        return None
+    n = top_k or min(CANDIDATES, vocab)
+    while True:
+        logits, ids = torch.topk(scaled, n, dim=-1)  # sorted, largest first
+        if p.top_p >= 1.0:
+            return logits, ids
+        # top-p over the distribution that top-k left (renormalised), else over the whole vocabulary
+        probs = torch.softmax(logits, -1) if top_k else torch.exp(logits - lse)
+        cum = probs.cumsum(-1)
+        if top_k or n == vocab or bool((cum[:, -1] >= p.top_p).all()):
+            break
+        n = min(8 * n, vocab)
+    drop = cum - probs >= p.top_p  # the mass before a token already reaches top_p (the first always stays)
+    return logits.masked_fill(drop, float("-inf")), ids
+
+
+def repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """HF's rule: a logit of a token already in the sequence is divided by the penalty if positive, else multiplied."""
+    if penalty == 1.0:
+        return logits
+    picked = logits.gather(-1, seen)
+    picked = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return logits.scatter(-1, seen, picked)
