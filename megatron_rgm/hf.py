@@ -18,10 +18,12 @@ from pathlib import Path
 
 import torch
 
+from megatron_rgm import ops
 from megatron_rgm.config import ConfigError
 from megatron_rgm.model.head_io import load_head
 from megatron_rgm.model.rgm_model import SPRMHead
 from megatron_rgm.steps import StepSegmenter
+from megatron_rgm.tokenizer import load_tokenizer
 
 
 @dataclass
@@ -124,8 +126,6 @@ class RGMScorer:
     def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
                         trust_remote_code: bool = False, **kwargs) -> "RGMScorer":
         """Load ``path`` (config, safetensors, tokenizer) and ``path/score_module.pt`` (or ``sprm_head.safetensors``)."""
-        from megatron_rgm.tokenizer import load_tokenizer
-
         root = Path(path)
         if not root.is_dir():
             raise ConfigError(f"{root} is not a directory: pass an HF export written by mcore-to-hf")
@@ -162,8 +162,6 @@ class RGMScorer:
     @torch.no_grad()
     def score(self, texts: list[str]) -> list[ScoredText]:
         """Step scores and the aggregate of each text (scored one at a time: no padding effects)."""
-        from megatron_rgm import ops
-
         if self.segmenter is None:
             raise ConfigError("RGMScorer.score needs a tokenizer: pass one or use step_logits on token ids")
         results = []

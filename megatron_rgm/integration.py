@@ -14,9 +14,20 @@ from functools import partial
 
 import torch
 
-from megatron_rgm.arguments import add_rgm_args, grpo_config_from_args, rgm_config_from_args
+from megatron_rgm import ops
+from megatron_rgm.arguments import (
+    add_rgm_args,
+    grpo_config_from_args,
+    rgm_config_from_args,
+)
 from megatron_rgm.config import GRPOConfig, RGMConfig
-from megatron_rgm.model.rgm_model import RGMModel, attach_sprm_head, sprm_step_logits
+from megatron_rgm.model.rgm_model import (
+    RGMModel,
+    attach_sprm_head,
+    sprm_step_logits,
+    unwrap,
+)
+from megatron_rgm.model.specs import block_spec
 from megatron_rgm.rl import grpo_loss, vocab_parallel_entropy, vocab_parallel_log_probs
 from megatron_rgm.steps import StepLayout
 
@@ -37,8 +48,6 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
     (``megatron.training.get_args()``, with :func:`add_rgm_args` as the extra
     args provider).
     """
-    from megatron_rgm.model.specs import block_spec
-
     if config is None:
         from megatron.training import get_args  # Megatron-LM, not megatron-core
         from megatron.training.arguments import core_transformer_config_from_args
@@ -71,8 +80,6 @@ def rgm_loss_func(model, batch: dict, rgm_config: RGMConfig, grpo: GRPOConfig, o
     SPR loss alone.
     """
     from megatron.core import parallel_state
-
-    from megatron_rgm import ops
 
     loss_mask = batch["loss_mask"].float()
     num_tokens = loss_mask.sum().clamp(min=1)
@@ -128,8 +135,6 @@ def forward_step(data_iterator, model, *, rgm_config: RGMConfig | None = None, g
     Bind ``rgm_config`` / ``grpo`` (and ``vocab_size``, ``policy_loss``; see
     :func:`rgm_loss_func`) with ``functools.partial``.
     """
-    from megatron_rgm.model.rgm_model import unwrap
-
     batch = next(data_iterator)
     tokens = batch["tokens"]
     b, s = tokens.shape

@@ -21,8 +21,10 @@ import torch
 
 from megatron_rgm import distributed
 from megatron_rgm.arguments import Args, check_stage, parse_args
+from megatron_rgm.checkpoint import latest_iteration, load_checkpoint, save_checkpoint
 from megatron_rgm.config import ConfigError
 from megatron_rgm.model import build_model
+from megatron_rgm.training.loop import TrainingError, train
 
 
 def synthetic_batch(args: Args, generator: torch.Generator):
@@ -63,7 +65,11 @@ def _forward_step(stats: dict, data_iterator, model):
 def backbone_check(args: Args) -> list[float]:
     """Run the backbone check; returns the LM loss per iteration (last stage ranks; [] elsewhere)."""
     from megatron.core import parallel_state
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -96,8 +102,6 @@ def backbone_check(args: Args) -> list[float]:
     start_iter = 1
     if args.run.load:
         from pathlib import Path
-
-        from megatron_rgm.checkpoint import latest_iteration, load_checkpoint
 
         # A save directory with a finished checkpoint, or one iter_XXXXXXX directory; an empty
         # --load directory starts a new run (Megatron-LM's behaviour).
@@ -135,8 +139,6 @@ def backbone_check(args: Args) -> list[float]:
                       f"grad norm: {grad_norm:.3f} | mean step score: {score:.4f} | "
                       f"elapsed time per iteration (ms): {elapsed:.1f}", flush=True)
         if args.run.save and (it == args.run.train_iters or (args.run.save_interval and it % args.run.save_interval == 0)):
-            from megatron_rgm.checkpoint import save_checkpoint
-
             save_checkpoint(args.run.save, it, model, optimizer=optimizer,
                             extra=args.model_record())
     if info.rank == 0:
@@ -149,7 +151,6 @@ def run(args: Args):
     check_stage(args)
     if args.run.stage == "backbone-check":
         return backbone_check(args)
-    from megatron_rgm.training.loop import train
 
     return train(args)
 
@@ -170,8 +171,6 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     import torch.distributed as dist
-
-    from megatron_rgm.training.loop import TrainingError
 
     try:
         args = parse_args(argv)

@@ -93,11 +93,76 @@ def test_no_private_name_is_imported_from_another_module():
     assert not found, "\n".join(found)
 
 
+# Third-party packages a module may import inside a function: slow to import, or optional.
+DEFERRED = ("megatron", "transformer_engine", "transformers", "wandb", "matplotlib", "vllm")
+
+
+def _top_imports(path: Path) -> list[str]:
+    """Modules a file imports at its top level (``from megatron_rgm import x`` counts as ``megatron_rgm.x``)."""
+    out = []
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            out += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out += ([f"{node.module}.{a.name}" for a in node.names] if node.module == "megatron_rgm"
+                    else [node.module])
+    return out
+
+
+def _pulls_deferred(module: str, files: dict[str, Path], seen: set[str] | None = None) -> bool:
+    """Whether importing ``module`` (its packages' ``__init__`` first) imports a DEFERRED package."""
+    seen = set() if seen is None else seen
+    parts = module.split(".")
+    for i in range(1, len(parts) + 1):
+        name = ".".join(parts[:i])
+        if name in seen or name not in files:
+            continue
+        seen.add(name)
+        for target in _top_imports(files[name]):
+            if target.split(".")[0] in DEFERRED:
+                return True
+            if target.startswith("megatron_rgm") and _pulls_deferred(target, files, seen):
+                return True
+    return False
+
+
+def test_imports_sit_at_file_tops_unless_deferred():
+    # An import inside a function is for what is slow or optional to import (DEFERRED, or a module of ours
+    # that imports it) in a module that does not already import it; the compiled extension loads lazily.
+    files = dict(_modules())
+    found = []
+    for module, path in files.items():
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if not isinstance(node, ast.ImportFrom) or not (node.module or "").startswith("megatron_rgm"):
+                    continue
+                targets = ([f"{node.module}.{a.name}" for a in node.names] if node.module == "megatron_rgm"
+                           else [node.module])
+                for target in targets:
+                    if target.endswith(EXTENSION) or (_pulls_deferred(target, files)
+                                                      and not _pulls_deferred(module, files)):
+                        continue
+                    found.append(f"{module}.{fn.name} imports {target} inside a function: move it to the top")
+    assert not found, "\n".join(found)
+
+
 @pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_a_library_file_reads_in_one_sitting(path):
     rel = str(path.relative_to(PACKAGE))
     lines = len(path.read_text().splitlines())
     assert lines <= LONG.get(rel, MAX_LINES), f"{rel} has {lines} lines: split it by concern"
+
+
+def test_the_import_check_fails_on_a_needless_deferred_import(tmp_path, monkeypatch):
+    fake = tmp_path / "megatron_rgm"
+    fake.mkdir()
+    (fake / "config.py").write_text("X = 1\n")
+    (fake / "steps.py").write_text("def f():\n    from megatron_rgm.config import X\n    return X\n")
+    monkeypatch.setitem(globals(), "PACKAGE", fake)
+    with pytest.raises(AssertionError, match="megatron_rgm.steps.f imports megatron_rgm.config inside a function"):
+        test_imports_sit_at_file_tops_unless_deferred()
 
 
 def test_the_layering_check_fails_on_an_upward_import(tmp_path, monkeypatch):

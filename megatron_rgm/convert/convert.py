@@ -22,13 +22,28 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from megatron_rgm.checkpoint import ASSETS
+from megatron_rgm import distributed
 from megatron_rgm.arguments import build_args
+from megatron_rgm.checkpoint import ASSETS, save_checkpoint
 from megatron_rgm.config import ConfigError, ModelConfig, ParallelConfig, RGMConfig
 from megatron_rgm.convert.hf_io import HFCheckpoint, ShardWriter, copy_tokenizer_files
-from megatron_rgm.convert.mapping import CKPT_KEY_ALIASES, HFArch, hf_config_from_args, hf_tensors
+from megatron_rgm.convert.launch import run_ranks
+from megatron_rgm.convert.mapping import (
+    CKPT_KEY_ALIASES,
+    HFArch,
+    hf_config_from_args,
+    hf_tensors,
+)
+from megatron_rgm.convert.slices import megatron_shard
+from megatron_rgm.convert.stream_save import (
+    StreamingSaveStrategy,
+    param_producer,
+    return_freed_memory,
+)
+from megatron_rgm.model import build_model
 from megatron_rgm.model.head_io import HEAD_KEYS, load_head, save_head
 from megatron_rgm.model.load import CheckpointModel, describe_checkpoint
+from megatron_rgm.model.state import global_name, partition
 
 
 def _say(msg: str) -> None:
@@ -48,12 +63,6 @@ def layout_args(model: ModelConfig, tp: int, pp: int, seed: int = 1234):
 
 def _hf_to_mcore_rank(hf_path: str, output: str, tp: int, pp: int, head_file: str | None, divisible_by: int,
                       seed: int) -> None:
-    from megatron_rgm import distributed
-    from megatron_rgm.convert.slices import megatron_shard
-    from megatron_rgm.convert.stream_save import param_producer, return_freed_memory
-    from megatron_rgm.model import build_model
-    from megatron_rgm.model.state import partition, global_name
-
     return_freed_memory()
     hf = HFCheckpoint(hf_path)
     arch = hf.arch
@@ -91,17 +100,12 @@ def _hf_to_mcore_rank(hf_path: str, output: str, tp: int, pp: int, head_file: st
 def _save_streaming(output: str, model, produce, extra: dict, progress: str | None = None) -> None:
     """``save_checkpoint(output, 0, [model], extra=extra)``, with the tensors made by ``produce`` as they are
     written (the same keys, common state and publish as a training save)."""
-    from megatron_rgm.checkpoint import save_checkpoint
-    from megatron_rgm.convert.stream_save import StreamingSaveStrategy
-
     save_checkpoint(output, 0, [model], extra=extra, sharded_strategy=StreamingSaveStrategy(produce, progress))
 
 
 def hf_to_mcore(hf_path: str, output: str, tp: int = 1, pp: int = 1, head_file: str | None = None,
                 divisible_by: int = 128, seed: int = 1234) -> None:
     """Convert an HF directory to a Megatron dist checkpoint with the SPRM head."""
-    from megatron_rgm.convert.launch import run_ranks
-
     hf = HFCheckpoint(hf_path)
     hf.validate()
     if head_file:
@@ -156,8 +160,6 @@ def export_config(checkpoint: CheckpointModel) -> dict:
 def _mcore_to_hf_rank(mcore_path: str, output: str, dtype: str | None, vocab_size: int | None) -> None:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import ShardedTensor
-
-    from megatron_rgm import distributed
 
     distributed.initialize(distributed.ParallelConfig())
     root = Path(mcore_path)
@@ -220,8 +222,6 @@ def mcore_to_hf(mcore_path: str, output: str, dtype: str | None = None, vocab_si
     Args:
         vocab_size: the real vocabulary, for a checkpoint that records only the padded one (Megatron-LM's).
     """
-    from megatron_rgm.convert.launch import run_ranks
-
     if not Path(mcore_path).exists():
         raise ConfigError(f"--mcore-path {mcore_path} does not exist")
     if dtype and dtype not in ("float32", "bfloat16", "float16"):

@@ -23,6 +23,7 @@ import torch
 
 from megatron_rgm.convert.hf_io import HFCheckpoint
 from megatron_rgm.convert.mapping import LAYER_NAME, SAME_NAMES, HFArch, megatron_tensor
+from megatron_rgm.model.state import shard
 
 
 def _chunk(n: int, rank: int, size: int) -> tuple[int, int]:
@@ -95,6 +96,5 @@ def megatron_shard(name: str, hf: HFCheckpoint, arch: HFArch, padded_vocab: int,
             hf.read_into(gate, out[: b - a], rows=(a, b))
             hf.read_into(up, out[b - a:], rows=(a, b))
             return out
-    from megatron_rgm.model.state import shard
 
     return shard(megatron_tensor(name, hf.get, arch, padded_vocab), dim, gated, rank, size).clone()

@@ -13,12 +13,16 @@ from pathlib import Path
 
 import torch
 
+from megatron_rgm import distributed
 from megatron_rgm.convert.hf_io import HFCheckpoint
+from megatron_rgm.convert.launch import run_ranks
+from megatron_rgm.hf import HFFeature, head_logits, load_causal_lm
+from megatron_rgm.model import SPRMHead
+from megatron_rgm.model.head_io import load_head
+from megatron_rgm.model.load import load_model
 
 
 def _verify_rank(hf_path: str, mcore_path: str, tp: int, pp: int, batches: int, report_file: str | None) -> None:
-    from megatron_rgm import distributed
-
     verify_layout(hf_path, mcore_path, tp, pp, batches, report_file)
     distributed.shutdown()
 
@@ -35,10 +39,6 @@ def verify_layout(hf_path: str, mcore_path: str, tp: int, pp: int, batches: int 
     from megatron.core import tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_rgm.hf import HFFeature, head_logits
-    from megatron_rgm.model import SPRMHead
-    from megatron_rgm.model.load import load_model
-
     loaded = load_model(mcore_path, tp, pp)
     model, args = loaded.model, loaded.args
     arch = HFCheckpoint(hf_path).arch  # what is compared: the HF side's own architecture
@@ -47,15 +47,11 @@ def verify_layout(hf_path: str, mcore_path: str, tp: int, pp: int, batches: int 
     report = {"max_abs_logit_diff": 0.0, "max_abs_head_diff": 0.0, "steps": 0, "tp": tp, "pp": pp}
     first_logits = None
     if last:
-        from megatron_rgm.hf import load_causal_lm
-
         hf = load_causal_lm(hf_path, torch.float32).eval()
         feature = HFFeature(hf, args.rgm.sprm_layer)
         head_file = Path(hf_path) / "score_module.pt"
         hf_head = SPRMHead(arch.hidden_size, args.rgm.sprm_hidden_mult, 0.0).eval()
         if head_file.exists():
-            from megatron_rgm.model.head_io import load_head
-
             hf_head.load_state_dict(load_head(head_file, arch.hidden_size))
         else:
             hf_head.load_state_dict(model.sprm_head.state_dict())
@@ -100,7 +96,5 @@ def verify_layout(hf_path: str, mcore_path: str, tp: int, pp: int, batches: int 
 def verify(hf_path: str, mcore_path: str, tp: int = 1, pp: int = 1, batches: int = 2,
            report_file: str | None = None) -> None:
     """Compare an HF directory with a Megatron checkpoint run at ``tp`` x ``pp``."""
-    from megatron_rgm.convert.launch import run_ranks
-
     HFCheckpoint(hf_path)  # path / config errors before any rank starts
     run_ranks(_verify_rank, tp * pp, str(hf_path), str(mcore_path), tp, pp, batches, report_file)

@@ -23,6 +23,9 @@ import numpy as np
 import torch
 
 from megatron_rgm.config import ConfigError
+from megatron_rgm.data.benchmarks import load_benchmark, read_jsonl
+from megatron_rgm.data.store import RolloutStore
+from megatron_rgm.steps import encode
 
 
 @dataclass
@@ -58,8 +61,6 @@ class PromptSource:
     """Prompts of a jsonl file (``load_benchmark`` keys), split over data-parallel ranks per iteration."""
 
     def __init__(self, path: str, problem_key: str | None, answer_key: str | None, per_iter: int, seed: int):
-        from megatron_rgm.data.benchmarks import load_benchmark
-
         self.prompts = load_benchmark(path, problem_key, answer_key)
         if not self.prompts:
             raise ConfigError(f"--prompts {path} holds no prompts")
@@ -75,8 +76,6 @@ class StoreSource:
     """Groups (same ``group_id``) of a rollout store, ``per_iter`` groups per iteration over all DP ranks."""
 
     def __init__(self, path: str, per_iter: int, seed: int, tokenizer_fingerprint: str | None = None):
-        from megatron_rgm.data.store import RolloutStore
-
         self.store = RolloutStore(path, "r", tokenizer=tokenizer_fingerprint)
         groups: dict[int, list[int]] = {}
         for i, g in enumerate(self.store.group_ids()):
@@ -106,9 +105,6 @@ def read_sft(path: str, tokenizer, eos_id: int | None) -> list[tuple[list[int], 
 
     The loss covers the response (the whole text for ``{"text"}``) and an end-of-sequence token.
     """
-    from megatron_rgm.data.benchmarks import read_jsonl
-    from megatron_rgm.steps import encode
-
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--sft-data {p} does not exist: write it first (python -m megatron_rgm.tasks.prepare "

@@ -31,6 +31,7 @@ import numpy as np
 
 from megatron_rgm import faults
 from megatron_rgm.config import ConfigError
+from megatron_rgm.steps import decode_token, vocab_size_of
 
 SCHEMA_VERSION = 1
 COMMIT = "COMMIT"
@@ -43,8 +44,6 @@ TOKEN_CHUNK, STEP_CHUNK, TRAJ_CHUNK = 1 << 16, 1 << 14, 256
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """A short hash of a tokenizer's vocabulary (sentencepiece, tokenizers or transformers)."""
-    from megatron_rgm.steps import vocab_size_of, decode_token
-
     h = hashlib.sha1()
     n = vocab_size_of(tokenizer)
     h.update(str(n).encode())

@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from megatron_rgm import ops
 from megatron_rgm.config import AGGREGATIONS, ConfigError
 from megatron_rgm.data.benchmarks import read_jsonl
 from megatron_rgm.evaluation.metrics import Problem, evaluate
@@ -24,8 +25,6 @@ from megatron_rgm.rollout.rewards import CORRECT, make_verifier
 
 def aggregate_scores(step_scores: Sequence[Sequence[float]]) -> dict[str, list[float]]:
     """Per-response aggregates of step probabilities for every aggregation."""
-    from megatron_rgm import ops
-
     flat = torch.tensor([s for steps in step_scores for s in steps], dtype=torch.float32)
     cu = torch.zeros(len(step_scores) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor([len(s) for s in step_scores]).cumsum(0)

@@ -41,10 +41,18 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from megatron_rgm import distributed, ops
 from megatron_rgm.config import AGGREGATIONS, ConfigError
-from megatron_rgm.rollout.generate import PROMPT_TEMPLATE, check_prompt_lengths
+from megatron_rgm.data.benchmarks import KNOWN, read_jsonl
+from megatron_rgm.rollout.generate import (
+    PROMPT_TEMPLATE,
+    check_prompt_lengths,
+    load_prompts,
+)
 from megatron_rgm.rollout.rewards import CORRECT, VERIFIERS, last_boxed, make_verifier
 from megatron_rgm.rollout.sampler import Rollout, Sampler, SamplingParams
+from megatron_rgm.steps import StepSegmenter
+from megatron_rgm.tokenizer import load_tokenizer
 
 THINK_END = "</think>"
 
@@ -101,8 +109,6 @@ def score_candidates(rollout: Rollout, aggregation: str) -> tuple[list[list[floa
     The aggregate is computed from the float32 probabilities, as ``tools/evaluate.py`` computes it from the
     recorded ``step_scores``, so the choice here and its ``bon@k`` agree exactly.
     """
-    from megatron_rgm import ops
-
     probs = torch.sigmoid(rollout.step_logits.float())
     cu = rollout.cu_steps.to(torch.int32)
     aggregates = ops.segment_aggregate(probs, cu, aggregation, from_probs=True)
@@ -267,9 +273,6 @@ class HFSampler(Sampler):
 
 def load_problems(path: str, problem_key: str | None, answer_key: str | None, limit: int | None) -> list[dict]:
     """``[{"id", "problem", "answer"}]``; with ``problem_key`` and no ``answer_key`` (an unknown file), no gold."""
-    from megatron_rgm.data.benchmarks import KNOWN, read_jsonl
-    from megatron_rgm.rollout.generate import load_prompts
-
     if problem_key and not answer_key and Path(path).stem not in KNOWN:
         rows = read_jsonl(path)
         missing = next((n for n, row in enumerate(rows, 1) if problem_key not in row), None)
@@ -291,10 +294,7 @@ def load_problems(path: str, problem_key: str | None, answer_key: str | None, li
 def run_megatron(mcore_path: str, tokenizer_path: str | None, problems: list[dict], output: str,
                  cfg: BestOfNConfig, tp: int = 1, pp: int = 1) -> None:
     """Best-of-N with a Megatron checkpoint at a TP x PP layout, on this rank (run on every rank; rank 0 writes)."""
-    from megatron_rgm import distributed
     from megatron_rgm.model.load import describe_checkpoint, load_model
-    from megatron_rgm.steps import StepSegmenter
-    from megatron_rgm.tokenizer import load_tokenizer
 
     checkpoint = describe_checkpoint(mcore_path)
     tokenizer = load_tokenizer(checkpoint.tokenizer_path(tokenizer_path))
@@ -314,8 +314,6 @@ def run_megatron(mcore_path: str, tokenizer_path: str | None, problems: list[dic
 def run_hf(hf_path: str, tokenizer_path: str | None, problems: list[dict], output: str, cfg: BestOfNConfig) -> dict:
     """Best-of-N with an HF export (transformers + its ``score_module.pt``), in this process."""
     from megatron_rgm.hf import RGMScorer
-    from megatron_rgm.steps import StepSegmenter
-    from megatron_rgm.tokenizer import load_tokenizer
 
     scorer = RGMScorer.from_pretrained(hf_path)
     tokenizer = load_tokenizer(tokenizer_path or hf_path)

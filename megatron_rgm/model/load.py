@@ -21,11 +21,19 @@ import argparse
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from megatron_rgm.checkpoint import (ASSETS, HEAD_PREFIX, LoadResult, load_checkpoint, read_common_state,
-                                     read_tensor_names, resolve_checkpoint)
-from megatron_rgm import cli
+from megatron_rgm import cli, distributed
 from megatron_rgm.arguments import at_layout, build_args, parse_args
+from megatron_rgm.checkpoint import (
+    ASSETS,
+    HEAD_PREFIX,
+    LoadResult,
+    load_checkpoint,
+    read_common_state,
+    read_tensor_names,
+    resolve_checkpoint,
+)
 from megatron_rgm.config import ConfigError, ModelConfig, ParallelConfig, RGMConfig
+from megatron_rgm.model import build_model
 
 # Megatron-LM args attributes that name a model feature RGMModel does not build: (attribute, refused when).
 _UNSUPPORTED = {
@@ -206,9 +214,6 @@ def load_model(path: str | Path, tp: int = 1, pp: int = 1, checkpoint: Checkpoin
         path: what :func:`describe_checkpoint` takes.
         checkpoint: its description, when the caller has read it already.
     """
-    from megatron_rgm import distributed
-    from megatron_rgm.model import build_model
-
     checkpoint = checkpoint or describe_checkpoint(path)
     args = checkpoint.args(tp, pp)
     distributed.initialize(args.parallel)

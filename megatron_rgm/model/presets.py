@@ -6,6 +6,8 @@ that explicit command-line flags override.
 
 from __future__ import annotations
 
+from megatron_rgm.config import ConfigError
+
 # Qwen2-family defaults shared by the presets below.
 _QWEN2 = dict(
     normalization="RMSNorm",
@@ -70,8 +72,6 @@ PRESETS: dict[str, dict] = {
 
 def preset(name: str) -> dict:
     """A copy of the named preset's flag defaults (``dest`` names)."""
-    from megatron_rgm.config import ConfigError
-
     if name not in PRESETS:
         raise ConfigError(f"unknown --preset {name!r}: choose one of {', '.join(PRESETS)}")
     return dict(PRESETS[name])

@@ -17,12 +17,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from megatron_rgm import distributed
 from megatron_rgm.config import ConfigError
 from megatron_rgm.data.benchmarks import load_benchmark
-from megatron_rgm.rollout.rewards import CORRECT, make_verifier
-from megatron_rgm.rollout.sampler import SamplingParams
 from megatron_rgm.data.store import RolloutStore, Trajectory, tokenizer_fingerprint
+from megatron_rgm.rollout.rewards import CORRECT, make_verifier
+from megatron_rgm.rollout.sampler import Sampler, SamplingParams
 from megatron_rgm.steps import StepSegmenter
+from megatron_rgm.tokenizer import load_tokenizer
 
 PROMPT_TEMPLATE = "{problem}\n<think>\n"
 
@@ -60,10 +62,7 @@ def generate_megatron(mcore_path: str, tokenizer_path: str | None, prompts: list
                       template: str = PROMPT_TEMPLATE, pp: int = 1) -> None:
     from megatron.core import parallel_state as ps
 
-    from megatron_rgm import distributed
     from megatron_rgm.model.load import describe_checkpoint, load_model
-    from megatron_rgm.rollout.sampler import Sampler
-    from megatron_rgm.tokenizer import load_tokenizer
 
     checkpoint = describe_checkpoint(mcore_path)
     tokenizer = load_tokenizer(checkpoint.tokenizer_path(tokenizer_path))

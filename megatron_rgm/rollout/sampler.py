@@ -34,7 +34,13 @@ import torch.nn.functional as F
 
 from megatron_rgm.compat.mcore import inference_mode
 from megatron_rgm.config import ConfigError
-from megatron_rgm.rollout.sampling import Rollout, SamplingParams, nucleus, repetition_penalty
+from megatron_rgm.rollout import decode_attention
+from megatron_rgm.rollout.sampling import (
+    Rollout,
+    SamplingParams,
+    nucleus,
+    repetition_penalty,
+)
 from megatron_rgm.steps import StepSegmenter
 
 __all__ = ["Sampler", "SamplingParams", "Rollout"]
@@ -173,8 +179,6 @@ class Sampler:
     def _decode_path(self, use_cache: bool):
         """megatron-core's flash-decode KV-cache path for this generate call, where it applies (see
         :mod:`megatron_rgm.rollout.decode_attention`); else its default path."""
-        from megatron_rgm.rollout import decode_attention
-
         if (not use_cache or not self.fast_decode or not self._is_megatron()
                 or not decode_attention.supported(self.model)):
             return contextlib.nullcontext()

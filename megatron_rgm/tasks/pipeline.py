@@ -33,6 +33,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_rgm.config import ConfigError, run_tool
+from megatron_rgm.evaluation.report import run as evaluate
+from megatron_rgm.inference.best_of_n import BestOfNConfig, load_problems, run_megatron
+from megatron_rgm.rollout.sampler import SamplingParams
+from megatron_rgm.tasks.prepare import prepare, task_paths
+from megatron_rgm.tasks.probe import format_report as format_probe
+from megatron_rgm.tasks.probe import report as probe_report
 
 
 @dataclass
@@ -114,16 +120,10 @@ def plot_divergence(metrics_file: Path, png: Path) -> None:
 
 def run(cfg: PipelineConfig) -> dict:
     """Run every stage; returns the evaluation metrics."""
+    import torch
+
     from megatron_rgm.convert import mcore_to_hf
     from megatron_rgm.convert.launch import run_ranks
-    from megatron_rgm.evaluation.report import run as evaluate
-    from megatron_rgm.inference.best_of_n import BestOfNConfig, load_problems, run_megatron
-    from megatron_rgm.rollout.sampler import SamplingParams
-    from megatron_rgm.tasks.prepare import prepare, task_paths
-    from megatron_rgm.tasks.probe import format_report as format_probe
-    from megatron_rgm.tasks.probe import report as probe_report
-
-    import torch
 
     torch.set_num_threads(1)  # a 128-wide model: one thread per process beats contention on a small machine
     out = Path(cfg.output).resolve()

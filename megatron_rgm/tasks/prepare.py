@@ -20,7 +20,15 @@ from math import ceil
 from pathlib import Path
 
 from megatron_rgm.config import ConfigError, run_tool
-from megatron_rgm.tasks.arithmetic import SP_FILE, check_ranges, make_problems, prompt_text, sft_texts, train_tokenizer
+from megatron_rgm.tasks.arithmetic import (
+    SP_FILE,
+    check_ranges,
+    make_problems,
+    prompt_text,
+    sft_texts,
+    train_tokenizer,
+)
+from megatron_rgm.tokenizer import load_tokenizer
 
 
 def _write_jsonl(path: Path, rows) -> Path:
@@ -79,7 +87,6 @@ def prepare(out_dir: str | Path, seed: int = 0, n_train: int = 2000, n_eval: int
     _write_jsonl(paths["train"], (p.to_json() for p in train_set))
     _write_jsonl(paths["eval"], (p.to_json() for p in eval_set))
     _write_jsonl(paths["sft"], ({"text": t} for t in texts))
-    from megatron_rgm.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tok_path)
     lengths = sorted(len(tok.encode(t)) for t in texts) or [0]

@@ -34,6 +34,9 @@ from typing import Callable, Sequence
 import torch
 
 from megatron_rgm.config import ConfigError, run_tool
+from megatron_rgm.data.benchmarks import read_jsonl
+from megatron_rgm.evaluation.metrics import Problem, evaluate, pairwise_accuracy
+from megatron_rgm.evaluation.report import aggregate_scores
 from megatron_rgm.tasks.arithmetic import PROMPT_TEMPLATE, Step, parse_steps
 
 
@@ -87,8 +90,6 @@ def step_labels(numbers: Sequence[int], steps: Sequence[Step]) -> list[bool]:
 
 def load_candidates(path: str | Path) -> list[Candidate]:
     """Every graded candidate of a Best-of-N samples file (``--complete-all`` output)."""
-    from megatron_rgm.data.benchmarks import read_jsonl
-
     out = []
     for n, row in enumerate(read_jsonl(path)):
         if "candidates" not in row or "problem" not in row:
@@ -119,9 +120,6 @@ def _auc(pos: Sequence[float], neg: Sequence[float]) -> float:
 
 def scorer_metrics(cands: Sequence[Candidate], scores: Sequence[Sequence[float]], k: int = 8) -> dict[str, float]:
     """pairwise, margin, step_auc and bon@k (geometric) of per-candidate step probabilities ``scores``."""
-    from megatron_rgm.evaluation.metrics import Problem, evaluate, pairwise_accuracy
-    from megatron_rgm.evaluation.report import aggregate_scores
-
     agg = aggregate_scores(scores)["geometric"]  # as tools/evaluate.py computes it, so bon@k matches eval.json
     by_problem: dict[str, list[int]] = {}
     for i, c in enumerate(cands):
