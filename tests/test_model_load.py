@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 import pytest
 import torch
@@ -101,12 +102,16 @@ def test_a_native_model_without_an_hf_class_rebuilds_with_equal_logits(single_ra
     assert torch.equal(got, want) and torch.equal(got_head, want_head)
 
 
-def test_a_checkpoint_that_describes_no_model_is_refused(single_rank, tmp_path):
+def test_a_checkpoint_that_describes_no_model_is_refused(single_rank, tmp_path, capsys):
     args = parse_args(NATIVE)
     single_rank.initialize(args.parallel)
     model = build_model(args)[0]
     save_checkpoint(tmp_path / "ckpt", 1, [model], extra={"stage": "sft"})
     # Our save records Megatron-LM's args too: the model still rebuilds from them.
-    assert describe_checkpoint(tmp_path / "ckpt").args().transformer.normalization == "LayerNorm"
+    described = describe_checkpoint(tmp_path / "ckpt")
+    assert described.args().transformer.normalization == "LayerNorm"
+    # What a translation read in a way the user should know is said when the model loads.
+    load_model(tmp_path / "ckpt", checkpoint=replace(described, notes=("num_experts=1 (a dense MLP)",)))
+    assert "rebuilt from Megatron-LM's args, reading num_experts=1 (a dense MLP)" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="does not exist"):
         describe_checkpoint(tmp_path / "nothing")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from megatron_rgm import cli, distributed
 from megatron_rgm.arguments import at_layout, build_args, parse_args
+from megatron_rgm.checkpoint.state import say
 from megatron_rgm.checkpoint import (
     ASSETS,
     HEAD_PREFIX,
@@ -219,5 +220,8 @@ def load_model(path: str | Path, tp: int = 1, pp: int = 1, checkpoint: Checkpoin
     distributed.initialize(args.parallel)
     model = build_model(args)[0]
     result = load_checkpoint(checkpoint.directory, [model])
+    if checkpoint.notes:
+        say(f"{checkpoint.directory}: the model was rebuilt from Megatron-LM's args, reading "
+            f"{'; '.join(checkpoint.notes)}")
     model.eval()
     return LoadedModel(model, checkpoint, args, result)
