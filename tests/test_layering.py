@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "megatron_rgm"
 # subpackage of megatron_rgm, or one of the modules named in UNITS (they sit apart from their package).
 LAYERS = [
     ["config", "cli", "faults", "ops", "cpu", "model.presets"],
-    ["rl", "compat", "distributed", "tokenizer", "steps"],
+    ["rl", "compat", "distributed", "launch", "tokenizer", "steps"],
     ["checkpoint", "arguments", "data"],
     ["model"],
     ["model.load"],

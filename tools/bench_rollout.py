@@ -172,7 +172,7 @@ def _run(a, work: Path, hidden: int, layers: int, heads: int, kv_heads: int, voc
     import transformers
 
     from megatron_rgm.convert import hf_to_mcore
-    from megatron_rgm.convert.launch import run_ranks
+    from megatron_rgm.launch import run_ranks
 
     cfg = transformers.Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(2.75 * hidden),
                                    num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,

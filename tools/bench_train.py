@@ -81,7 +81,7 @@ def main() -> int:
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--repeats", type=int, default=6)
     a = p.parse_args()
-    from megatron_rgm.convert.launch import run_ranks
+    from megatron_rgm.launch import run_ranks
 
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
     write_store(work / "store", a.groups, a.k, a.tokens, a.prompt, a.vocab, a.step_every)

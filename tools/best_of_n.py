@@ -70,7 +70,7 @@ def main(argv=None) -> int:
             raise ConfigError("--backend megatron needs --mcore-path (a checkpoint written by hf-to-mcore or --save)")
         if a.tp < 1 or a.pp < 1:
             raise ConfigError(f"--tp and --pp must be >= 1, got {a.tp} and {a.pp}")
-        from megatron_rgm.convert.launch import run_ranks
+        from megatron_rgm.launch import run_ranks
         from megatron_rgm.tokenizer import load_tokenizer
         from megatron_rgm.model.load import describe_checkpoint
 

@@ -51,6 +51,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from megatron_rgm.convert.launch import exit_now
+    from megatron_rgm.launch import exit_now
 
     exit_now(main())  # skips the interpreter's teardown of torch and megatron-core (~0.12 GiB more RSS)

@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     p.add_argument("--verifier", choices=["math", "exact"], default="math")
     p.add_argument("--prompt-template", default="{problem}\n<think>\n")
     a = p.parse_args(argv)
-    from megatron_rgm.convert.launch import run_ranks
+    from megatron_rgm.launch import run_ranks
     from megatron_rgm.rollout.generate import generate_hf, generate_megatron, load_prompts
     from megatron_rgm.rollout.sampler import SamplingParams
 

@@ -27,7 +27,7 @@ from megatron_rgm.arguments import build_args
 from megatron_rgm.checkpoint import ASSETS, save_checkpoint
 from megatron_rgm.config import ConfigError, ModelConfig, ParallelConfig, RGMConfig
 from megatron_rgm.convert.hf_io import HFCheckpoint, ShardWriter, copy_tokenizer_files
-from megatron_rgm.convert.launch import run_ranks
+from megatron_rgm.launch import run_ranks
 from megatron_rgm.convert.mapping import (
     CKPT_KEY_ALIASES,
     HFArch,

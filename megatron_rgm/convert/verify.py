@@ -15,7 +15,7 @@ import torch
 
 from megatron_rgm import distributed
 from megatron_rgm.convert.hf_io import HFCheckpoint
-from megatron_rgm.convert.launch import run_ranks
+from megatron_rgm.launch import run_ranks
 from megatron_rgm.hf import HFFeature, head_logits, load_causal_lm
 from megatron_rgm.model import SPRMHead
 from megatron_rgm.model.head_io import load_head

@@ -35,6 +35,7 @@ from pathlib import Path
 from megatron_rgm.config import ConfigError, run_tool
 from megatron_rgm.evaluation.report import run as evaluate
 from megatron_rgm.inference.best_of_n import BestOfNConfig, load_problems, run_megatron
+from megatron_rgm.launch import free_port, run_ranks
 from megatron_rgm.rollout.sampler import SamplingParams
 from megatron_rgm.tasks.prepare import prepare, task_paths
 from megatron_rgm.tasks.probe import format_report as format_probe
@@ -81,8 +82,6 @@ def _say(msg: str) -> None:
 
 def _torchrun(nproc: int, argv: list[str], log: Path) -> None:
     """``torchrun -m megatron_rgm.pretrain`` with ``argv``; its lines go to the terminal and to ``log``."""
-    from megatron_rgm.convert.launch import free_port
-
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
            f"--master-port={free_port()}", "-m", "megatron_rgm.pretrain", *argv]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONWARNINGS="ignore")
@@ -123,7 +122,6 @@ def run(cfg: PipelineConfig) -> dict:
     import torch
 
     from megatron_rgm.convert import mcore_to_hf
-    from megatron_rgm.convert.launch import run_ranks
 
     torch.set_num_threads(1)  # a 128-wide model: one thread per process beats contention on a small machine
     out = Path(cfg.output).resolve()

@@ -1,4 +1,5 @@
-"""Run a conversion function on N gloo/nccl ranks: in place under torchrun, else by spawning them."""
+"""Run a function on N gloo/nccl ranks (conversion, verify, rollouts, Best-of-N): in place under torchrun, else by
+spawning them."""
 
 from __future__ import annotations
 
