@@ -54,6 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, title: str,
         kind, many = _scalar(hints[f.name])
         m, default = f.metadata, _default(f)
         kw: dict[str, Any] = {"dest": dest_of(f), "default": default, "help": m.get("help")}
+        if m.get("required"):
+            kw["required"] = True
         if kind is bool:
             # --x / --no-x (a preset may turn a flag on that a command line turns off); a --no-x field: store_true
             kw["action"] = "store_true" if f.name.startswith("no_") else argparse.BooleanOptionalAction

@@ -19,6 +19,8 @@ from typing import Any, Callable
 AGGREGATIONS = ("geometric", "arithmetic", "product", "min", "last")
 SPRM_LOSSES = ("spr", "bce")
 STAGES = ("rgm", "sft", "backbone-check")
+VERIFIERS = ("math", "exact")  # final-answer grading (megatron_rgm.rollout.rewards.make_verifier)
+PROMPT_TEMPLATE = "{problem}\n<think>\n"  # how a problem becomes the model's prompt (the reference's)
 
 
 class ConfigError(ValueError):
@@ -42,18 +44,25 @@ def decode_escapes(s: str) -> str:
 
 def option(default: Any = MISSING, help: str | None = None, *, flag: str | None = None, choices=None,
            metavar: str | None = None, parse: Callable[[str], Any] | None = None, default_factory=MISSING,
-           cli: bool = True):
+           required: bool = False, cli: bool = True):
     """A config field with its command-line flag.
 
     Args:
         flag: the flag, when it is not ``--`` + the field name with dashes.
         parse: applied to each string the command line gives (e.g. :func:`decode_escapes`).
+        required: the command line must give it (a tool's input).
         cli: False for a field the command line does not set (derived, or set by code).
     """
-    meta = {"help": help, "flag": flag, "choices": choices, "metavar": metavar, "parse": parse, "cli": cli}
+    meta = {"help": help, "flag": flag, "choices": choices, "metavar": metavar, "parse": parse, "cli": cli,
+            "required": required}
     if default_factory is not MISSING:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def check_template(template: str) -> None:
+    if "{problem}" not in template:
+        raise ConfigError(f"--prompt-template {template!r} has no {{problem}} field: add one")
 
 
 def _at_least(owner: object, names: tuple[str, ...], low: float) -> None:
@@ -257,10 +266,10 @@ class DataConfig:
     prompts: str | None = option(None, "prompts jsonl (id, problem, answer) for colocated rollouts")
     problem_key: str | None = option(None, "prompt field of --prompts (default: problem / prompt / question)")
     answer_key: str | None = option(None, "gold-answer field of --prompts (default: answer)")
-    prompt_template: str = option("{problem}\n<think>\n", "how a problem becomes the model's prompt; escapes "
-                                  "such as \\n are decoded", parse=decode_escapes)
+    prompt_template: str = option(PROMPT_TEMPLATE, "how a problem becomes the model's prompt; escapes such as \\n "
+                                  "are decoded", parse=decode_escapes)
     verifier: str = option("math", "final-answer grading: math-verify equivalence or exact string match",
-                           choices=("math", "exact"))
+                           choices=VERIFIERS)
     rollouts: str | None = option(None, "train from a rollout store (tools/generate_rollouts.py) with its old "
                                   "log-probs instead of sampling", metavar="STORE")
     prompts_per_iter: int = option(2, "prompts per iteration over all data-parallel ranks")
@@ -274,6 +283,7 @@ class DataConfig:
     max_response_length: int = option(256, "new tokens per rollout")
 
     def __post_init__(self) -> None:
+        check_template(self.prompt_template)
         for flag, value in {"--prompts-per-iter": self.prompts_per_iter, "--grpo-group-size": self.group_size,
                             "--max-response-length": self.max_response_length}.items():
             if value < 1:
@@ -324,3 +334,42 @@ class RunConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         if self.stage not in STAGES:
             raise ConfigError(f"--stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
+
+
+@dataclass
+class PromptFileConfig:
+    """A tool's prompts: the file, which fields hold problem and answer, the template, the grading."""
+
+    prompts: str | None = option(None, "a known benchmark file or any jsonl (--problem-key/--answer-key)",
+                                 required=True)
+    problem_key: str | None = option(None, "problem field (default: problem / prompt / question)")
+    answer_key: str | None = option(None, "gold-answer field (omit with --problem-key for a file without them)")
+    limit: int | None = option(None, "the first N prompts only")
+    prompt_template: str = option(PROMPT_TEMPLATE, "how a problem becomes the model's prompt; escapes such as \\n "
+                                  "are decoded", parse=decode_escapes)
+    verifier: str = option("math", "final-answer grading: math-verify equivalence or exact string match",
+                           choices=VERIFIERS)
+
+    def __post_init__(self) -> None:
+        check_template(self.prompt_template)
+        _at_least(self, ("limit",), 1)
+
+
+@dataclass
+class ModelSource:
+    """Which model a tool runs: a Megatron checkpoint at a layout, or an HF export."""
+
+    backend: str = option("megatron", choices=("megatron", "hf"))
+    mcore_path: str | None = option(None, "Megatron checkpoint (hf-to-mcore, --save, or Megatron-LM's)")
+    hf_path: str | None = option(None, "HF export with score_module.pt (mcore-to-hf)")
+    tokenizer: str | None = option(None, "sentencepiece .model or HF tokenizer directory (default: the checkpoint's)")
+    tp: int = option(1, "tensor-parallel size (megatron backend)")
+    pp: int = option(1, "pipeline-parallel size (megatron backend)")
+
+    def __post_init__(self) -> None:
+        if self.backend == "hf" and not self.hf_path:
+            raise ConfigError("--backend hf needs --hf-path (an export written by mcore-to-hf)")
+        if self.backend == "megatron" and not self.mcore_path:
+            raise ConfigError("--backend megatron needs --mcore-path (a checkpoint written by hf-to-mcore or --save)")
+        if self.tp < 1 or self.pp < 1:
+            raise ConfigError(f"--tp and --pp must be >= 1, got {self.tp} and {self.pp}")

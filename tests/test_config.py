@@ -94,3 +94,24 @@ def test_from_namespace_reads_only_what_a_parser_registered():
     ns = argparse.Namespace(lr=0.25)
     assert cli.from_namespace(OptimConfig, ns) == OptimConfig(lr=0.25)
     assert asdict(cli.from_namespace(OptimConfig, argparse.Namespace())) == asdict(OptimConfig())
+
+
+def test_the_tools_share_one_prompt_model_and_sampling_group():
+    from megatron_rgm.config import ModelSource, PromptFileConfig
+    from megatron_rgm.rollout.sampling import SamplingParams
+
+    parser = argparse.ArgumentParser()
+    for title, cls in (("prompts", PromptFileConfig), ("model", ModelSource), ("sampling", SamplingParams)):
+        cli.add_arguments(parser, cls, title)
+    with pytest.raises(SystemExit):  # --prompts is required
+        parser.parse_args([])
+    ns = parser.parse_args(["--prompts", "p.jsonl", "--prompt-template", "Q: {problem}\\nA:", "--mcore-path", "c",
+                            "--stop", "\\n\\n", "--temperature", "0"])
+    assert cli.from_namespace(PromptFileConfig, ns).prompt_template == "Q: {problem}\nA:"
+    params = cli.from_namespace(SamplingParams, ns)
+    assert params.stop_strings == ["\n\n"] and params.temperature == 0 and params.eos_token_ids == []
+    assert cli.from_namespace(ModelSource, ns).tp == 1
+    with pytest.raises(ConfigError, match="--backend hf needs --hf-path"):
+        ModelSource(backend="hf")
+    with pytest.raises(ConfigError, match="has no {problem} field"):
+        PromptFileConfig(prompts="p.jsonl", prompt_template="no field")

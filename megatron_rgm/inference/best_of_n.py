@@ -34,7 +34,7 @@ import inspect
 import json
 import os
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -42,7 +42,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from megatron_rgm import distributed, ops
-from megatron_rgm.config import AGGREGATIONS, ConfigError
+from megatron_rgm.config import AGGREGATIONS, ConfigError, check_template, option
 from megatron_rgm.data.benchmarks import KNOWN, read_jsonl
 from megatron_rgm.rollout.generate import (
     PROMPT_TEMPLATE,
@@ -73,15 +73,15 @@ class BestOfNConfig:
         template: how a problem becomes the prompt (``{problem}``).
     """
 
-    k: int = 8
-    aggregation: str = "geometric"
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    think_end: str = THINK_END
-    answer_max_new_tokens: int = 64
-    answer_temperature: float = 0.0
-    complete_all: bool = False
-    verifier: str = "math"
-    template: str = PROMPT_TEMPLATE
+    k: int = option(8, "candidates per problem")
+    aggregation: str = option("geometric", f"how step scores become a trajectory's score: {' | '.join(AGGREGATIONS)}")
+    sampling: SamplingParams = option(default_factory=SamplingParams, cli=False)
+    think_end: str = option(THINK_END, "stop string that ends the thinking")
+    answer_max_new_tokens: int = option(64)
+    answer_temperature: float = option(0.0, "0: greedy answer")
+    complete_all: bool = option(False, "answer and grade every candidate, not only the chosen")
+    verifier: str = option("math", cli=False)  # the prompts' (PromptFileConfig)
+    template: str = option(PROMPT_TEMPLATE, cli=False)
 
     def __post_init__(self):
         if self.k < 1:
@@ -94,8 +94,7 @@ class BestOfNConfig:
             raise ConfigError(f"--answer-temperature must be >= 0, got {self.answer_temperature}")
         if self.verifier not in VERIFIERS:
             raise ConfigError(f"--verifier {self.verifier!r} is unknown: use one of {', '.join(VERIFIERS)}")
-        if "{problem}" not in self.template:
-            raise ConfigError(f"--prompt-template {self.template!r} has no {{problem}} field: add one")
+        check_template(self.template)
 
 
 def choose(aggregates: list[float]) -> int:

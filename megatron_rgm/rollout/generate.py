@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from megatron_rgm import distributed
-from megatron_rgm.config import ConfigError
+from megatron_rgm.config import PROMPT_TEMPLATE, ConfigError
 from megatron_rgm.data.benchmarks import load_benchmark
 from megatron_rgm.data.store import RolloutStore, Trajectory, tokenizer_fingerprint
 from megatron_rgm.rollout.rewards import CORRECT, make_verifier
@@ -26,7 +26,6 @@ from megatron_rgm.rollout.sampler import Sampler, SamplingParams
 from megatron_rgm.steps import StepSegmenter
 from megatron_rgm.tokenizer import load_tokenizer
 
-PROMPT_TEMPLATE = "{problem}\n<think>\n"
 
 
 def _trajectories(tokens, prompt_len, lengths, log_probs, step_mask, step_logits, cu, texts, answer, verifier,

@@ -3,25 +3,26 @@ and the record of a sampled batch."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from megatron_rgm.config import ConfigError
+from megatron_rgm.config import ConfigError, decode_escapes, option
 
 
 @dataclass
 class SamplingParams:
     """Decoding options (the reference samples at T=0.6, top-p 0.95, repetition penalty 1.05)."""
 
-    temperature: float = 0.6  # 0: greedy
-    top_p: float = 0.95
-    top_k: int = 0  # 0: off
-    repetition_penalty: float = 1.0
-    max_new_tokens: int = 256
-    eos_token_ids: list[int] = field(default_factory=list)
-    stop_strings: list[str] = field(default_factory=list)
-    seed: int = 0
+    temperature: float = option(0.6, "0: greedy")
+    top_p: float = option(0.95)
+    top_k: int = option(0, "0: off")
+    repetition_penalty: float = option(1.0)
+    max_new_tokens: int = option(256, "new tokens per sample")
+    eos_token_ids: list[int] = option(default_factory=list, cli=False)  # the tokenizer's EOS, set by the caller
+    stop_strings: list[str] = option(help="strings that end a sample (escapes such as \\n are decoded)",
+                                     default_factory=list, flag="--stop", parse=decode_escapes)
+    seed: int = option(0)
 
     def __post_init__(self):
         if self.temperature < 0:

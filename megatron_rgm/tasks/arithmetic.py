@@ -45,9 +45,8 @@ from math import comb
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from megatron_rgm.config import ConfigError
+from megatron_rgm.config import PROMPT_TEMPLATE, ConfigError
 
-PROMPT_TEMPLATE = "{problem}\n<think>\n"  # the rollout template (megatron_rgm.rollout.generate)
 STEP = ".\n\n"
 THINK_END = "</think>"
 BOX = "\\boxed{"

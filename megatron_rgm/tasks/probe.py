@@ -33,11 +33,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from megatron_rgm.config import ConfigError, run_tool
+from megatron_rgm.config import PROMPT_TEMPLATE, ConfigError, run_tool
 from megatron_rgm.data.benchmarks import read_jsonl
 from megatron_rgm.evaluation.metrics import Problem, evaluate, pairwise_accuracy
 from megatron_rgm.evaluation.report import aggregate_scores
-from megatron_rgm.tasks.arithmetic import PROMPT_TEMPLATE, Step, parse_steps
+from megatron_rgm.tasks.arithmetic import Step, parse_steps
 
 
 class NoProbeData(ValueError):
