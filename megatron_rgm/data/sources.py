@@ -1,8 +1,8 @@
 """What the training loop feeds the model: samples, their padding into micro-batches, and their sources.
 
-A :class:`Sample` is one trajectory in training form (prompt + response token
-ids, which tokens are the response, the sampling policy's log-probs, the
-scored positions, the reward). :func:`collate` turns samples into the batch
+A sample is one :class:`megatron_rgm.data.store.Trajectory` (prompt + response
+token ids, which tokens are the response, the sampling policy's log-probs, the
+scored positions, the reward), the record a rollout store holds too. :func:`collate` turns samples into the batch
 dicts :func:`megatron_rgm.integration.forward_step` consumes: the input is
 ``tokens[:-1]``, the labels ``tokens[1:]``, and a scored position ``i`` (the
 state before the step token ``i + 1``) keeps its index.
@@ -16,7 +16,6 @@ the uninterrupted one would have read.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,22 +23,8 @@ import torch
 
 from megatron_rgm.config import ConfigError
 from megatron_rgm.data.benchmarks import load_benchmark, read_jsonl
-from megatron_rgm.data.store import RolloutStore
+from megatron_rgm.data.store import RolloutStore, Trajectory
 from megatron_rgm.steps import encode
-
-
-@dataclass
-class Sample:
-    """One trajectory in training form (numpy / python scalars)."""
-
-    tokens: np.ndarray  # [n] prompt + response
-    response_mask: np.ndarray  # [n] bool
-    log_probs: np.ndarray  # [n] log-prob of token t under the sampling policy (0 on the prompt)
-    step_positions: np.ndarray  # scored positions (the position before each step token)
-    reward: float
-    correct: bool
-    group: int
-    step_scores: np.ndarray | None = None  # probabilities seen at sampling time
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -86,18 +71,9 @@ class StoreSource:
         self.groups = [groups[k] for k in sorted(groups)]
         self.per_iter, self.seed = per_iter, seed
 
-    def for_iteration(self, iteration: int, dp_rank: int, dp_size: int) -> list[list[Sample]]:
+    def for_iteration(self, iteration: int, dp_rank: int, dp_size: int) -> list[list[Trajectory]]:
         picked = global_slice(len(self.groups), self.per_iter, iteration, self.seed)[dp_rank::dp_size]
-        out = []
-        for g in picked:
-            samples = []
-            for i in self.groups[g]:
-                t = self.store[i]
-                samples.append(Sample(tokens=t.tokens, response_mask=t.response_mask, log_probs=t.log_probs,
-                                      step_positions=t.step_positions, reward=t.reward, correct=t.correct,
-                                      group=g, step_scores=t.step_scores))
-            out.append(samples)
-        return out
+        return [[self.store[i] for i in self.groups[g]] for g in picked]
 
 
 def read_sft(path: str, tokenizer, eos_id: int | None) -> list[tuple[list[int], int]]:
@@ -136,20 +112,20 @@ class SFTSource:
         return [self.texts[i] for i in picked[dp_rank::dp_size]]
 
 
-def sft_sample(ids: list[int], prompt_len: int) -> Sample:
+def sft_sample(ids: list[int], prompt_len: int) -> Trajectory:
     tokens = np.asarray(ids, dtype=np.int64)
     mask = np.arange(len(ids)) >= max(prompt_len, 1)
-    return Sample(tokens=tokens, response_mask=mask, log_probs=np.zeros(len(ids), np.float32),
-                  step_positions=np.zeros(0, np.int64), reward=0.0, correct=False, group=0)
+    return Trajectory(tokens=tokens, response_mask=mask, log_probs=np.zeros(len(ids), np.float32),
+                      step_positions=np.zeros(0, np.int64), reward=0.0, correct=False, prompt_id=0, group_id=0)
 
 
-def padded_length(samples: list[Sample], multiple: int, limit: int) -> int:
+def padded_length(samples: list[Trajectory], multiple: int, limit: int) -> int:
     """Input length (tokens - 1) of the longest sample, rounded up to ``multiple``, at most ``limit``."""
     longest = max((len(s.tokens) - 1 for s in samples), default=1)
     return min(limit, -(-longest // multiple) * multiple)
 
 
-def collate(samples: list[Sample], length: int, *, advantages: torch.Tensor | None = None, rl: bool = True,
+def collate(samples: list[Trajectory], length: int, *, advantages: torch.Tensor | None = None, rl: bool = True,
             spr: bool = True) -> dict:
     """Micro-batch dict for :func:`megatron_rgm.integration.forward_step`, right-padded to ``length``.
 

@@ -55,17 +55,17 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 @dataclass
 class Trajectory:
-    """One stored trajectory (numpy arrays)."""
+    """One trajectory, as sampled, stored and trained on (numpy arrays, python scalars)."""
 
-    tokens: np.ndarray
-    response_mask: np.ndarray
-    log_probs: np.ndarray
-    step_positions: np.ndarray
-    step_scores: np.ndarray
+    tokens: np.ndarray  # [n] prompt + response
+    response_mask: np.ndarray  # [n] bool
+    log_probs: np.ndarray  # [n] log-prob of token t under the sampling policy (0 on the prompt)
+    step_positions: np.ndarray  # scored positions (the position before each step token)
     reward: float
     correct: bool
     prompt_id: int
-    group_id: int
+    group_id: int  # the k trajectories of one prompt's group share it (GRPO's and the head's comparisons)
+    step_scores: np.ndarray | None = None  # the head's probabilities at sampling time (a store needs them)
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
@@ -164,7 +164,7 @@ class RolloutStore:
         for t in trajectories:
             if not (len(t.tokens) == len(t.response_mask) == len(t.log_probs)):
                 raise ValueError("tokens, response_mask and log_probs of a trajectory must have the same length")
-            if len(t.step_positions) != len(t.step_scores):
+            if t.step_scores is None or len(t.step_positions) != len(t.step_scores):
                 raise ValueError("step_positions and step_scores of a trajectory must have the same length")
         cat = lambda xs, dt: np.concatenate([np.asarray(x, dtype=dt) for x in xs]) if xs else np.zeros(0, dt)  # noqa
         g["tokens"].append(cat([t.tokens for t in trajectories], "int32"))

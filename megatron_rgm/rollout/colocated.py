@@ -7,12 +7,13 @@ rollout store (the same records ``tools/generate_rollouts.py`` writes).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from megatron_rgm.config import ConfigError, DataConfig
-from megatron_rgm.data.sources import Sample
 from megatron_rgm.data.store import RolloutStore, Trajectory, tokenizer_fingerprint
 from megatron_rgm.rollout.rewards import make_verifier
 from megatron_rgm.rollout.sampler import Sampler, SamplingParams
@@ -25,7 +26,7 @@ def sample_seed(*parts: int) -> int:
 
 
 def sample_groups(model, vocab: int, tokenizer, segmenter: StepSegmenter, data: DataConfig, prompts, seed: int,
-                  iteration: int) -> list[list[Sample]]:
+                  iteration: int) -> list[list[Trajectory]]:
     """``data.group_size`` graded samples of each ``(index, prompt)`` of ``prompts``, drawn by ``model``.
 
     Raises:
@@ -53,11 +54,11 @@ def sample_groups(model, vocab: int, tokenizer, segmenter: StepSegmenter, data: 
             text = tokenizer.decode(r.tokens[j, len(ids):n].tolist())
             grade = verifier(text, str(prompt["answer"]))
             lo, hi = int(r.cu_steps[j]), int(r.cu_steps[j + 1])
-            group.append(Sample(tokens=r.tokens[j, :n].numpy(), response_mask=np.arange(n) >= len(ids),
+            group.append(Trajectory(tokens=r.tokens[j, :n].numpy(), response_mask=np.arange(n) >= len(ids),
                                 log_probs=r.log_probs[j, :n].numpy(),
                                 step_positions=r.step_mask[j, :n].nonzero().flatten().numpy(),
-                                reward=grade.reward, correct=grade.reward > 0, group=index,
-                                step_scores=probs[lo:hi].numpy()))
+                                reward=grade.reward, correct=grade.reward > 0, prompt_id=index,
+                                group_id=index, step_scores=probs[lo:hi].numpy()))
         groups.append(group)
     return groups
 
@@ -69,7 +70,7 @@ class RolloutRecorder:
         self.path, self.tokenizer, self.data = path, tokenizer, data
         self.store = None
 
-    def append(self, iteration: int, groups: list[list[Sample]], dp_rank: int, writer: bool) -> None:
+    def append(self, iteration: int, groups: list[list[Trajectory]], dp_rank: int, writer: bool) -> None:
         """Record ``groups`` (group id = iteration x 1e6 + prompt index); only ``writer`` ranks write."""
         if self.store is None:
             fp = tokenizer_fingerprint(self.tokenizer)
@@ -81,8 +82,5 @@ class RolloutRecorder:
             self.store = RolloutStore(self.path, "a", tokenizer=fp)
         if not writer:
             return
-        self.store.append(dp_rank, [
-            Trajectory(tokens=s.tokens, response_mask=s.response_mask, log_probs=s.log_probs,
-                       step_positions=s.step_positions, step_scores=s.step_scores, reward=s.reward,
-                       correct=s.correct, prompt_id=s.group, group_id=iteration * 1_000_000 + s.group)
-            for g in groups for s in g])
+        self.store.append(dp_rank, [replace(s, group_id=iteration * 1_000_000 + s.prompt_id)
+                                    for g in groups for s in g])

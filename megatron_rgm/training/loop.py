@@ -29,9 +29,9 @@ import torch.distributed as dist
 from megatron_rgm import distributed
 from megatron_rgm.checkpoint import latest_iteration, load_checkpoint
 from megatron_rgm.config import ConfigError
-from megatron_rgm.data.sources import (PromptSource, Sample, SFTSource, StoreSource, collate, padded_length,
+from megatron_rgm.data.sources import (PromptSource, SFTSource, StoreSource, collate, padded_length,
                                         sft_sample)
-from megatron_rgm.data.store import tokenizer_fingerprint
+from megatron_rgm.data.store import Trajectory, tokenizer_fingerprint
 from megatron_rgm.model import build_model, unwrap
 from megatron_rgm.rl import group_advantages
 from megatron_rgm.rollout.colocated import RolloutRecorder, sample_groups
@@ -148,7 +148,7 @@ class Trainer:
 
     # --- one iteration ---------------------------------------------------------------------------------
 
-    def rollouts(self, iteration: int) -> list[list[Sample]]:
+    def rollouts(self, iteration: int) -> list[list[Trajectory]]:
         """This replica's groups of k samples for ``iteration``: read from the store, or sampled now."""
         if isinstance(self.source, StoreSource):
             return self.source.for_iteration(iteration, self.dp_rank, self.dp)
@@ -162,13 +162,13 @@ class Trainer:
             self.recorder.append(iteration, groups, self.dp_rank, writer)
         return groups
 
-    def _batches(self, samples: list[Sample], length: int, **collate_kw) -> list[dict]:
+    def _batches(self, samples: list[Trajectory], length: int, **collate_kw) -> list[dict]:
         micro, advantages = self.run.micro_batch_size, collate_kw.pop("advantages", None)
         return [collate(samples[i:i + micro], length, advantages=None if advantages is None else
                         advantages[i:i + micro], **collate_kw) for i in range(0, len(samples), micro)]
 
     @torch.no_grad()
-    def calibrate_head(self, samples: list[Sample]) -> dict[str, float]:
+    def calibrate_head(self, samples: list[Trajectory]) -> dict[str, float]:
         """Shift the head's output bias so ``samples``' step logits (all DP ranks) straddle 0, and orient it.
 
         The SPR loss weighs masked positives by N/(P+N) and masked negatives by
@@ -187,7 +187,7 @@ class Trainer:
         if not self.last_stage:
             return {}
         gathered = [None] * self.dp
-        local = (logits, counts, [s.correct for s in samples], [s.group for s in samples])
+        local = (logits, counts, [s.correct for s in samples], [s.group_id for s in samples])
         dist.all_gather_object(gathered, local, group=self.ps.get_data_parallel_group())
         logits = torch.cat([g[0] for g in gathered])
         if logits.numel() == 0:
@@ -198,13 +198,13 @@ class Trainer:
         self.optimizer.reload_model_params()
         return out
 
-    def _length(self, samples: list[Sample]) -> int:
+    def _length(self, samples: list[Trajectory]) -> int:
         multiple = 8 * (self.args.parallel.tensor_model_parallel_size if self.args.parallel.sequence_parallel else 1)
         length = torch.tensor([padded_length(samples, multiple, self.args.max_position_embeddings)], device=device())
         dist.all_reduce(length, op=dist.ReduceOp.MAX)  # every stage must agree on activation shapes
         return int(length)
 
-    def train_step(self, samples: list[Sample], advantages: torch.Tensor | None, spr: bool = True):
+    def train_step(self, samples: list[Trajectory], advantages: torch.Tensor | None, spr: bool = True):
         """Optimizer steps over this replica's samples (``spr=False``: without the SPR loss, GRPO alone).
 
         Returns:

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_rgm.data.sources import Sample
+from megatron_rgm.data.store import Trajectory
 from megatron_rgm.ops import segment_aggregate
 
 COUNTS = ("spr positives", "spr negatives")  # loss reports already summed over data-parallel ranks
@@ -31,7 +31,7 @@ def mean(xs) -> float:
     return float(sum(xs) / len(xs)) if xs else float("nan")
 
 
-def rollout_metrics(ps, samples: list[Sample], aggregation: str) -> dict[str, float]:
+def rollout_metrics(ps, samples: list[Trajectory], aggregation: str) -> dict[str, float]:
     """Reward, accuracy, lengths and the head's mean trajectory score by correctness, over all replicas."""
     scores = [torch.as_tensor(np.asarray(s.step_scores if s.step_scores is not None else [], np.float32))
               for s in samples]
