@@ -20,8 +20,7 @@ import torch
 
 from megatron_rgm import ops
 from megatron_rgm.config import ConfigError
-from megatron_rgm.model.head_io import load_head
-from megatron_rgm.model.rgm_model import SPRMHead
+from megatron_rgm.head import SPRMHead, load_head
 from megatron_rgm.steps import StepSegmenter
 from megatron_rgm.tokenizer import load_tokenizer
 

@@ -169,7 +169,7 @@ def evil_file(f: Path, marker: Path, how: str) -> Path:
 @pytest.mark.parametrize("how", ["torch.save", "pickle"])
 def test_malicious_pickle_is_refused_and_never_run(export, tmp_path, how):
     from megatron_rgm.convert import hf_to_mcore
-    from megatron_rgm.model.head_io import load_head
+    from megatron_rgm.head import load_head
     from megatron_rgm.hf import RGMScorer
 
     # The payload is live: a plain unpickling runs it.
@@ -198,7 +198,7 @@ def test_malicious_pickle_is_refused_and_never_run(export, tmp_path, how):
 
 
 def test_empty_or_corrupt_head_files(tmp_path):
-    from megatron_rgm.model.head_io import load_head
+    from megatron_rgm.head import load_head
 
     (tmp_path / "score_module.pt").write_bytes(b"")
     raises(lambda: load_head(tmp_path / "score_module.pt", 64), "empty or truncated file")

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from helpers import make_hf
 from megatron_rgm.config import ConfigError
 from megatron_rgm.convert import hf_to_mcore, mcore_to_hf
-from megatron_rgm.model.head_io import load_head
+from megatron_rgm.head import load_head
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "megatron_rgm"
 # subpackage of megatron_rgm, or one of the modules named in UNITS (they sit apart from their package).
 LAYERS = [
     ["config", "cli", "faults", "ops", "cpu", "model.presets"],
-    ["rl", "compat", "distributed", "launch", "tokenizer", "steps"],
+    ["rl", "compat", "distributed", "launch", "tokenizer", "steps", "head"],
     ["checkpoint", "arguments", "data"],
     ["model"],
     ["model.load"],
@@ -146,6 +146,12 @@ def test_imports_sit_at_file_tops_unless_deferred():
                         continue
                     found.append(f"{module}.{fn.name} imports {target} inside a function: move it to the top")
     assert not found, "\n".join(found)
+
+
+def test_serving_from_an_hf_export_needs_no_megatron_core():
+    # RGMScorer runs where only torch and transformers are: neither it nor what it imports pulls megatron in.
+    files = dict(_modules())
+    assert not _pulls_deferred("megatron_rgm.hf", files) and _pulls_deferred("megatron_rgm.model", files)
 
 
 @pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))

@@ -41,7 +41,7 @@ from megatron_rgm.convert.stream_save import (
     return_freed_memory,
 )
 from megatron_rgm.model import build_model
-from megatron_rgm.model.head_io import HEAD_KEYS, load_head, save_head
+from megatron_rgm.head import HEAD_KEYS, load_head, save_head
 from megatron_rgm.model.load import CheckpointModel, describe_checkpoint
 from megatron_rgm.model.state import global_name, partition
 

@@ -1,7 +1,7 @@
 """Reading and writing HF checkpoints (safetensors), one tensor at a time.
 
 Nothing here unpickles: weights come from safetensors (the head's files are
-:mod:`megatron_rgm.model.head_io`).
+:mod:`megatron_rgm.head`).
 """
 
 from __future__ import annotations

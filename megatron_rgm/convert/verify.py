@@ -18,7 +18,7 @@ from megatron_rgm.convert.hf_io import HFCheckpoint
 from megatron_rgm.launch import run_ranks
 from megatron_rgm.hf import HFFeature, head_logits, load_causal_lm
 from megatron_rgm.model import SPRMHead
-from megatron_rgm.model.head_io import load_head
+from megatron_rgm.head import load_head
 from megatron_rgm.model.load import load_model
 
 

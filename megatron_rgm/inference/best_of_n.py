@@ -44,6 +44,7 @@ from tqdm import tqdm
 from megatron_rgm import distributed, ops
 from megatron_rgm.config import AGGREGATIONS, ConfigError, check_template, option
 from megatron_rgm.data.benchmarks import KNOWN, read_jsonl
+from megatron_rgm.hf import RGMScorer
 from megatron_rgm.rollout.generate import (
     PROMPT_TEMPLATE,
     check_prompt_lengths,
@@ -312,8 +313,6 @@ def run_megatron(mcore_path: str, tokenizer_path: str | None, problems: list[dic
 
 def run_hf(hf_path: str, tokenizer_path: str | None, problems: list[dict], output: str, cfg: BestOfNConfig) -> dict:
     """Best-of-N with an HF export (transformers + its ``score_module.pt``), in this process."""
-    from megatron_rgm.hf import RGMScorer
-
     scorer = RGMScorer.from_pretrained(hf_path)
     tokenizer = load_tokenizer(tokenizer_path or hf_path)
     sampler = HFSampler(scorer, tokenizer, StepSegmenter.from_tokenizer(tokenizer, scorer.step_strings))

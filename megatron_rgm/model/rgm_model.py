@@ -23,29 +23,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_rgm.config import ConfigError, RGMConfig
-
-
-class SPRMHead(torch.nn.Sequential):
-    """``Linear(c, m*c) -> ReLU -> Dropout(p) -> Linear(m*c, 1)``.
-
-    A ``Sequential`` so that its state dict keys are ``0.weight 0.bias 3.weight
-    3.bias``, the format of the reference release's ``score_module.pt``.
-    """
-
-    def __init__(self, hidden_size: int, hidden_mult: int = 2, dropout: float = 0.5, dtype=torch.float32):
-        inner = hidden_mult * hidden_size
-        super().__init__(
-            torch.nn.Linear(hidden_size, inner, dtype=dtype),
-            torch.nn.ReLU(),
-            torch.nn.Dropout(dropout),
-            torch.nn.Linear(inner, 1, dtype=dtype),
-        )
-
-    @staticmethod
-    def num_parameters(hidden_size: int, hidden_mult: int = 2) -> int:
-        """Parameter count: ``2c^2 + 4c + 1`` for ``hidden_mult=2`` (26M at c=3584, 52M at c=5120)."""
-        inner = hidden_mult * hidden_size
-        return hidden_size * inner + inner + inner + 1
+from megatron_rgm.head import SPRMHead
 
 
 class _Bridge(torch.autograd.Function):

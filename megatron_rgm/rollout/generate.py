@@ -21,11 +21,11 @@ from megatron_rgm import distributed
 from megatron_rgm.config import PROMPT_TEMPLATE, ConfigError
 from megatron_rgm.data.benchmarks import load_benchmark
 from megatron_rgm.data.store import RolloutStore, Trajectory, tokenizer_fingerprint
+from megatron_rgm.hf import RGMScorer
 from megatron_rgm.rollout.rewards import CORRECT, make_verifier
 from megatron_rgm.rollout.sampler import Sampler, SamplingParams
 from megatron_rgm.steps import StepSegmenter
 from megatron_rgm.tokenizer import load_tokenizer
-
 
 
 def _trajectories(tokens, prompt_len, lengths, log_probs, step_mask, step_logits, cu, texts, answer, verifier,
@@ -99,8 +99,6 @@ def generate_megatron(mcore_path: str, tokenizer_path: str | None, prompts: list
 @torch.no_grad()
 def generate_hf(hf_path: str, prompts: list[dict], output: str, k: int, params: SamplingParams,
                 verifier: str = "math", template: str = PROMPT_TEMPLATE) -> None:
-    from megatron_rgm.hf import RGMScorer
-
     scorer = RGMScorer.from_pretrained(hf_path)
     tokenizer, model = scorer.tokenizer, scorer.model
     check_prompt_lengths(tokenizer, prompts, template, params.max_new_tokens, model.config.max_position_embeddings)

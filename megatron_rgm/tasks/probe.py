@@ -37,6 +37,8 @@ from megatron_rgm.config import PROMPT_TEMPLATE, ConfigError, run_tool
 from megatron_rgm.data.benchmarks import read_jsonl
 from megatron_rgm.evaluation.metrics import Problem, evaluate, pairwise_accuracy
 from megatron_rgm.evaluation.report import aggregate_scores
+from megatron_rgm.head import SPRMHead
+from megatron_rgm.hf import HFFeature, RGMScorer
 from megatron_rgm.tasks.arithmetic import Step, parse_steps
 
 
@@ -154,8 +156,6 @@ def step_features(hf_dir: str | Path, cands: Sequence[Candidate], layers: Sequen
         two step tokens. A trained policy writes the canonical pieces, and the difference is then ~1e-6;
         the features of ``layers`` by layer).
     """
-    from megatron_rgm.hf import HFFeature, RGMScorer
-
     scorer = RGMScorer.from_pretrained(str(hf_dir))
     hooks = {layer: HFFeature(scorer.model, layer) for layer in layers}
     feats, worst, mismatched = [], 0.0, 0
@@ -181,8 +181,6 @@ def _fit_probe(x: torch.Tensor, y: torch.Tensor, seed: int, epochs: int = 400
 
     Returns the probe as a function of ``[S, h]`` features to ``[S]`` logits (features are standardised
     with the training set's statistics first)."""
-    from megatron_rgm.model.rgm_model import SPRMHead
-
     torch.manual_seed(seed)
     head = SPRMHead(x.shape[1], 2, 0.5, dtype=torch.float32)
     opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-2)
