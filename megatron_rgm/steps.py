@@ -23,35 +23,9 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from megatron_rgm.config import ConfigError
+from megatron_rgm.tokenizer import decode_token, encode, vocab_size_of
 
 THINK_START, THINK_END = "<think>", "</think>"
-
-
-def vocab_size_of(tokenizer: Any) -> int:
-    for attr in ("get_piece_size", "get_vocab_size"):
-        if hasattr(tokenizer, attr):
-            return int(getattr(tokenizer, attr)())
-    if hasattr(tokenizer, "__len__"):
-        return len(tokenizer)
-    raise TypeError(f"cannot read the vocabulary size of {type(tokenizer).__name__}")
-
-
-def decode_token(tokenizer: Any, token_id: int) -> str:
-    """The text of one token id (sentencepiece, tokenizers or transformers)."""
-    if hasattr(tokenizer, "decode_ids"):  # sentencepiece
-        return tokenizer.decode_ids([token_id])
-    return tokenizer.decode([token_id])
-
-
-def encode(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of ``text`` without special tokens added."""
-    if hasattr(tokenizer, "encode_as_ids"):  # sentencepiece
-        return list(tokenizer.encode_as_ids(text))
-    try:
-        out = tokenizer.encode(text, add_special_tokens=False)
-    except TypeError:
-        out = tokenizer.encode(text)
-    return list(out.ids if hasattr(out, "ids") else out)
 
 
 def _tokenizer_name(tokenizer: Any) -> str:

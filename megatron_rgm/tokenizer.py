@@ -105,3 +105,31 @@ def load_tokenizer(path: str | Path) -> Any:
     except (OSError, ValueError) as e:
         raise ConfigError(f"no tokenizer could be loaded from {p} ({e}): pass a directory with tokenizer.json or "
                           f"{SP_FILE}") from None
+
+
+def vocab_size_of(tokenizer: Any) -> int:
+    """Token ids a tokenizer produces (sentencepiece, tokenizers or transformers)."""
+    for attr in ("get_piece_size", "get_vocab_size"):
+        if hasattr(tokenizer, attr):
+            return int(getattr(tokenizer, attr)())
+    if hasattr(tokenizer, "__len__"):
+        return len(tokenizer)
+    raise TypeError(f"cannot read the vocabulary size of {type(tokenizer).__name__}")
+
+
+def decode_token(tokenizer: Any, token_id: int) -> str:
+    """The text of one token id (sentencepiece, tokenizers or transformers)."""
+    if hasattr(tokenizer, "decode_ids"):  # sentencepiece
+        return tokenizer.decode_ids([token_id])
+    return tokenizer.decode([token_id])
+
+
+def encode(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of ``text`` without special tokens added."""
+    if hasattr(tokenizer, "encode_as_ids"):  # sentencepiece
+        return list(tokenizer.encode_as_ids(text))
+    try:
+        out = tokenizer.encode(text, add_special_tokens=False)
+    except TypeError:
+        out = tokenizer.encode(text)
+    return list(out.ids if hasattr(out, "ids") else out)

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import REPO, as_a_child, clean_env, finish, start, stop, tool
+from helpers import REPO, as_a_child, clean_env, tool
 from megatron_rgm.data.store import RolloutStore
 
 
@@ -26,15 +26,8 @@ def setup(qwen2_checkpoints):
     root, converted = qwen2_checkpoints["gen"]
     prompts = root / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps({"q": f"Add {i} and {i + 1}.", "a": str(2 * i + 1)}) for i in range(3)))
-    # The refusal of test_missing_backend_path_is_named, in a fresh interpreter: started here, it runs beside the
-    # conversions or test_hf_backend (one thread) and is collected by that test.
-    refusal = start([sys.executable, str(REPO / "tools" / "generate_rollouts.py"), "--prompts", str(prompts),
-                     "--output", str(root / "x"), "--backend", "hf", *COMMON])
-    try:
-        converted()
-        yield root, prompts, refusal
-    finally:
-        stop([refusal])
+    converted()
+    return root, prompts
 
 
 COMMON = ["--problem-key", "q", "--answer-key", "a", "--k", "2", "--max-new-tokens", "12", "--temperature", "1.0"]
@@ -42,7 +35,7 @@ COMMON = ["--problem-key", "q", "--answer-key", "a", "--k", "2", "--max-new-toke
 
 @pytest.mark.multirank
 def test_megatron_backend_at_tp2_then_resumed_at_pp2(setup):
-    root, prompts, _ = setup
+    root, prompts = setup
     out = root / "store_megatron"
     generate("--prompts", str(prompts), "--output", str(out), "--backend", "megatron", "--mcore-path",
              str(root / "mcore"), "--tp", "2", "--limit", "2", *COMMON)
@@ -66,7 +59,7 @@ def test_megatron_backend_at_tp2_then_resumed_at_pp2(setup):
 
 
 def test_hf_backend(setup):
-    root, prompts, _ = setup
+    root, prompts = setup
     out = root / "store_hf"
     with as_a_child():  # in-process: the hf backend sets up no process group
         assert tool("generate_rollouts").main(["--prompts", str(prompts), "--output", str(out), "--backend", "hf",
@@ -77,7 +70,8 @@ def test_hf_backend(setup):
     assert (t.log_probs[t.response_mask][1:] < 0).all()
 
 
-def test_missing_backend_path_is_named(setup):
-    _, _, refusal = setup
-    proc = finish(refusal, timeout=120)
-    assert proc.returncode == 2 and "--backend hf needs --hf-path" in proc.stderr
+def test_missing_backend_path_is_named(setup, capsys):
+    root, prompts = setup
+    argv = ["--prompts", str(prompts), "--output", str(root / "x"), "--backend", "hf", *COMMON]
+    assert tool("generate_rollouts").main(argv) == 2
+    assert "--backend hf needs --hf-path" in capsys.readouterr().err and not (root / "x").exists()

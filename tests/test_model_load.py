@@ -71,15 +71,16 @@ NATIVE = ["--preset", "tiny", "--num-layers", "2", "--hidden-size", "32", "--num
           "--no-disable-bias-linear", "--seed", "5", "--sprm-dropout", "0"]
 
 
-@pytest.mark.parametrize("record", ["configs", "flags"])
-def test_a_native_model_without_an_hf_class_rebuilds_with_equal_logits(single_rank, tmp_path, record):
-    # "flags": how checkpoints recorded the model before the config tree (the command line); still read.
+def test_a_native_model_without_an_hf_class_rebuilds_with_equal_logits(single_rank, tmp_path):
     args = parse_args(NATIVE)
     single_rank.initialize(args.parallel)
     model = build_model(args)[0].eval()
-    described = args.model_record() if record == "configs" else {"model_argv": NATIVE}
-    save_checkpoint(tmp_path / "ckpt", 3, [model], extra={**described, "padded_vocab_size": args.vocab_size,
+    save_checkpoint(tmp_path / "ckpt", 3, [model], extra={**args.model_record(), "padded_vocab_size": args.vocab_size,
                                                           "vocab_size": 100})
+    # How checkpoints recorded the model before the config tree (its command line) still describes it the same.
+    save_checkpoint(tmp_path / "old", 3, [model], extra={"model_argv": NATIVE, "padded_vocab_size": args.vocab_size})
+    old = describe_checkpoint(tmp_path / "old")
+    assert (old.model, old.sprm) == (args.model, args.rgm)
     ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
     pos = torch.arange(16).expand(2, 16)
     mask = torch.zeros(2, 16, dtype=torch.bool)

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from helpers import clean_env, finish, read_rank_results, start, stop, torchrun
+from helpers import read_rank_results, torchrun
 from megatron_rgm import ops
 from megatron_rgm.ops import reference
 
@@ -357,20 +357,18 @@ def test_dp_summed_counts_give_every_rank_the_same_weights(tmp_path):
 
 
 @pytest.mark.skipif(ops.extension() is None, reason="needs the compiled extension")
-def test_cpu_isa_environment_variable_selects_the_kernels_or_names_the_choices():
-    import sys
-
-    probe = "from megatron_rgm import ops; print(ops.extension().cpu_isa())"
-    # One fresh interpreter per value, all at once (each is independent; most of each is importing torch).
-    procs = {isa: start([sys.executable, "-c", probe], env=clean_env(MEGATRON_RGM_CPU_ISA=isa))
-             for isa in [*CPU_ISAS, "avx1024"]}
+def test_cpu_isa_environment_variable_selects_the_kernels_or_names_the_choices(monkeypatch):
+    # What ops.extension() does with MEGATRON_RGM_CPU_ISA when it loads the kernels, on the loaded extension.
+    ext = ops.extension()
+    before = ext.cpu_isa()
     try:
-        outs = {isa: finish(p, timeout=120) for isa, p in procs.items()}
+        for isa in CPU_ISAS:
+            monkeypatch.setenv("MEGATRON_RGM_CPU_ISA", isa)
+            ops._select_cpu_isa(ext)
+            assert ext.cpu_isa() == isa
+        monkeypatch.setenv("MEGATRON_RGM_CPU_ISA", "avx1024")
+        with pytest.raises(RuntimeError) as e:
+            ops._select_cpu_isa(ext)
+        assert "MEGATRON_RGM_CPU_ISA='avx1024'" in str(e.value) and str(CPU_ISAS) in str(e.value)
     finally:
-        stop(procs.values())
-    for isa in CPU_ISAS:
-        out = outs[isa]
-        assert out.returncode == 0 and out.stdout.strip() == isa, out.stderr[-2000:]
-    out = outs["avx1024"]
-    assert out.returncode != 0
-    assert "MEGATRON_RGM_CPU_ISA='avx1024'" in out.stderr and str(CPU_ISAS) in out.stderr, out.stderr[-2000:]
+        ext._use_cpu_isa(before)

@@ -62,9 +62,10 @@ def test_shrunken_pipeline_writes_every_artefact_and_a_consistent_table(tmp_path
     assert scorer["probe"] is None or 0 <= scorer["probe"]["bon@4"] <= 1
 
 
-def test_pipeline_refuses_a_non_empty_output(tmp_path):
+def test_pipeline_refuses_a_non_empty_output(tmp_path, capsys):
+    from megatron_rgm.tasks.pipeline import main
+
     (tmp_path / "x").write_text("keep me")
-    proc = subprocess.run([sys.executable, "-m", "megatron_rgm.tasks.pipeline", "--output", str(tmp_path)],
-                          env=clean_env(), capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert proc.returncode == 2 and "exists and is not empty" in proc.stderr
+    assert main(["--output", str(tmp_path)]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
     assert (tmp_path / "x").read_text() == "keep me"

@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from megatron_rgm.config import ConfigError
-from megatron_rgm.steps import StepLayout, StepSegmenter, decode_token, encode, single_token_id, step_token_ids
+from megatron_rgm.steps import (
+    StepLayout,
+    StepSegmenter,
+    single_token_id,
+    step_token_ids,
+)
+from megatron_rgm.tokenizer import decode_token, encode
 
 S, T0, T1 = 50, 60, 61  # step token, <think>, </think> in the synthetic-id examples
 
@@ -96,7 +102,14 @@ def sentencepiece_model():
 
 @pytest.fixture(scope="module")
 def bpe_tokenizer():
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import (
+        AddedToken,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        trainers,
+    )
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)

@@ -24,7 +24,7 @@ import torch
 from megatron_rgm.config import ConfigError
 from megatron_rgm.data.benchmarks import load_benchmark, read_jsonl
 from megatron_rgm.data.store import RolloutStore, Trajectory
-from megatron_rgm.steps import encode
+from megatron_rgm.tokenizer import encode
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:

@@ -31,7 +31,7 @@ import numpy as np
 
 from megatron_rgm import faults
 from megatron_rgm.config import ConfigError
-from megatron_rgm.steps import decode_token, vocab_size_of
+from megatron_rgm.tokenizer import decode_token, vocab_size_of
 
 SCHEMA_VERSION = 1
 COMMIT = "COMMIT"

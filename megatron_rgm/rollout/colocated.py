@@ -17,7 +17,8 @@ from megatron_rgm.config import ConfigError, DataConfig
 from megatron_rgm.data.store import RolloutStore, Trajectory, tokenizer_fingerprint
 from megatron_rgm.rollout.rewards import make_verifier
 from megatron_rgm.rollout.sampler import Sampler, SamplingParams
-from megatron_rgm.steps import StepSegmenter, encode
+from megatron_rgm.steps import StepSegmenter
+from megatron_rgm.tokenizer import encode
 
 
 def sample_seed(*parts: int) -> int:

@@ -123,10 +123,10 @@ def run(cfg: PipelineConfig) -> dict:
 
     from megatron_rgm.convert import mcore_to_hf
 
-    torch.set_num_threads(1)  # a 128-wide model: one thread per process beats contention on a small machine
     out = Path(cfg.output).resolve()
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--output {out} exists and is not empty: choose a new directory (OUTDIR=...)")
+    torch.set_num_threads(1)  # a 128-wide model: one thread per process beats contention on a small machine
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
 

@@ -29,21 +29,42 @@ import torch.distributed as dist
 from megatron_rgm import distributed
 from megatron_rgm.checkpoint import latest_iteration, load_checkpoint
 from megatron_rgm.config import ConfigError
-from megatron_rgm.data.sources import (PromptSource, SFTSource, StoreSource, collate, padded_length,
-                                        sft_sample)
+from megatron_rgm.data.sources import (
+    PromptSource,
+    SFTSource,
+    StoreSource,
+    collate,
+    padded_length,
+    sft_sample,
+)
 from megatron_rgm.data.store import Trajectory, tokenizer_fingerprint
 from megatron_rgm.model import build_model, unwrap
 from megatron_rgm.rl import group_advantages
 from megatron_rgm.rollout.colocated import RolloutRecorder, sample_groups
-from megatron_rgm.steps import StepSegmenter, vocab_size_of
-from megatron_rgm.tokenizer import load_tokenizer
+from megatron_rgm.steps import StepSegmenter
+from megatron_rgm.tokenizer import load_tokenizer, vocab_size_of
 from megatron_rgm.training.calibration import calibrate_head
 from megatron_rgm.training.logging import MetricsLogger
-from megatron_rgm.training.metrics import device, dp_sum, loss_metrics, mean, rollout_metrics
-from megatron_rgm.training.optimizer import build_optimizer, optimizer_step, set_learning_rates
+from megatron_rgm.training.metrics import (
+    device,
+    dp_sum,
+    loss_metrics,
+    mean,
+    rollout_metrics,
+)
+from megatron_rgm.training.optimizer import (
+    build_optimizer,
+    optimizer_step,
+    set_learning_rates,
+)
 from megatron_rgm.training.saving import save_run
-from megatron_rgm.training.step import (add_reference_log_probs, forward_backward, head_step_logits,
-                                        reference_model, training_step_func)
+from megatron_rgm.training.step import (
+    add_reference_log_probs,
+    forward_backward,
+    head_step_logits,
+    reference_model,
+    training_step_func,
+)
 
 
 class TrainingError(RuntimeError):
@@ -55,8 +76,11 @@ class Trainer:
 
     def __init__(self, args):
         from megatron.core import parallel_state as ps
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
 
         self.args, self.run = args, args.run
         self.nonfinite_in_a_row = 0
