@@ -213,6 +213,15 @@ def build_args(model: ModelConfig, parallel: ParallelConfig | None = None, rgm: 
                                              parallel.tensor_model_parallel_size))
 
 
+def rebuild_args(model: ModelConfig, tp: int = 1, pp: int = 1, rgm: RGMConfig | None = None,
+                 seed: int = 1234) -> Args:
+    """Args of ``model`` at ``tp`` x ``pp`` whose weights a load or a conversion overwrites (no initialisation)."""
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, seed=seed)
+    args = build_args(model, parallel, rgm)
+    args.transformer.perform_initialization = False
+    return args
+
+
 def check_stage(args: Args) -> None:
     """What ``--stage`` needs from the data flags (checked when a run starts, not when a model is rebuilt).
 

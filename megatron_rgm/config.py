@@ -60,6 +60,17 @@ def option(default: Any = MISSING, help: str | None = None, *, flag: str | None 
     return field(default=default, metadata=meta)
 
 
+def template_option():
+    """The ``--prompt-template`` field (training data and the tools' prompts)."""
+    return option(PROMPT_TEMPLATE, "how a problem becomes the model's prompt; escapes such as \\n are decoded",
+                  parse=decode_escapes)
+
+
+def verifier_option():
+    """The ``--verifier`` field: how final answers are graded."""
+    return option("math", "final-answer grading: math-verify equivalence or exact string match", choices=VERIFIERS)
+
+
 def check_template(template: str) -> None:
     if "{problem}" not in template:
         raise ConfigError(f"--prompt-template {template!r} has no {{problem}} field: add one")
@@ -266,10 +277,8 @@ class DataConfig:
     prompts: str | None = option(None, "prompts jsonl (id, problem, answer) for colocated rollouts")
     problem_key: str | None = option(None, "prompt field of --prompts (default: problem / prompt / question)")
     answer_key: str | None = option(None, "gold-answer field of --prompts (default: answer)")
-    prompt_template: str = option(PROMPT_TEMPLATE, "how a problem becomes the model's prompt; escapes such as \\n "
-                                  "are decoded", parse=decode_escapes)
-    verifier: str = option("math", "final-answer grading: math-verify equivalence or exact string match",
-                           choices=VERIFIERS)
+    prompt_template: str = template_option()
+    verifier: str = verifier_option()
     rollouts: str | None = option(None, "train from a rollout store (tools/generate_rollouts.py) with its old "
                                   "log-probs instead of sampling", metavar="STORE")
     prompts_per_iter: int = option(2, "prompts per iteration over all data-parallel ranks")
@@ -345,10 +354,8 @@ class PromptFileConfig:
     problem_key: str | None = option(None, "problem field (default: problem / prompt / question)")
     answer_key: str | None = option(None, "gold-answer field (omit with --problem-key for a file without them)")
     limit: int | None = option(None, "the first N prompts only")
-    prompt_template: str = option(PROMPT_TEMPLATE, "how a problem becomes the model's prompt; escapes such as \\n "
-                                  "are decoded", parse=decode_escapes)
-    verifier: str = option("math", "final-answer grading: math-verify equivalence or exact string match",
-                           choices=VERIFIERS)
+    prompt_template: str = template_option()
+    verifier: str = verifier_option()
 
     def __post_init__(self) -> None:
         check_template(self.prompt_template)

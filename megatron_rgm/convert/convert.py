@@ -23,9 +23,9 @@ import torch
 from tqdm import tqdm
 
 from megatron_rgm import distributed
-from megatron_rgm.arguments import build_args
+from megatron_rgm.arguments import rebuild_args
 from megatron_rgm.checkpoint import ASSETS, save_checkpoint
-from megatron_rgm.config import ConfigError, ModelConfig, ParallelConfig, RGMConfig
+from megatron_rgm.config import ConfigError, RGMConfig
 from megatron_rgm.convert.hf_io import HFCheckpoint, ShardWriter, copy_tokenizer_files
 from megatron_rgm.launch import run_ranks
 from megatron_rgm.convert.mapping import (
@@ -53,20 +53,12 @@ def _say(msg: str) -> None:
         print(msg, flush=True)
 
 
-def layout_args(model: ModelConfig, tp: int, pp: int, seed: int = 1234):
-    """Args of ``model`` at ``tp`` x ``pp`` whose weights are all overwritten (no initialisation)."""
-    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, seed=seed)
-    args = build_args(model, parallel)
-    args.transformer.perform_initialization = False
-    return args
-
-
 def _hf_to_mcore_rank(hf_path: str, output: str, tp: int, pp: int, head_file: str | None, divisible_by: int,
                       seed: int) -> None:
     return_freed_memory()
     hf = HFCheckpoint(hf_path)
     arch = hf.arch
-    args = layout_args(arch.model_config(divisible_by), tp, pp, seed)
+    args = rebuild_args(arch.model_config(divisible_by), tp, pp, seed=seed)
     distributed.initialize(args.parallel)
     from megatron.core import parallel_state as ps
 
@@ -116,7 +108,7 @@ def hf_to_mcore(hf_path: str, output: str, tp: int = 1, pp: int = 1, head_file: 
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        layout_args(hf.arch.model_config(divisible_by), tp, pp)  # layout errors before any rank starts
+        rebuild_args(hf.arch.model_config(divisible_by), tp, pp)  # layout errors before any rank starts
         if not head_file:
             print(f"no --sprm-head given: the SPRM head is freshly initialised (seed {seed})", flush=True)
         run_ranks(_hf_to_mcore_rank, tp * pp, str(hf_path), str(out), tp, pp, head_file, divisible_by, seed,

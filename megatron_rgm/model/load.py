@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from megatron_rgm import cli, distributed
-from megatron_rgm.arguments import at_layout, build_args, parse_args
+from megatron_rgm.arguments import at_layout, parse_args, rebuild_args
 from megatron_rgm.checkpoint.state import say
 from megatron_rgm.checkpoint import (
     ASSETS,
@@ -33,7 +33,7 @@ from megatron_rgm.checkpoint import (
     read_tensor_names,
     resolve_checkpoint,
 )
-from megatron_rgm.config import ConfigError, ModelConfig, ParallelConfig, RGMConfig
+from megatron_rgm.config import ConfigError, ModelConfig, RGMConfig
 from megatron_rgm.model import build_model
 
 # Megatron-LM args attributes that name a model feature RGMModel does not build: (attribute, refused when).
@@ -79,10 +79,8 @@ class CheckpointModel:
 
     def args(self, tp: int = 1, pp: int = 1):
         """:class:`megatron_rgm.arguments.Args` that rebuild the model at ``tp`` x ``pp`` (the same padded rows)."""
-        parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-        args = build_args(at_layout(self.model, self.padded_vocab_size), parallel, replace(self.sprm, sprm_dropout=0.0))
-        args.transformer.perform_initialization = False  # every weight is overwritten by the load
-        return args
+        return rebuild_args(at_layout(self.model, self.padded_vocab_size), tp, pp,
+                            replace(self.sprm, sprm_dropout=0.0))
 
     def sampling_vocab(self, tokenizer) -> int:
         """The vocabulary rows sampling may draw: the recorded size, else the tokenizer's."""

@@ -155,8 +155,9 @@ class Sampler:
     def _sample(self, logits, tokens, params: SamplingParams, gen: torch.Generator):
         """(next tokens ``[b]``, their log-probs under the temperature-scaled, unfiltered distribution).
 
-        Draws from the distribution :func:`megatron_rgm.rollout.sampling.filter_logits` leaves, but over the top-k / top-p candidates only
-        (:func:`megatron_rgm.rollout.sampling.nucleus`): no sort and no multinomial over the whole vocabulary.
+        Draws from the distribution :func:`megatron_rgm.rollout.sampling.filter_logits` leaves, but over the
+        top-k / top-p candidates only (:func:`megatron_rgm.rollout.sampling.nucleus`): no sort and no
+        multinomial over the whole vocabulary.
         """
         logits = repetition_penalty(logits, tokens, params.repetition_penalty)
         if params.temperature == 0:
@@ -225,10 +226,11 @@ class Sampler:
             dist.broadcast(nxt, src=self.last_rank, group=self.pp_group)
         return nxt
 
-    def _finished(self, batch: _Batch, nxt: torch.Tensor, eos: torch.Tensor, stops: list[str]) -> torch.Tensor:
-        """Rows that end with ``nxt``: an EOS token, or a stop string that is new (it ends inside this piece)."""
+    def _finished(self, batch: _Batch, nxt: torch.Tensor, eos: torch.Tensor, stops: list[str],
+                  window: int) -> torch.Tensor:
+        """Rows that end with ``nxt``: an EOS token, or a stop string that is new (it ends inside this piece;
+        ``window``: the longest stop string)."""
         finished = ~batch.done & torch.isin(nxt, eos)
-        window = max((len(x) for x in stops), default=0)
         for i in range(batch.size) if stops else ():
             if batch.done[i]:
                 continue
@@ -283,6 +285,7 @@ class Sampler:
         context = StaticInferenceContext(num_samples, max_len) if use_cache else None
         eos = torch.tensor(params.eos_token_ids or [-1], device=device)
         stops = params.stop_strings if self.tokenizer is not None else []
+        window = max((len(x) for x in stops), default=0)
         share = use_cache and num_samples > 1 and self._is_megatron()
         s = batch.prompt_len
         with self._decode_path(use_cache), (inference_mode() if use_cache else contextlib.nullcontext()):
@@ -293,7 +296,7 @@ class Sampler:
                 nxt = self._next_tokens(batch, t, logits, head, params, gen)
                 batch.tokens[:, t] = nxt
                 s = t + 1
-                finished = self._finished(batch, nxt, eos, stops)
+                finished = self._finished(batch, nxt, eos, stops, window)
                 batch.lengths.masked_fill_(finished, t + 1)
                 batch.done |= finished
                 if bool(batch.done.all()):
