@@ -12,8 +12,9 @@ import argparse
 from dataclasses import asdict, dataclass, replace
 
 import torch
+from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_rgm import cli
+from megatron_rgm import cli, lazy
 from megatron_rgm.config import (ConfigError, DataConfig, GRPOConfig, ModelConfig, OptimConfig, ParallelConfig,
                                  RGMConfig, RunConfig)
 from megatron_rgm.model.presets import PRESETS, preset
@@ -159,8 +160,6 @@ def _check_layout(model: ModelConfig, parallel: ParallelConfig, rgm: RGMConfig) 
 
 def transformer_config(model: ModelConfig, parallel: ParallelConfig):
     """megatron-core's TransformerConfig of ``model`` laid out as ``parallel``."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
     on_gpu = torch.cuda.is_available()
     dtype = torch.bfloat16 if model.bf16 else torch.float16 if model.fp16 else torch.float32
     fp8 = dict(fp8=model.fp8_format, fp8_recipe=model.fp8_recipe, fp8_margin=model.fp8_margin,
@@ -229,6 +228,11 @@ def check_stage(args: Args) -> None:
         ConfigError: the missing or conflicting flags and the fix.
     """
     run, data = args.run, args.data
+    # Refused on every rank before the first step, rather than a run that trains without the logs it asked for.
+    if run.wandb_project:
+        lazy.load("wandb", "--wandb-project")
+    if run.tensorboard_dir:
+        lazy.load("torch.utils.tensorboard", "--tensorboard-dir")
     if run.stage == "rgm":
         if data.rollouts and data.prompts:
             raise ConfigError("--rollouts and --prompts are exclusive: train from a store or sample from prompts")

@@ -323,7 +323,7 @@ class RunConfig:
     max_consecutive_nonfinite: int = option(5, "stop after this many optimizer steps in a row skipped for a "
                                             "NaN/Inf gradient")
     tensorboard_dir: str | None = option(None)
-    wandb_project: str | None = option(None, "log to Weights & Biases (when wandb is installed)")
+    wandb_project: str | None = option(None, "log to Weights & Biases (needs wandb installed)")
     metrics_file: str | None = option(None, "append each iteration's metrics as a JSON line (last rank)")
     sprm_calibrate_head: bool = option(
         True, "on a run's first iteration, shift the head's output bias so the batch's step logits straddle 0 "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import random
 import re
 from dataclasses import dataclass
 
@@ -181,8 +182,6 @@ def set_seed(seed: int) -> None:
     share the default seed, so replicated modules (the SPRM head) draw the same
     dropout mask on every TP rank.
     """
-    import random
-
     from megatron.core import parallel_state, tensor_parallel
 
     seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_rgm import ops
+from megatron_rgm import lazy, ops
 from megatron_rgm.config import ConfigError
 from megatron_rgm.head import SPRMHead, load_head
 from megatron_rgm.steps import StepSegmenter
@@ -68,10 +68,9 @@ def load_causal_lm(path: str, dtype: torch.dtype = torch.float32, trust_remote_c
     buffers uninitialised (garbage positions, logits off by ~1e-2). They are
     pure functions of the config, so they are rebuilt after loading.
     """
-    from transformers import AutoModelForCausalLM
-
+    transformers = lazy.load("transformers", "loading an HF model")
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:  # what transformers raises for a directory it cannot load
         if "trust_remote_code" in str(e):
             raise ConfigError(f"{path} needs its own Python code to load (config.json auto_map), which is not "
@@ -82,15 +81,14 @@ def load_causal_lm(path: str, dtype: torch.dtype = torch.float32, trust_remote_c
     except pickle.UnpicklingError:  # transformers reads *.bin with weights_only=True
         raise ConfigError(f"{path}: its pytorch_model.bin holds more than tensors (refused to unpickle it, which "
                           "could run code): save the weights as safetensors") from None
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
+    rope_init = lazy.load("transformers.modeling_rope_utils", "loading an HF model").ROPE_INIT_FUNCTIONS
     with torch.no_grad():
         for module in model.modules():
             if not (hasattr(module, "inv_freq") and hasattr(module, "rope_type")):
                 continue
             init = getattr(module, "compute_default_rope_parameters", None)
             if module.rope_type != "default" or init is None:
-                init = ROPE_INIT_FUNCTIONS[module.rope_type]
+                init = rope_init[module.rope_type]
             inv_freq, scaling = init(module.config)
             module.inv_freq.copy_(inv_freq.to(module.inv_freq.dtype))
             if hasattr(module, "original_inv_freq"):

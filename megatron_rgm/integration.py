@@ -13,6 +13,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+from megatron.core import parallel_state
 
 from megatron_rgm import ops
 from megatron_rgm.arguments import (
@@ -79,8 +80,6 @@ def rgm_loss_func(model, batch: dict, rgm_config: RGMConfig, grpo: GRPOConfig, o
     sampler's distribution). ``policy_loss=False`` (``--sprm-only``) keeps the
     SPR loss alone.
     """
-    from megatron.core import parallel_state
-
     loss_mask = batch["loss_mask"].float()
     num_tokens = loss_mask.sum().clamp(min=1)
     report = {}

@@ -17,6 +17,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import sentencepiece as spm
+
+from megatron_rgm import lazy
 from megatron_rgm.config import ConfigError
 
 SP_FILE = "tokenizer.model"
@@ -26,8 +29,6 @@ class SentencePieceTokenizer:
     """A sentencepiece model with the transformers-style calls used across megatron-rgm."""
 
     def __init__(self, model_file: str | Path):
-        import sentencepiece as spm
-
         self.model_file = Path(model_file)
         self.sp = spm.SentencePieceProcessor(model_file=str(self.model_file))
         self.name_or_path = str(self.model_file)
@@ -98,10 +99,9 @@ def load_tokenizer(path: str | Path) -> Any:
         return SentencePieceTokenizer(p)
     if _is_sentencepiece_dir(p):
         return SentencePieceTokenizer(p / SP_FILE)
+    transformers = lazy.load("transformers", f"the tokenizer {p} (not a sentencepiece model)")
     try:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(p), trust_remote_code=False)
+        return transformers.AutoTokenizer.from_pretrained(str(p), trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise ConfigError(f"no tokenizer could be loaded from {p} ({e}): pass a directory with tokenizer.json or "
                           f"{SP_FILE}") from None

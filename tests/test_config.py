@@ -7,8 +7,9 @@ from dataclasses import asdict, fields
 
 import pytest
 
-from megatron_rgm import cli
-from megatron_rgm.arguments import add_rgm_args, build_args, build_parser, parse_args, rgm_config_from_args
+from megatron_rgm import cli, lazy
+from megatron_rgm.arguments import (add_rgm_args, build_args, build_parser, check_stage, parse_args,
+                                    rgm_config_from_args)
 from megatron_rgm.config import (ConfigError, DataConfig, GRPOConfig, ModelConfig, OptimConfig, ParallelConfig,
                                  RGMConfig, RunConfig)
 from megatron_rgm.model.presets import PRESETS
@@ -115,3 +116,13 @@ def test_the_tools_share_one_prompt_model_and_sampling_group():
         ModelSource(backend="hf")
     with pytest.raises(ConfigError, match="has no {problem} field"):
         PromptFileConfig(prompts="p.jsonl", prompt_template="no field")
+
+
+def test_a_logger_that_cannot_start_is_refused_before_the_run():
+    # --wandb-project without wandb used to train on with a warning; now every rank stops before the first step.
+    if lazy.available("wandb"):
+        pytest.skip("wandb is installed here: nothing to refuse")
+    args = parse_args(["--preset", "tiny", "--stage", "sft", "--wandb-project", "rgm"])
+    with pytest.raises(ConfigError, match=r"--wandb-project needs wandb, which does not import here .*pip install "
+                                          r"wandb, or drop --wandb-project"):
+        check_stage(args)

@@ -11,12 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from megatron_rgm import lazy
+from megatron_rgm.config import ConfigError
+
 PACKAGE = Path(__file__).resolve().parents[1] / "megatron_rgm"
 
 # Lowest first; a unit may import its own layer and those below it. A unit is a top-level module or
 # subpackage of megatron_rgm, or one of the modules named in UNITS (they sit apart from their package).
 LAYERS = [
-    ["config", "cli", "faults", "ops", "cpu", "model.presets"],
+    ["config", "cli", "lazy", "faults", "ops", "cpu", "model.presets"],
     ["rl", "compat", "distributed", "launch", "tokenizer", "steps", "head"],
     ["checkpoint", "arguments", "data"],
     ["model"],
@@ -93,8 +96,8 @@ def test_no_private_name_is_imported_from_another_module():
     assert not found, "\n".join(found)
 
 
-# Third-party packages a module may import inside a function: slow to import, or optional.
-DEFERRED = ("megatron", "transformer_engine", "transformers", "wandb", "matplotlib", "vllm")
+# The packages a module may import on first use (megatron_rgm/lazy.py keeps the one list).
+DEFERRED = lazy.DEFERRED
 
 
 def _top_imports(path: Path) -> list[str]:
@@ -126,26 +129,66 @@ def _pulls_deferred(module: str, files: dict[str, Path], seen: set[str] | None =
     return False
 
 
+def _imports_in_functions(tree: ast.AST):
+    """(function name, imported module) for each import statement inside a function."""
+    for fn in ast.walk(tree):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Import):
+                yield from ((fn.name, a.name) for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                yield from ((fn.name, f"{node.module}.{a.name}" if node.module == "megatron_rgm" else node.module)
+                            for a in node.names)
+
+
 def test_imports_sit_at_file_tops_unless_deferred():
-    # An import inside a function is for what is slow or optional to import (DEFERRED, or a module of ours
-    # that imports it) in a module that does not already import it; the compiled extension loads lazily.
+    # Inside a function: megatron-core (or a module of ours that pulls it), in a module that does not import it
+    # already; the compiled extension, loaded lazily by ops. Other slow or optional packages go through lazy.load.
     files = dict(_modules())
     found = []
     for module, path in files.items():
-        for fn in ast.walk(ast.parse(path.read_text())):
-            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        for fn, target in _imports_in_functions(ast.parse(path.read_text())):
+            if target.endswith(EXTENSION):
                 continue
-            for node in ast.walk(fn):
-                if not isinstance(node, ast.ImportFrom) or not (node.module or "").startswith("megatron_rgm"):
-                    continue
-                targets = ([f"{node.module}.{a.name}" for a in node.names] if node.module == "megatron_rgm"
-                           else [node.module])
-                for target in targets:
-                    if target.endswith(EXTENSION) or (_pulls_deferred(target, files)
-                                                      and not _pulls_deferred(module, files)):
-                        continue
-                    found.append(f"{module}.{fn.name} imports {target} inside a function: move it to the top")
+            ours = target.startswith("megatron_rgm")
+            if target.startswith("megatron.training"):  # Megatron-LM's loop: not every megatron-core install has it
+                continue
+            if (_pulls_deferred(target, files) if ours else target.split(".")[0] == "megatron") \
+                    and not _pulls_deferred(module, files):
+                continue
+            found.append(f"{module}.{fn} imports {target} inside a function: move it to the top"
+                         + ("" if ours or target.startswith("megatron") else ", or lazy.load it if it is slow or "
+                            "optional"))
     assert not found, "\n".join(found)
+
+
+def test_lazy_loads_name_a_package_it_knows():
+    # lazy.load("x") of a package lazy.INSTALL does not list would raise ValueError at run time, on the path that
+    # needed it: caught here for every call in the package.
+    bad = []
+    for module, path in _modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in
+                    ("load", "available") and isinstance(node.func.value, ast.Name) and node.func.value.id == "lazy"):
+                name = node.args[0].value if node.args and isinstance(node.args[0], ast.Constant) else None
+                if not (isinstance(name, str) and any(name == k or name.startswith(k + ".") for k in lazy.INSTALL)):
+                    bad.append(f"{module}: lazy.{node.func.attr}({ast.unparse(node.args[0]) if node.args else ''})")
+    assert not bad, "\n".join(bad)
+
+
+def test_lazy_load_names_the_install_for_a_missing_package(monkeypatch):
+    import importlib
+
+    def missing(name, *a, **k):
+        raise ModuleNotFoundError(f"No module named {name!r}")
+
+    monkeypatch.setattr(importlib, "import_module", missing)
+    with pytest.raises(ConfigError, match=r"--wandb-project needs wandb, which does not import here .*pip install wandb"):
+        lazy.load("wandb", "--wandb-project")
+    assert not lazy.available("transformer_engine")
+    with pytest.raises(ValueError, match="numpy is not a deferred package: import it at the top"):
+        lazy.load("numpy", "anything")
 
 
 def test_serving_from_an_hf_export_needs_no_megatron_core():
@@ -165,10 +208,21 @@ def test_the_import_check_fails_on_a_needless_deferred_import(tmp_path, monkeypa
     fake = tmp_path / "megatron_rgm"
     fake.mkdir()
     (fake / "config.py").write_text("X = 1\n")
-    (fake / "steps.py").write_text("def f():\n    from megatron_rgm.config import X\n    return X\n")
+    (fake / "steps.py").write_text("def f():\n    from megatron_rgm.config import X\n    return X\n\n\n"
+                                   "def g():\n    import json\n    return json\n")
+    # megatron-core deferred in a module that imports it at its top anyway
+    (fake / "cpu.py").write_text("import megatron.core\n\n\ndef h():\n    from megatron.core import parallel_state\n")
+    # ... and where it is deferred for a reason: no complaint
+    (fake / "ops.py").write_text("def k():\n    from megatron.core import parallel_state\n")
     monkeypatch.setitem(globals(), "PACKAGE", fake)
-    with pytest.raises(AssertionError, match="megatron_rgm.steps.f imports megatron_rgm.config inside a function"):
+    with pytest.raises(AssertionError) as failed:
         test_imports_sit_at_file_tops_unless_deferred()
+    assert [line.strip() for line in str(failed.value).splitlines()[:3]] == [
+        "megatron_rgm.cpu.h imports megatron.core inside a function: move it to the top",
+        "megatron_rgm.steps.f imports megatron_rgm.config inside a function: move it to the top",
+        "megatron_rgm.steps.g imports json inside a function: move it to the top, or lazy.load it if it is slow "
+        "or optional"]
+    assert "ops.k" not in str(failed.value)
 
 
 def test_the_layering_check_fails_on_an_upward_import(tmp_path, monkeypatch):

@@ -9,9 +9,11 @@
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import torch
 import torch.distributed as dist
-
 
 RNG_KEY = "rng_state_per_rank"  # ours; "rng_state" holds Megatron-LM's layout (older RGM checkpoints: ours)
 
@@ -25,8 +27,6 @@ def layout() -> dict:
 
 def rng_state(data_generator: torch.Generator | None = None) -> dict:
     """This rank's random states: python, torch CPU (and CUDA), megatron's tracker, a data generator."""
-    import random
-
     from megatron.core import tensor_parallel
 
     state = {"python": random.getstate(), "torch": torch.get_rng_state(),
@@ -39,8 +39,6 @@ def rng_state(data_generator: torch.Generator | None = None) -> dict:
 
 
 def set_rng_state(state: dict, data_generator: torch.Generator | None = None) -> None:
-    import random
-
     from megatron.core import tensor_parallel
 
     random.setstate(state["python"])
@@ -66,9 +64,6 @@ def rng_object(data_generator: torch.Generator | None, key: str = "rng_state"):
 
 def _megatron_lm_rng_state() -> dict:
     """This rank's states under Megatron-LM's names (``megatron.training.checkpointing.get_rng_state``)."""
-    import random
-
-    import numpy as np
     from megatron.core import tensor_parallel
 
     # On the CPU (megatron_rgm.cpu) the "CUDA" generator megatron forks is the CPU one.
@@ -104,9 +99,6 @@ def megatron_lm_rng_object(value):
 
 
 def set_megatron_lm_rng_state(states: list) -> None:
-    import random
-
-    import numpy as np
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
+
+import torch
 
 
 def inference_mode():
@@ -51,9 +54,6 @@ def write_legacy_common_state(checkpoint_dir) -> bool:
     places lets either version open a checkpoint the other wrote. Rank 0 only;
     returns whether it wrote the file.
     """
-    import os
-
-    import torch
     from megatron.core import dist_checkpointing
 
     path = os.path.join(str(checkpoint_dir), LEGACY_COMMON_FILE)

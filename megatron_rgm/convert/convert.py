@@ -15,19 +15,23 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
+from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as ps
+from megatron.core.dist_checkpointing import ShardedTensor
 
 from megatron_rgm import distributed
 from megatron_rgm.arguments import rebuild_args
 from megatron_rgm.checkpoint import ASSETS, save_checkpoint
 from megatron_rgm.config import ConfigError, RGMConfig
 from megatron_rgm.convert.hf_io import HFCheckpoint, ShardWriter, copy_tokenizer_files
-from megatron_rgm.launch import run_ranks
 from megatron_rgm.convert.mapping import (
     CKPT_KEY_ALIASES,
     HFArch,
@@ -40,15 +44,14 @@ from megatron_rgm.convert.stream_save import (
     param_producer,
     return_freed_memory,
 )
-from megatron_rgm.model import build_model
 from megatron_rgm.head import HEAD_KEYS, load_head, save_head
+from megatron_rgm.launch import run_ranks
+from megatron_rgm.model import build_model
 from megatron_rgm.model.load import CheckpointModel, describe_checkpoint
 from megatron_rgm.model.state import global_name, partition
 
 
 def _say(msg: str) -> None:
-    import torch.distributed as dist
-
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(msg, flush=True)
 
@@ -60,7 +63,6 @@ def _hf_to_mcore_rank(hf_path: str, output: str, tp: int, pp: int, head_file: st
     arch = hf.arch
     args = rebuild_args(arch.model_config(divisible_by), tp, pp, seed=seed)
     distributed.initialize(args.parallel)
-    from megatron.core import parallel_state as ps
 
     # The model gives the checkpoint's layout (its sharded_state_dict); its backbone parameters are never
     # filled (perform_initialization=False leaves them untouched torch.empty memory, not resident): each
@@ -82,7 +84,6 @@ def _hf_to_mcore_rank(hf_path: str, output: str, tp: int, pp: int, head_file: st
     show = tp_rank == 0 and ps.get_data_parallel_rank() == 0
     _save_streaming(output, model, produce, extra, f"hf->mcore pp{ps.get_pipeline_model_parallel_rank()}" if show
                     else None)
-    import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     print(f"[hf-to-mcore rank {torch.distributed.get_rank()}] peak RSS {peak:.3f} GiB", flush=True)
@@ -150,9 +151,6 @@ def export_config(checkpoint: CheckpointModel) -> dict:
 
 
 def _mcore_to_hf_rank(mcore_path: str, output: str, dtype: str | None, vocab_size: int | None) -> None:
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing import ShardedTensor
-
     distributed.initialize(distributed.ParallelConfig())
     root = Path(mcore_path)
     source = describe_checkpoint(root).with_vocab_size(vocab_size)

@@ -15,6 +15,7 @@ only the order of the work differs.
 
 from __future__ import annotations
 
+import ctypes
 import inspect
 import os
 import queue
@@ -23,14 +24,15 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm import tqdm
 from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 from megatron.core.dist_checkpointing.strategies.state_dict_saver import save_state_dict_async_plan
 from megatron.core.dist_checkpointing.strategies.torch import (MCoreSavePlanner, TorchDistSaveShardedStrategy,
                                                                _replace_state_dict_keys_with_sharded_keys,
                                                                mcore_to_pyt_state_dict)
+from torch.distributed.checkpoint import filesystem as dcp_filesystem
 from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, _write_item
 from torch.distributed.checkpoint.planner import WriteItemType
+from tqdm import tqdm
 
 from megatron_rgm.compat.mcore import save_callbacks
 
@@ -77,9 +79,7 @@ class _StreamingWriter(FileSystemWriterAsync):
         transforms = [self.transforms] if hasattr(self, "transforms") else []
         extra = {}
         if "serialization_format" in inspect.signature(_write_item).parameters:
-            from torch.distributed.checkpoint.filesystem import SerializationFormat
-
-            extra["serialization_format"] = SerializationFormat.TORCH_SAVE
+            extra["serialization_format"] = dcp_filesystem.SerializationFormat.TORCH_SAVE
         results = []
         # An error propagates as it is (it names its cause): the launcher stops the other ranks.
         with open(path, "wb") as stream:
@@ -125,8 +125,6 @@ def return_freed_memory() -> None:
     resident set grew by the shards' sizes over a save. A fixed threshold keeps
     it at about one shard. No-op where the C library is not glibc.
     """
-    import ctypes
-
     try:
         libc = ctypes.CDLL(None)  # the process's own symbols (ctypes.util.find_library would fork ldconfig)
         libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (setting it also turns the dynamic threshold off)

@@ -12,6 +12,9 @@ import json
 from pathlib import Path
 
 import torch
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_rgm import distributed
 from megatron_rgm.convert.hf_io import HFCheckpoint
@@ -35,10 +38,6 @@ def verify_layout(hf_path: str, mcore_path: str, tp: int, pp: int, batches: int 
         The report (with the Megatron logits of the first batch under
         ``"logits"``) on the rank that reports, else None.
     """
-    from megatron.core import parallel_state as ps
-    from megatron.core import tensor_parallel
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     loaded = load_model(mcore_path, tp, pp)
     model, args = loaded.model, loaded.args
     arch = HFCheckpoint(hf_path).arch  # what is compared: the HF side's own architecture

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import zarr
 
 from megatron_rgm import faults
 from megatron_rgm.config import ConfigError
@@ -86,8 +87,6 @@ class RolloutStore:
 
     def __init__(self, path: str | os.PathLike, mode: str = "r", tokenizer: str | None = None,
                  attrs: dict | None = None):
-        import zarr
-
         self.path = Path(path)
         if mode not in ("r", "a"):
             raise ValueError(f"mode must be 'r' or 'a', got {mode!r}")

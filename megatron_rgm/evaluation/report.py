@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from megatron_rgm import ops
+from megatron_rgm import lazy, ops
 from megatron_rgm.config import AGGREGATIONS, ConfigError
 from megatron_rgm.data.benchmarks import read_jsonl
 from megatron_rgm.evaluation.metrics import Problem, evaluate
@@ -77,11 +77,7 @@ def markdown_table(metrics: dict[str, float], ks: Sequence[int]) -> str:
 
 
 def plot(metrics: dict[str, float], ks: Sequence[int], path: str | Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = lazy.pyplot("the accuracy-vs-k plot")
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in ["pass@k", "oracle@k", "maj@k", "wmaj@k"] + [f"bon@k/{a}" for a in AGGREGATIONS]:
         ys = [metrics.get(name.replace("@k", f"@{k}")) for k in ks]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from megatron.core import parallel_state
+
 from megatron_rgm.model.rgm_model import RGMModel, SPRMHead, attach_sprm_head, sprm_step_logits, unwrap
 from megatron_rgm.model.specs import RGMNorm, block_spec, layer_spec
 
@@ -20,8 +22,6 @@ def build_model(args) -> list[RGMModel]:
         A list of :class:`RGMModel`, one per virtual stage (one without
         virtual pipelining).
     """
-    from megatron.core import parallel_state
-
     vp = args.parallel.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in range(vp or 1):

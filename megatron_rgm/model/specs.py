@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_layer_local_spec,
+                                                    get_gpt_layer_with_transformer_engine_spec)
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
@@ -19,16 +20,8 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_rgm import lazy
 from megatron_rgm.config import ConfigError
-
-
-def transformer_engine_available() -> bool:
-    """Whether Transformer Engine imports (it needs a GPU build)."""
-    try:
-        import transformer_engine  # noqa: F401
-    except Exception:
-        return False
-    return True
 
 
 class RGMNorm(torch.nn.Module):
@@ -67,12 +60,11 @@ def layer_spec(config: TransformerConfig, transformer_impl: str = "local") -> Mo
             ``transformer_engine`` (needed for FP8).
     """
     if transformer_impl == "transformer_engine":
-        if not transformer_engine_available():
+        if not lazy.available("transformer_engine"):
             raise ConfigError(
                 "--transformer-impl transformer_engine needs Transformer Engine, which does not import "
                 "here: pip install 'megatron-rgm[te]' on a CUDA machine, or use --transformer-impl local"
             )
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
     if transformer_impl != "local":

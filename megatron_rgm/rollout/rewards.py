@@ -14,6 +14,7 @@ import threading
 from dataclasses import dataclass
 from typing import Protocol
 
+from megatron_rgm import lazy
 from megatron_rgm.config import ConfigError
 
 CORRECT, WRONG, FORMAT_ERROR = "correct", "wrong", "format_error"
@@ -68,16 +69,15 @@ class MathVerifier:
         return self.timeout if threading.current_thread() is threading.main_thread() else None
 
     def __call__(self, response: str, gold: str) -> Grade:
-        from math_verify import parse, verify
-
+        math_verify = lazy.load("math_verify", "--verifier math")
         answer = last_boxed(response)
         if answer is None:
             return Grade(FORMAT_ERROR, None)
         t = self._timeout()
         try:
-            gold_parsed = parse(f"\\boxed{{{gold}}}", parsing_timeout=t)
-            pred_parsed = parse(f"\\boxed{{{answer}}}", parsing_timeout=t)
-            ok = bool(gold_parsed) and bool(pred_parsed) and verify(gold_parsed, pred_parsed, timeout_seconds=t)
+            gold_parsed = math_verify.parse(f"\\boxed{{{gold}}}", parsing_timeout=t)
+            pred_parsed = math_verify.parse(f"\\boxed{{{answer}}}", parsing_timeout=t)
+            ok = bool(gold_parsed) and bool(pred_parsed) and math_verify.verify(gold_parsed, pred_parsed, timeout_seconds=t)
         except Exception:  # math-verify raises on pathological inputs and on timeouts: a wrong answer
             ok = False
         return Grade(CORRECT if ok else WRONG, answer)

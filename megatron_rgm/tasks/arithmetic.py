@@ -45,6 +45,8 @@ from math import comb
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import sentencepiece as spm
+
 from megatron_rgm.config import PROMPT_TEMPLATE, ConfigError
 
 STEP = ".\n\n"
@@ -298,8 +300,6 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
     Raises:
         ConfigError: ``vocab_size`` cannot hold the bytes and the fixed symbols.
     """
-    import sentencepiece as spm
-
     base = 4 + 256 + len(FORMAT_SYMBOLS)  # unk/bos/eos/pad, byte fallback, format symbols
     if vocab_size < base + LEARNED_PIECES:
         raise ConfigError(f"vocab_size {vocab_size} cannot hold the 256 byte pieces, 4 special and "

@@ -32,6 +32,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+from megatron_rgm import lazy
 from megatron_rgm.config import ConfigError, run_tool
 from megatron_rgm.evaluation.report import run as evaluate
 from megatron_rgm.inference.best_of_n import BestOfNConfig, load_problems, run_megatron
@@ -97,11 +100,7 @@ def _torchrun(nproc: int, argv: list[str], log: Path) -> None:
 
 def plot_divergence(metrics_file: Path, png: Path) -> None:
     """Mean trajectory score of correct vs incorrect rollouts over the RGM iterations (the "aha" divergence)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = lazy.pyplot("the score-divergence plot")
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines()]
     it = [r["iteration"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -119,8 +118,6 @@ def plot_divergence(metrics_file: Path, png: Path) -> None:
 
 def run(cfg: PipelineConfig) -> dict:
     """Run every stage; returns the evaluation metrics."""
-    import torch
-
     from megatron_rgm.convert import mcore_to_hf
 
     out = Path(cfg.output).resolve()

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from pathlib import Path
+
+from megatron_rgm import lazy
 
 # Printed in this order on the iteration line; everything else goes to tensorboard / wandb / the file only.
 _LINE_KEYS = ("lr", "sprm lr", "grpo loss", "lm loss", "spr loss", "kl", "entropy", "grad norm", "sprm grad norm",
@@ -31,17 +32,9 @@ class MetricsLogger:
         if not active:
             return
         if tensorboard_dir:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(log_dir=tensorboard_dir, max_queue=100)
+            self.tb = lazy.load("torch.utils.tensorboard", "--tensorboard-dir").SummaryWriter(log_dir=tensorboard_dir, max_queue=100)
         if wandb_project:
-            try:
-                import wandb
-            except ImportError:
-                warnings.warn("--wandb-project given but wandb is not installed (pip install wandb): not logging "
-                              "to Weights & Biases", stacklevel=2)
-            else:
-                self.wandb = wandb.init(project=wandb_project, config=run_config or {})
+            self.wandb = lazy.load("wandb", "--wandb-project").init(project=wandb_project, config=run_config or {})
         if metrics_file:
             path = Path(metrics_file)
             path.parent.mkdir(parents=True, exist_ok=True)

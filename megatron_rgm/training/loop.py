@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
 from megatron_rgm import distributed
 from megatron_rgm.checkpoint import latest_iteration, load_checkpoint
@@ -75,13 +77,6 @@ class Trainer:
     """Model, optimizer, data and reference model of one run, on this rank."""
 
     def __init__(self, args):
-        from megatron.core import parallel_state as ps
-        from megatron.core.distributed import (
-            DistributedDataParallel,
-            DistributedDataParallelConfig,
-            finalize_model_grads,
-        )
-
         self.args, self.run = args, args.run
         self.nonfinite_in_a_row = 0
         self.iteration_now = 0

@@ -12,6 +12,7 @@ shards), so they are the same on every rank.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +32,11 @@ def build_optimizer(model_chunks, optim, transformer_config):
         optim: :class:`megatron_rgm.config.OptimConfig` (lr, head lr, weight decays, distributed optimizer).
         transformer_config: the model's TransformerConfig (precision).
     """
-    from megatron.core.optimizer import OptimizerConfig, ParamKey, get_megatron_optimizer
+    from megatron.core.optimizer import (
+        OptimizerConfig,
+        ParamKey,
+        get_megatron_optimizer,
+    )
 
     config = OptimizerConfig(
         optimizer="adam", lr=optim.lr, min_lr=optim.lr, weight_decay=optim.weight_decay, clip_grad=optim.clip_grad,
@@ -90,9 +95,10 @@ def optimizer_step(optimizer, clip_grad: float, head_clip_grad: float) -> StepRe
     are reduced, so all ranks see them) and returns ``ok=False``: weights never
     take a non-finite step.
     """
-    import math
-
-    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32, get_grad_norm_fp32
+    from megatron.core.optimizer.clip_grads import (
+        clip_grad_by_total_norm_fp32,
+        get_grad_norm_fp32,
+    )
 
     if optimizer.prepare_grads():
         return StepResult(False, None, None)

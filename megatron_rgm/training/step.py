@@ -10,6 +10,8 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
 from megatron_rgm.checkpoint import load_checkpoint, rng_state, set_rng_state
 from megatron_rgm.integration import forward_step
 from megatron_rgm.model import build_model, unwrap
@@ -19,8 +21,6 @@ from megatron_rgm.rl import vocab_parallel_log_probs
 def forward_backward(model: list, batches: list[dict], length: int, micro_batch_size: int, step_func,
                      forward_only: bool = False) -> list[dict]:
     """``step_func`` over ``batches`` (one micro-batch each) on this stage's chunks; the last stage's reports."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     return get_forward_backward_func()(
         forward_step_func=step_func,
         data_iterator=[iter(batches) for _ in model] if len(model) > 1 else iter(batches),
