@@ -13,17 +13,25 @@ Stages (``--stage``):
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from functools import partial
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_rgm import distributed
 from megatron_rgm.arguments import Args, check_stage, parse_args
 from megatron_rgm.checkpoint import latest_iteration, load_checkpoint, save_checkpoint
 from megatron_rgm.config import ConfigError
 from megatron_rgm.model import build_model
+from megatron_rgm.rollout.sampling import derive_seed
 from megatron_rgm.training.loop import TrainingError, train
 
 
@@ -43,12 +51,6 @@ def synthetic_batch(args: Args, generator: torch.Generator):
     return seq[:, :-1], seq[:, 1:], positions, step_mask
 
 
-def _data_seed(seed: int, dp_rank: int, iteration: int) -> int:
-    import numpy as np
-
-    return int(np.random.SeedSequence([seed, dp_rank, iteration]).generate_state(1)[0])
-
-
 def _loss_func(stats: dict, output):
     token_loss, step_logits = output
     loss = token_loss.float().mean()
@@ -64,15 +66,6 @@ def _forward_step(stats: dict, data_iterator, model):
 
 def backbone_check(args: Args) -> list[float]:
     """Run the backbone check; returns the LM loss per iteration (last stage ranks; [] elsewhere)."""
-    from megatron.core import parallel_state
-    from megatron.core.distributed import (
-        DistributedDataParallel,
-        DistributedDataParallelConfig,
-        finalize_model_grads,
-    )
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     info = distributed.initialize(args.parallel)
     dp = parallel_state.get_data_parallel_world_size()
     micro = args.run.micro_batch_size
@@ -101,8 +94,6 @@ def backbone_check(args: Args) -> list[float]:
     gen, dp_rank = torch.Generator(), parallel_state.get_data_parallel_rank()
     start_iter = 1
     if args.run.load:
-        from pathlib import Path
-
         # A save directory with a finished checkpoint, or one iter_XXXXXXX directory; an empty
         # --load directory starts a new run (Megatron-LM's behaviour).
         if latest_iteration(args.run.load) is not None or (Path(args.run.load) / "metadata.json").exists():
@@ -115,7 +106,7 @@ def backbone_check(args: Args) -> list[float]:
         for m in model:
             m.zero_grad_buffer()
         optimizer.zero_grad()
-        gen.manual_seed(_data_seed(args.parallel.seed, dp_rank, it))
+        gen.manual_seed(derive_seed(args.parallel.seed, dp_rank, it))
         batches = [synthetic_batch(args, gen) for _ in range(num_micro)]
         stats: dict = {}
         reports = forward_backward(
@@ -161,17 +152,11 @@ _COMM_FAILURE = ("gloo", "nccl", "connection closed", "connection reset", "timed
 
 def _lost_peers(e: BaseException) -> bool:
     """True for a collective that failed because another rank died or stopped answering."""
-    import torch.distributed as dist
-
     return isinstance(e, getattr(dist, "DistError", ())) or (
         isinstance(e, RuntimeError) and any(w in str(e).lower() for w in _COMM_FAILURE))
 
 
 def main(argv: list[str] | None = None) -> int:
-    import os
-
-    import torch.distributed as dist
-
     try:
         args = parse_args(argv)
     except ConfigError as e:

@@ -399,7 +399,7 @@ def test_prompt_longer_than_the_model_is_named_before_anything_is_written(export
 
 def test_k_below_one(export, tmp_path, prompts, capsys):
     from megatron_rgm.hf import RGMScorer
-    from megatron_rgm.inference.best_of_n import HFSampler
+    from megatron_rgm.rollout.hf_sampler import HFSampler
     from megatron_rgm.rollout.sampler import SamplingParams
 
     exits_2(capsys, "generate_rollouts", ["--prompts", prompts, "--output", tmp_path / "store", "--problem-key", "q",

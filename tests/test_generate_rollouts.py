@@ -56,6 +56,17 @@ def test_megatron_backend_at_tp2_then_resumed_at_pp2(setup):
     store = RolloutStore(out, "r")
     assert len(store) == 6, "a run over finished prompts must add nothing"
     assert all(np.array_equal(first[i], store[i].tokens) for i in range(6))
+    # The HF backend is the same sampler over the export of these weights: the same draws for the same seed.
+    with as_a_child():
+        assert tool("generate_rollouts").main(["--prompts", str(prompts), "--output", str(root / "store_hf_same"),
+                                               "--backend", "hf", "--hf-path", str(root / "export"), *COMMON]) == 0
+    hf = RolloutStore(root / "store_hf_same", "r")
+    by_prompt = lambda s: sorted((s[i].prompt_id, s[i].tokens.tolist()) for i in range(len(s)))  # noqa: E731
+    assert by_prompt(hf) == by_prompt(store)
+    for i in range(6):
+        a = next(store[j] for j in range(6) if store[j].tokens.tolist() == hf[i].tokens.tolist())
+        np.testing.assert_allclose(hf[i].log_probs, a.log_probs, atol=1e-4)
+        np.testing.assert_allclose(hf[i].step_scores, a.step_scores, atol=1e-4)
 
 
 def test_hf_backend(setup):

@@ -30,7 +30,6 @@ Output (jsonl, one line per problem; also a samples file for ``tools/evaluate.py
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import sys
@@ -51,6 +50,7 @@ from megatron_rgm.rollout.generate import (
     load_prompts,
 )
 from megatron_rgm.rollout.rewards import CORRECT, VERIFIERS, last_boxed, make_verifier
+from megatron_rgm.rollout.hf_sampler import HFSampler
 from megatron_rgm.rollout.sampler import Rollout, Sampler, SamplingParams
 from megatron_rgm.steps import StepSegmenter
 from megatron_rgm.tokenizer import load_tokenizer
@@ -126,6 +126,11 @@ def _sync(values: list[float]) -> list[float]:
 
 
 def _seed(base: int, problem: int, candidate: int = -1) -> int:
+    """Seed of a problem's k thinking draws (``candidate`` -1) or of one candidate's continuation.
+
+    Not :func:`~megatron_rgm.rollout.sampling.derive_seed`: every Best-of-N result in docs/RESULTS.md was drawn
+    with this key, and changing it would change them all (docs/ARCHITECTURE.md, Seeds).
+    """
     return (base * 1_000_003 + problem) * 1_009 + candidate + 1
 
 
@@ -231,44 +236,6 @@ class BestOfN:
             if tmp and tmp.exists():
                 tmp.unlink()
         return summary
-
-
-class _HFPolicy(torch.nn.Module):
-    """An HF causal LM and its SPRM head, with the attributes :meth:`Sampler.generate` reads."""
-
-    def __init__(self, scorer):
-        super().__init__()
-        self.lm, self.head, self.feature = scorer.model, scorer.head, scorer.feature
-        self.max_sequence_length = scorer.model.config.max_position_embeddings
-        # transformers >= 5.2x names the KV cache ``cache`` (``past_key_values`` before, now deprecated).
-        self.cache_kw = "cache" if "cache" in inspect.signature(self.lm.forward).parameters else "past_key_values"
-
-
-class HFSampler(Sampler):
-    """:class:`Sampler` over an HF export (:class:`megatron_rgm.hf.RGMScorer`): the same draws, stops and step
-    rules, with transformers' KV cache; the head reads the hooked ``sprm_layer`` output of each forward, so step
-    scores again come from the sampling passes.
-
-    Args:
-        scorer: model, head and feature hook.
-        tokenizer: for stop strings.
-        segmenter: step rules.
-    """
-
-    def __init__(self, scorer, tokenizer, segmenter):
-        super().__init__(_HFPolicy(scorer), scorer.model.config.vocab_size, segmenter, tokenizer, pipeline=False)
-        self.position_limit = self.model.max_sequence_length
-        self._past = None
-
-    def _forward(self, tokens, positions, context):
-        m = self.model
-        if int(positions[0, 0]) == 0:  # a prefill (or a full recompute): start a new cache
-            self._past = None
-        out = m.lm(input_ids=tokens, position_ids=positions, use_cache=True, **{m.cache_kw: self._past})
-        self._past = out["cache"] if "cache" in out else out["past_key_values"]
-        feature = m.feature.value[:, -1]  # [b, h] at the last position
-        head = m.head(feature.to(m.head[0].weight.dtype)).view(-1).float()
-        return out.logits[:, -1, : self.vocab_size].float(), head
 
 
 def load_problems(path: str, problem_key: str | None, answer_key: str | None, limit: int | None) -> list[dict]:

@@ -17,13 +17,9 @@ from megatron_rgm.config import ConfigError, DataConfig
 from megatron_rgm.data.store import RolloutStore, Trajectory, tokenizer_fingerprint
 from megatron_rgm.rollout.rewards import make_verifier
 from megatron_rgm.rollout.sampler import Sampler, SamplingParams
+from megatron_rgm.rollout.sampling import derive_seed
 from megatron_rgm.steps import StepSegmenter
 from megatron_rgm.tokenizer import encode
-
-
-def sample_seed(*parts: int) -> int:
-    """One 32-bit seed from integers (run seed, iteration, prompt index)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
 def sample_groups(model, vocab: int, tokenizer, segmenter: StepSegmenter, data: DataConfig, prompts, seed: int,
@@ -46,7 +42,7 @@ def sample_groups(model, vocab: int, tokenizer, segmenter: StepSegmenter, data: 
         params = SamplingParams(temperature=data.temperature, top_p=data.top_p,
                                 max_new_tokens=min(data.max_response_length, room),
                                 eos_token_ids=[eos] if eos is not None else [],
-                                seed=sample_seed(seed, iteration, index))
+                                seed=derive_seed(seed, iteration, index))
         r = sampler.generate(ids, data.group_size, params)
         probs = torch.sigmoid(r.step_logits)
         group = []

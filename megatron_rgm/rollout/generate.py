@@ -1,10 +1,10 @@
-"""Prompts jsonl -> rollout store, with the native sampler (Megatron checkpoint) or transformers (HF export).
+"""Prompts jsonl -> rollout store: the native sampler over a Megatron checkpoint or an HF export.
 
 Megatron backend: run under torchrun (or alone); each data-parallel replica
 takes every dp-th prompt and writes its own subgroup of the store (its TP and
-PP ranks end with the same samples; TP rank 0 of the last stage writes). HF backend: one process, transformers'
-``generate``, then one forward for the old log-probs and the step scores
-(:class:`megatron_rgm.hf.RGMScorer`). Either way prompts already in the store
+PP ranks end with the same samples; TP rank 0 of the last stage writes). HF backend: one process, the same sampler over
+the export's transformers model (:class:`~megatron_rgm.rollout.hf_sampler.HFSampler`), so the log-probs and
+step scores come from the sampling passes as they do under Megatron. Either way prompts already in the store
 are skipped, so an interrupted run resumes where it stopped.
 """
 
@@ -23,7 +23,9 @@ from megatron_rgm.data.benchmarks import load_benchmark
 from megatron_rgm.data.store import RolloutStore, Trajectory, tokenizer_fingerprint
 from megatron_rgm.hf import RGMScorer
 from megatron_rgm.rollout.rewards import CORRECT, make_verifier
+from megatron_rgm.rollout.hf_sampler import HFSampler
 from megatron_rgm.rollout.sampler import Sampler, SamplingParams
+from megatron_rgm.rollout.sampling import derive_seed
 from megatron_rgm.steps import StepSegmenter
 from megatron_rgm.tokenizer import load_tokenizer
 
@@ -56,6 +58,27 @@ def check_prompt_lengths(tokenizer, prompts: list[dict], template: str, max_new_
                               f"than the model's {limit}: shorten or drop that prompt, or lower --max-new-tokens")
 
 
+def _sample_prompts(sampler, tokenizer, todo: list[tuple[int, dict]], k: int, params: SamplingParams,
+                    template: str, verifier: str, write, progress: str, quiet: bool) -> None:
+    """k samples of each (index, prompt) in ``todo``, handed to ``write(trajectories)`` (None: sample only)."""
+    grade = make_verifier(verifier)
+    for i, prompt in tqdm(todo, desc=progress, disable=quiet, file=sys.stdout):
+        ids = tokenizer.encode(template.format(problem=prompt["problem"]), add_special_tokens=False)
+        # Seeded per prompt: the same draws whatever the layout or the point a run resumed from.
+        r = sampler.generate(ids, k, replace(params, seed=derive_seed(params.seed, i)))
+        if write is not None:
+            texts = [tokenizer.decode(r.tokens[j, len(ids):int(r.lengths[j])].tolist()) for j in range(k)]
+            write(_trajectories(r.tokens, len(ids), r.lengths, r.log_probs, r.step_mask, r.step_logits,
+                                r.cu_steps, texts, prompt["answer"], grade, i))
+
+
+def _with_eos(params: SamplingParams, tokenizer) -> SamplingParams:
+    """``params`` stopping at the tokenizer's eos unless the user named the stop ids."""
+    if tokenizer.eos_token_id is None or params.eos_token_ids:
+        return params
+    return replace(params, eos_token_ids=[tokenizer.eos_token_id])
+
+
 def generate_megatron(mcore_path: str, tokenizer_path: str | None, prompts: list[dict], output: str, k: int,
                       params: SamplingParams, verifier: str = "math", tp: int = 1,
                       template: str = PROMPT_TEMPLATE, pp: int = 1) -> None:
@@ -69,8 +92,7 @@ def generate_megatron(mcore_path: str, tokenizer_path: str | None, prompts: list
     model, args = loaded.model, loaded.args
     sampler = Sampler(model, checkpoint.sampling_vocab(tokenizer),
                       StepSegmenter.from_tokenizer(tokenizer, args.rgm.sprm_step_tokens), tokenizer)
-    if tokenizer.eos_token_id is not None and not params.eos_token_ids:
-        params.eos_token_ids = [tokenizer.eos_token_id]
+    params = _with_eos(params, tokenizer)
     check_prompt_lengths(tokenizer, prompts, template, params.max_new_tokens, model.max_sequence_length)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     # Every rank of a model replica ends with the same samples; one of them writes.
@@ -83,15 +105,9 @@ def generate_megatron(mcore_path: str, tokenizer_path: str | None, prompts: list
     store = RolloutStore(output, "a" if writer else "r", tokenizer=fingerprint)
     done = store.prompt_ids()
     mine = [(i, p) for i, p in enumerate(prompts) if i % dp == dp_rank and i not in done]
-    grade = make_verifier(verifier)
-    for i, prompt in tqdm(mine, desc=f"rollouts dp{dp_rank}", disable=not writer, file=sys.stdout):
-        ids = tokenizer.encode(template.format(problem=prompt["problem"]), add_special_tokens=False)
-        # Seeded per prompt: the same draws whatever the layout or the point a run resumed from.
-        r = sampler.generate(ids, k, replace(params, seed=params.seed * 1_000_003 + i))
-        texts = [tokenizer.decode(r.tokens[j, len(ids):int(r.lengths[j])].tolist()) for j in range(k)]
-        if writer:
-            store.append(dp_rank, _trajectories(r.tokens, len(ids), r.lengths, r.log_probs, r.step_mask,
-                                                r.step_logits, r.cu_steps, texts, prompt["answer"], grade, i))
+    _sample_prompts(sampler, tokenizer, mine, k, params, template, verifier,
+                    (lambda group: store.append(dp_rank, group)) if writer else None, f"rollouts dp{dp_rank}",
+                    quiet=not writer)
     torch.distributed.barrier()
     distributed.shutdown()
 
@@ -99,41 +115,18 @@ def generate_megatron(mcore_path: str, tokenizer_path: str | None, prompts: list
 @torch.no_grad()
 def generate_hf(hf_path: str, prompts: list[dict], output: str, k: int, params: SamplingParams,
                 verifier: str = "math", template: str = PROMPT_TEMPLATE) -> None:
+    """The same rollouts from an HF export, in this process: the native sampler over transformers' forward."""
     scorer = RGMScorer.from_pretrained(hf_path)
-    tokenizer, model = scorer.tokenizer, scorer.model
-    check_prompt_lengths(tokenizer, prompts, template, params.max_new_tokens, model.config.max_position_embeddings)
+    tokenizer = scorer.tokenizer
+    sampler = HFSampler(scorer, tokenizer, scorer.segmenter)
+    params = _with_eos(params, tokenizer)
+    check_prompt_lengths(tokenizer, prompts, template, params.max_new_tokens, sampler.position_limit)
     store = RolloutStore(output, "a", tokenizer=tokenizer_fingerprint(tokenizer),
                          attrs={"model": str(hf_path), "k": k, "sampling": asdict(params), "backend": "hf"})
     done = store.prompt_ids()
-    grade = make_verifier(verifier)
-    eos = params.eos_token_ids or ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else None)
-    for i, prompt in tqdm([(i, p) for i, p in enumerate(prompts) if i not in done], desc="rollouts (hf)",
-                          file=sys.stdout):
-        ids = tokenizer.encode(template.format(problem=prompt["problem"]), add_special_tokens=False)
-        torch.manual_seed(params.seed * 1_000_003 + i)
-        greedy = params.temperature == 0
-        out = model.generate(torch.tensor([ids]), do_sample=not greedy, temperature=None if greedy else params.temperature,
-                             top_p=None if greedy else params.top_p, top_k=params.top_k or None,
-                             repetition_penalty=params.repetition_penalty, max_new_tokens=params.max_new_tokens,
-                             num_return_sequences=k, eos_token_id=eos, pad_token_id=eos[0] if eos else 0)
-        lengths = torch.full((k,), out.shape[1])
-        if eos:
-            for j in range(k):
-                hits = torch.isin(out[j, len(ids):], torch.tensor(eos)).nonzero()
-                if len(hits):
-                    lengths[j] = len(ids) + int(hits[0]) + 1
-        # One forward: old log-probs (temperature-scaled, as the sampler reports them) and the step scores.
-        response = (torch.arange(out.shape[1]).unsqueeze(0) >= len(ids)) & (
-            torch.arange(out.shape[1]).unsqueeze(0) < lengths.unsqueeze(1))
-        layout = scorer.segmenter(out, response_mask=response)
-        logits, step_logits = scorer.step_logits(out, layout.mask)
-        scaled = logits[:, :-1].float() / (params.temperature or 1.0)
-        lp = torch.log_softmax(scaled, -1).gather(-1, out[:, 1:, None]).squeeze(-1)
-        log_probs = torch.zeros(out.shape, dtype=torch.float32)
-        log_probs[:, 1:] = lp * response[:, 1:]
-        texts = [tokenizer.decode(out[j, len(ids):int(lengths[j])].tolist()) for j in range(k)]
-        store.append(0, _trajectories(out, len(ids), lengths, log_probs, layout.mask, step_logits, layout.cu_steps,
-                                      texts, prompt["answer"], grade, i))
+    todo = [(i, p) for i, p in enumerate(prompts) if i not in done]
+    _sample_prompts(sampler, tokenizer, todo, k, params, template, verifier, lambda group: store.append(0, group),
+                    "rollouts (hf)", quiet=False)
 
 
 def load_prompts(path: str, problem_key: str | None, answer_key: str | None, limit: int | None) -> list[dict]:

@@ -5,9 +5,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from megatron_rgm.config import ConfigError, decode_escapes, option
+
+
+def derive_seed(*parts: int) -> int:
+    """One 32-bit seed from integers (run seed, iteration or prompt index, ...): numpy's SeedSequence, so
+    neighbouring inputs give unrelated streams. The seed of each prompt's draws in training rollouts, offline
+    rollouts and the backbone check's data."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
 @dataclass
