@@ -32,15 +32,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _sprm_name(name: str) -> bool:
-    return name.startswith("sprm_")
+# The head's optimizer flags a loop other than megatron_rgm.pretrain can honour (integration.sprm_param_group):
+# not the head's own gradient clip, which needs megatron_rgm.training.optimizer_step.
+_FOREIGN_LOOP_OPTIM = ("sprm_lr", "sprm_weight_decay")
 
 
 def add_rgm_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Register RGM's own flags (``--sprm-*``, ``--grpo-*``) on any parser (Megatron-LM's ``extra_args_provider``)."""
+    """Register on any parser the RGM flags another training loop acts on: the head, the SPR loss, GRPO, and the
+    head's lr and weight decay (``--sprm-*``, ``--grpo-*``). Not the ones only ``megatron_rgm.pretrain`` acts on
+    (the head's own gradient clip, its calibration, ``--sprm-only``): there argparse refuses them."""
     cli.add_arguments(parser, RGMConfig, "SPRM head")
-    cli.add_arguments(parser, OptimConfig, "SPRM head optimizer", only=_sprm_name)
-    cli.add_arguments(parser, RunConfig, "SPRM head calibration", only=_sprm_name)
+    cli.add_arguments(parser, OptimConfig, "SPRM head optimizer", only=lambda name: name in _FOREIGN_LOOP_OPTIM)
     return cli.add_arguments(parser, GRPOConfig, "GRPO")
 
 

@@ -3,7 +3,9 @@
 * :func:`attach_sprm_head` - add the head to an existing megatron-core ``GPTModel``;
 * :func:`model_provider` - Megatron-LM's ``model_provider(pre_process, post_process, vp_stage)``;
 * :func:`forward_step` - the pipeline-schedule contract ``forward_step(data_iterator, model)``;
-* :func:`add_rgm_args` - an ``extra_args_provider`` registering ``--sprm-*`` / ``--grpo-*`` only.
+* :func:`add_rgm_args` - an ``extra_args_provider`` registering ``--sprm-*`` / ``--grpo-*`` only, and giving
+  the head its own param group in Megatron-LM's optimizer (:func:`sprm_param_group`);
+* :func:`sprm_param_group` - that group as megatron-core ``config_overrides``, for a loop of your own.
 
 See docs/INTEGRATION.md for the ~20-line change to a ``pretrain_gpt.py``-style script.
 """
@@ -14,13 +16,10 @@ from functools import partial
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.optimizer import ParamKey
 
-from megatron_rgm import ops
-from megatron_rgm.arguments import (
-    add_rgm_args,
-    grpo_config_from_args,
-    rgm_config_from_args,
-)
+from megatron_rgm import arguments, ops
+from megatron_rgm.arguments import grpo_config_from_args, rgm_config_from_args
 from megatron_rgm.config import GRPOConfig, RGMConfig
 from megatron_rgm.model.rgm_model import (
     RGMModel,
@@ -33,7 +32,58 @@ from megatron_rgm.rl import grpo_loss, vocab_parallel_entropy, vocab_parallel_lo
 from megatron_rgm.steps import StepLayout
 
 __all__ = ["attach_sprm_head", "model_provider", "forward_step", "add_rgm_args", "rgm_config_from_args",
-           "grpo_config_from_args", "rgm_loss_func", "sprm_step_logits"]
+           "grpo_config_from_args", "rgm_loss_func", "sprm_step_logits", "sprm_param_group"]
+
+HEAD_PARAMS = "*sprm_head.*"  # the head's parameter names, under any wrapper (module.sprm_head.0.weight, ...)
+
+
+def sprm_param_group(args) -> dict:
+    """The head's param group as megatron-core ``config_overrides`` (``get_megatron_optimizer``).
+
+    The head learns at ``--sprm-lr`` (default 10 x ``--lr``), on the policy's schedule scaled to it (its
+    ``min_lr`` is ``--min-lr`` x the same factor), with weight decay ``--sprm-weight-decay`` (constant; 1-D
+    parameters still take none, megatron's standard rule). Merge it into the overrides you already pass:
+    ``{**get_standard_config_overrides(config), **sprm_param_group(args)}``.
+
+    Args:
+        args: a namespace with Megatron-LM's ``lr`` and ``min_lr`` and RGM's ``sprm_lr`` and
+            ``sprm_weight_decay`` (:func:`add_rgm_args`).
+    """
+    lr = args.sprm_lr if args.sprm_lr is not None else 10 * args.lr
+    scale = lr / args.lr if args.lr else 1.0
+    min_lr = (getattr(args, "min_lr", None) or 0.0) * scale
+    # is_decoupled_lr keeps the head's groups apart from any other group of the same lr in a checkpoint.
+    return {ParamKey(name=HEAD_PARAMS): {"max_lr": lr, "min_lr": min_lr, "start_wd": args.sprm_weight_decay,
+                                          "end_wd": args.sprm_weight_decay, "is_decoupled_lr": True}}
+
+
+def _optimizer_config_with_head(build):
+    def get_megatron_optimizer_config(args):
+        config, overrides = build(args)
+        return config, {**(overrides or {}), **sprm_param_group(args)}
+
+    get_megatron_optimizer_config.rgm_head_group = True
+    return get_megatron_optimizer_config
+
+
+def add_rgm_args(parser):
+    """Megatron-LM's ``extra_args_provider``: RGM's flags, honoured by Megatron-LM's own loop.
+
+    Registers ``--sprm-*`` and ``--grpo-*`` (not the flags only ``megatron_rgm.pretrain`` acts on: the head's
+    own gradient clip and its calibration, which Megatron-LM's loop would ignore, so argparse refuses them
+    there). Where Megatron-LM's ``megatron.training`` is installed it also makes that loop's optimizer give
+    the head :func:`sprm_param_group` (``get_megatron_optimizer_config``, where ``pretrain()`` builds its
+    param-group overrides, returns them with the head's group added), so ``--sprm-lr`` and
+    ``--sprm-weight-decay`` act there as they do in ``megatron_rgm.pretrain``.
+    """
+    arguments.add_rgm_args(parser)
+    try:
+        from megatron.training import training  # Megatron-LM's loop, not megatron-core
+    except ImportError:
+        return parser
+    if not getattr(training.get_megatron_optimizer_config, "rgm_head_group", False):
+        training.get_megatron_optimizer_config = _optimizer_config_with_head(training.get_megatron_optimizer_config)
+    return parser
 
 
 def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None, *,

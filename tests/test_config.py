@@ -73,7 +73,11 @@ def test_rgm_flags_alone_on_a_foreign_parser():
     parser = add_rgm_args(argparse.ArgumentParser())
     flags = {s for a in parser._actions for s in a.option_strings} - {"-h", "--help"}
     assert flags and all(f.startswith(("--sprm-", "--no-sprm-", "--grpo-")) for f in flags)
-    assert {"--sprm-lr", "--sprm-calibrate-head", "--sprm-only", "--grpo-kl-coef"} <= flags
+    assert {"--sprm-lr", "--sprm-weight-decay", "--grpo-kl-coef"} <= flags
+    # ... and not the flags only megatron_rgm.pretrain acts on: refused there rather than ignored.
+    assert not {"--sprm-clip-grad", "--sprm-calibrate-head", "--sprm-orient-head", "--sprm-only"} & flags
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--sprm-clip-grad", "0.5"])
     ns = parser.parse_args(["--sprm-step-tokens", "\\n\\n", "--sprm-layer", "-3"])
     assert rgm_config_from_args(ns) == RGMConfig(sprm_layer=-3, sprm_step_tokens=["\n\n"])
 

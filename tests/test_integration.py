@@ -58,3 +58,42 @@ def test_add_rgm_args_registers_only_rgm_flags():
     assert flags and all(f.startswith(("--sprm-", "--no-sprm-", "--grpo-")) for f in flags)
     cfg = rgm_config_from_args(parser.parse_args(["--sprm-layer", "-3", "--sprm-step-tokens", "\\n\\n"]))
     assert cfg.sprm_layer == -3 and cfg.sprm_step_tokens == ["\n\n"]
+
+
+def test_the_heads_param_group_takes_its_own_lr_and_weight_decay():
+    import torch
+
+    from megatron_rgm.integration import sprm_param_group
+
+    ns = argparse.Namespace(lr=1e-3, min_lr=1e-4, sprm_lr=None, sprm_weight_decay=0.05)
+    [(key, group)] = sprm_param_group(ns).items()
+    assert group["max_lr"] == pytest.approx(1e-2) and group["min_lr"] == pytest.approx(1e-3)  # 10x, same shape
+    assert group["start_wd"] == group["end_wd"] == 0.05 and group["is_decoupled_lr"]
+    weight = torch.nn.Parameter(torch.zeros(2, 2))
+    assert key.matches(weight, "module.sprm_head.0.weight") and key.matches(weight, "sprm_head.2.bias")
+    assert not key.matches(weight, "module.decoder.layers.0.mlp.linear_fc1.weight")
+    ns.sprm_lr = 3e-3
+    assert sprm_param_group(ns)[key]["max_lr"] == 3e-3
+
+
+def test_megatron_lm_optimizer_config_gains_the_head_group_once():
+    from megatron_rgm.compat import megatron_lm
+
+    if not megatron_lm.available():
+        pytest.skip("megatron.training (Megatron-LM's loop) is not installed with this megatron-core")
+    from megatron.training import training
+
+    original = training.get_megatron_optimizer_config
+    try:
+        add_rgm_args(argparse.ArgumentParser())
+        patched = training.get_megatron_optimizer_config
+        add_rgm_args(argparse.ArgumentParser())  # a second parse must not stack a second wrapper
+        assert training.get_megatron_optimizer_config is patched is not original
+        ns = argparse.Namespace(lr=1e-3, min_lr=0.0, weight_decay=0.1, sprm_lr=None, sprm_weight_decay=0.01)
+        config, overrides = patched(ns)
+        _, standard = original(ns)
+        assert config.lr == 1e-3 and all(overrides[k] == v for k, v in standard.items())  # Megatron-LM's kept
+        [head] = [v for k, v in overrides.items() if k not in standard]
+        assert head["max_lr"] == pytest.approx(1e-2) and head["start_wd"] == 0.01
+    finally:
+        training.get_megatron_optimizer_config = original

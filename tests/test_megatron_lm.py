@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(
 # A pretrain_gpt.py command line: 4 layers, hidden 64, GQA, RMSNorm, SwiGLU, RoPE; TP=2 on 2 gloo ranks.
 FLAGS = ("--num-layers 4 --hidden-size 64 --num-attention-heads 4 --group-query-attention --num-query-groups 2 "
          "--ffn-hidden-size 128 --seq-length 32 --max-position-embeddings 32 --micro-batch-size 4 "
-         "--global-batch-size 4 --tensor-model-parallel-size 2 --lr 1e-3 --lr-decay-style constant "
+         "--global-batch-size 4 --tensor-model-parallel-size 2 --lr 1e-4 --lr-decay-style constant "
          "--weight-decay 0 --tokenizer-type NullTokenizer --vocab-size 200 --distributed-backend gloo "
          "--use-cpu-initialization --transformer-impl local --no-persist-layer-norm "
          "--no-gradient-accumulation-fusion --no-masked-softmax-fusion --no-bias-swiglu-fusion "
@@ -68,6 +68,19 @@ def test_megatron_lm_pretrain_trains_the_head_and_the_spr_loss_decreases(trained
     assert spr[0] > 0
     assert all(b < a for a, b in zip(spr[:SAVED], spr[1:SAVED])), spr
     assert spr[SAVED - 1] < 0.1 * spr[0], spr
+
+
+@pytest.mark.multirank
+def test_megatron_lm_optimizer_gives_the_head_its_own_lr_and_weight_decay(trained):
+    # add_rgm_args (the extra_args_provider) alone: --lr 1e-4, so the head learns at 10x; --weight-decay 0, the
+    # head's matrices at --sprm-weight-decay's 0.01 and its biases at 0 (megatron's rule for 1-D parameters).
+    groups = trained[2][0]["param_groups"]
+    assert not any(g["mixed"] for g in groups), groups
+    head, policy = [g for g in groups if g["head"]], [g for g in groups if not g["head"]]
+    assert head and policy
+    assert all(g["lr"] == pytest.approx(1e-3) for g in head) and all(g["lr"] == pytest.approx(1e-4) for g in policy)
+    assert sorted((g["dims"], round(g["weight_decay"], 9)) for g in head) == [([1], 0.0), ([2], 0.01)]
+    assert all(g["weight_decay"] == 0.0 for g in policy)
 
 
 @pytest.fixture(scope="module")

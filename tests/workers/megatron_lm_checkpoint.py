@@ -33,7 +33,7 @@ from megatron.training.argument_utils import pretrain_cfg_container_from_args
 from megatron.training.arguments import core_transformer_config_from_args, parse_and_validate_args
 
 from megatron_rgm.integration import add_rgm_args, forward_step as rgm_forward_step
-from megatron_rgm.integration import grpo_config_from_args, rgm_config_from_args
+from megatron_rgm.integration import grpo_config_from_args, rgm_config_from_args, sprm_param_group
 from megatron_rgm.steps import StepSegmenter
 from megatron_rgm.checkpoint import load_checkpoint, save_checkpoint
 
@@ -93,7 +93,9 @@ def main(out, mlm_head_ckpt):
     model.config.finalize_model_grads_func = finalize_model_grads
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
     opt_config = OptimizerConfig(optimizer="adam", lr=args.lr, weight_decay=args.weight_decay, clip_grad=1.0)
-    optimizer = get_megatron_optimizer(opt_config, [ddp], config_overrides=get_standard_config_overrides(opt_config))
+    # The param groups Megatron-LM's loop builds with add_rgm_args: its standard ones and the head's.
+    optimizer = get_megatron_optimizer(opt_config, [ddp], config_overrides={
+        **get_standard_config_overrides(opt_config), **sprm_param_group(args)})
     head = [p.detach().clone() for p in model.sprm_head.parameters()]
 
     # a. Megatron-LM's plain checkpoint, weights only.

@@ -107,6 +107,34 @@ def main():
 
 
 RECORD = {"spr": [], "iterations": 0}
+OPTIMIZERS = []  # the optimizer Megatron-LM's setup_model_and_optimizer built
+
+
+def _capture_optimizer():
+    from megatron.training import training
+
+    build = training.get_megatron_optimizer
+
+    def captured(*args, **kwargs):
+        OPTIMIZERS.append(build(*args, **kwargs))
+        return OPTIMIZERS[-1]
+
+    training.get_megatron_optimizer = captured
+
+
+def param_groups():
+    """(holds head parameters, lr, weight decay) of each non-empty param group of the loop's optimizer."""
+    head = {id(p) for p in MODELS[-1].sprm_head.parameters()}
+    out = []
+    for opt in getattr(OPTIMIZERS[-1], "chained_optimizers", [OPTIMIZERS[-1]]):
+        for group in opt.optimizer.param_groups:
+            ids = {id(q) for q in group["params"]}
+            if ids:
+                # The loop's fp32 copies of bf16 params would not match; this run is fp32 throughout.
+                out.append({"head": bool(ids & head), "mixed": bool(ids & head) and not ids <= head,
+                            "lr": group["lr"], "weight_decay": group["weight_decay"], "dims": sorted(
+                                {q.dim() for q in group["params"]})})
+    return out
 
 
 def probe_logits():
@@ -153,12 +181,13 @@ def write(out):
         torch.save({k: v for k, v in RECORD.items() if isinstance(v, torch.Tensor)}, os.path.join(out, "logits.pt"))
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"spr": RECORD["spr"], "iterations": RECORD["iterations"],
-                   "tp": mpu.get_tensor_model_parallel_world_size()}, f)
+                   "tp": mpu.get_tensor_model_parallel_world_size(), "param_groups": param_groups()}, f)
 
 
 if __name__ == "__main__":
     out = sys.argv.pop(1)
     torch.set_num_threads(1)
+    _capture_optimizer()
     main()
     write(out)
     torch.distributed.destroy_process_group()
