@@ -15,6 +15,7 @@ import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_rgm import cli, lazy
+from megatron_rgm.checkpoint import latest_iteration
 from megatron_rgm.config import (ConfigError, DataConfig, GRPOConfig, ModelConfig, OptimConfig, ParallelConfig,
                                  RGMConfig, RunConfig)
 from megatron_rgm.model.presets import PRESETS, preset
@@ -99,12 +100,56 @@ class Args:
                 for name in ("model", "parallel", "rgm", "grpo", "optim", "data", "run")}
 
 
-def parse_args(argv: list[str] | None = None) -> Args:
-    """Parse the command line (``--preset`` first, then everything else) and validate it."""
+# What a checkpoint's weights are shaped by and mean: --use-checkpoint-args takes these from the checkpoint.
+# Everything else (sequence length, precision, recompute, dropout, FP8) stays the run's own choice.
+GEOMETRY = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+            "kv_channels", "vocab_size", "make_vocab_size_divisible_by", "max_position_embeddings", "normalization",
+            "norm_epsilon", "position_embedding_type", "rotary_base", "add_qkv_bias", "qk_layernorm", "swiglu",
+            "disable_bias_linear", "untie_embeddings_and_output_weights")
+HEAD_GEOMETRY = ("sprm_layer", "sprm_hidden_mult")
+_UNSET = object()
+
+
+def parse_args(argv: list[str] | None = None, recorded=None) -> Args:
+    """Parse the command line (``--preset`` first, then everything else) and validate it.
+
+    Args:
+        recorded: ``path -> (ModelConfig, RGMConfig or None)``, what a checkpoint records of its model
+            (:func:`megatron_rgm.model.load.recorded_geometry`); read for ``--use-checkpoint-args``, whose
+            GEOMETRY (and HEAD_GEOMETRY, when the checkpoint has a head) then replace the model flags' defaults.
+
+    Raises:
+        ConfigError: a bad flag; with ``--use-checkpoint-args``, no checkpoint to read, or a model flag given
+            that contradicts the checkpoint.
+    """
     parser = build_parser()
     known, _ = parser.parse_known_args(argv)
     parser.set_defaults(**preset(known.preset))
+    if known.use_checkpoint_args:
+        parser.set_defaults(**_checkpoint_geometry(known, argv, recorded))
     return args_from_namespace(parser.parse_args(argv))
+
+
+def _checkpoint_geometry(known: argparse.Namespace, argv: list[str] | None, recorded) -> dict:
+    path = known.load if known.load and latest_iteration(known.load) is not None else known.pretrained_checkpoint
+    if recorded is None:
+        raise ConfigError("--use-checkpoint-args is read by megatron_rgm.pretrain: drop it here and give the model "
+                          "flags")
+    if path is None:
+        raise ConfigError("--use-checkpoint-args needs a checkpoint to read: --load with a saved iteration, or "
+                          "--pretrained-checkpoint")
+    model, head = recorded(path)
+    geometry = {name: getattr(model, name) for name in GEOMETRY}
+    geometry |= {name: getattr(head, name) for name in HEAD_GEOMETRY} if head is not None else {}
+    # A model flag given explicitly must agree with the checkpoint (it would not load otherwise).
+    probe = build_parser()
+    probe.set_defaults(**dict.fromkeys(geometry, _UNSET))
+    given = probe.parse_args(argv)
+    for name, value in geometry.items():
+        if getattr(given, name) is not _UNSET and getattr(given, name) != value:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(given, name)} contradicts checkpoint {path}, "
+                              f"whose model has {value}: drop the flag (--use-checkpoint-args takes it from there)")
+    return geometry
 
 
 def args_from_namespace(ns: argparse.Namespace) -> Args:

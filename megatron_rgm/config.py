@@ -319,6 +319,8 @@ class RunConfig:
     pretrained_checkpoint: str | None = option(None, "weights to start from when --load holds no checkpoint (e.g. "
                                                "the SFT stage's); also the frozen KL reference")
     no_load_optim: bool = option(False, "resume weights and iteration, not the optimizer")
+    use_checkpoint_args: bool = option(False, "take the model's geometry (and the head's) from the checkpoint "
+                                       "--load resumes, else --pretrained-checkpoint, instead of the model flags")
     log_interval: int = option(1)
     max_consecutive_nonfinite: int = option(5, "stop after this many optimizer steps in a row skipped for a "
                                             "NaN/Inf gradient")

@@ -31,6 +31,7 @@ from megatron_rgm.arguments import Args, check_stage, parse_args
 from megatron_rgm.checkpoint import latest_iteration, load_checkpoint, save_checkpoint
 from megatron_rgm.config import ConfigError
 from megatron_rgm.model import build_model
+from megatron_rgm.model.load import recorded_geometry
 from megatron_rgm.rollout.sampling import derive_seed
 from megatron_rgm.training.loop import TrainingError, train
 
@@ -158,7 +159,7 @@ def _lost_peers(e: BaseException) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = parse_args(argv)
+        args = parse_args(argv, recorded=recorded_geometry)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

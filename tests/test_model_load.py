@@ -8,11 +8,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from megatron_rgm.arguments import build_args, parse_args
+from megatron_rgm.arguments import GEOMETRY, build_args, parse_args
 from megatron_rgm.config import ConfigError
 from megatron_rgm.convert.convert import export_config
 from megatron_rgm.model import build_model
-from megatron_rgm.model.load import describe_checkpoint, load_model, megatron_lm_model
+from megatron_rgm.model.load import describe_checkpoint, load_model, megatron_lm_model, recorded_geometry
 from megatron_rgm.checkpoint import save_checkpoint
 
 
@@ -81,6 +81,17 @@ def test_a_native_model_without_an_hf_class_rebuilds_with_equal_logits(single_ra
     save_checkpoint(tmp_path / "old", 3, [model], extra={"model_argv": NATIVE, "padded_vocab_size": args.vocab_size})
     old = describe_checkpoint(tmp_path / "old")
     assert (old.model, old.sprm) == (args.model, args.rgm)
+    # --use-checkpoint-args: the tiny preset's flags, the geometry from the checkpoint.
+    again = parse_args(["--preset", "tiny", "--use-checkpoint-args", "--pretrained-checkpoint", str(tmp_path / "ckpt"),
+                        "--seq-length", "8", "--num-layers", "2"], recorded=recorded_geometry)
+    assert {k: getattr(again.model, k) for k in GEOMETRY} == {k: getattr(args.model, k) for k in GEOMETRY}
+    assert again.model.seq_length == 8 and again.rgm.sprm_layer == args.rgm.sprm_layer
+    assert parse_args(["--preset", "tiny"]).model.normalization == "RMSNorm"  # what the checkpoint replaced
+    with pytest.raises(ConfigError, match=r"--num-layers 3 contradicts checkpoint .*ckpt, whose model has 2: drop"):
+        parse_args(["--use-checkpoint-args", "--pretrained-checkpoint", str(tmp_path / "ckpt"), "--num-layers", "3"],
+                   recorded=recorded_geometry)
+    with pytest.raises(ConfigError, match="--use-checkpoint-args needs a checkpoint to read"):
+        parse_args(["--use-checkpoint-args", "--load", str(tmp_path / "empty")], recorded=recorded_geometry)
     ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
     pos = torch.arange(16).expand(2, 16)
     mask = torch.zeros(2, 16, dtype=torch.bool)

@@ -198,6 +198,12 @@ def describe_checkpoint(path: str | Path, iteration: int | None = None) -> Check
                            int(vocab) if vocab else None, hf_config, has_head, tuple(notes))
 
 
+def recorded_geometry(path: str | Path) -> tuple[ModelConfig, RGMConfig | None]:
+    """The model a checkpoint holds and its head (None without one): ``arguments.parse_args``' ``recorded``."""
+    checkpoint = describe_checkpoint(path)
+    return checkpoint.model, checkpoint.sprm if checkpoint.has_head else None
+
+
 @dataclass
 class LoadedModel:
     model: object  # this rank's RGMModel (one chunk), in eval mode
