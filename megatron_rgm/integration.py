@@ -12,7 +12,7 @@ See docs/INTEGRATION.md for the ~20-line change to a ``pretrain_gpt.py``-style s
 
 from __future__ import annotations
 
-from functools import partial
+from functools import partial, wraps
 
 import torch
 from megatron.core import parallel_state
@@ -58,6 +58,7 @@ def sprm_param_group(args) -> dict:
 
 
 def _optimizer_config_with_head(build):
+    @wraps(build)  # __wrapped__: Megatron-LM's own function
     def get_megatron_optimizer_config(args):
         config, overrides = build(args)
         return config, {**(overrides or {}), **sprm_param_group(args)}

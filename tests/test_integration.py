@@ -83,7 +83,9 @@ def test_megatron_lm_optimizer_config_gains_the_head_group_once():
         pytest.skip("megatron.training (Megatron-LM's loop) is not installed with this megatron-core")
     from megatron.training import training
 
-    original = training.get_megatron_optimizer_config
+    before = training.get_megatron_optimizer_config  # an earlier add_rgm_args in this process may have wrapped it
+    original = getattr(before, "__wrapped__", before)
+    training.get_megatron_optimizer_config = original
     try:
         add_rgm_args(argparse.ArgumentParser())
         patched = training.get_megatron_optimizer_config
@@ -96,4 +98,4 @@ def test_megatron_lm_optimizer_config_gains_the_head_group_once():
         [head] = [v for k, v in overrides.items() if k not in standard]
         assert head["max_lr"] == pytest.approx(1e-2) and head["start_wd"] == 0.01
     finally:
-        training.get_megatron_optimizer_config = original
+        training.get_megatron_optimizer_config = before
