@@ -77,3 +77,35 @@ def test_bad_load_paths(tmp_path):
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("seven")
     with pytest.raises(CheckpointError, match="not an iteration number"):
         load_checkpoint(tmp_path, [])
+
+
+def test_publish_keeps_the_old_directory_until_the_new_one_is_in_place(tmp_path, monkeypatch):
+    import os
+
+    from megatron_rgm.checkpoint import publish
+
+    final, tmp = tmp_path / "iter_0000002", tmp_path / "iter_0000002.tmp"
+    final.mkdir()
+    (final / "old").write_text("1")
+    tmp.mkdir()
+    (tmp / "new").write_text("2")
+    real_replace, calls = os.replace, []
+
+    def dies_on_the_second_rename(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:
+            raise OSError("killed between the renames")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", dies_on_the_second_rename)
+    with pytest.raises(OSError):
+        publish(tmp, final)
+    # The old copy survives a publish that dies half-way (it used to be deleted before the rename).
+    assert (tmp_path / "iter_0000002.old" / "old").read_text() == "1" and (tmp / "new").exists()
+    monkeypatch.setattr(os, "replace", real_replace)
+    publish(tmp, final)  # the next publish clears the leftover
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000002"] and (final / "new").read_text() == "2"
+    pointer = tmp_path / "latest.tmp"
+    pointer.write_text("2")
+    publish(pointer, tmp_path / "latest")  # a file: one atomic rename
+    assert (tmp_path / "latest").read_text() == "2" and not pointer.exists()

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from megatron_rgm import faults
-from megatron_rgm.checkpoint.files import (HEAD_PREFIX, LATEST, CheckpointError, iteration_dir, read_common_state,
-                                           resolve_checkpoint)
+from megatron_rgm.checkpoint.files import (HEAD_PREFIX, LATEST, CheckpointError, iteration_dir, publish,
+                                           read_common_state, resolve_checkpoint)
 from megatron_rgm.checkpoint.megatron_lm import (MEGATRON_LM_CHECKPOINT_VERSION, align_param_groups,
                                                  check_megatron_lm_geometry, current_global_batch_size,
                                                  is_megatron_lm, megatron_lm_args, megatron_lm_param_groups,
@@ -104,12 +104,10 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, chunks, extra: 
     faults.reach("checkpoint.before_publish", iteration=iteration, rank=rank())
     barrier()
     if rank() == 0:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        publish(tmp, final)
         pointer = save_dir / (LATEST + ".tmp")
         pointer.write_text(str(iteration))
-        os.replace(pointer, save_dir / LATEST)
+        publish(pointer, save_dir / LATEST)
         if keep_last:
             saved = sorted(p for p in save_dir.glob("iter_???????") if p.is_dir())
             for old in saved[:-keep_last]:

@@ -10,6 +10,7 @@ Layout (Megatron-LM's)::
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from megatron_rgm.config import ConfigError
@@ -25,6 +26,24 @@ class CheckpointError(ConfigError):
 
 def iteration_dir(save_dir: str | os.PathLike, iteration: int) -> Path:
     return Path(save_dir) / f"iter_{iteration:07d}"
+
+
+def publish(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Put a finished ``tmp`` (a file or a directory, on the same filesystem) at ``final`` by renaming it.
+
+    A file replaces the old one in one atomic rename. A directory cannot, so the old ``final`` is renamed
+    aside first and removed only once the new one is in place: a crash in between leaves it as
+    ``<final>.old``, never nothing. Every checkpoint, export and asset directory is published this way.
+    """
+    tmp, final = Path(tmp), Path(final)
+    old = final.with_name(final.name + ".old")
+    if final.is_dir():
+        if old.is_dir():
+            shutil.rmtree(old)  # from a publish that died after its second rename: final is the newer copy
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.is_dir():  # this publish's, or one left by a publish that died between the renames
+        shutil.rmtree(old)
 
 
 def latest_iteration(save_dir: str | os.PathLike) -> int | None:

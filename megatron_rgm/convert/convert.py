@@ -14,7 +14,6 @@ mcore-to-hf runs in one process and reads the checkpoint one tensor at a time.
 from __future__ import annotations
 
 import json
-import os
 import resource
 import shutil
 import sys
@@ -29,7 +28,7 @@ from megatron.core.dist_checkpointing import ShardedTensor
 
 from megatron_rgm import distributed
 from megatron_rgm.arguments import rebuild_args
-from megatron_rgm.checkpoint import ASSETS, save_checkpoint
+from megatron_rgm.checkpoint import ASSETS, publish, save_checkpoint
 from megatron_rgm.config import ConfigError, RGMConfig
 from megatron_rgm.convert.hf_io import HFCheckpoint, ShardWriter, copy_tokenizer_files
 from megatron_rgm.convert.mapping import (
@@ -199,9 +198,7 @@ def _mcore_to_hf_rank(mcore_path: str, output: str, dtype: str | None, vocab_siz
     if set(head) == set(HEAD_KEYS):
         save_head(tmp, head, {**head_flags(source.sprm), "hidden_size": arch.hidden_size,
                               "hidden_mult": head["0.weight"].shape[0] // arch.hidden_size})
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    publish(tmp, out)
     distributed.shutdown()
     print(f"wrote {out} ({len(writer.files)} safetensors shards{', SPRM head' if head else ''})", flush=True)
 

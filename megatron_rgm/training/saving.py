@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from megatron_rgm.checkpoint import ASSETS, save_checkpoint
+from megatron_rgm.checkpoint import ASSETS, publish, save_checkpoint
 from megatron_rgm.convert.mapping import hf_config_from_args
 
 
@@ -32,5 +32,5 @@ def save_run(args, iteration: int, model: list, optimizer, tokenizer, vocab: int
         tokenizer.save_pretrained(tmp)
         if hf_config is not None:
             (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
-        tmp.rename(assets)
+        publish(tmp, assets)
     dist.barrier()
