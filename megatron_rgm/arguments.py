@@ -131,10 +131,10 @@ def parse_args(argv: list[str] | None = None, recorded=None) -> Args:
 
 
 def _checkpoint_geometry(known: argparse.Namespace, argv: list[str] | None, recorded) -> dict:
-    path = known.load if known.load and latest_iteration(known.load) is not None else known.pretrained_checkpoint
     if recorded is None:
         raise ConfigError("--use-checkpoint-args is read by megatron_rgm.pretrain: drop it here and give the model "
                           "flags")
+    path = known.load if known.load and latest_iteration(known.load) is not None else known.pretrained_checkpoint
     if path is None:
         raise ConfigError("--use-checkpoint-args needs a checkpoint to read: --load with a saved iteration, or "
                           "--pretrained-checkpoint")

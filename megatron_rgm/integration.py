@@ -20,7 +20,8 @@ from megatron.core.optimizer import ParamKey
 
 from megatron_rgm import arguments, ops
 from megatron_rgm.arguments import grpo_config_from_args, rgm_config_from_args
-from megatron_rgm.config import GRPOConfig, RGMConfig
+from megatron_rgm.checkpoint import HEAD_PREFIX
+from megatron_rgm.config import GRPOConfig, OptimConfig, RGMConfig
 from megatron_rgm.model.rgm_model import (
     RGMModel,
     attach_sprm_head,
@@ -34,7 +35,7 @@ from megatron_rgm.steps import StepLayout
 __all__ = ["attach_sprm_head", "model_provider", "forward_step", "add_rgm_args", "rgm_config_from_args",
            "grpo_config_from_args", "rgm_loss_func", "sprm_step_logits", "sprm_param_group"]
 
-HEAD_PARAMS = "*sprm_head.*"  # the head's parameter names, under any wrapper (module.sprm_head.0.weight, ...)
+HEAD_PARAMS = f"*{HEAD_PREFIX}*"  # the head's parameter names, under any wrapper (module.sprm_head.0.weight)
 
 
 def sprm_param_group(args) -> dict:
@@ -49,7 +50,7 @@ def sprm_param_group(args) -> dict:
         args: a namespace with Megatron-LM's ``lr`` and ``min_lr`` and RGM's ``sprm_lr`` and
             ``sprm_weight_decay`` (:func:`add_rgm_args`).
     """
-    lr = args.sprm_lr if args.sprm_lr is not None else 10 * args.lr
+    lr = OptimConfig(lr=args.lr, sprm_lr=args.sprm_lr).head_lr  # the rule megatron_rgm.pretrain uses
     scale = lr / args.lr if args.lr else 1.0
     min_lr = (getattr(args, "min_lr", None) or 0.0) * scale
     # is_decoupled_lr keeps the head's groups apart from any other group of the same lr in a checkpoint.

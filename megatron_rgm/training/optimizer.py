@@ -16,6 +16,12 @@ import math
 from dataclasses import dataclass
 
 import torch
+from megatron.core import tensor_parallel
+from megatron.core.optimizer import OptimizerConfig, ParamKey, get_megatron_optimizer
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32, get_grad_norm_fp32
+from megatron.core.transformer.module import param_is_not_shared
+
+from megatron_rgm.integration import HEAD_PARAMS
 
 HEAD_GROUP_KEY = "sprm_head"
 
@@ -32,12 +38,6 @@ def build_optimizer(model_chunks, optim, transformer_config):
         optim: :class:`megatron_rgm.config.OptimConfig` (lr, head lr, weight decays, distributed optimizer).
         transformer_config: the model's TransformerConfig (precision).
     """
-    from megatron.core.optimizer import (
-        OptimizerConfig,
-        ParamKey,
-        get_megatron_optimizer,
-    )
-
     config = OptimizerConfig(
         optimizer="adam", lr=optim.lr, min_lr=optim.lr, weight_decay=optim.weight_decay, clip_grad=optim.clip_grad,
         use_distributed_optimizer=optim.use_distributed_optimizer, bf16=transformer_config.bf16,
@@ -49,7 +49,7 @@ def build_optimizer(model_chunks, optim, transformer_config):
         ParamKey(predicate=(_one_dimensional,)): {"wd_mult": 0.0},
         # is_decoupled_lr marks the head's groups apart from the policy's in the checkpoint: megatron
         # matches saved and current param groups by (wd_mult, lr_mult, is_expert_parallel, is_decoupled_lr).
-        ParamKey(name="*sprm_head.*"): {
+        ParamKey(name=HEAD_PARAMS): {
             "max_lr": optim.head_lr, "min_lr": optim.head_lr, HEAD_GROUP_KEY: True, "base_weight_decay": head_decay,
             "is_decoupled_lr": True},
     }
@@ -79,9 +79,6 @@ class StepResult:
 
 
 def _grads_for_norm(opt, params) -> list[torch.Tensor]:
-    from megatron.core import tensor_parallel
-    from megatron.core.transformer.module import param_is_not_shared
-
     tp_group = getattr(opt, "tp_group", None)
     return [p.grad for p in params if p.grad is not None and param_is_not_shared(p)
             and tensor_parallel.param_is_not_tensor_parallel_duplicate(p, tp_group)]
@@ -95,11 +92,6 @@ def optimizer_step(optimizer, clip_grad: float, head_clip_grad: float) -> StepRe
     are reduced, so all ranks see them) and returns ``ok=False``: weights never
     take a non-finite step.
     """
-    from megatron.core.optimizer.clip_grads import (
-        clip_grad_by_total_norm_fp32,
-        get_grad_norm_fp32,
-    )
-
     if optimizer.prepare_grads():
         return StepResult(False, None, None)
     norms = {}
