@@ -16,6 +16,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_rgm import cli, lazy
 from megatron_rgm.checkpoint import latest_iteration
+from megatron_rgm.head import HEAD_FIELDS
 from megatron_rgm.config import (ConfigError, DataConfig, GRPOConfig, ModelConfig, OptimConfig, ParallelConfig,
                                  RGMConfig, RunConfig)
 from megatron_rgm.model.presets import PRESETS, preset
@@ -106,7 +107,7 @@ GEOMETRY = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads
             "kv_channels", "vocab_size", "make_vocab_size_divisible_by", "max_position_embeddings", "normalization",
             "norm_epsilon", "position_embedding_type", "rotary_base", "add_qkv_bias", "qk_layernorm", "swiglu",
             "disable_bias_linear", "untie_embeddings_and_output_weights")
-HEAD_GEOMETRY = ("sprm_layer", "sprm_hidden_mult")
+HEAD_GEOMETRY = (*HEAD_FIELDS, "sprm_hidden_mult")  # its layer, width and step rule
 _UNSET = object()
 
 

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 AGGREGATIONS = ("geometric", "arithmetic", "product", "min", "last")
 SPRM_LOSSES = ("spr", "bce")
+STEP_RULES = ("exact", "contains", "text")  # which tokens end a step (megatron_rgm.steps)
 STAGES = ("rgm", "sft", "backbone-check")
 VERIFIERS = ("math", "exact")  # final-answer grading (megatron_rgm.rollout.rewards.make_verifier)
 PROMPT_TEMPLATE = "{problem}\n<think>\n"  # how a problem becomes the model's prompt (the reference's)
@@ -181,6 +182,7 @@ class RGMConfig:
         sprm_backbone_grad_scale: s in ``f*s + f.detach()*(1-s)``: the share
             of the SPR-loss gradient that reaches the backbone.
         sprm_step_tokens: strings whose tokens end a reasoning step.
+        sprm_step_rule: how those strings are found (:data:`STEP_RULES`, :mod:`megatron_rgm.steps`).
         sprm_loss: ``spr`` (masked, class-weighted) or ``bce`` (ablation).
         sprm_pos_weight: weight multiplier of positive masked steps.
         sprm_loss_weight: weight of the SPR loss in the total loss.
@@ -193,6 +195,10 @@ class RGMConfig:
     sprm_backbone_grad_scale: float = option(1e-4, "share of the SPR-loss gradient that reaches the backbone")
     sprm_step_tokens: list[str] = option(help="strings ending a reasoning step; escapes such as \\n are decoded",
                                          default_factory=lambda: [".\n\n"], parse=decode_escapes)
+    sprm_step_rule: str = option("exact", "which tokens end a step: exact (a token whose text is a step string, "
+                                 "the reference's), contains (a token whose text contains one), text (a step string "
+                                 "in the text, across tokens); a head keeps the rule it was trained with",
+                                 choices=STEP_RULES)
     sprm_loss: str = option("spr", choices=SPRM_LOSSES)
     sprm_pos_weight: float = option(1.5)
     sprm_loss_weight: float = option(1.0)
@@ -215,6 +221,8 @@ class RGMConfig:
             )
         if not self.sprm_step_tokens or any(not t for t in self.sprm_step_tokens):
             raise ConfigError("--sprm-step-tokens needs at least one non-empty string")
+        if self.sprm_step_rule not in STEP_RULES:
+            raise ConfigError(f"--sprm-step-rule must be one of {', '.join(STEP_RULES)}, got {self.sprm_step_rule!r}")
         if self.sprm_pos_weight <= 0:
             raise ConfigError(f"--sprm-pos-weight must be > 0, got {self.sprm_pos_weight}")
 
@@ -335,6 +343,9 @@ class RunConfig:
         True, "with --sprm-calibrate-head, also negate the head's output when its scores rank the first batch's "
         "correct trajectories below the incorrect ones of the same prompt (within-prompt pairwise accuracy < 0.5): "
         "the SPR loss trains only steps the head already agrees with, so a head that starts reversed stays reversed")
+    sprm_recalibrate_head: bool = option(
+        False, "also calibrate (and orient) a head that was trained, loaded with --pretrained-checkpoint: by default "
+        "only a fresh head is calibrated and a trained one is left exactly as it is")
     sprm_only: bool = option(False, "freeze the policy and train only the head on rollouts (adding an SPRM to a "
                                     "policy)")
 

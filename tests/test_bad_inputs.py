@@ -300,16 +300,18 @@ def test_tokenizer_without_step_token_unless_step_tokens_say_which(export, tmp_p
         (served / name).unlink(missing_ok=True)
     save_tokenizer_without_step_token(served)
     tok = load_tokenizer(served)
-    raises(lambda: StepSegmenter.from_tokenizer(tok), "has no token whose text contains '.\\n\\n'",
-           "pass --sprm-step-tokens")
+    raises(lambda: StepSegmenter.from_tokenizer(tok), "has no token whose text is '.\\n\\n'",
+           "pass --sprm-step-rule text", "or --sprm-step-tokens")
+    raises(lambda: StepSegmenter.from_tokenizer(tok, rule="contains"), "has no token whose text contains '.\\n\\n'")
     assert len(StepSegmenter.from_tokenizer(tok, ["\n\n"]).step_ids) > 0
-    raises(lambda: RGMScorer.from_pretrained(str(served)), "pass --sprm-step-tokens")
-    # The export records the trained model's --sprm-step-tokens; the scorer then uses them.
-    meta = head_flags(parse_args(["--num-layers", "4", "--sprm-step-tokens", "\\n\\n", "--lr", "1e-6"]).rgm)
-    assert meta == {"sprm_layer": -2, "sprm_step_tokens": ["\n\n"]}
+    raises(lambda: RGMScorer.from_pretrained(str(served)), "--sprm-step-tokens")
+    # The export records the trained model's --sprm-step-tokens and rule; the scorer then uses them.
+    meta = head_flags(parse_args(["--num-layers", "4", "--sprm-step-tokens", "\\n\\n", "--lr", "1e-6",
+                                  "--sprm-step-rule", "contains"]).rgm)
+    assert meta == {"sprm_layer": -2, "sprm_step_tokens": ["\n\n"], "sprm_step_rule": "contains"}
     (served / "sprm_config.json").write_text(json.dumps(meta))
     scorer = RGMScorer.from_pretrained(str(served))
-    assert scorer.step_strings == ("\n\n",)  # also what run_hf's sampler segments with
+    assert scorer.step_strings == ("\n\n",) and scorer.step_rule == "contains"  # also run_hf's sampler's
     scored = scorer.score(["<think>Add 3 and 4\n\nThat gives 7\n\n</think>7"])[0]
     assert len(scored.step_scores) == 2 and all(0 < p < 1 for p in scored.step_scores)
 

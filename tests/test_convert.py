@@ -75,6 +75,13 @@ def test_round_trip_is_bit_exact(converted):
     head_out = torch.load(out / "score_module.pt", weights_only=True)
     assert list(head_out) == ["0.weight", "0.bias", "3.weight", "3.bias"]
     assert all(torch.equal(head_in[k], head_out[k]) for k in head_in)
+    # The reference's score_module.pt alone is the reference's head: exactly the token ".\n\n", on the
+    # penultimate layer, trained; the checkpoint and the export carry that on.
+    from megatron_rgm.model.load import describe_checkpoint
+
+    recorded = describe_checkpoint(root / "mcore")
+    assert (recorded.sprm.sprm_step_rule, recorded.sprm.sprm_layer, recorded.head_trained) == ("exact", -2, True)
+    assert json.loads((out / "sprm_config.json").read_text())["sprm_step_rule"] == "exact"
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(str(out)) is not None

@@ -8,8 +8,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from helpers import REPO, TINY, clean_env, make_store, torchrun
+from helpers import REPO, TINY, clean_env, head_tensors, make_store, torchrun
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +78,45 @@ def test_spr_loss_decreases_on_a_fixed_batch(task, tmp_path):
     # The calibration put step logits on both sides of 0, so both classes are masked from the start.
     assert rows[0]["spr positives"] > 0 and rows[0]["spr negatives"] > 0
     assert spr[-1] < spr[0] and spr[-1] < 0.9 * spr[0], spr
+
+
+@pytest.mark.multirank
+def test_calibration_changes_a_fresh_head_only(task, tmp_path):
+    store = make_store(tmp_path / "store", task, n_groups=2)
+    common = [*TINY, "--train-iters", "1", "--rollouts", str(store), "--tokenizer", str(task["tokenizer"])]
+
+    def run(name: str, *flags: str) -> tuple[dict, str]:
+        proc = torchrun("-m megatron_rgm.pretrain", 1, [*common, *flags, "--save", str(tmp_path / name),
+                                                        "--metrics-file", str(tmp_path / f"{name}.jsonl")])
+        return json.loads((tmp_path / f"{name}.jsonl").read_text().splitlines()[0]), proc.stdout
+
+    fresh, log = run("fresh")  # a new head: calibrated as before
+    assert fresh["sprm calibration margin"] > 0 and "SPRM head: fresh (new); calibrated on iteration 1" in log
+    from megatron_rgm.model.load import describe_checkpoint
+
+    assert describe_checkpoint(tmp_path / "fresh").head_trained
+    trained = head_tensors(tmp_path / "fresh")
+    # The trained head, loaded to start a run (its learning rate 0, so that only a calibration could move it).
+    kept, log = run("kept", "--pretrained-checkpoint", str(tmp_path / "fresh"), "--sprm-lr", "0")
+    assert "sprm calibration shift" not in kept and "left exactly as it is" in log
+    after = head_tensors(tmp_path / "kept")
+    assert all(torch.equal(trained[k], after[k]) for k in trained), "a loaded trained head was changed"
+    # Asked for, the calibration runs on a trained head too, and moves its output bias by the shift it logs.
+    again, log = run("again", "--pretrained-checkpoint", str(tmp_path / "fresh"), "--sprm-lr", "0",
+                     "--sprm-recalibrate-head", "--no-sprm-orient-head")
+    assert "recalibrated on iteration 1" in log
+    moved = head_tensors(tmp_path / "again")
+    assert again["sprm calibration shift"] != 0
+    assert float(trained["sprm_head.3.bias"] - moved["sprm_head.3.bias"]) == pytest.approx(
+        again["sprm calibration shift"], rel=1e-5)
+    assert torch.equal(trained["sprm_head.0.weight"], moved["sprm_head.0.weight"])
+    # A trained head is applied with the rule it was trained with, or the run is refused.
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1", "-m",
+                           "megatron_rgm.pretrain", *common, "--pretrained-checkpoint", str(tmp_path / "fresh"),
+                           "--sprm-step-rule", "contains"], env=clean_env(), capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+    assert proc.returncode != 0
+    assert "was trained with --sprm-step-rule 'exact' (this run: 'contains')" in proc.stdout + proc.stderr
 
 
 @pytest.mark.multirank

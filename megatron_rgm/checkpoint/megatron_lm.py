@@ -76,6 +76,7 @@ def megatron_lm_args(chunks, iteration: int, *, optimizer=None, global_batch_siz
         rgm = attachment.rgm_config
         ns.sprm_layer, ns.sprm_hidden_mult = rgm.sprm_layer, rgm.sprm_hidden_mult
         ns.sprm_step_tokens = [t.encode("unicode_escape").decode() for t in rgm.sprm_step_tokens]
+        ns.sprm_step_rule = rgm.sprm_step_rule
     if global_batch_size:
         ns.global_batch_size = global_batch_size
         ns.consumed_train_samples = iteration * global_batch_size

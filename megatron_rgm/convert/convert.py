@@ -43,10 +43,10 @@ from megatron_rgm.convert.stream_save import (
     param_producer,
     return_freed_memory,
 )
-from megatron_rgm.head import HEAD_KEYS, load_head, save_head
+from megatron_rgm.head import HEAD_FIELDS, HEAD_KEYS, head_config, load_head, save_head
 from megatron_rgm.launch import run_ranks
 from megatron_rgm.model import build_model
-from megatron_rgm.model.load import CheckpointModel, describe_checkpoint
+from megatron_rgm.model.load import HEAD_TRAINED, CheckpointModel, describe_checkpoint
 from megatron_rgm.model.state import global_name, partition
 
 
@@ -60,7 +60,8 @@ def _hf_to_mcore_rank(hf_path: str, output: str, tp: int, pp: int, head_file: st
     return_freed_memory()
     hf = HFCheckpoint(hf_path)
     arch = hf.arch
-    args = rebuild_args(arch.model_config(divisible_by), tp, pp, seed=seed)
+    args = rebuild_args(arch.model_config(divisible_by), tp, pp, imported_head(head_file, arch.hidden_size),
+                        seed=seed)
     distributed.initialize(args.parallel)
 
     # The model gives the checkpoint's layout (its sharded_state_dict); its backbone parameters are never
@@ -79,7 +80,8 @@ def _hf_to_mcore_rank(hf_path: str, output: str, tp: int, pp: int, head_file: st
 
     produce = param_producer(model, make_shard, keep=lambda name: name.startswith("sprm_head."))
     extra = {**args.model_record(), "padded_vocab_size": args.vocab_size,
-             "hf_config": arch.config, "source": str(hf_path), "head": "file" if head_file else f"fresh (seed {seed})"}
+             "hf_config": arch.config, "source": str(hf_path), "head": "file" if head_file else f"fresh (seed {seed})",
+             HEAD_TRAINED: bool(head_file)}
     show = tp_rank == 0 and ps.get_data_parallel_rank() == 0
     _save_streaming(output, model, produce, extra, f"hf->mcore pp{ps.get_pipeline_model_parallel_rank()}" if show
                     else None)
@@ -87,6 +89,15 @@ def _hf_to_mcore_rank(hf_path: str, output: str, tp: int, pp: int, head_file: st
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     print(f"[hf-to-mcore rank {torch.distributed.get_rank()}] peak RSS {peak:.3f} GiB", flush=True)
     distributed.shutdown()
+
+
+def imported_head(head_file: str | None, hidden_size: int) -> RGMConfig:
+    """The head config of ``head_file`` (its layer, step strings and rule: :func:`megatron_rgm.head.head_config`
+    of its directory; its width from its shapes), or the defaults for a fresh head."""
+    if not head_file:
+        return RGMConfig()
+    width = load_head(head_file, hidden_size)["0.weight"].shape[0] // hidden_size
+    return RGMConfig(**head_config(Path(head_file).parent), sprm_hidden_mult=width)
 
 
 def _save_streaming(output: str, model, produce, extra: dict, progress: str | None = None) -> None:
@@ -100,8 +111,7 @@ def hf_to_mcore(hf_path: str, output: str, tp: int = 1, pp: int = 1, head_file: 
     """Convert an HF directory to a Megatron dist checkpoint with the SPRM head."""
     hf = HFCheckpoint(hf_path)
     hf.validate()
-    if head_file:
-        load_head(head_file, hf.arch.hidden_size)
+    head = imported_head(head_file, hf.arch.hidden_size)  # a bad head file is refused before anything is written
     out = Path(output)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--output {out} exists and is not empty: choose a new directory")
@@ -111,6 +121,9 @@ def hf_to_mcore(hf_path: str, output: str, tp: int = 1, pp: int = 1, head_file: 
         rebuild_args(hf.arch.model_config(divisible_by), tp, pp)  # layout errors before any rank starts
         if not head_file:
             print(f"no --sprm-head given: the SPRM head is freshly initialised (seed {seed})", flush=True)
+        else:
+            print(f"SPRM head {head_file}: layer {head.sprm_layer}, step rule {head.sprm_step_rule} over "
+                  f"{head.sprm_step_tokens}", flush=True)
         run_ranks(_hf_to_mcore_rank, tp * pp, str(hf_path), str(out), tp, pp, head_file, divisible_by, seed,
                   skip_teardown=True)
         (out / ASSETS).mkdir()
@@ -127,12 +140,14 @@ def hf_to_mcore(hf_path: str, output: str, tp: int = 1, pp: int = 1, head_file: 
 
 
 def head_flags(sprm: RGMConfig) -> dict:
-    """``sprm_layer`` and ``sprm_step_tokens`` of a checkpoint's head, for ``sprm_config.json``.
+    """The :data:`~megatron_rgm.head.HEAD_FIELDS` of a checkpoint's head, for ``sprm_config.json``.
 
-    The step strings travel with the export: a scorer of a model trained with ``--sprm-step-tokens`` must not
-    fall back to the default ``".\\n\\n"`` (its tokenizer may have no such token).
+    The layer, step strings and step rule travel with the export: a scorer of a model trained with
+    ``--sprm-step-tokens`` or ``--sprm-step-rule`` must not fall back to the defaults (its tokenizer may have
+    no ``".\\n\\n"`` token, and a head asked to score positions it never saw in training scores noise).
     """
-    return {"sprm_layer": sprm.sprm_layer, "sprm_step_tokens": list(sprm.sprm_step_tokens)}
+    return {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in
+            ((k, getattr(sprm, k)) for k in HEAD_FIELDS)}
 
 
 def export_config(checkpoint: CheckpointModel) -> dict:

@@ -267,7 +267,7 @@ def run_megatron(mcore_path: str, tokenizer_path: str | None, problems: list[dic
     tokenizer = load_tokenizer(checkpoint.tokenizer_path(tokenizer_path))
     try:
         loaded = load_model(mcore_path, tp, pp, checkpoint=checkpoint)
-        segmenter = StepSegmenter.from_tokenizer(tokenizer, loaded.args.rgm.sprm_step_tokens)
+        segmenter = StepSegmenter.from_config(tokenizer, loaded.args.rgm)
         sampler = Sampler(loaded.model, checkpoint.sampling_vocab(tokenizer), segmenter, tokenizer)
         writer = dist.get_rank() == 0
         summary = BestOfN(sampler, tokenizer, cfg, grade=writer).run(problems, output if writer else None)
@@ -282,7 +282,8 @@ def run_hf(hf_path: str, tokenizer_path: str | None, problems: list[dict], outpu
     """Best-of-N with an HF export (transformers + its ``score_module.pt``), in this process."""
     scorer = RGMScorer.from_pretrained(hf_path)
     tokenizer = load_tokenizer(tokenizer_path or hf_path)
-    sampler = HFSampler(scorer, tokenizer, StepSegmenter.from_tokenizer(tokenizer, scorer.step_strings))
+    sampler = HFSampler(scorer, tokenizer, StepSegmenter.from_tokenizer(tokenizer, scorer.step_strings,
+                                                                         scorer.step_rule))
     summary = BestOfN(sampler, tokenizer, cfg).run(problems, output)
     _report(summary, cfg.k, output)
     return summary

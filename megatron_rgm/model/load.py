@@ -59,6 +59,11 @@ _NORMS = ("LayerNorm", "RMSNorm")
 _VALUES = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "kv_channels", "seq_length",
            "max_position_embeddings", "normalization", "norm_epsilon", "position_embedding_type", "rotary_base")
 _BOOLS = ("add_qkv_bias", "qk_layernorm", "swiglu", "untie_embeddings_and_output_weights")
+# The common-state key that says whether the head in a checkpoint was trained (a trained head is never calibrated
+# again unless asked: ``--sprm-recalibrate-head``).
+HEAD_TRAINED = "sprm_head_trained"
+# Before the step rule was recorded, a step token was any token containing a step string.
+_UNRECORDED_RULE = {"sprm_step_rule": "contains"}
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,7 @@ class CheckpointModel:
     hf_config: dict | None  # the HF config.json the model exports as, when recorded
     has_head: bool
     notes: tuple[str, ...] = field(default=())  # what the translation of a foreign checkpoint left out, named
+    head_trained: bool = False  # the head was trained (or imported trained), not freshly initialised
 
     def args(self, tp: int = 1, pp: int = 1):
         """:class:`megatron_rgm.arguments.Args` that rebuild the model at ``tp`` x ``pp`` (the same padded rows)."""
@@ -146,6 +152,8 @@ def megatron_lm_model(args: argparse.Namespace, where: str) -> tuple[ModelConfig
                         fp16=not bf16 and bool(getattr(args, "fp16", False)),
                         vocab_size=int(args.padded_vocab_size), make_vocab_size_divisible_by=1)
     sprm = cli.from_namespace(RGMConfig, args)  # the --sprm-* flags add_rgm_args registered, or the defaults
+    if hasattr(args, "sprm_layer") and not hasattr(args, "sprm_step_rule"):
+        sprm = replace(sprm, **_UNRECORDED_RULE)  # our flags, written before the rule was one of them
     notes = []
     if getattr(args, "num_experts", None) in (0, 1):
         notes.append(f"num_experts={args.num_experts} (a dense MLP)")
@@ -156,12 +164,24 @@ def _recorded(extra: dict, directory: Path) -> tuple[ModelConfig, RGMConfig]:
     """The model and head our ``save_checkpoint`` recorded: config dicts, or (older checkpoints) the flags."""
     if "model_argv" in extra and "model" not in extra:
         args = parse_args(list(extra["model_argv"]))
-        return args.model, args.rgm
+        return args.model, replace(args.rgm, **_UNRECORDED_RULE)
     try:
-        return ModelConfig(**extra["model"]), RGMConfig(**extra.get("sprm", {}))
+        return ModelConfig(**extra["model"]), RGMConfig(**{**_UNRECORDED_RULE, **extra.get("sprm", {})})
     except TypeError as e:
         raise ConfigError(f"checkpoint {directory} records a model this megatron-rgm does not know ({e}): load it "
                           "with the megatron-rgm version that wrote it") from None
+
+
+def _head_trained(extra: dict, has_head: bool) -> bool:
+    """Whether the head our writer saved was trained: recorded since the key exists; before, read from the
+    stage that wrote it (SFT and the backbone check never train the head) or hf-to-mcore's head source."""
+    if not has_head:
+        return False
+    if HEAD_TRAINED in extra:
+        return bool(extra[HEAD_TRAINED])
+    if "head" in extra:  # hf-to-mcore: "file" or "fresh (seed N)"
+        return extra["head"] == "file"
+    return extra.get("stage", "rgm") == "rgm"
 
 
 def describe_checkpoint(path: str | Path, iteration: int | None = None) -> CheckpointModel:
@@ -183,7 +203,8 @@ def describe_checkpoint(path: str | Path, iteration: int | None = None) -> Check
     vocab = extra.get("vocab_size") or (hf_config or {}).get("vocab_size")
     if ("model" in extra or "model_argv" in extra) and "padded_vocab_size" in extra:  # ours: training, hf-to-mcore
         return CheckpointModel(directory, root, it, "megatron-rgm", *_recorded(extra, directory),
-                               int(extra["padded_vocab_size"]), vocab, hf_config, has_head)
+                               int(extra["padded_vocab_size"]), vocab, hf_config, has_head,
+                               head_trained=_head_trained(extra, has_head))
     # Megatron-LM's save_checkpoint, or ours called from a Megatron-LM script (its args describe the model).
     args = common.get("args")
     if args is None:
@@ -194,8 +215,10 @@ def describe_checkpoint(path: str | Path, iteration: int | None = None) -> Check
     it = int(common.get("iteration", it) or 0)
     vocab = vocab or getattr(args, "vocab_size", None)
     source = "megatron-rgm" if extra else "megatron-lm"
+    # A head in a Megatron-LM checkpoint was trained by its loop with our loss (add_rgm_args), unless we wrote it.
+    trained = _head_trained(extra, has_head) if extra else has_head
     return CheckpointModel(directory, root, it, source, model, sprm, int(args.padded_vocab_size),
-                           int(vocab) if vocab else None, hf_config, has_head, tuple(notes))
+                           int(vocab) if vocab else None, hf_config, has_head, tuple(notes), trained)
 
 
 def recorded_geometry(path: str | Path) -> tuple[ModelConfig, RGMConfig | None]:

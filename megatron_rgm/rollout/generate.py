@@ -91,7 +91,7 @@ def generate_megatron(mcore_path: str, tokenizer_path: str | None, prompts: list
     loaded = load_model(mcore_path, tp, pp, checkpoint=checkpoint)
     model, args = loaded.model, loaded.args
     sampler = Sampler(model, checkpoint.sampling_vocab(tokenizer),
-                      StepSegmenter.from_tokenizer(tokenizer, args.rgm.sprm_step_tokens), tokenizer)
+                      StepSegmenter.from_config(tokenizer, args.rgm), tokenizer)
     params = _with_eos(params, tokenizer)
     check_prompt_lengths(tokenizer, prompts, template, params.max_new_tokens, model.max_sequence_length)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()

@@ -40,7 +40,9 @@ from megatron_rgm.data.sources import (
     sft_sample,
 )
 from megatron_rgm.data.store import Trajectory, tokenizer_fingerprint
+from megatron_rgm.head import HEAD_FIELDS
 from megatron_rgm.model import build_model, unwrap
+from megatron_rgm.model.load import describe_checkpoint
 from megatron_rgm.rl import group_advantages
 from megatron_rgm.rollout.colocated import RolloutRecorder, sample_groups
 from megatron_rgm.steps import StepSegmenter
@@ -153,17 +155,53 @@ class Trainer:
                 raise ConfigError(f"rollout store {data.rollouts} has groups of {sorted(sizes)} trajectories but "
                                   f"--grpo-group-size is {data.group_size}: pass the store's k")
             return source
-        self.segmenter = StepSegmenter.from_tokenizer(self.tokenizer, self.args.rgm.sprm_step_tokens)
+        self.segmenter = StepSegmenter.from_config(self.tokenizer, self.args.rgm)
         return PromptSource(data.prompts, data.problem_key, data.answer_key, data.prompts_per_iter, seed)
 
     def _load(self) -> int:
-        load = self.run.load
+        """Load ``--load`` (a resume) or ``--pretrained-checkpoint``; returns the first iteration to run."""
+        load, pretrained = self.run.load, self.run.pretrained_checkpoint
+        self.head_trained, self.head_source = False, None  # a fresh head, initialised by build_model
         if load and (latest_iteration(load) is not None or (Path(load) / "metadata.json").exists()):
             opt = None if self.run.no_load_optim else self.optimizer
-            return load_checkpoint(load, self.model, optimizer=opt).iteration + 1
-        if self.run.pretrained_checkpoint:
-            load_checkpoint(self.run.pretrained_checkpoint, self.model)
+            start = load_checkpoint(load, self.model, optimizer=opt).iteration + 1
+            self._loaded_head(load)
+            return start
+        if pretrained:
+            load_checkpoint(pretrained, self.model)
+            self._loaded_head(pretrained)
         return 1
+
+    def _loaded_head(self, path: str) -> None:
+        """Whether the head just loaded from ``path`` was trained; a trained head must be applied as trained."""
+        checkpoint = describe_checkpoint(path)
+        if not (checkpoint.has_head and checkpoint.head_trained):
+            return
+        self.head_trained, self.head_source = True, path
+        mine, recorded = self.args.rgm, checkpoint.sprm
+        differ = [f"--{name.replace('_', '-')} {getattr(recorded, name)!r} (this run: {getattr(mine, name)!r})"
+                  for name in HEAD_FIELDS if getattr(recorded, name) != getattr(mine, name)]
+        if differ:
+            raise ConfigError(f"the SPRM head in {path} was trained with {'; '.join(differ)}: a head scores the "
+                              "positions it was trained on. Pass the same flags, or --use-checkpoint-args")
+
+    def head_plan(self) -> str:
+        """What iteration 1 does to the head, in words (logged when the run starts)."""
+        if self.run.stage != "rgm" or self.start_iteration > 1:
+            return ""
+        if self.head_trained:
+            if self.run.sprm_recalibrate_head and self.run.sprm_calibrate_head:
+                return f"SPRM head: trained, from {self.head_source}; recalibrated on iteration 1 (--sprm-recalibrate-head)"
+            return (f"SPRM head: trained, from {self.head_source}; left exactly as it is "
+                    "(--sprm-recalibrate-head calibrates it)")
+        source = f"from {self.run.pretrained_checkpoint}, never trained" if self.run.pretrained_checkpoint else "new"
+        if self.run.sprm_calibrate_head:
+            return f"SPRM head: fresh ({source}); calibrated on iteration 1"
+        return f"SPRM head: fresh ({source}); not calibrated (--no-sprm-calibrate-head)"
+
+    def calibrates_head(self) -> bool:
+        """Whether iteration 1 calibrates the head: a fresh one, or a trained one when asked."""
+        return self.run.sprm_calibrate_head and (not self.head_trained or self.run.sprm_recalibrate_head)
 
     # --- one iteration ---------------------------------------------------------------------------------
 
@@ -276,8 +314,9 @@ class Trainer:
             advantages = torch.cat([group_advantages(torch.tensor([s.reward for s in g]), len(g),
                                                      self.args.grpo.advantage_eps) for g in groups])
             metrics = rollout_metrics(self.ps, samples, self.args.rgm.sprm_aggregation)
-            if it == 1 and self.run.sprm_calibrate_head:
+            if it == 1 and self.calibrates_head():
                 metrics.update(self.calibrate_head(samples))
+            self.head_trained = True  # it is trained from this iteration's step on
         step_metrics, reports, step_times, tokens = self.train_step(samples, advantages)
         times.update(step_times)
         metrics = {**lrs, **metrics, **step_metrics, **(loss_metrics(self.ps, reports) if self.last_stage else {})}
@@ -289,10 +328,14 @@ class Trainer:
     # --- the run ---------------------------------------------------------------------------------------
 
     def save(self, it: int) -> None:
-        save_run(self.args, it, self.model, self.optimizer, self.tokenizer, self.vocab, self.samples_per_iteration)
+        save_run(self.args, it, self.model, self.optimizer, self.tokenizer, self.vocab, self.samples_per_iteration,
+                 self.head_trained)
 
     def train(self) -> list[dict]:
         history = []
+        plan = self.head_plan()
+        if plan and self.logging_rank:
+            print(plan, flush=True)
         for it in range(self.start_iteration, self.run.train_iters + 1):
             metrics, times = self.iteration(it)
             if self.logging_rank:
