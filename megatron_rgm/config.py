@@ -22,6 +22,7 @@ STEP_RULES = ("exact", "contains", "text")  # which tokens end a step (megatron_
 STAGES = ("rgm", "sft", "backbone-check")
 VERIFIERS = ("math", "exact")  # final-answer grading (megatron_rgm.rollout.rewards.make_verifier)
 PROMPT_TEMPLATE = "{problem}\n<think>\n"  # how a problem becomes the model's prompt (the reference's)
+CHAT = "chat"  # --prompt-template chat: the tokenizer's own chat template, the problem as the user turn
 
 
 class ConfigError(ValueError):
@@ -63,8 +64,9 @@ def option(default: Any = MISSING, help: str | None = None, *, flag: str | None 
 
 def template_option():
     """The ``--prompt-template`` field (training data and the tools' prompts)."""
-    return option(PROMPT_TEMPLATE, "how a problem becomes the model's prompt; escapes such as \\n are decoded",
-                  parse=decode_escapes)
+    return option(PROMPT_TEMPLATE, "how a problem becomes the model's prompt: a string with {problem} (escapes such "
+                  "as \\n are decoded), or 'chat': the tokenizer's chat template with the problem as the user turn "
+                  "and the generation prompt added", parse=decode_escapes)
 
 
 def verifier_option():
@@ -73,8 +75,9 @@ def verifier_option():
 
 
 def check_template(template: str) -> None:
-    if "{problem}" not in template:
-        raise ConfigError(f"--prompt-template {template!r} has no {{problem}} field: add one")
+    if template != CHAT and "{problem}" not in template:
+        raise ConfigError(f"--prompt-template {template!r} has no {{problem}} field: add one (or pass 'chat' for the "
+                          "tokenizer's chat template)")
 
 
 def _at_least(owner: object, names: tuple[str, ...], low: float) -> None:

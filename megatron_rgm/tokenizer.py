@@ -20,7 +20,7 @@ from typing import Any
 import sentencepiece as spm
 
 from megatron_rgm import lazy
-from megatron_rgm.config import ConfigError
+from megatron_rgm.config import CHAT, ConfigError
 
 SP_FILE = "tokenizer.model"
 
@@ -151,3 +151,28 @@ def encode(tokenizer: Any, text: str) -> list[int]:
     except TypeError:
         out = tokenizer.encode(text)
     return list(out.ids if hasattr(out, "ids") else out)
+
+
+def prompt_text(tokenizer: Any, template: str, problem: str) -> str:
+    """How ``problem`` becomes the model's prompt: ``template.format(problem=...)``, or, for ``template ==
+    "chat"``, the tokenizer's chat template with the problem as the one user turn and the generation prompt
+    added (the model's own conventions, a ``<think>`` it opens included, come with the template).
+
+    Raises:
+        ConfigError: ``chat`` with a tokenizer that has no chat template.
+    """
+    if template != CHAT:
+        return template.format(problem=problem)
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
+        raise ConfigError(f"--prompt-template chat: tokenizer {name} has no chat template: pass a tokenizer "
+                          "directory whose tokenizer_config.json has one, or a template string such as "
+                          "'{problem}\\n<think>\\n'")
+    return tokenizer.apply_chat_template([{"role": "user", "content": problem}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def prompt_ids(tokenizer: Any, template: str, problem: str) -> list[int]:
+    """The token ids of :func:`prompt_text` (special tokens the template writes, such as ``<|im_start|>``, are
+    parsed as themselves; nothing is added)."""
+    return encode(tokenizer, prompt_text(tokenizer, template, problem))

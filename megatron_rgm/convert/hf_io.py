@@ -16,8 +16,10 @@ from safetensors.torch import save_file
 from megatron_rgm.config import ConfigError
 from megatron_rgm.convert.mapping import HFArch
 
+# transformers 5 writes the chat template beside tokenizer_config.json (chat_template.jinja), 4.x inside it.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "tokenizer.model", "added_tokens.json", "generation_config.json")
+                   "merges.txt", "tokenizer.model", "added_tokens.json", "generation_config.json",
+                   "chat_template.jinja", "chat_template.json")
 
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

@@ -53,7 +53,7 @@ from megatron_rgm.rollout.rewards import CORRECT, VERIFIERS, last_boxed, make_ve
 from megatron_rgm.rollout.hf_sampler import HFSampler
 from megatron_rgm.rollout.sampler import Rollout, Sampler, SamplingParams
 from megatron_rgm.steps import StepSegmenter
-from megatron_rgm.tokenizer import load_tokenizer
+from megatron_rgm.tokenizer import load_tokenizer, prompt_ids
 
 THINK_END = "</think>"
 
@@ -185,7 +185,7 @@ class BestOfN:
     def solve(self, problem: dict, index: int) -> dict:
         """One problem (``{"id", "problem", "answer"?}``, ``index`` seeds its draws) -> its output record."""
         cfg, tok = self.cfg, self.tokenizer
-        prompt = tok.encode(cfg.template.format(problem=problem["problem"]), add_special_tokens=False)
+        prompt = prompt_ids(tok, cfg.template, problem["problem"])
         r = self.sampler.generate(prompt, cfg.k, replace(self.thinking, seed=_seed(cfg.sampling.seed, index)))
         steps, aggregates = score_candidates(r, cfg.aggregation)
         aggregates = _sync(aggregates)

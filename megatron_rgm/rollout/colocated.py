@@ -19,7 +19,7 @@ from megatron_rgm.rollout.rewards import make_verifier
 from megatron_rgm.rollout.sampler import Sampler, SamplingParams
 from megatron_rgm.rollout.sampling import derive_seed
 from megatron_rgm.steps import StepSegmenter
-from megatron_rgm.tokenizer import encode
+from megatron_rgm.tokenizer import prompt_ids
 
 
 def sample_groups(model, vocab: int, tokenizer, segmenter: StepSegmenter, data: DataConfig, prompts, seed: int,
@@ -34,7 +34,7 @@ def sample_groups(model, vocab: int, tokenizer, segmenter: StepSegmenter, data: 
     eos = tokenizer.eos_token_id
     groups = []
     for index, prompt in prompts:
-        ids = encode(tokenizer, data.prompt_template.format(problem=prompt["problem"]))
+        ids = prompt_ids(tokenizer, data.prompt_template, prompt["problem"])
         room = model.max_sequence_length - len(ids)
         if room < 1:
             raise ConfigError(f"prompt {prompt.get('id', index)} has {len(ids)} tokens, more than the model's "

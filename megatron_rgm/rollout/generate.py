@@ -27,7 +27,7 @@ from megatron_rgm.rollout.hf_sampler import HFSampler
 from megatron_rgm.rollout.sampler import Sampler, SamplingParams
 from megatron_rgm.rollout.sampling import derive_seed
 from megatron_rgm.steps import StepSegmenter
-from megatron_rgm.tokenizer import load_tokenizer
+from megatron_rgm.tokenizer import load_tokenizer, prompt_ids
 
 
 def _trajectories(tokens, prompt_len, lengths, log_probs, step_mask, step_logits, cu, texts, answer, verifier,
@@ -51,7 +51,7 @@ def check_prompt_lengths(tokenizer, prompts: list[dict], template: str, max_new_
     Run before the store is opened, so a run that would stop at a long prompt writes nothing.
     """
     for n, prompt in enumerate(prompts, 1):
-        length = len(tokenizer.encode(template.format(problem=prompt["problem"]), add_special_tokens=False))
+        length = len(prompt_ids(tokenizer, template, prompt["problem"]))
         if length + max_new_tokens > limit:
             raise ConfigError(f"prompt {prompt.get('id', n - 1)} (record {n}) has {length} tokens: with "
                               f"--max-new-tokens {max_new_tokens} it needs {length + max_new_tokens} positions, more "
@@ -63,7 +63,7 @@ def _sample_prompts(sampler, tokenizer, todo: list[tuple[int, dict]], k: int, pa
     """k samples of each (index, prompt) in ``todo``, handed to ``write(trajectories)`` (None: sample only)."""
     grade = make_verifier(verifier)
     for i, prompt in tqdm(todo, desc=progress, disable=quiet, file=sys.stdout):
-        ids = tokenizer.encode(template.format(problem=prompt["problem"]), add_special_tokens=False)
+        ids = prompt_ids(tokenizer, template, prompt["problem"])
         # Seeded per prompt: the same draws whatever the layout or the point a run resumed from.
         r = sampler.generate(ids, k, replace(params, seed=derive_seed(params.seed, i)))
         if write is not None:
