@@ -45,6 +45,11 @@ class ScriptedSampler:
 
     def generate(self, prompt_ids, k, params):
         self.calls.append(params)
+        if not params.stop_strings and k > 1:  # whole responses (--bon-mode complete): the script, each to eos
+            rows = [(t.replace("[eos]", "") + f" so \\boxed{{{t.split('ANSWER=')[1][0]}}}", logits)
+                    for t, logits in self.thoughts[:k]]
+            seqs = [list(prompt_ids) + CharTokenizer().encode(t) + [EOS] for t, _ in rows]
+            return self._rollout(prompt_ids, rows, seqs)
         if params.stop_strings:
             rows = [(t, logits) for t, logits in self.thoughts[:k]]
         else:
@@ -55,6 +60,10 @@ class ScriptedSampler:
                 for t, _ in rows]
         if params.stop_strings:  # an "[eos]" marker in a script ends that candidate with eos
             seqs = [s[:-5] + [EOS] if CharTokenizer().decode(s).endswith("[eos]") else s for s in seqs]
+        return self._rollout(prompt_ids, rows, seqs)
+
+    @staticmethod
+    def _rollout(prompt_ids, rows, seqs) -> Rollout:
         width = max(map(len, seqs))
         tokens = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
         flat = torch.tensor([x for _, logits in rows for x in logits], dtype=torch.float32)
@@ -124,6 +133,24 @@ def test_complete_all_answers_every_candidate_and_keeps_an_eos_one():
     alone, _ = scripted(aggregation="min")
     assert alone.solve(PROBLEM, 0)["response"] == r["response"]
     assert r["responses"] == [c["response"] for c in r["candidates"]]
+
+
+def test_complete_mode_scores_whole_responses_and_grades_the_picks_own_answer():
+    bon, sampler = scripted(aggregation="min", mode="complete")
+    r = bon.solve(PROBLEM, 0)
+    assert len(sampler.calls) == 1, "no continuation: the candidates are whole responses"
+    assert sampler.calls[0].stop_strings == [] and sampler.calls[0].eos_token_ids == [EOS]
+    assert [c["finish"] for c in r["candidates"]] == ["eos"] * 4
+    c = r["candidates"][r["chosen"]]
+    assert r["chosen"] == 1 and r["response"] == c["text"] == "b.\n\nANSWER=7</think> so \\boxed{7}"
+    assert (r["prediction"], r["correct"]) == ("7", True)
+    assert all("correct" not in x for j, x in enumerate(r["candidates"]) if j != r["chosen"])
+    graded, _ = scripted(aggregation="last", mode="complete", complete_all=True)
+    r = graded.solve(PROBLEM, 0)
+    assert r["chosen"] == 2 and r["correct"] is False
+    assert [x["correct"] for x in r["candidates"]] == [False, True, False, True]
+    with pytest.raises(ConfigError, match="--bon-mode 'x' is unknown"):
+        BestOfNConfig(mode="x")
 
 
 def test_k1_bon_equals_pass1_in_the_evaluation(tmp_path):
@@ -228,6 +255,24 @@ def test_hf_backend_equals_megatron(setup, megatron_tp1, tmp_path):
     assert tool("best_of_n").main(["--prompts", str(prompts), "--output", str(out), "--backend", "hf",
                                    "--hf-path", str(root / "hf"), *SAMPLED]) == 0
     _assert_same(read(out), megatron_tp1)
+
+
+@pytest.mark.multirank
+def test_complete_mode_on_both_backends(setup, tmp_path):
+    """The reference's mode: whole responses (past ``</think>``, to EOS or the budget), no continuation; the
+    two backends draw the same responses and make the same picks."""
+    root, prompts = setup
+    flags = [*SAMPLED, "--bon-mode", "complete"]
+    best_of_n("--prompts", str(prompts), "--output", str(tmp_path / "m.jsonl"), "--mcore-path", str(root / "mcore"),
+              *flags)
+    assert tool("best_of_n").main(["--prompts", str(prompts), "--output", str(tmp_path / "h.jsonl"), "--backend",
+                                   "hf", "--hf-path", str(root / "hf"), *flags]) == 0
+    rows = read(tmp_path / "m.jsonl")
+    _assert_same(read(tmp_path / "h.jsonl"), rows)
+    cands = [c for r in rows for c in r["candidates"]]
+    assert {c["finish"] for c in cands} <= {"eos", "length"} and all(c["response"] == c["text"] for c in cands)
+    assert any("</think>" in c["text"] and not c["text"].endswith("</think>") for c in cands), \
+        "some response should go on past the end of its thinking"
 
 
 def _assert_same(rows: list[dict], ref: list[dict]) -> None:

@@ -1,5 +1,7 @@
 """Reflective Best-of-N: k thinking trajectories per problem, scored by the SPRM head; the best is answered.
 
+With --bon-mode complete (the reference's), the k candidates are whole responses, the best one's own answer graded.
+
     python tools/best_of_n.py --prompts PROMPTS.jsonl --output BON.jsonl --backend megatron --mcore-path CKPT \\
         [--tp 2 --pp 1] --k 8 [--aggregation geometric] [--complete-all]
     torchrun --nproc-per-node 4 tools/best_of_n.py ... --backend megatron --tp 2 --pp 2

@@ -58,23 +58,32 @@ from megatron_rgm.tokenizer import load_tokenizer, prompt_ids
 THINK_END = "</think>"
 
 
+BON_MODES = ("think", "complete")
+
+
 @dataclass
 class BestOfNConfig:
     """Options of a Best-of-N run.
 
     Attributes:
-        k: candidates (thinking trajectories) per problem.
+        k: candidates per problem.
+        mode: ``think`` (ours): candidates are thinking trajectories, stopped at ``think_end``; the chosen one
+            is continued to its answer. ``complete`` (the reference's): candidates are whole responses (thinking
+            and answer, to EOS or the budget), each scored whole; the chosen one's own answer is graded.
         aggregation: geometric | arithmetic | product | min | last.
         sampling: decoding of the thinking phase (``think_end`` is added to its stop strings).
-        think_end: the string that closes the thinking.
-        answer_max_new_tokens: token budget of the answer.
+        think_end: the string that closes the thinking (``think`` mode).
+        answer_max_new_tokens: token budget of the answer (``think`` mode).
         answer_temperature: 0: greedy answer.
-        complete_all: continue and grade every candidate, not only the chosen one.
+        complete_all: answer (``think`` mode) and grade every candidate, not only the chosen one.
         verifier: math | exact.
         template: how a problem becomes the prompt (``{problem}``).
     """
 
     k: int = option(8, "candidates per problem")
+    mode: str = option("think", "think: sample thinking trajectories, continue the chosen one to its answer; complete "
+                       "(the reference's): sample whole responses, score each whole, grade the chosen one's own answer",
+                       choices=BON_MODES, flag="--bon-mode")
     aggregation: str = option("geometric", f"how step scores become a trajectory's score: {' | '.join(AGGREGATIONS)}")
     sampling: SamplingParams = option(default_factory=SamplingParams, cli=False)
     think_end: str = option(THINK_END, "stop string that ends the thinking")
@@ -87,6 +96,8 @@ class BestOfNConfig:
     def __post_init__(self):
         if self.k < 1:
             raise ConfigError(f"--k must be >= 1 (candidates per problem), got {self.k}")
+        if self.mode not in BON_MODES:
+            raise ConfigError(f"--bon-mode {self.mode!r} is unknown: use one of {', '.join(BON_MODES)}")
         if self.aggregation not in AGGREGATIONS:
             raise ConfigError(f"--aggregation {self.aggregation!r} is unknown: use one of {', '.join(AGGREGATIONS)}")
         if self.answer_max_new_tokens < 1:
@@ -153,14 +164,14 @@ class BestOfN:
         if not eos and getattr(tokenizer, "eos_token_id", None) is not None:
             eos = [tokenizer.eos_token_id]
         self.eos = eos
-        self.thinking = replace(cfg.sampling, eos_token_ids=eos,
-                                stop_strings=list(dict.fromkeys([*cfg.sampling.stop_strings, cfg.think_end])))
+        stops = [*cfg.sampling.stop_strings, *([cfg.think_end] if cfg.mode == "think" else [])]
+        self.thinking = replace(cfg.sampling, eos_token_ids=eos, stop_strings=list(dict.fromkeys(stops)))
         self.verify = make_verifier(cfg.verifier) if grade else None
 
     def _finish(self, ids: list[int], text: str) -> str:
         if ids and ids[-1] in self.eos:
             return "eos"
-        return "think_end" if self.cfg.think_end in text else "length"
+        return "think_end" if self.cfg.mode == "think" and self.cfg.think_end in text else "length"
 
     def _complete(self, ids: list[int], seed: int) -> list[int]:
         """``ids`` (prompt + thinking) continued to the answer: eos or the answer budget (within the positions)."""
@@ -196,7 +207,9 @@ class BestOfN:
             text = tok.decode(ids[len(prompt):])
             c = {"text": text, "step_scores": steps[j], "aggregate": aggregates[j], "finish": self._finish(ids, text)}
             if j == chosen or cfg.complete_all:
-                final = ids if c["finish"] == "eos" else self._complete(ids, _seed(cfg.sampling.seed, index, j))
+                # The reference's mode: the candidate is the response, answer and all (or cut by the budget).
+                done = c["finish"] == "eos" or cfg.mode == "complete"
+                final = ids if done else self._complete(ids, _seed(cfg.sampling.seed, index, j))
                 c["response"] = tok.decode(final[len(prompt):])
                 c.update(self._grade(c["response"], problem.get("answer")))
             candidates.append(c)
