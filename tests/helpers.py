@@ -124,11 +124,11 @@ VOCAB = 300
 TEXT = "<think>Add 3 and 4.\n\nThat gives 7.\n\nDouble it.\n\n</think>The answer is \\boxed{14}."
 
 
-def make_hf(kind: str, out: Path) -> Path:
+def make_hf(kind: str, out: Path, vocab: int = VOCAB) -> Path:
     import transformers
 
     cls, extra, tied = ARCHS[kind]
-    cfg = getattr(transformers, cls)(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+    cfg = getattr(transformers, cls)(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                                      tie_word_embeddings=tied, rms_norm_eps=1e-6, **extra)
     torch.manual_seed(0)
@@ -226,7 +226,7 @@ def steer(hf: Path) -> None:
     import transformers
 
     tok = transformers.PreTrainedTokenizerFast.from_pretrained(hf)
-    step, end = tok.convert_tokens_to_ids(".\n\n"), tok.convert_tokens_to_ids("</think>")
+    (step,), (end,) = (tok.encode(t, add_special_tokens=False) for t in (".\n\n", "</think>"))
     model = transformers.AutoModelForCausalLM.from_pretrained(hf)
     g = torch.Generator().manual_seed(0)
     v = torch.randn(64, generator=g)

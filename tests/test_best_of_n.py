@@ -275,6 +275,49 @@ def test_complete_mode_on_both_backends(setup, tmp_path):
         "some response should go on past the end of its thinking"
 
 
+@pytest.fixture(scope="module")
+def real_vocab(tmp_path_factory):
+    """A random Qwen2 (hidden 64) on the real Qwen2 vocabulary with its ChatML template, steered to write
+    ``".\n\n"`` (id 382) and ``</think>``, with a scaled-up head; and its Megatron conversion."""
+    from helpers import convert, make_hf, qwen_vocab, steer
+
+    root = tmp_path_factory.mktemp("real_vocab")
+    tok = qwen_vocab("qwen2")
+    hf = make_hf("qwen2", root / "hf", vocab=len(tok))
+    tok.save_pretrained(hf)
+    steer(hf)
+    torch.manual_seed(1)
+    head = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Dropout(), torch.nn.Linear(128, 1))
+    with torch.no_grad():
+        head[0].weight *= 100
+        head[3].weight *= 3
+    torch.save(head.state_dict(), hf / "score_module.pt")
+    convert("hf-to-mcore", "--hf-path", str(hf), "--output", str(root / "mcore"), "--sprm-head",
+            str(hf / "score_module.pt"))
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"q": f"Add {i} and {i + 1}.", "a": str(2 * i + 1)}) for i in range(3)))
+    return root, prompts
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("mode", ["think", "complete"])
+def test_chat_templated_best_of_n_on_a_real_vocabulary(real_vocab, tmp_path, mode):
+    """ChatML prompts rendered by the tokenizer (its template travels into the checkpoint's hf_assets), the
+    exact step rule on the real vocabulary; the megatron and HF backends draw, score and pick the same."""
+    root, prompts = real_vocab
+    # Top-k 20: a random model's next-token distribution over 151k tokens is nearly flat, and a draw from ~140k
+    # nucleus members of ~7e-6 each flips with fp32 reordering between backends; among 20 it does not.
+    flags = [*SAMPLED, "--top-k", "20", "--bon-mode", mode, "--prompt-template", "chat"]
+    best_of_n("--prompts", str(prompts), "--output", str(tmp_path / "m.jsonl"), "--mcore-path", str(root / "mcore"),
+              *flags)
+    assert tool("best_of_n").main(["--prompts", str(prompts), "--output", str(tmp_path / "h.jsonl"), "--backend",
+                                   "hf", "--hf-path", str(root / "hf"), *flags]) == 0
+    rows = read(tmp_path / "m.jsonl")
+    _assert_same(read(tmp_path / "h.jsonl"), rows)
+    assert sum(len(c["step_scores"]) for r in rows for c in r["candidates"]) >= 6, "the steered model writes steps"
+    assert (root / "mcore" / "hf_assets" / "chat_template.jinja").exists()
+
+
 def _assert_same(rows: list[dict], ref: list[dict]) -> None:
     """Same draws (same seeds, logits within fp32 reordering), same texts, step scores within 1e-5, same choice.
 
