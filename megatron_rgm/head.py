@@ -82,6 +82,9 @@ HEAD_CONFIG = "sprm_config.json"
 # What a head is applied with, beside its weights: the layer it reads and which tokens end a step.
 HEAD_FIELDS = ("sprm_layer", "sprm_step_tokens", "sprm_step_rule")
 REFERENCE_HEAD = {"sprm_layer": -2, "sprm_step_tokens": [".\n\n"], "sprm_step_rule": "exact"}
+# Before the step rule was recorded (configs, checkpoints, Megatron-LM args), a step token was any token
+# containing a step string.
+UNRECORDED_RULE = "contains"
 
 
 def head_config(directory: str | os.PathLike) -> dict:
@@ -99,7 +102,7 @@ def head_config(directory: str | os.PathLike) -> dict:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON ({e.msg}): re-export the model or delete the file") from None
-    return {**REFERENCE_HEAD, "sprm_step_rule": "contains", **{k: meta[k] for k in HEAD_FIELDS if k in meta}}
+    return {**REFERENCE_HEAD, "sprm_step_rule": UNRECORDED_RULE, **{k: meta[k] for k in HEAD_FIELDS if k in meta}}
 
 
 def save_head(out: Path, sd: dict[str, torch.Tensor], meta: dict) -> None:

@@ -213,17 +213,17 @@ class TextStepSegmenter(StepSegmenter):
         self.delimiters = tuple(s for s in step_strings if s)
         if not self.delimiters:
             raise ConfigError("--sprm-step-tokens needs at least one non-empty string")
-        self.texts = list(texts)
-        self.lengths = np.array([len(t) for t in self.texts] + [0], dtype=np.int64)
+        self.texts = [*texts, ""]  # the last: the text of any id past the tokenizer (padded vocabulary rows)
+        self.lengths = np.array([len(t) for t in self.texts], dtype=np.int64)
         self.step_ids = None
         self.think_start = think_start
         self.think_end = think_end
         self.rule = "text"
 
     def _row(self, ids: list[int]) -> np.ndarray:
-        n = len(self.texts)
-        ids = [i if 0 <= i < n else n for i in ids]  # an id past the tokenizer (padded vocabulary): no text
-        text = "".join(self.texts[i] if i < n else "" for i in ids)
+        past = len(self.texts) - 1
+        ids = [i if 0 <= i < past else past for i in ids]
+        text = "".join(self.texts[i] for i in ids)
         covered = np.zeros(len(text) + 1, dtype=np.int64)
         for delimiter in self.delimiters:
             at = text.find(delimiter)

@@ -55,13 +55,12 @@ def _say(msg: str) -> None:
         print(msg, flush=True)
 
 
-def _hf_to_mcore_rank(hf_path: str, output: str, tp: int, pp: int, head_file: str | None, divisible_by: int,
-                      seed: int) -> None:
+def _hf_to_mcore_rank(hf_path: str, output: str, tp: int, pp: int, head_file: str | None, head: RGMConfig,
+                      divisible_by: int, seed: int) -> None:
     return_freed_memory()
     hf = HFCheckpoint(hf_path)
     arch = hf.arch
-    args = rebuild_args(arch.model_config(divisible_by), tp, pp, imported_head(head_file, arch.hidden_size),
-                        seed=seed)
+    args = rebuild_args(arch.model_config(divisible_by), tp, pp, head, seed=seed)
     distributed.initialize(args.parallel)
 
     # The model gives the checkpoint's layout (its sharded_state_dict); its backbone parameters are never
@@ -124,7 +123,7 @@ def hf_to_mcore(hf_path: str, output: str, tp: int = 1, pp: int = 1, head_file: 
         else:
             print(f"SPRM head {head_file}: layer {head.sprm_layer}, step rule {head.sprm_step_rule} over "
                   f"{head.sprm_step_tokens}", flush=True)
-        run_ranks(_hf_to_mcore_rank, tp * pp, str(hf_path), str(out), tp, pp, head_file, divisible_by, seed,
+        run_ranks(_hf_to_mcore_rank, tp * pp, str(hf_path), str(out), tp, pp, head_file, head, divisible_by, seed,
                   skip_teardown=True)
         (out / ASSETS).mkdir()
         copied = copy_tokenizer_files(Path(hf_path), out / ASSETS)

@@ -34,6 +34,7 @@ from megatron_rgm.checkpoint import (
     resolve_checkpoint,
 )
 from megatron_rgm.config import ConfigError, ModelConfig, RGMConfig
+from megatron_rgm.head import UNRECORDED_RULE
 from megatron_rgm.model import build_model
 
 # Megatron-LM args attributes that name a model feature RGMModel does not build: (attribute, refused when).
@@ -62,8 +63,7 @@ _BOOLS = ("add_qkv_bias", "qk_layernorm", "swiglu", "untie_embeddings_and_output
 # The common-state key that says whether the head in a checkpoint was trained (a trained head is never calibrated
 # again unless asked: ``--sprm-recalibrate-head``).
 HEAD_TRAINED = "sprm_head_trained"
-# Before the step rule was recorded, a step token was any token containing a step string.
-_UNRECORDED_RULE = {"sprm_step_rule": "contains"}
+_UNRECORDED_RULE = {"sprm_step_rule": UNRECORDED_RULE}
 
 
 @dataclass(frozen=True)

@@ -190,12 +190,12 @@ class Trainer:
         if self.run.stage != "rgm" or self.start_iteration > 1:
             return ""
         if self.head_trained:
-            if self.run.sprm_recalibrate_head and self.run.sprm_calibrate_head:
+            if self.calibrates_head():
                 return f"SPRM head: trained, from {self.head_source}; recalibrated on iteration 1 (--sprm-recalibrate-head)"
             return (f"SPRM head: trained, from {self.head_source}; left exactly as it is "
                     "(--sprm-recalibrate-head calibrates it)")
         source = f"from {self.run.pretrained_checkpoint}, never trained" if self.run.pretrained_checkpoint else "new"
-        if self.run.sprm_calibrate_head:
+        if self.calibrates_head():
             return f"SPRM head: fresh ({source}); calibrated on iteration 1"
         return f"SPRM head: fresh ({source}); not calibrated (--no-sprm-calibrate-head)"
 
