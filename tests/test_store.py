@@ -101,3 +101,27 @@ def test_tokenizer_fingerprint_tells_vocabularies_apart():
 
     assert tokenizer_fingerprint(Tok(["a", "b"])) == tokenizer_fingerprint(Tok(["a", "b"]))
     assert tokenizer_fingerprint(Tok(["a", "b"])) != tokenizer_fingerprint(Tok(["a", "c"]))
+
+
+@pytest.mark.parametrize("name", ["qwen2", "qwen3_6"])
+def test_a_real_vocabularys_rollouts_round_trip_and_bind_the_store(tmp_path, name):
+    from helpers import QWEN_VOCABS, qwen_vocab
+    from megatron_rgm.data.store import Trajectory
+    from megatron_rgm.tokenizer import encode, prompt_ids
+
+    tok, other = (qwen_vocab(n) for n in (name, next(v for v in QWEN_VOCABS if v != name)))
+    prompt = prompt_ids(tok, "chat", "What is 7 + 5?")
+    response = encode(tok, "7 + 5 = 12.\n\n</think>\n\\boxed{12}") + [tok.convert_tokens_to_ids("<|im_end|>")]
+    ids = np.array(prompt + response)
+    assert ids.max() > 2**16  # ids past 16 bits (the chat tokens) are kept
+    n = len(ids)
+    traj = Trajectory(tokens=ids, response_mask=np.arange(n) >= len(prompt), log_probs=-np.linspace(0, 1, n),
+                      step_positions=np.array([len(prompt) + 4]), step_scores=np.array([0.75]), reward=1.0,
+                      correct=True, prompt_id=7, group_id=0)
+    fingerprint = tokenizer_fingerprint(tok)
+    RolloutStore(tmp_path / "s", "a", tokenizer=fingerprint).append(0, [traj])
+    back = RolloutStore(tmp_path / "s", "r", tokenizer=fingerprint)[0]
+    assert np.array_equal(back.tokens, ids) and np.array_equal(back.response_mask, traj.response_mask)
+    assert tok.decode(back.tokens[back.response_mask]) == "7 + 5 = 12.\n\n</think>\n\\boxed{12}<|im_end|>"
+    with pytest.raises(ConfigError, match="was written with tokenizer"):
+        RolloutStore(tmp_path / "s", "r", tokenizer=tokenizer_fingerprint(other))
