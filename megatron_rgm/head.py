@@ -79,6 +79,7 @@ def load_head(path: str | os.PathLike, hidden_size: int) -> dict[str, torch.Tens
 
 
 HEAD_CONFIG = "sprm_config.json"
+HEAD_SAFETENSORS = "sprm_head.safetensors"  # the head beside an export, in safetensors (not a model shard)
 # What a head is applied with, beside its weights: the layer it reads and which tokens end a step.
 HEAD_FIELDS = ("sprm_layer", "sprm_step_tokens", "sprm_step_rule")
 REFERENCE_HEAD = {"sprm_layer": -2, "sprm_step_tokens": [".\n\n"], "sprm_step_rule": "exact"}
@@ -109,5 +110,5 @@ def save_head(out: Path, sd: dict[str, torch.Tensor], meta: dict) -> None:
     """``score_module.pt`` (reference format), ``sprm_head.safetensors`` and ``sprm_config.json``."""
     sd = {k: sd[k].detach().cpu().contiguous() for k in HEAD_KEYS}  # the reference file's key order
     torch.save(sd, out / "score_module.pt")
-    save_file(sd, str(out / "sprm_head.safetensors"))
+    save_file(sd, str(out / HEAD_SAFETENSORS))
     (out / HEAD_CONFIG).write_text(json.dumps(meta, indent=2))

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from megatron_rgm import lazy, ops
-from megatron_rgm.config import ConfigError
-from megatron_rgm.head import SPRMHead, head_config, load_head
+from megatron_rgm.config import CHAT, ConfigError
+from megatron_rgm.head import HEAD_SAFETENSORS, SPRMHead, head_config, load_head
 from megatron_rgm.steps import StepSegmenter
-from megatron_rgm.tokenizer import load_tokenizer
+from megatron_rgm.tokenizer import encode, load_tokenizer, prompt_ids
 
 
 @dataclass
@@ -128,7 +128,7 @@ class RGMScorer:
         root = Path(path)
         if not root.is_dir():
             raise ConfigError(f"{root} is not a directory: pass an HF export written by mcore-to-hf")
-        head_file = next((root / n for n in ("sprm_head.safetensors", "score_module.pt") if (root / n).exists()), None)
+        head_file = next((root / n for n in (HEAD_SAFETENSORS, "score_module.pt") if (root / n).exists()), None)
         if head_file is None:
             raise ConfigError(f"{root} has neither score_module.pt nor sprm_head.safetensors: export with "
                               "tools/convert_checkpoint.py mcore-to-hf, or copy the head file beside the weights")
@@ -152,15 +152,35 @@ class RGMScorer:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask)
         return out.logits, head_logits(self.head, self.feature.value, step_mask)
 
-    @torch.no_grad()
     def score(self, texts: list[str]) -> list[ScoredText]:
         """Step scores and the aggregate of each text (scored one at a time: no padding effects)."""
+        self._need_tokenizer("score")
+        return self.score_ids([encode(self.tokenizer, text) for text in texts])
+
+    def score_responses(self, problems: list[str], responses: list[str],
+                        prompt_template: str = CHAT) -> list[ScoredText]:
+        """Step scores of each response to its problem, the prompt rendered as the policy saw it: the tokenizer's
+        chat template (default) or a template string (:func:`megatron_rgm.tokenizer.prompt_ids`); the response's
+        ids follow the prompt's, as a sampled response's do."""
+        self._need_tokenizer("score_responses")
+        if len(problems) != len(responses):
+            raise ConfigError(f"score_responses got {len(problems)} problems and {len(responses)} responses: pass "
+                              "one problem per response")
+        return self.score_ids([prompt_ids(self.tokenizer, prompt_template, p) + encode(self.tokenizer, r)
+                               for p, r in zip(problems, responses)])
+
+    def _need_tokenizer(self, call: str) -> None:
         if self.segmenter is None:
-            raise ConfigError("RGMScorer.score needs a tokenizer: pass one or use step_logits on token ids")
+            raise ConfigError(f"RGMScorer.{call} needs a tokenizer: pass one, or use score_ids / step_logits on ids")
+
+    @torch.no_grad()
+    def score_ids(self, sequences: list[list[int]]) -> list[ScoredText]:
+        """Step scores and the aggregate of each token-id sequence (one at a time: no padding effects)."""
+        self._need_tokenizer("score_ids")
         results = []
         device = next(self.model.parameters()).device
-        for text in texts:
-            ids = torch.tensor([self.tokenizer.encode(text, add_special_tokens=False)], device=device)
+        for seq in sequences:
+            ids = torch.tensor([list(seq)], device=device)
             layout = self.segmenter(ids)
             _, logits = self.step_logits(ids, layout.mask)
             agg = ops.segment_aggregate(logits.cpu(), layout.cu_steps.cpu(), self.aggregation)

@@ -53,3 +53,29 @@ def test_template_checks():
     assert DataConfig(prompt_template="chat").prompt_template == "chat"
     with pytest.raises(ConfigError, match="has no {problem} field.*'chat'"):
         DataConfig(prompt_template="Q:")
+
+
+def test_the_hf_scorer_scores_a_response_behind_its_chat_prompt():
+    import torch
+    import transformers
+
+    from megatron_rgm.head import SPRMHead
+    from megatron_rgm.hf import RGMScorer
+    from megatron_rgm.tokenizer import encode
+
+    tok = qwen_vocab("qwen2")
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=256))
+    scorer = RGMScorer(model, SPRMHead(32, 2, 0.0), tok)
+    response = "7 + 5 = 12.\n\nSo the sum is 12.\n\n</think>\n\\boxed{12}"
+    chat = scorer.score_responses([PROBLEM], [response])[0]
+    by_hand = encode(tok, "<|im_start|>user\nWhat is 7 + 5?<|im_end|>\n<|im_start|>assistant\n<think>\n")
+    assert chat == scorer.score_ids([by_hand + encode(tok, response)])[0]
+    assert len(chat.step_scores) == 2 and chat.step_positions[0] > len(by_hand)
+    plain = scorer.score_responses([PROBLEM], [response], prompt_template=PROMPT_TEMPLATE)[0]
+    assert plain.step_positions == [p - len(by_hand) + len(prompt_ids(tok, PROMPT_TEMPLATE, PROBLEM))
+                                    for p in chat.step_positions]
+    with pytest.raises(ConfigError, match="got 2 problems and 1 responses"):
+        scorer.score_responses([PROBLEM, PROBLEM], [response])
