@@ -38,14 +38,10 @@ if [ "$PRESET" = tiny ]; then
 fi
 
 # The paper's hyper-parameters: policy lr 1e-6, head lr 1e-5, k=8 at T=0.6, clip 0.2, KL 0.001 (low-var),
-# entropy 0.001; responses of 8k tokens (32k for the 32B policies).
-RESPONSE=8192
-case "$PRESET" in
-    qwq-32b|qwen3-32b) RESPONSE=32768 ;;
-esac
+# entropy 0.001; the preset sets the response length (8k tokens, 32k for the 32B policies).
 PRESET_FLAGS=(--preset "$PRESET" --lr 1e-6 --sprm-lr 1e-5 --grpo-group-size 8 --rollout-temperature 0.6
               --rollout-top-p 0.95 --grpo-clip-low 0.2 --grpo-clip-high 0.2 --grpo-kl-coef 0.001
-              --grpo-entropy-coef 0.001 --max-response-length "$RESPONSE" --sprm-backbone-grad-scale 1e-4)
+              --grpo-entropy-coef 0.001 --sprm-backbone-grad-scale 1e-4)
 
 echo "megatron-rgm: preset=$PRESET nnodes=$NNODES nproc_per_node=$NPROC"
 exec "$PYTHON" -m torch.distributed.run \

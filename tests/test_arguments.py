@@ -18,6 +18,13 @@ def test_preset_sets_geometry_and_flags_override_it():
     assert args.transformer.num_layers == 8 and args.rgm.sprm_layer == -3
 
 
+def test_presets_set_the_papers_response_length():
+    lengths = {name: parse_args(["--preset", name]).data.max_response_length
+               for name in ("tiny", "r1-distill-qwen-7b", "qwq-32b")}
+    assert lengths == {"tiny": 256, "r1-distill-qwen-7b": 8192, "qwq-32b": 32768}
+    assert parse_args(["--preset", "qwq-32b", "--max-response-length", "100"]).data.max_response_length == 100
+
+
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_every_preset_validates(name):
     args = parse_args(["--preset", name])

@@ -414,6 +414,12 @@ def test_k_below_one(export, tmp_path, prompts, capsys):
     scorer = RGMScorer.from_pretrained(str(export))
     sampler = HFSampler(scorer, scorer.tokenizer, scorer.segmenter)
     raises(lambda: sampler.generate([5, 6], 0, SamplingParams()), "k (samples per prompt) must be >= 1")
+    # The default budget is every position the prompt leaves: a prompt that leaves none is refused, by name.
+    limit = sampler.position_limit
+    raises(lambda: sampler.generate([5] * limit, 1, SamplingParams()),
+           f"prompt ({limit} tokens) + max_new_tokens (1) exceeds the model's {limit} positions")
+    r = sampler.generate([5] * (limit - 3), 2, SamplingParams(temperature=0.0))  # no EOS: to the last position
+    assert r.tokens.shape[1] == limit and r.lengths.tolist() == [limit, limit]
 
 
 def test_bon_at_k_with_fewer_than_k_samples_writes_no_output(tmp_path, capsys):

@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from helpers import REPO, clean_env, tool, torchrun
-from megatron_rgm.config import AGGREGATIONS, ConfigError
+from megatron_rgm.config import AGGREGATIONS, PROMPT_TEMPLATE, ConfigError
 from megatron_rgm.inference import BestOfN, BestOfNConfig, choose
 from megatron_rgm.rollout.sampler import Rollout, SamplingParams
+from megatron_rgm.rollout.sampling import RESPONSE_BUDGET
 
 # --- a scripted sampler: the logic with known scores and gradable answers -------------------------------------
 
@@ -120,6 +121,21 @@ def test_the_chosen_trajectory_is_continued_and_graded():
     bon, _ = scripted(aggregation="last")  # picks candidate 2 (answer 5): wrong
     r = bon.solve(PROBLEM, 0)
     assert r["chosen"] == 2 and r["prediction"] == "5" and r["correct"] is False
+
+
+def test_budgets_and_penalty_default_to_the_model_and_the_reference():
+    bon, sampler = scripted(aggregation="min")
+    assert (bon.cfg.sampling.max_new_tokens, bon.cfg.answer_max_new_tokens) == (None, None)
+    assert bon.cfg.sampling.repetition_penalty == 1.05  # the reference's Best-of-N sampling; training's is 1
+    record = bon.solve(PROBLEM, 0)
+    answered = sampler.calls[1]  # the chosen trajectory's answer: every position it leaves
+    chosen = len(CharTokenizer().encode(PROMPT_TEMPLATE.format(problem=PROBLEM["problem"]) +
+                                        record["candidates"][1]["text"]))
+    assert answered.max_new_tokens == ScriptedSampler.position_limit - chosen
+    assert answered.repetition_penalty == 1.05
+    # Every position left, up to the paper's 32k: a 131k-position model does not reserve 131k per sample.
+    assert SamplingParams().budget(100, 1000) == 900 and SamplingParams(max_new_tokens=7).budget(100, 1000) == 7
+    assert SamplingParams().budget(100, 131072) == RESPONSE_BUDGET == 32768
 
 
 def test_complete_all_answers_every_candidate_and_keeps_an_eos_one():

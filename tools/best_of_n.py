@@ -23,7 +23,7 @@ from megatron_rgm.config import ConfigError, ModelSource, PromptFileConfig, run_
 
 def main(argv=None) -> int:
     from megatron_rgm.inference.best_of_n import BestOfNConfig
-    from megatron_rgm.rollout.sampling import SamplingParams
+    from megatron_rgm.rollout.sampling import BEST_OF_N_PENALTY, SamplingParams
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     cli.add_arguments(p, PromptFileConfig, "prompts")
@@ -32,6 +32,7 @@ def main(argv=None) -> int:
     cli.add_arguments(p, BestOfNConfig, "Best-of-N")
     # The thinking's sampling; its stop string is --think-end.
     cli.add_arguments(p, SamplingParams, "sampling", only=lambda name: name != "stop_strings")
+    p.set_defaults(repetition_penalty=BEST_OF_N_PENALTY)  # the reference's Best-of-N sampling (training's is 1)
     a = p.parse_args(argv)
 
     def body():

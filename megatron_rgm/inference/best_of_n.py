@@ -52,6 +52,7 @@ from megatron_rgm.rollout.generate import (
 from megatron_rgm.rollout.rewards import CORRECT, VERIFIERS, last_boxed, make_verifier
 from megatron_rgm.rollout.hf_sampler import HFSampler
 from megatron_rgm.rollout.sampler import Rollout, Sampler, SamplingParams
+from megatron_rgm.rollout.sampling import BEST_OF_N_PENALTY, RESPONSE_BUDGET, room
 from megatron_rgm.steps import StepSegmenter
 from megatron_rgm.tokenizer import load_tokenizer, prompt_ids
 
@@ -73,7 +74,7 @@ class BestOfNConfig:
         aggregation: geometric | arithmetic | product | min | last.
         sampling: decoding of the thinking phase (``think_end`` is added to its stop strings).
         think_end: the string that closes the thinking (``think`` mode).
-        answer_max_new_tokens: token budget of the answer (``think`` mode).
+        answer_max_new_tokens: token budget of the answer (``think`` mode; None: every position left).
         answer_temperature: 0: greedy answer.
         complete_all: answer (``think`` mode) and grade every candidate, not only the chosen one.
         verifier: math | exact.
@@ -85,9 +86,11 @@ class BestOfNConfig:
                        "(the reference's): sample whole responses, score each whole, grade the chosen one's own answer",
                        choices=BON_MODES, flag="--bon-mode")
     aggregation: str = option("geometric", f"how step scores become a trajectory's score: {' | '.join(AGGREGATIONS)}")
-    sampling: SamplingParams = option(default_factory=SamplingParams, cli=False)
+    sampling: SamplingParams = option(default_factory=lambda: SamplingParams(repetition_penalty=BEST_OF_N_PENALTY),
+                                      cli=False)
     think_end: str = option(THINK_END, "stop string that ends the thinking")
-    answer_max_new_tokens: int = option(64)
+    answer_max_new_tokens: int | None = option(None, "token budget of the chosen trajectory's answer (default: "
+                                               f"every position the trajectory leaves, at most {RESPONSE_BUDGET})")
     answer_temperature: float = option(0.0, "0: greedy answer")
     complete_all: bool = option(False, "answer and grade every candidate, not only the chosen")
     verifier: str = option("math", cli=False)  # the prompts' (PromptFileConfig)
@@ -100,7 +103,7 @@ class BestOfNConfig:
             raise ConfigError(f"--bon-mode {self.mode!r} is unknown: use one of {', '.join(BON_MODES)}")
         if self.aggregation not in AGGREGATIONS:
             raise ConfigError(f"--aggregation {self.aggregation!r} is unknown: use one of {', '.join(AGGREGATIONS)}")
-        if self.answer_max_new_tokens < 1:
+        if self.answer_max_new_tokens is not None and self.answer_max_new_tokens < 1:
             raise ConfigError(f"--answer-max-new-tokens must be >= 1, got {self.answer_max_new_tokens}")
         if self.answer_temperature < 0:
             raise ConfigError(f"--answer-temperature must be >= 0, got {self.answer_temperature}")
@@ -175,7 +178,8 @@ class BestOfN:
 
     def _complete(self, ids: list[int], seed: int) -> list[int]:
         """``ids`` (prompt + thinking) continued to the answer: eos or the answer budget (within the positions)."""
-        budget = min(self.cfg.answer_max_new_tokens, self.limit - len(ids))
+        left = room(len(ids), self.limit)
+        budget = left if self.cfg.answer_max_new_tokens is None else min(self.cfg.answer_max_new_tokens, left)
         if budget < 1:
             return ids
         s = self.cfg.sampling

@@ -70,8 +70,15 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# The paper's rollout length for each policy (--max-response-length): 8k-token responses, 32k for the 32B
+# policies. The tiny preset keeps DataConfig's default, its sequence length.
+RESPONSE_LENGTH = {"deepscaler-1.5b": 8192, "qwen2.5-1.5b": 8192, "r1-distill-qwen-7b": 8192, "qwen2.5-7b": 8192,
+                   "qwq-32b": 32768, "qwen3-32b": 32768}
+
+
 def preset(name: str) -> dict:
-    """A copy of the named preset's flag defaults (``dest`` names)."""
+    """A copy of the named preset's flag defaults (``dest`` names): its geometry and its rollout length."""
     if name not in PRESETS:
         raise ConfigError(f"unknown --preset {name!r}: choose one of {', '.join(PRESETS)}")
-    return dict(PRESETS[name])
+    lengths = {"max_response_length": RESPONSE_LENGTH[name]} if name in RESPONSE_LENGTH else {}
+    return {**PRESETS[name], **lengths}

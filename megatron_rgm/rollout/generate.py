@@ -45,17 +45,21 @@ def _trajectories(tokens, prompt_len, lengths, log_probs, step_mask, step_logits
     return out
 
 
-def check_prompt_lengths(tokenizer, prompts: list[dict], template: str, max_new_tokens: int, limit: int) -> None:
-    """Raise, naming the first prompt that with ``max_new_tokens`` does not fit the model's ``limit`` positions.
+def check_prompt_lengths(tokenizer, prompts: list[dict], template: str, max_new_tokens: int | None,
+                         limit: int) -> None:
+    """Raise, naming the first prompt that with ``max_new_tokens`` (None: at least one) does not fit the model's
+    ``limit`` positions.
 
     Run before the store is opened, so a run that would stop at a long prompt writes nothing.
     """
+    new = max_new_tokens if max_new_tokens is not None else 1
     for n, prompt in enumerate(prompts, 1):
         length = len(prompt_ids(tokenizer, template, prompt["problem"]))
-        if length + max_new_tokens > limit:
+        if length + new > limit:
+            asked = f"--max-new-tokens {new}" if max_new_tokens is not None else "a single new token"
             raise ConfigError(f"prompt {prompt.get('id', n - 1)} (record {n}) has {length} tokens: with "
-                              f"--max-new-tokens {max_new_tokens} it needs {length + max_new_tokens} positions, more "
-                              f"than the model's {limit}: shorten or drop that prompt, or lower --max-new-tokens")
+                              f"{asked} it needs {length + new} positions, more than the model's {limit}: shorten "
+                              "or drop that prompt, or lower --max-new-tokens")
 
 
 def _sample_prompts(sampler, tokenizer, todo: list[tuple[int, dict]], k: int, params: SamplingParams,

@@ -191,12 +191,12 @@ class Sampler:
             raise ConfigError(f"k (samples per prompt) must be >= 1, got {num_samples}")
         if not prompt_ids:
             raise ConfigError("empty prompt: give at least one token")
-        max_len = len(prompt_ids) + params.max_new_tokens
         limit = self.model.max_sequence_length
-        if max_len > limit:
-            raise ConfigError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) "
-                              f"exceeds the model's {limit} positions: shorten the prompt or lower max_new_tokens")
-        return max_len
+        new = params.budget(len(prompt_ids), limit)
+        if new < 1 or len(prompt_ids) + new > limit:
+            raise ConfigError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max(new, 1)}) exceeds the "
+                              f"model's {limit} positions: shorten the prompt or lower max_new_tokens")
+        return len(prompt_ids) + new
 
     def _forward_at(self, batch: _Batch, t: int, context, share: bool):
         """The forward that predicts position ``t``: one decode step, the shared prompt's prefill, or everything

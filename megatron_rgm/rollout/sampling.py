@@ -18,26 +18,47 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
+BEST_OF_N_PENALTY = 1.05  # the reference's repetition penalty when it samples Best-of-N candidates
+# The most new tokens a sample gets by default: the reference's Best-of-N budget and the paper's response length.
+# A model with more positions (131k for R1-Distill) would otherwise reserve a KV cache of that length per sample.
+RESPONSE_BUDGET = 32768
+
+
+def room(length: int, limit: int) -> int:
+    """The default budget of new tokens after ``length`` tokens in ``limit`` positions (< 1: there is none)."""
+    return min(limit - length, RESPONSE_BUDGET)
+
+
 @dataclass
 class SamplingParams:
-    """Decoding options (the reference samples at T=0.6, top-p 0.95, repetition penalty 1.05)."""
+    """Decoding options. The defaults are the reference's for its Qwen-family policies (T=0.6, top-p 0.95) and a
+    budget sized from the model: every position the prompt leaves, up to the paper's 32k (:data:`RESPONSE_BUDGET`),
+    not a number chosen for a toy. No repetition penalty by default: rollouts that train keep the
+    policy's own distribution (their log-probs are the old policy's); Best-of-N samples with the reference's
+    1.05 (:data:`BEST_OF_N_PENALTY`)."""
 
     temperature: float = option(0.6, "0: greedy")
     top_p: float = option(0.95)
     top_k: int = option(0, "0: off")
-    repetition_penalty: float = option(1.0)
-    max_new_tokens: int = option(256, "new tokens per sample")
+    repetition_penalty: float = option(1.0, "1: off")
+    max_new_tokens: int | None = option(None, "new tokens per sample (default: every position of the model the "
+                                        f"prompt leaves, at most {RESPONSE_BUDGET})")
     eos_token_ids: list[int] = option(default_factory=list, cli=False)  # the tokenizer's EOS, set by the caller
     stop_strings: list[str] = option(help="strings that end a sample (escapes such as \\n are decoded)",
                                      default_factory=list, flag="--stop", parse=decode_escapes)
     seed: int = option(0)
+
+    def budget(self, prompt_length: int, limit: int) -> int:
+        """New tokens a prompt of ``prompt_length`` gets within the model's ``limit`` positions (may be < 1:
+        the caller refuses that)."""
+        return self.max_new_tokens if self.max_new_tokens is not None else room(prompt_length, limit)
 
     def __post_init__(self):
         if self.temperature < 0:
             raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.max_new_tokens < 1:
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.repetition_penalty <= 0:
             raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
