@@ -13,6 +13,9 @@ INSTALL_REQUIRES = [
     # 0.16.1 is the newest for Python 3.11; 0.19.x on 3.12. Both are tested (.ci/run); 0.20 is not yet.
     "megatron-core>=0.16.1,<0.20",
     "sentencepiece>=0.2",
+    # The export of a sentencepiece tokenizer as tokenizer.json reads the model's proto and builds a fast tokenizer.
+    "protobuf>=3.20",
+    "tokenizers>=0.20",
     "zarr>=3",
     "safetensors>=0.4",
     "tqdm>=4.60",

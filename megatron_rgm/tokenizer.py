@@ -77,7 +77,8 @@ class SentencePieceTokenizer:
             shutil.copy2(self.model_file, out / SP_FILE)
 
 
-def _is_sentencepiece_dir(path: Path) -> bool:
+def is_sentencepiece_dir(path: Path) -> bool:
+    """A directory whose tokenizer is a sentencepiece model alone (no HF tokenizer files beside it)."""
     return (path / SP_FILE).exists() and not any(
         (path / n).exists() for n in ("tokenizer.json", "tokenizer_config.json"))
 
@@ -97,7 +98,7 @@ def load_tokenizer(path: str | Path) -> Any:
             raise ConfigError(f"tokenizer file {p} is not a sentencepiece .model: pass the model file or the "
                               "directory of an HF tokenizer")
         return SentencePieceTokenizer(p)
-    if _is_sentencepiece_dir(p):
+    if is_sentencepiece_dir(p):
         return SentencePieceTokenizer(p / SP_FILE)
     transformers = lazy.load("transformers", f"the tokenizer {p} (not a sentencepiece model)")
     try:

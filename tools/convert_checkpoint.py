@@ -7,7 +7,7 @@
 
 import argparse
 
-from megatron_rgm.config import run_tool
+from megatron_rgm.config import decode_escapes, run_tool
 
 
 def main(argv=None) -> int:
@@ -27,6 +27,9 @@ def main(argv=None) -> int:
     b.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     b.add_argument("--vocab-size", type=int, help="the tokenizer's vocabulary, for a checkpoint that records only "
                    "the padded one (Megatron-LM's, with an HF tokenizer)")
+    b.add_argument("--prompt-template", type=decode_escapes,
+                   help="for a sentencepiece tokenizer: the template the export's chat template renders (escapes "
+                   "such as \\n decoded; default: the one the run recorded)")
     c = sub.add_parser("verify", help="run both and report max abs differences")
     c.add_argument("--hf-path", required=True)
     c.add_argument("--mcore-path", required=True)
@@ -43,7 +46,7 @@ def main(argv=None) -> int:
             convert.hf_to_mcore(args.hf_path, args.output, args.tp, args.pp, args.sprm_head,
                                 args.make_vocab_size_divisible_by, args.seed)
         elif args.cmd == "mcore-to-hf":
-            convert.mcore_to_hf(args.mcore_path, args.output, args.dtype, args.vocab_size)
+            convert.mcore_to_hf(args.mcore_path, args.output, args.dtype, args.vocab_size, args.prompt_template)
         else:
             verify(args.hf_path, args.mcore_path, args.tp, args.pp, args.batches, args.json)
 

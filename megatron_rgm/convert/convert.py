@@ -29,14 +29,16 @@ from megatron.core.dist_checkpointing import ShardedTensor
 from megatron_rgm import distributed
 from megatron_rgm.arguments import rebuild_args
 from megatron_rgm.checkpoint import ASSETS, publish, save_checkpoint
-from megatron_rgm.config import ConfigError, RGMConfig
+from megatron_rgm.config import PROMPT_TEMPLATE, ConfigError, RGMConfig, check_template
 from megatron_rgm.convert.hf_io import HFCheckpoint, ShardWriter, copy_tokenizer_files
 from megatron_rgm.convert.mapping import (
     CKPT_KEY_ALIASES,
     HFArch,
+    as_llama,
     hf_config_from_args,
     hf_tensors,
 )
+from megatron_rgm.convert.serving import chat_template, complete_export
 from megatron_rgm.convert.slices import megatron_shard
 from megatron_rgm.convert.stream_save import (
     StreamingSaveStrategy,
@@ -48,6 +50,7 @@ from megatron_rgm.launch import run_ranks
 from megatron_rgm.model import build_model
 from megatron_rgm.model.load import HEAD_TRAINED, CheckpointModel, describe_checkpoint
 from megatron_rgm.model.state import global_name, partition
+from megatron_rgm.tokenizer import is_sentencepiece_dir
 
 
 def _say(msg: str) -> None:
@@ -110,6 +113,12 @@ def hf_to_mcore(hf_path: str, output: str, tp: int = 1, pp: int = 1, head_file: 
     """Convert an HF directory to a Megatron dist checkpoint with the SPRM head."""
     hf = HFCheckpoint(hf_path)
     hf.validate()
+    if hf.arch.o_bias:  # RGMModel biases q/k/v only: a Llama's o_proj bias converts when it is zero
+        for i in range(hf.arch.num_layers):
+            if torch.count_nonzero(hf.get(f"model.layers.{i}.self_attn.o_proj.bias")):
+                raise ConfigError(f"{hf_path}: layer {i}'s self_attn.o_proj.bias is not zero (attention_bias: "
+                                  "true): megatron-rgm's attention has biases on q, k and v only, so this model "
+                                  "cannot be converted without changing it")
     head = imported_head(head_file, hf.arch.hidden_size)  # a bad head file is refused before anything is written
     out = Path(output)
     if out.exists() and any(out.iterdir()):
@@ -163,12 +172,16 @@ def export_config(checkpoint: CheckpointModel) -> dict:
     return config
 
 
-def _mcore_to_hf_rank(mcore_path: str, output: str, dtype: str | None, vocab_size: int | None) -> None:
+def _mcore_to_hf_rank(mcore_path: str, output: str, dtype: str | None, vocab_size: int | None,
+                      prompt_template: str | None) -> None:
     distributed.initialize(distributed.ParallelConfig())
     root = Path(mcore_path)
     source = describe_checkpoint(root).with_vocab_size(vocab_size)
     ckpt = source.directory
-    arch = HFArch.from_config(export_config(source))
+    config = export_config(source)
+    if is_sentencepiece_dir(root / ASSETS) and HFArch.from_config(config).kind == "qwen2":
+        config = as_llama(config)
+    arch = HFArch.from_config(config)
     meta = dist_checkpointing.load_tensors_metadata(str(ckpt))
     out = Path(output)
     tmp = out.with_name(out.name + ".tmp")
@@ -209,6 +222,7 @@ def _mcore_to_hf_rank(mcore_path: str, output: str, dtype: str | None, vocab_siz
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
     if (root / ASSETS).is_dir():
         copy_tokenizer_files(root / ASSETS, tmp)
+        complete_export(tmp, prompt_template or source.prompt_template or PROMPT_TEMPLATE)
     if set(head) == set(HEAD_KEYS):
         save_head(tmp, head, {**head_flags(source.sprm), "hidden_size": arch.hidden_size,
                               "hidden_mult": head["0.weight"].shape[0] // arch.hidden_size})
@@ -217,15 +231,24 @@ def _mcore_to_hf_rank(mcore_path: str, output: str, dtype: str | None, vocab_siz
     print(f"wrote {out} ({len(writer.files)} safetensors shards{', SPRM head' if head else ''})", flush=True)
 
 
-def mcore_to_hf(mcore_path: str, output: str, dtype: str | None = None, vocab_size: int | None = None) -> None:
-    """Export a Megatron dist checkpoint (ours or Megatron-LM's) to an HF directory plus ``score_module.pt``.
+def mcore_to_hf(mcore_path: str, output: str, dtype: str | None = None, vocab_size: int | None = None,
+                prompt_template: str | None = None) -> None:
+    """Export a Megatron dist checkpoint (ours or Megatron-LM's) to an HF directory plus ``score_module.pt``,
+    with the files serving needs (:mod:`.serving`).
 
     Args:
         vocab_size: the real vocabulary, for a checkpoint that records only the padded one (Megatron-LM's).
+        prompt_template: the template the export's chat template reproduces, for a sentencepiece tokenizer
+            (default: the one the run recorded, else the project's).
     """
     if not Path(mcore_path).exists():
         raise ConfigError(f"--mcore-path {mcore_path} does not exist")
     if dtype and dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"--dtype {dtype!r}: use float32, bfloat16 or float16")
-    export_config(describe_checkpoint(mcore_path).with_vocab_size(vocab_size))  # refusals before a rank starts
-    run_ranks(_mcore_to_hf_rank, 1, str(mcore_path), str(output), dtype, vocab_size)
+    source = describe_checkpoint(mcore_path).with_vocab_size(vocab_size)
+    export_config(source)  # refusals before a rank starts
+    if prompt_template is not None:
+        check_template(prompt_template)
+    if is_sentencepiece_dir(Path(mcore_path) / ASSETS):
+        chat_template(prompt_template or source.prompt_template or PROMPT_TEMPLATE)
+    run_ranks(_mcore_to_hf_rank, 1, str(mcore_path), str(output), dtype, vocab_size, prompt_template)

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from megatron_rgm.config import ConfigError
 from megatron_rgm.convert.mapping import HFArch
+from megatron_rgm.head import HEAD_SAFETENSORS
 
 # transformers 5 writes the chat template beside tokenizer_config.json (chat_template.jinja), 4.x inside it.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
@@ -61,7 +62,7 @@ class HFCheckpoint:
         self.arch = HFArch.from_config(cfg, str(cfg_file))
         # Tensors are read with plain file reads rather than a memory map: pages of a
         # mapped file stay in the process's resident set, which defeats streaming.
-        files = sorted(self.path.glob("*.safetensors"))
+        files = sorted(f for f in self.path.glob("*.safetensors") if f.name != HEAD_SAFETENSORS)  # the head: not weights
         if not files:
             raise ConfigError(f"--hf-path {self.path} holds no *.safetensors weights (pytorch_model.bin is not "
                               "read: it would unpickle code); convert it to safetensors first")

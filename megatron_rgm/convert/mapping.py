@@ -39,6 +39,7 @@ class HFArch:
     norm_eps: float
     qkv_bias: bool
     qk_norm: bool
+    o_bias: bool  # Llama's attention_bias also biases o_proj: RGMModel has none, so it must be zero (checked)
     tied: bool
     max_position_embeddings: int
     dtype: str  # float32 | bfloat16 | float16: the Megatron model is built in the checkpoint's dtype
@@ -71,6 +72,7 @@ class HFArch:
             norm_eps=cfg.get("rms_norm_eps", 1e-6),
             qkv_bias=kind == "qwen2" or bool(cfg.get("attention_bias", False)),
             qk_norm=kind == "qwen3",
+            o_bias=kind == "llama" and bool(cfg.get("attention_bias", False)),
             tied=bool(cfg.get("tie_word_embeddings", False)),
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
@@ -111,6 +113,8 @@ class HFArch:
                 names.update({p + "self_attn.q_proj.bias": (self.num_heads * hd,),
                               p + "self_attn.k_proj.bias": (self.num_kv_heads * hd,),
                               p + "self_attn.v_proj.bias": (self.num_kv_heads * hd,)})
+            if self.o_bias:
+                names[p + "self_attn.o_proj.bias"] = (h,)
             if self.qk_norm:
                 names.update({p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)})
         return names
@@ -187,6 +191,8 @@ def hf_tensors(name: str, tensor: torch.Tensor, arch: HFArch) -> dict[str, torch
     if not m:
         raise KeyError(f"no HF name for Megatron tensor {name}")
     p, rest = f"model.layers.{m.group(1)}.", m.group(2)
+    if rest == "self_attention.linear_proj.weight" and arch.o_bias:
+        return {p + "self_attn.o_proj.weight": tensor, p + "self_attn.o_proj.bias": tensor.new_zeros(tensor.shape[0])}
     if rest in SAME_NAMES:
         return {p + SAME_NAMES[rest]: tensor}
     if rest in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
@@ -197,6 +203,16 @@ def hf_tensors(name: str, tensor: torch.Tensor, arch: HFArch) -> dict[str, torch
         gate, up = tensor.chunk(2)
         return {p + "mlp.gate_proj.weight": gate.contiguous(), p + "mlp.up_proj.weight": up.contiguous()}
     raise KeyError(f"no HF name for Megatron tensor {name}")
+
+
+def as_llama(config: dict) -> dict:
+    """A Qwen2 ``config.json`` as the equal Llama: ``attention_bias`` (q/k/v and o_proj), the o_proj bias zero
+    (:func:`hf_tensors` writes it). How a Qwen2-geometry model with a tokenizer other than Qwen2's byte-level BPE
+    is exported: transformers 5 loads every ``qwen2`` model's tokenizer as ``Qwen2Tokenizer``, which rebuilds a
+    byte-level pipeline whatever ``tokenizer.json`` says, while a Llama's ``tokenizer.json`` is read as written."""
+    out = {**config, "architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": True,
+           "mlp_bias": False}
+    return out
 
 
 # Checkpoint keys of norms fused into the next linear (megatron's TE-compatible naming) -> model names.

@@ -63,6 +63,8 @@ _BOOLS = ("add_qkv_bias", "qk_layernorm", "swiglu", "untie_embeddings_and_output
 # The common-state key that says whether the head in a checkpoint was trained (a trained head is never calibrated
 # again unless asked: ``--sprm-recalibrate-head``).
 HEAD_TRAINED = "sprm_head_trained"
+# The common-state key of the prompt template the run rendered problems with (the export's chat template).
+PROMPT_KEY = "prompt_template"
 _UNRECORDED_RULE = {"sprm_step_rule": UNRECORDED_RULE}
 
 
@@ -82,6 +84,7 @@ class CheckpointModel:
     has_head: bool
     notes: tuple[str, ...] = field(default=())  # what the translation of a foreign checkpoint left out, named
     head_trained: bool = False  # the head was trained (or imported trained), not freshly initialised
+    prompt_template: str | None = None  # how the run rendered a problem, when recorded
 
     def args(self, tp: int = 1, pp: int = 1):
         """:class:`megatron_rgm.arguments.Args` that rebuild the model at ``tp`` x ``pp`` (the same padded rows)."""
@@ -204,7 +207,7 @@ def describe_checkpoint(path: str | Path, iteration: int | None = None) -> Check
     if ("model" in extra or "model_argv" in extra) and "padded_vocab_size" in extra:  # ours: training, hf-to-mcore
         return CheckpointModel(directory, root, it, "megatron-rgm", *_recorded(extra, directory),
                                int(extra["padded_vocab_size"]), vocab, hf_config, has_head,
-                               head_trained=_head_trained(extra, has_head))
+                               head_trained=_head_trained(extra, has_head), prompt_template=extra.get(PROMPT_KEY))
     # Megatron-LM's save_checkpoint, or ours called from a Megatron-LM script (its args describe the model).
     args = common.get("args")
     if args is None:
@@ -218,7 +221,8 @@ def describe_checkpoint(path: str | Path, iteration: int | None = None) -> Check
     # A head in a Megatron-LM checkpoint was trained by its loop with our loss (add_rgm_args), unless we wrote it.
     trained = _head_trained(extra, has_head) if extra else has_head
     return CheckpointModel(directory, root, it, source, model, sprm, int(args.padded_vocab_size),
-                           int(vocab) if vocab else None, hf_config, has_head, tuple(notes), trained)
+                           int(vocab) if vocab else None, hf_config, has_head, tuple(notes), trained,
+                           extra.get(PROMPT_KEY))
 
 
 def recorded_geometry(path: str | Path) -> tuple[ModelConfig, RGMConfig | None]:

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from megatron_rgm.checkpoint import ASSETS, publish, save_checkpoint
 from megatron_rgm.convert.mapping import hf_config_from_args
-from megatron_rgm.model.load import HEAD_TRAINED
+from megatron_rgm.model.load import HEAD_TRAINED, PROMPT_KEY
 
 
 def save_run(args, iteration: int, model: list, optimizer, tokenizer, vocab: int, samples_per_iteration: int,
@@ -22,7 +22,7 @@ def save_run(args, iteration: int, model: list, optimizer, tokenizer, vocab: int
     """Save ``model`` and ``optimizer`` at ``iteration`` under ``--save``. Collective."""
     hf_config = hf_config_from_args(args, vocab)
     extra = {**args.model_record(), "stage": args.run.stage, "padded_vocab_size": args.vocab_size,
-             "vocab_size": vocab, HEAD_TRAINED: head_trained}
+             "vocab_size": vocab, HEAD_TRAINED: head_trained, PROMPT_KEY: args.data.prompt_template}
     if hf_config is not None:
         extra["hf_config"] = hf_config
     # Megatron-LM counts consumed samples (and its scheduler's steps) as iteration x global batch.
