@@ -105,7 +105,8 @@ class Args:
 # Everything else (sequence length, precision, recompute, dropout, FP8) stays the run's own choice.
 GEOMETRY = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
             "kv_channels", "vocab_size", "make_vocab_size_divisible_by", "max_position_embeddings", "normalization",
-            "norm_epsilon", "position_embedding_type", "rotary_base", "add_qkv_bias", "qk_layernorm", "swiglu",
+            "norm_epsilon", "position_embedding_type", "rotary_base", "use_rope_scaling", "rope_scaling_factor",
+            "rotary_seq_len_interpolation_factor", "add_qkv_bias", "qk_layernorm", "swiglu",
             "disable_bias_linear", "untie_embeddings_and_output_weights")
 HEAD_GEOMETRY = (*HEAD_FIELDS, "sprm_hidden_mult")  # its layer, width and step rule
 _UNSET = object()

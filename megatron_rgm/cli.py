@@ -12,7 +12,10 @@ import argparse
 import dataclasses
 import types
 import typing
+from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
+
+from megatron_rgm.config import ConfigError, check_template, option, template_option, verifier_option
 
 T = TypeVar("T")
 
@@ -87,3 +90,43 @@ def from_namespace(cls: type[T], ns: argparse.Namespace, only: Callable[[str], b
         values[f.name] = value
     values.update(overrides)
     return cls(**values)
+
+
+# --- flag groups the tools share (generate_rollouts, best_of_n) ------------------------------------------------
+
+@dataclass
+class PromptFileConfig:
+    """A tool's prompts: the file, which fields hold problem and answer, the template, the grading."""
+
+    prompts: str | None = option(None, "a known benchmark file or any jsonl (--problem-key/--answer-key)",
+                                 required=True)
+    problem_key: str | None = option(None, "problem field (default: problem / prompt / question)")
+    answer_key: str | None = option(None, "gold-answer field (omit with --problem-key for a file without them)")
+    limit: int | None = option(None, "the first N prompts only")
+    prompt_template: str = template_option()
+    verifier: str = verifier_option()
+
+    def __post_init__(self) -> None:
+        check_template(self.prompt_template)
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"--limit must be >= 1, got {self.limit}")
+
+
+@dataclass
+class ModelSource:
+    """Which model a tool runs: a Megatron checkpoint at a layout, or an HF export."""
+
+    backend: str = option("megatron", choices=("megatron", "hf"))
+    mcore_path: str | None = option(None, "Megatron checkpoint (hf-to-mcore, --save, or Megatron-LM's)")
+    hf_path: str | None = option(None, "HF export with score_module.pt (mcore-to-hf)")
+    tokenizer: str | None = option(None, "sentencepiece .model or HF tokenizer directory (default: the checkpoint's)")
+    tp: int = option(1, "tensor-parallel size (megatron backend)")
+    pp: int = option(1, "pipeline-parallel size (megatron backend)")
+
+    def __post_init__(self) -> None:
+        if self.backend == "hf" and not self.hf_path:
+            raise ConfigError("--backend hf needs --hf-path (an export written by mcore-to-hf)")
+        if self.backend == "megatron" and not self.mcore_path:
+            raise ConfigError("--backend megatron needs --mcore-path (a checkpoint written by hf-to-mcore or --save)")
+        if self.tp < 1 or self.pp < 1:
+            raise ConfigError(f"--tp and --pp must be >= 1, got {self.tp} and {self.pp}")

@@ -105,6 +105,14 @@ class ModelConfig:
     norm_epsilon: float = option(1e-5)
     position_embedding_type: str = option("rope", choices=("rope", "learned_absolute"))
     rotary_base: int = option(10000)
+    # RoPE scaling as megatron-core builds it: Llama 3.x's (frequencies below 8192 original positions divided by
+    # the factor, high ones kept, a smooth ramp between: low/high frequency factors 1 and 4), or linear (positions
+    # divided by the factor). Megatron-LM's flag names.
+    use_rope_scaling: bool = option(False, "Llama 3.x RoPE scaling (low/high frequency factors 1 and 4, 8192 "
+                                    "original positions)")
+    rope_scaling_factor: float = option(8.0, "the Llama 3.x RoPE scaling factor (with --use-rope-scaling)")
+    rotary_seq_len_interpolation_factor: float | None = option(None, "linear RoPE scaling: positions are divided "
+                                                               "by this factor")
     add_qkv_bias: bool = option(False)
     qk_layernorm: bool = option(False)
     swiglu: bool = option(False)
@@ -134,6 +142,14 @@ class ModelConfig:
                          "max_position_embeddings"), 1)
         if self.bf16 and self.fp16:
             raise ConfigError("--bf16 and --fp16 are exclusive: pick one")
+        if self.rope_scaling_factor <= 0 or (self.rotary_seq_len_interpolation_factor or 1) <= 0:
+            raise ConfigError("--rope-scaling-factor and --rotary-seq-len-interpolation-factor must be > 0")
+        if self.use_rope_scaling and self.rotary_seq_len_interpolation_factor not in (None, 1):
+            raise ConfigError("--use-rope-scaling (Llama 3.x) and --rotary-seq-len-interpolation-factor (linear) "
+                              "are two RoPE scalings: pick one")
+        if (self.use_rope_scaling or self.rotary_seq_len_interpolation_factor) and \
+                self.position_embedding_type != "rope":
+            raise ConfigError("RoPE scaling needs --position-embedding-type rope")
         if self.fp8_format and self.transformer_impl != "transformer_engine":
             raise ConfigError("--fp8-format needs --transformer-impl transformer_engine (FP8 runs in Transformer Engine)")
         if self.recompute_granularity == "full" and self.recompute_method is None:
@@ -359,40 +375,3 @@ class RunConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         if self.stage not in STAGES:
             raise ConfigError(f"--stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
-
-
-@dataclass
-class PromptFileConfig:
-    """A tool's prompts: the file, which fields hold problem and answer, the template, the grading."""
-
-    prompts: str | None = option(None, "a known benchmark file or any jsonl (--problem-key/--answer-key)",
-                                 required=True)
-    problem_key: str | None = option(None, "problem field (default: problem / prompt / question)")
-    answer_key: str | None = option(None, "gold-answer field (omit with --problem-key for a file without them)")
-    limit: int | None = option(None, "the first N prompts only")
-    prompt_template: str = template_option()
-    verifier: str = verifier_option()
-
-    def __post_init__(self) -> None:
-        check_template(self.prompt_template)
-        _at_least(self, ("limit",), 1)
-
-
-@dataclass
-class ModelSource:
-    """Which model a tool runs: a Megatron checkpoint at a layout, or an HF export."""
-
-    backend: str = option("megatron", choices=("megatron", "hf"))
-    mcore_path: str | None = option(None, "Megatron checkpoint (hf-to-mcore, --save, or Megatron-LM's)")
-    hf_path: str | None = option(None, "HF export with score_module.pt (mcore-to-hf)")
-    tokenizer: str | None = option(None, "sentencepiece .model or HF tokenizer directory (default: the checkpoint's)")
-    tp: int = option(1, "tensor-parallel size (megatron backend)")
-    pp: int = option(1, "pipeline-parallel size (megatron backend)")
-
-    def __post_init__(self) -> None:
-        if self.backend == "hf" and not self.hf_path:
-            raise ConfigError("--backend hf needs --hf-path (an export written by mcore-to-hf)")
-        if self.backend == "megatron" and not self.mcore_path:
-            raise ConfigError("--backend megatron needs --mcore-path (a checkpoint written by hf-to-mcore or --save)")
-        if self.tp < 1 or self.pp < 1:
-            raise ConfigError(f"--tp and --pp must be >= 1, got {self.tp} and {self.pp}")

@@ -114,23 +114,29 @@ def as_a_child():
 
 # --- tiny random HF models, a tokenizer trained here, the converter ---------------------------------------------
 
+# Llama 3.1's RoPE scaling (megatron-core's fixed low/high frequency factors and original positions).
+LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
 ARCHS = {
     # kind: (config class name, extra config, tied)
     "qwen2": ("Qwen2Config", dict(rope_theta=10000.0), False),
     "qwen3": ("Qwen3Config", dict(head_dim=32, rope_theta=1000000.0), True),
-    "llama": ("LlamaConfig", dict(rope_theta=500000.0), True),
+    # 1024 positions: a RoPE scaling shows over long distances (verify fails without it: 1.2e-3, tolerance 1.4e-4)
+    "llama": ("LlamaConfig", dict(rope_theta=500000.0, rope_scaling=LLAMA31_ROPE, max_position_embeddings=1024), True),
 }
 VOCAB = 300
 TEXT = "<think>Add 3 and 4.\n\nThat gives 7.\n\nDouble it.\n\n</think>The answer is \\boxed{14}."
 
 
-def make_hf(kind: str, out: Path, vocab: int = VOCAB) -> Path:
+def make_hf(kind: str, out: Path, vocab: int = VOCAB, **config) -> Path:
+    """A random-initialised HF model of ``kind`` (:data:`ARCHS`; ``config`` overrides its config) saved in ``out``."""
     import transformers
 
     cls, extra, tied = ARCHS[kind]
-    cfg = getattr(transformers, cls)(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                     tie_word_embeddings=tied, rms_norm_eps=1e-6, **extra)
+    cfg = getattr(transformers, cls)(**{**dict(vocab_size=vocab, hidden_size=64, intermediate_size=96,
+                                               num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                               max_position_embeddings=128, tie_word_embeddings=tied,
+                                               rms_norm_eps=1e-6), **extra, **config})
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg)
     model.save_pretrained(out)

@@ -102,7 +102,7 @@ def test_from_namespace_reads_only_what_a_parser_registered():
 
 
 def test_the_tools_share_one_prompt_model_and_sampling_group():
-    from megatron_rgm.config import ModelSource, PromptFileConfig
+    from megatron_rgm.cli import ModelSource, PromptFileConfig
     from megatron_rgm.rollout.sampling import SamplingParams
 
     parser = argparse.ArgumentParser()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -85,6 +86,36 @@ def test_round_trip_is_bit_exact(converted):
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(str(out)) is not None
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("converted", ["llama"], indirect=True)  # Llama 3.1's RoPE scaling
+def test_verify_passes_a_scaled_rope_and_fails_without_it(converted, tmp_path):
+    _, root, hf = converted
+    report = tmp_path / "verify.json"
+    convert("verify", "--hf-path", str(hf), "--mcore-path", str(root / "mcore"), "--tp", "2", "--pp", "2", "--json",
+            str(report))
+    passed = json.loads(report.read_text())
+    assert passed["max_abs_logit_diff"] <= 1e-4 and passed["seq_length"] == 1024, passed
+    # The HF model without its scaling is what a conversion that dropped it would compute: verify must fail.
+    unscaled = tmp_path / "unscaled"
+    shutil.copytree(hf, unscaled)
+    config = json.loads((unscaled / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "default", "rope_theta": config["rope_parameters"]["rope_theta"]}
+    (unscaled / "config.json").write_text(json.dumps(config))
+    proc = convert("verify", "--hf-path", str(unscaled), "--mcore-path", str(root / "mcore"), "--tp", "2", "--pp",
+                   "2", check=False)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "is above the float32 tolerance" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.multirank
+def test_linear_rope_scaling_converts_and_verifies(tmp_path):
+    hf = make_hf("llama", tmp_path / "hf", rope_scaling={"rope_type": "linear", "factor": 4.0})
+    convert("hf-to-mcore", "--hf-path", str(hf), "--output", str(tmp_path / "mcore"))
+    convert("verify", "--hf-path", str(hf), "--mcore-path", str(tmp_path / "mcore"), "--json",
+            str(tmp_path / "verify.json"))
+    assert json.loads((tmp_path / "verify.json").read_text())["max_abs_logit_diff"] <= 1e-4
 
 
 @pytest.mark.multirank

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import make_hf
+from helpers import LLAMA31_ROPE, make_hf
 from megatron_rgm.config import ConfigError
 from megatron_rgm.convert import hf_to_mcore, mcore_to_hf
 from megatron_rgm.head import load_head
@@ -114,3 +114,39 @@ def test_mcore_to_hf_bad_paths(tmp_path):
         mcore_to_hf(str(tmp_path / "nope"), str(tmp_path / "out"))
     with pytest.raises(ConfigError, match="--dtype 'int8'"):
         mcore_to_hf(str(tmp_path), str(tmp_path / "out"), dtype="int8")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (dict(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=16),
+     "sliding_window=16 (sliding-window attention)"),
+    (dict(use_sliding_window=True, sliding_window=16), "sliding_window=16 (sliding-window attention)"),
+    (dict(layer_types=["full_attention", "sliding_attention"] * 2),
+     "layer_types with 2 'sliding_attention' layers"),
+    # transformers 5 writes RoPE scaling as rope_parameters (rope_scaling null): both are read.
+    (dict(rope_scaling=None, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}),
+     "RoPE scaling rope_type='yarn' (converted: linear and llama3)"),
+    (dict(rope_scaling={"type": "dynamic", "factor": 2.0}), "rope_type='dynamic'"),
+    (dict(rope_scaling={**LLAMA31_ROPE, "original_max_position_embeddings": 4096}),
+     "llama3 RoPE scaling with {'original_max_position_embeddings': 4096}"),
+    (dict(hidden_act="gelu"), "hidden_act='gelu'"),
+    (dict(partial_rotary_factor=0.5), "partial_rotary_factor=0.5"),
+    (dict(mlp_bias=True), "mlp_bias=true"),
+])
+def test_features_the_conversion_does_not_carry_are_refused(hf_dir, tmp_path, edit, message):
+    bad = copy_with(hf_dir, tmp_path / "hf", config_edit=lambda c: c.update(edit))
+    expect_error(bad, tmp_path / "out", message)
+
+
+def test_rope_scalings_that_convert_and_windows_that_are_off():
+    from megatron_rgm.convert.mapping import HFArch
+
+    base = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64,
+            "intermediate_size": 96, "num_attention_heads": 4, "vocab_size": 300}
+    llama31 = HFArch.from_config({**base, "rope_parameters": {**LLAMA31_ROPE, "rope_theta": 5e5}}).model_config()
+    assert (llama31.use_rope_scaling, llama31.rope_scaling_factor, llama31.rotary_base) == (True, 8.0, 500000)
+    linear = HFArch.from_config({**base, "rope_scaling": {"type": "linear", "factor": 2.0}}).model_config()
+    assert (linear.use_rope_scaling, linear.rotary_seq_len_interpolation_factor) == (False, 2.0)
+    # Qwen2's config names a window it does not use; Mistral's null window is none.
+    for off in ({"use_sliding_window": False, "sliding_window": 4096}, {"sliding_window": None},
+                {"layer_types": ["full_attention"] * 2}):
+        assert not HFArch.from_config({**base, **off}).model_config().use_rope_scaling

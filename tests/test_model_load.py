@@ -43,6 +43,23 @@ def test_megatron_lm_args_translate_into_the_same_transformer_config():
     assert args.rotary_base == 1000000 and args.position_embedding_type == "rope" and args.vocab_size == 384
 
 
+def test_rope_scalings_translate_and_export_as_the_hf_config_transformers_reads():
+    import transformers
+
+    from megatron_rgm.convert.mapping import hf_config_from_args
+
+    for change, rope in ((dict(use_rope_scaling=True, rope_scaling_factor=32.0), ("llama3", 32.0)),
+                         (dict(rotary_seq_len_interpolation_factor=4), ("linear", 4.0))):
+        model, _, _ = megatron_lm_model(_pretrain_gpt_args(add_qkv_bias=False, **change), "ckpt")
+        args = build_args(model)
+        assert (model.use_rope_scaling, model.rope_scaling_factor if model.use_rope_scaling else
+                model.rotary_seq_len_interpolation_factor) == (rope[0] == "llama3", rope[1])
+        hf = transformers.LlamaConfig(**hf_config_from_args(args, 300))
+        assert (hf.rope_parameters["rope_type"], hf.rope_parameters["factor"]) == rope
+    with pytest.raises(ConfigError, match="does not record rope_scaling_factor"):
+        megatron_lm_model(_pretrain_gpt_args(use_rope_scaling=True), "ckpt")
+
+
 def test_megatron_lm_without_group_query_attention_has_one_kv_head_per_head():
     # Megatron-LM leaves --num-query-groups at its default 1 when --group-query-attention is not given.
     model, _, _ = megatron_lm_model(_pretrain_gpt_args(group_query_attention=False, num_query_groups=1), "ckpt")
@@ -52,7 +69,6 @@ def test_megatron_lm_without_group_query_attention_has_one_kv_head_per_head():
 @pytest.mark.parametrize("change, named", [
     (dict(num_experts=8), "num_experts=8"),
     (dict(multi_latent_attention=True), "multi_latent_attention=True"),
-    (dict(use_rope_scaling=True), "use_rope_scaling=True"),
     (dict(window_size=(128, 0)), "window_size=(128, 0)"),
     (dict(position_embedding_type="yarn"), "position_embedding_type='yarn'"),
     (dict(normalization="L2Norm"), "normalization='L2Norm'"),

@@ -6,6 +6,7 @@
 """
 
 import argparse
+import sys
 
 from megatron_rgm.config import decode_escapes, run_tool
 
@@ -30,7 +31,9 @@ def main(argv=None) -> int:
     b.add_argument("--prompt-template", type=decode_escapes,
                    help="for a sentencepiece tokenizer: the template the export's chat template renders (escapes "
                    "such as \\n decoded; default: the one the run recorded)")
-    c = sub.add_parser("verify", help="run both and report max abs differences")
+    c = sub.add_parser("verify", help="run both on the same random batches, report the max abs differences of the "
+                       "logits and head logits, and exit 1 when one is above the tolerance (relative to the largest "
+                       "HF logit, per checkpoint dtype: megatron_rgm.convert.verify.TOLERANCE)")
     c.add_argument("--hf-path", required=True)
     c.add_argument("--mcore-path", required=True)
     c.add_argument("--tp", type=int, default=1)
@@ -39,7 +42,7 @@ def main(argv=None) -> int:
     c.add_argument("--json", help="also write the report here")
     args = p.parse_args(argv)
     from megatron_rgm.convert import convert
-    from megatron_rgm.convert.verify import verify
+    from megatron_rgm.convert.verify import VerifyFailed, verify
 
     def body():
         if args.cmd == "hf-to-mcore":
@@ -50,7 +53,11 @@ def main(argv=None) -> int:
         else:
             verify(args.hf_path, args.mcore_path, args.tp, args.pp, args.batches, args.json)
 
-    return run_tool(body)
+    try:
+        return run_tool(body)
+    except VerifyFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ import argparse
 import sys
 
 from megatron_rgm import cli
-from megatron_rgm.config import ConfigError, ModelSource, PromptFileConfig, run_tool
+from megatron_rgm.cli import ModelSource, PromptFileConfig
+from megatron_rgm.config import ConfigError, run_tool
 
 
 def main(argv=None) -> int:

@@ -69,8 +69,13 @@ def megatron_lm_args(chunks, iteration: int, *, optimizer=None, global_batch_siz
         add_qkv_bias=bool(config.add_qkv_bias), qk_layernorm=bool(config.qk_layernorm),
         group_query_attention=config.num_query_groups not in (None, config.num_attention_heads),
         rotary_base=getattr(model, "rotary_base", None), rotary_percent=getattr(model, "rotary_percent", 1.0),
+        use_rope_scaling=bool(getattr(model, "rotary_scaling", False)),
+        rotary_seq_len_interpolation_factor=getattr(getattr(model, "rotary_pos_emb", None),
+                                                    "seq_len_interpolation_factor", None),
         bf16=bool(config.bf16), fp16=bool(config.fp16), num_experts=config.num_moe_experts,
     )
+    if hasattr(model, "rope_scaling_factor"):  # RGMModel's; a plain GPTModel does not keep it
+        ns.rope_scaling_factor = model.rope_scaling_factor
     attachment = getattr(model, "sprm", None)
     if attachment is not None:
         rgm = attachment.rgm_config

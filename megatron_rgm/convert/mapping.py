@@ -23,6 +23,65 @@ SUPPORTED = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "LlamaFor
              "MistralForCausalLM": "llama"}
 
 
+# megatron-core's Llama 3.x RoPE scaling takes the factor; these three it fixes (RotaryEmbedding._apply_scaling).
+LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def _rope_config(cfg: dict) -> dict:
+    """The RoPE parameters of an HF config: ``rope_scaling`` (transformers 4) or ``rope_parameters`` (5)."""
+    return cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+
+
+def rope_scaling(cfg: dict) -> dict | None:
+    """``{"rope_type", "factor"}`` of a config's RoPE scaling, None when it has none (refusals:
+    :func:`refuse_unconverted_features`)."""
+    rope = _rope_config(cfg)
+    kind = rope.get("rope_type", rope.get("type")) or "default"
+    return None if kind == "default" else {"rope_type": kind, "factor": float(rope["factor"])}
+
+
+def rope_flags(scaling: dict | None) -> dict:
+    """The :class:`ModelConfig` fields of a RoPE scaling (megatron-core's names)."""
+    if scaling is None:
+        return {}
+    if scaling["rope_type"] == "llama3":
+        return {"use_rope_scaling": True, "rope_scaling_factor": scaling["factor"]}
+    return {"rotary_seq_len_interpolation_factor": scaling["factor"]}
+
+
+def refuse_unconverted_features(cfg: dict, source: str) -> None:
+    """Raise, naming each one, for the features of an HF config that change what the model computes and that the
+    conversion does not carry over (converted: RoPE theta, Llama 3.x and linear RoPE scaling, QKV bias, QK norm,
+    tied embeddings; anything else is refused here, never dropped)."""
+    problems = []
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        problems.append(f"hidden_act={act!r} (the MLP converts as SwiGLU: silu)")
+    rope = _rope_config(cfg)
+    kind = rope.get("rope_type", rope.get("type")) or "default"
+    if kind == "llama3":
+        off = {k: rope.get(k) for k, v in LLAMA3_FIXED.items() if rope.get(k) != v}
+        if off:
+            problems.append(f"llama3 RoPE scaling with {off} (megatron-core's Llama 3.x scaling fixes {LLAMA3_FIXED})")
+    elif kind not in ("default", "linear"):
+        problems.append(f"RoPE scaling rope_type={kind!r} (converted: linear and llama3)")
+    if kind != "default" and "factor" not in rope:
+        problems.append(f"RoPE scaling {kind!r} without a factor")
+    if cfg.get("partial_rotary_factor", 1.0) != 1.0:
+        problems.append(f"partial_rotary_factor={cfg['partial_rotary_factor']} (RoPE on part of each head)")
+    # A sliding window: Mistral's sliding_window; Qwen's use_sliding_window; transformers 5's per-layer types.
+    windowed = [t for t in cfg.get("layer_types") or [] if t != "full_attention"]
+    if windowed:
+        problems.append(f"layer_types with {len(windowed)} {windowed[0]!r} layers (sliding-window attention)")
+    elif cfg.get("use_sliding_window") or (cfg.get("model_type") == "mistral" and cfg.get("sliding_window")):
+        problems.append(f"sliding_window={cfg.get('sliding_window')} (sliding-window attention)")
+    if cfg.get("mlp_bias"):
+        problems.append("mlp_bias=true (the MLP converts without biases)")
+    if problems:
+        raise ConfigError(f"{source}: the conversion does not carry over {'; '.join(problems)}: the converted model "
+                          "would compute something else, so it is refused (convert a model without these features)")
+
+
 @dataclass
 class HFArch:
     """What the conversion needs from an HF ``config.json``."""
@@ -43,6 +102,7 @@ class HFArch:
     tied: bool
     max_position_embeddings: int
     dtype: str  # float32 | bfloat16 | float16: the Megatron model is built in the checkpoint's dtype
+    rope_scaling: dict | None  # {"rope_type": "llama3" | "linear", "factor": f} (others are refused)
     config: dict
 
     @classmethod
@@ -52,9 +112,7 @@ class HFArch:
         if kind is None:
             raise ConfigError(f"{source}: architecture {archs or cfg.get('model_type')!r} is not supported; "
                               f"supported: {', '.join(SUPPORTED)}")
-        if cfg.get("rope_scaling") and cfg["rope_scaling"].get("rope_type", cfg["rope_scaling"].get("type")) not in (
-                None, "default"):
-            raise ConfigError(f"{source}: rope_scaling {cfg['rope_scaling']} is not supported by the conversion")
+        refuse_unconverted_features(cfg, source)
         heads = cfg["num_attention_heads"]
         rope = cfg.get("rope_theta")
         if rope is None:  # transformers 5 keeps it under rope_parameters
@@ -76,6 +134,7 @@ class HFArch:
             tied=bool(cfg.get("tie_word_embeddings", False)),
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
+            rope_scaling=rope_scaling(cfg),
             config=cfg,
         )
 
@@ -89,7 +148,7 @@ class HFArch:
             normalization="RMSNorm", norm_epsilon=self.norm_eps, position_embedding_type="rope",
             rotary_base=int(self.rope_theta), swiglu=True, disable_bias_linear=True, add_qkv_bias=self.qkv_bias,
             qk_layernorm=self.qk_norm, untie_embeddings_and_output_weights=not self.tied,
-            bf16=self.dtype == "bfloat16", fp16=self.dtype == "float16")
+            bf16=self.dtype == "bfloat16", fp16=self.dtype == "float16", **rope_flags(self.rope_scaling))
 
     def hf_names(self) -> dict[str, tuple[int, ...]]:
         """Every tensor an HF checkpoint of this architecture holds, with its shape."""
@@ -250,5 +309,14 @@ def hf_config_from_args(args, vocab_size: int) -> dict | None:
         "head_dim": t.kv_channels, "max_position_embeddings": args.max_position_embeddings,
         "rope_theta": float(args.rotary_base), "rms_norm_eps": t.layernorm_epsilon, "hidden_act": "silu",
         "tie_word_embeddings": args.share_embeddings_and_output_weights, "attention_bias": bool(t.add_qkv_bias),
-        "torch_dtype": dtype,
+        "torch_dtype": dtype, **hf_rope_scaling(args.model),
     }
+
+
+def hf_rope_scaling(model: ModelConfig) -> dict:
+    """``config.json``'s ``rope_scaling`` for a model's RoPE scaling (read by transformers 4 and 5), else nothing."""
+    if model.use_rope_scaling:
+        return {"rope_scaling": {"rope_type": "llama3", "factor": model.rope_scaling_factor, **LLAMA3_FIXED}}
+    if model.rotary_seq_len_interpolation_factor not in (None, 1):
+        return {"rope_scaling": {"rope_type": "linear", "factor": float(model.rotary_seq_len_interpolation_factor)}}
+    return {}

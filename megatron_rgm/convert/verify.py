@@ -2,13 +2,17 @@
 
 Reports the max abs difference of the logits (over the real vocabulary; the
 TP padding rows are dropped) and of the SPRM head logits at random step
-positions. The HF side's head is ``score_module.pt`` beside the HF weights
+positions, and fails (:class:`VerifyFailed`, a non-zero exit) when either is
+above :data:`TOLERANCE` for the checkpoint's dtype, relative to the largest HF
+logit (at least 1). The HF side's head is ``score_module.pt`` beside the HF weights
 when present, else the checkpoint's own head (then only the feature is compared).
+The sequences are :data:`SEQ_LENGTH` tokens long (the model's positions if fewer).
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -23,6 +27,29 @@ from megatron_rgm.hf import HFFeature, head_logits, load_causal_lm
 from megatron_rgm.model import SPRMHead
 from megatron_rgm.head import load_head
 from megatron_rgm.model.load import load_model
+
+
+# The Megatron side runs in the checkpoint's dtype, the HF side in float32: float32 differs by op order alone
+# (measured: 5e-7 on the random 4-layer test Llama at TP2 PP2); bf16 and fp16 by their rounding, grown over the
+# layers. A converted model that drops a feature differs by more: the same Llama without its Llama 3.1 RoPE
+# scaling, 1.2e-3 over 1024 positions (a scaling shows over long distances, hence SEQ_LENGTH).
+TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
+SEQ_LENGTH = 1024
+
+
+class VerifyFailed(Exception):
+    """The converted model's logits or head scores differ from the HF model's by more than the tolerance."""
+
+
+def check_report(report: dict) -> None:
+    """Raise :class:`VerifyFailed` naming what is above the report's tolerance."""
+    bound = report["tolerance"] * max(1.0, report["max_abs_hf_logit"])
+    over = [f"{name} {report[key]:.3e}" for name, key in (("logits", "max_abs_logit_diff"),
+                                                          ("head logits", "max_abs_head_diff")) if report[key] > bound]
+    if over:
+        raise VerifyFailed(f"verify tp={report['tp']} pp={report['pp']}: max |diff| of {' and '.join(over)} is above "
+                           f"the {report['dtype']} tolerance {bound:.1e} ({report['tolerance']:.0e} x the largest HF "
+                           "logit, at least 1): the converted model does not compute what the HF model does")
 
 
 def _verify_rank(hf_path: str, mcore_path: str, tp: int, pp: int, batches: int, report_file: str | None) -> None:
@@ -42,8 +69,9 @@ def verify_layout(hf_path: str, mcore_path: str, tp: int, pp: int, batches: int 
     model, args = loaded.model, loaded.args
     arch = HFCheckpoint(hf_path).arch  # what is compared: the HF side's own architecture
     last = ps.is_pipeline_last_stage()
-    seq, bsz = 32, 2
-    report = {"max_abs_logit_diff": 0.0, "max_abs_head_diff": 0.0, "steps": 0, "tp": tp, "pp": pp}
+    seq, bsz = min(SEQ_LENGTH, arch.max_position_embeddings), 2
+    report = {"max_abs_logit_diff": 0.0, "max_abs_head_diff": 0.0, "max_abs_hf_logit": 0.0, "steps": 0, "tp": tp,
+              "pp": pp, "seq_length": seq, "dtype": arch.dtype, "tolerance": TOLERANCE.get(arch.dtype, 1e-4)}
     first_logits = None
     if last:
         hf = load_causal_lm(hf_path, torch.float32).eval()
@@ -80,6 +108,7 @@ def verify_layout(hf_path: str, mcore_path: str, tp: int, pp: int, batches: int 
                     first_logits = seen["logits"][..., : arch.vocab_size].clone()
                 diff = (seen["logits"][..., : arch.vocab_size] - ref).abs().max().item()
                 report["max_abs_logit_diff"] = max(report["max_abs_logit_diff"], diff)
+                report["max_abs_hf_logit"] = max(report["max_abs_hf_logit"], ref.abs().max().item())
                 report["max_abs_head_diff"] = max(report["max_abs_head_diff"],
                                                   (seen["head"] - ref_head).abs().max().item() if mask.any() else 0.0)
                 report["steps"] += int(mask.sum())
@@ -93,7 +122,16 @@ def verify_layout(hf_path: str, mcore_path: str, tp: int, pp: int, batches: int 
 
 
 def verify(hf_path: str, mcore_path: str, tp: int = 1, pp: int = 1, batches: int = 2,
-           report_file: str | None = None) -> None:
-    """Compare an HF directory with a Megatron checkpoint run at ``tp`` x ``pp``."""
+           report_file: str | None = None) -> dict:
+    """Compare an HF directory with a Megatron checkpoint run at ``tp`` x ``pp``; returns the report.
+
+    Raises:
+        VerifyFailed: a difference above the tolerance (the report is written first).
+    """
     HFCheckpoint(hf_path)  # path / config errors before any rank starts
-    run_ranks(_verify_rank, tp * pp, str(hf_path), str(mcore_path), tp, pp, batches, report_file)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = report_file or str(Path(tmp) / "verify.json")
+        run_ranks(_verify_rank, tp * pp, str(hf_path), str(mcore_path), tp, pp, batches, out)
+        report = json.loads(Path(out).read_text())
+    check_report(report)
+    return report

@@ -38,6 +38,9 @@ def build_model(args) -> list[RGMModel]:
                 share_embeddings_and_output_weights=args.share_embeddings_and_output_weights,
                 position_embedding_type=args.position_embedding_type,
                 rotary_base=args.rotary_base,
+                rope_scaling=args.model.use_rope_scaling,
+                rope_scaling_factor=args.model.rope_scaling_factor,
+                seq_len_interpolation_factor=args.model.rotary_seq_len_interpolation_factor,
                 vp_stage=stage,
             )
         )

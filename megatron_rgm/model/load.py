@@ -41,7 +41,6 @@ from megatron_rgm.model import build_model
 _UNSUPPORTED = {
     "num_experts": lambda v: v not in (None, 0, 1),
     "multi_latent_attention": bool,
-    "use_rope_scaling": bool,
     "rotary_percent": lambda v: v not in (None, 1.0),
     "rotary_interleaved": bool,
     "window_size": lambda v: v is not None,
@@ -58,8 +57,9 @@ _EMBEDDINGS = ("rope", "learned_absolute")
 _NORMS = ("LayerNorm", "RMSNorm")
 # Megatron-LM args attributes that are ModelConfig fields of the same name and meaning.
 _VALUES = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "kv_channels", "seq_length",
-           "max_position_embeddings", "normalization", "norm_epsilon", "position_embedding_type", "rotary_base")
-_BOOLS = ("add_qkv_bias", "qk_layernorm", "swiglu", "untie_embeddings_and_output_weights")
+           "max_position_embeddings", "normalization", "norm_epsilon", "position_embedding_type", "rotary_base",
+           "rope_scaling_factor", "rotary_seq_len_interpolation_factor")
+_BOOLS = ("add_qkv_bias", "qk_layernorm", "swiglu", "untie_embeddings_and_output_weights", "use_rope_scaling")
 # The common-state key that says whether the head in a checkpoint was trained (a trained head is never calibrated
 # again unless asked: ``--sprm-recalibrate-head``).
 HEAD_TRAINED = "sprm_head_trained"
@@ -139,6 +139,8 @@ def megatron_lm_model(args: argparse.Namespace, where: str) -> tuple[ModelConfig
                           "does not build: it cannot be loaded here (convert the model to a supported family first)")
     missing = [name for name in ("num_layers", "hidden_size", "num_attention_heads", "padded_vocab_size")
                if getattr(args, name, None) is None]
+    if getattr(args, "use_rope_scaling", False) and getattr(args, "rope_scaling_factor", None) is None:
+        missing.append("rope_scaling_factor (its RoPE is scaled)")
     if missing:
         raise ConfigError(f"Megatron-LM checkpoint {where} does not record {', '.join(missing)} in its args: "
                           "it cannot be rebuilt; save it with a current Megatron-LM")

@@ -244,6 +244,8 @@ class RGMModel(GPTModel):
             **kwargs,
         )
         self.rgm_config = rgm_config
+        # GPTModel keeps whether RoPE is scaled (rotary_scaling), not by how much: checkpoints record both.
+        self.rope_scaling_factor = kwargs.get("rope_scaling_factor", 8.0)
         attach_sprm_head(self, rgm_config)
 
     def forward(
