@@ -16,6 +16,8 @@ INSTALL_REQUIRES = [
     # The export of a sentencepiece tokenizer as tokenizer.json reads the model's proto and builds a fast tokenizer.
     "protobuf>=3.20",
     "tokenizers>=0.20",
+    # Megatron-Bridge checkpoints record their model in run_config.yaml.
+    "pyyaml>=5.4",
     "zarr>=3",
     "safetensors>=0.4",
     "tqdm>=4.60",

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import replace
 
 import pytest
 import torch
 
+from helpers import convert
 from megatron_rgm.arguments import GEOMETRY, build_args, parse_args
-from megatron_rgm.config import ConfigError
+from megatron_rgm.config import ConfigError, ModelConfig
 from megatron_rgm.convert.convert import export_config
 from megatron_rgm.model import build_model
 from megatron_rgm.model.load import describe_checkpoint, load_model, megatron_lm_model, recorded_geometry
@@ -145,3 +147,122 @@ def test_a_checkpoint_that_describes_no_model_is_refused(single_rank, tmp_path, 
     assert "rebuilt from Megatron-LM's args, reading num_experts=1 (a dense MLP)" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="does not exist"):
         describe_checkpoint(tmp_path / "nothing")
+
+
+def _bridge_yaml(model: dict, shape: str) -> dict:
+    """A run_config.yaml as Megatron-Bridge's ConfigContainer.to_yaml writes it: functions, dtypes, enums and partials
+    as _target_ mappings; a model provider (every field at one level) or a builder-backed config."""
+    silu = {"_target_": "torch.nn.functional.silu", "_call_": False}
+    fields = dict(
+        num_layers=model["num_layers"], hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, num_query_groups=2,
+        kv_channels=16, normalization="RMSNorm", layernorm_epsilon=1e-6, add_qkv_bias=True, add_bias_linear=False,
+        qk_layernorm=False, gated_linear_unit=True, activation_func=silu, bf16=False, fp16=False,
+        params_dtype={"_target_": "torch.float32", "_call_": False}, num_moe_experts=None, window_size=None,
+        softmax_type="vanilla", multi_latent_attention=False, rotary_interleaved=False,
+        attention_backend={"_target_": "megatron.core.transformer.enums.AttnBackend", "_call_": True, "_args_": [5],
+                           "_name_": "auto"},
+        init_method={"_target_": "torch.nn.init.normal_", "_partial_": True, "_args_": [], "mean": 0.0, "std": 0.02})
+    gpt = dict(vocab_size=100, should_pad_vocab=False, make_vocab_size_divisible_by=128, seq_length=64,
+               share_embeddings_and_output_weights=False, position_embedding_type="rope", rotary_base=10000.0,
+               rotary_percent=1.0, rope_scaling=False, rope_scaling_factor=1.0, seq_len_interpolation_factor=None)
+    if shape == "provider":
+        section = {"_target_": "megatron.bridge.models.gpt_provider.GPTModelProvider", **fields, **gpt,
+                   "hf_model_id": "local/qwen2", "transformer_layer_spec": {
+                       "_target_": "megatron.bridge.models.gpt_provider.default_layer_spec", "_call_": False}}
+    else:
+        section = {"_target_": "megatron.bridge.models.gpt.model_config.BridgeGPTModelConfig",
+                   "_builder_": "megatron.bridge.models.gpt.gpt_builder.GPTModelBuilder", **gpt,
+                   "transformer": {"_target_": "megatron.bridge.models.transformer_config.TransformerConfig",
+                                   **fields, "activation_func": "silu"}}
+    return {"_target_": "megatron.bridge.training.config.ConfigContainer", "model": section, "train": None,
+            "tokenizer": {"_target_": "megatron.bridge.training.tokenizers.config.TokenizerConfig",
+                          "tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": "local/qwen2"}}
+
+
+def _save_like_bridge(model, root, run_config: dict) -> None:
+    """What a Megatron-Bridge HF import leaves on disk (read in its source: training/checkpointing.py,
+    model_load_save.py): iter_0000000/ with the dist checkpoint under Transformer Engine's tensor names (norms fused
+    into the next linear, per-layer _extra_state objects), a common state of checkpoint_version and iteration only
+    (no args), run_config.yaml and tokenizer/; the tracker file says 0."""
+    import yaml
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    from helpers import save_tokenizer
+    from megatron_rgm.checkpoint import TE_NORM_KEYS
+
+    te = {v: k for k, v in TE_NORM_KEYS.items()}
+    sd = {k: v for k, v in model.sharded_state_dict().items() if not k.startswith("sprm_head.")}
+    for sh in nested_values(sd):
+        prefix, _, suffix = sh.key.partition(".layers.")
+        if suffix in te:
+            sh.key = f"{prefix}.layers.{te[suffix]}"
+    layers = model.config.num_layers
+    for i in range(layers):  # Transformer Engine's attention keeps FP8 metadata, one object per layer
+        sd[f"te_extra_{i}"] = ShardedObject("decoder.layers.self_attention.core_attention._extra_state",
+                                            {"fp8": "history"}, (layers,), (i,), replica_id=0)
+    iter_dir = root / "iter_0000000"
+    iter_dir.mkdir(parents=True)
+    dist_checkpointing.save({"model": sd, "checkpoint_version": 3.0, "iteration": 0}, str(iter_dir))
+    (iter_dir / "run_config.yaml").write_text(yaml.safe_dump(run_config))
+    save_tokenizer(iter_dir / "tokenizer")
+    (root / "latest_checkpointed_iteration.txt").write_text("0")
+
+
+@pytest.mark.parametrize("shape", ["provider", "builder"])
+def test_a_megatron_bridge_checkpoint_rebuilds_with_equal_logits_and_a_fresh_head(single_rank, tmp_path, shape):
+    import yaml
+
+    args = build_args(ModelConfig(
+        num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, num_query_groups=2, kv_channels=16,
+        vocab_size=100, make_vocab_size_divisible_by=1, seq_length=64, max_position_embeddings=64,
+        normalization="RMSNorm", norm_epsilon=1e-6,
+        add_qkv_bias=True, swiglu=True, disable_bias_linear=True, untie_embeddings_and_output_weights=True))
+    single_rank.initialize(args.parallel)
+    model = build_model(args)[0].eval()
+    run_config = _bridge_yaml({"num_layers": 2}, shape)
+    _save_like_bridge(model, tmp_path / "ckpt", run_config)
+    assert yaml.safe_load((tmp_path / "ckpt" / "iter_0000000" / "run_config.yaml").read_text()) == run_config
+
+    checkpoint = describe_checkpoint(tmp_path / "ckpt")
+    assert (checkpoint.source, checkpoint.iteration, checkpoint.vocab_size) == ("megatron-bridge", 0, 100)
+    assert {k: getattr(checkpoint.model, k) for k in GEOMETRY if k != "make_vocab_size_divisible_by"} == \
+        {k: getattr(args.model, k) for k in GEOMETRY if k != "make_vocab_size_divisible_by"}
+    assert not checkpoint.has_head and checkpoint.tokenizer_path(None) == tmp_path / "ckpt" / "iter_0000000" / "tokenizer"
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(16).expand(2, 16)
+    with torch.no_grad():
+        want, _ = model(ids, pos, None, step_mask=torch.zeros(2, 16, dtype=torch.bool))
+    loaded = load_model(tmp_path / "ckpt")
+    assert loaded.result.fresh_head and loaded.result.megatron_lm
+    assert any("_extra_state" in note for note in loaded.result.not_loaded), loaded.result.not_loaded
+    with torch.no_grad():
+        got, _ = loaded.model(ids, pos, None, step_mask=torch.zeros(2, 16, dtype=torch.bool))
+    assert torch.equal(got, want)
+    if shape == "provider":  # and it exports to HF with its tokenizer: transformers computes the same logits
+        import transformers
+
+        convert("mcore-to-hf", "--mcore-path", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf"))
+        from megatron_rgm.hf import load_causal_lm  # rebuilds the rotary buffers (torch.distributed is up here)
+
+        hf = load_causal_lm(str(tmp_path / "hf")).eval()
+        assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").encode("Add 3 and 4.") != []
+        with torch.no_grad():
+            torch.testing.assert_close(hf(input_ids=ids).logits, want[..., :100], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("change, named", [
+    (dict(num_moe_experts=8), "num_moe_experts=8"),
+    (dict(window_size=[128, 0]), "window_size=[128, 0]"),
+    (dict(softmax_type="learnable"), "softmax_type='learnable'"),
+    (dict(position_embedding_type="yarn"), "position_embedding_type='yarn'"),
+    (dict(activation_func={"_target_": "torch.nn.functional.gelu", "_call_": False}),
+     "activation_func='gelu' with gated_linear_unit=True"),
+])
+def test_a_megatron_bridge_feature_rgm_does_not_build_is_refused_by_name(change, named):
+    from megatron_rgm.model.bridge import bridge_model
+
+    model = {**_bridge_yaml({"num_layers": 2}, "provider")["model"], **change}
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        bridge_model(model, 128, "ckpt")

@@ -21,15 +21,16 @@ from pathlib import Path
 import torch
 
 from megatron_rgm import faults
-from megatron_rgm.checkpoint.files import (HEAD_PREFIX, LATEST, CheckpointError, iteration_dir, publish,
-                                           read_common_state, resolve_checkpoint)
+from megatron_rgm.checkpoint.files import (HEAD_PREFIX, LATEST, RUN_CONFIG, CheckpointError, iteration_dir,
+                                           publish, read_common_state, read_tensor_names, resolve_checkpoint)
 from megatron_rgm.checkpoint.megatron_lm import (MEGATRON_LM_CHECKPOINT_VERSION, align_param_groups,
                                                  check_megatron_lm_geometry, current_global_batch_size,
                                                  is_megatron_lm, megatron_lm_args, megatron_lm_param_groups,
                                                  not_carried_over, scheduler_state)
 from megatron_rgm.checkpoint.rng import (RNG_KEY, layout, megatron_lm_rng_object, megatron_lm_rng_states,
                                          rng_object, set_megatron_lm_rng_state, set_rng_state)
-from megatron_rgm.checkpoint.state import barrier, model_sharded_state_dict, rank, say, unwrapped
+from megatron_rgm.checkpoint.state import (barrier, match_norm_names, model_sharded_state_dict, rank, say,
+                                           unwrapped)
 from megatron_rgm.compat.mcore import write_legacy_common_state
 
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -163,6 +164,7 @@ def load_checkpoint(load_dir: str | os.PathLike, chunks, iteration: int | None =
         check_megatron_lm_geometry(ckpt, common.get("args"), chunks)
     metadata = common.get("content_metadata") or OPTIMIZER_METADATA
     state = model_sharded_state_dict(chunks)
+    match_norm_names(state, set(read_tensor_names(ckpt)))
     has_optimizer = "optimizer" in common  # param groups live in the common part
     if optimizer is not None and has_optimizer:
         state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=True, metadata=dict(metadata))
@@ -197,6 +199,10 @@ def load_checkpoint(load_dir: str | os.PathLike, chunks, iteration: int | None =
         )
     # Optimizer moments carry the head's names too: only model tensors say whether the head was left out.
     ckpt_only = {k for k in ckpt_only if not k.startswith(("optimizer", "rng_state"))}
+    if any(k.endswith("_extra_state") for k in ckpt_only):  # ShardedObjects of Transformer Engine's modules
+        ckpt_only = {k for k in ckpt_only if not k.endswith("_extra_state")}
+        not_loaded.append("Transformer Engine's module state (_extra_state: FP8 scaling history), which the local "
+                          "layers have no use for")
     head_ignored = any(HEAD_PREFIX in k for k in ckpt_only)
     other_ignored = sorted(k for k in ckpt_only if HEAD_PREFIX not in k)
     if other_ignored:
@@ -233,7 +239,8 @@ def load_checkpoint(load_dir: str | os.PathLike, chunks, iteration: int | None =
         say(f"{ckpt} was saved at layout {extra['layout']}, this run is {layout()}: RNG states start fresh")
     if foreign:
         not_loaded += not_carried_over(common, optimizer, has_optimizer)
-        say(f"{ckpt} is a Megatron-LM checkpoint (iteration {iteration}): loaded weights"
+        writer = "Megatron-Bridge" if (Path(ckpt) / RUN_CONFIG).is_file() else "Megatron-LM"
+        say(f"{ckpt} is a {writer} checkpoint (iteration {iteration}): loaded weights"
              + (", optimizer" if "optimizer" in state and not head_missing else "")
              + (", RNG states" if mlm_rng else "")
              + (f"; not carried over: {'; '.join(not_loaded)}" if not_loaded else ""))

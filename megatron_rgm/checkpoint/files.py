@@ -17,6 +17,7 @@ from megatron_rgm.config import ConfigError
 
 LATEST = "latest_checkpointed_iteration.txt"
 ASSETS = "hf_assets"  # tokenizer (and HF config.json) beside the iteration directories
+RUN_CONFIG = "run_config.yaml"  # where a Megatron-Bridge save records its model (iter_XXXXXXX/)
 HEAD_PREFIX = "sprm_head."
 
 
@@ -93,6 +94,11 @@ def read_common_state(ckpt: str | os.PathLike) -> dict:
 
 def read_tensor_names(ckpt: str | os.PathLike) -> list[str]:
     """The sharded tensors one checkpoint directory holds (model, optimizer and RNG entries alike)."""
+    return list(read_tensor_shapes(ckpt))
+
+
+def read_tensor_shapes(ckpt: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """The global shape of each sharded tensor one checkpoint directory holds."""
     from megatron.core import dist_checkpointing
 
-    return list(dist_checkpointing.load_tensors_metadata(str(ckpt)))
+    return {k: tuple(v.global_shape) for k, v in dist_checkpointing.load_tensors_metadata(str(ckpt)).items()}

@@ -28,11 +28,10 @@ from megatron.core.dist_checkpointing import ShardedTensor
 
 from megatron_rgm import distributed
 from megatron_rgm.arguments import rebuild_args
-from megatron_rgm.checkpoint import ASSETS, publish, save_checkpoint
+from megatron_rgm.checkpoint import ASSETS, TE_NORM_KEYS, publish, save_checkpoint
 from megatron_rgm.config import PROMPT_TEMPLATE, ConfigError, RGMConfig, check_template
 from megatron_rgm.convert.hf_io import HFCheckpoint, ShardWriter, copy_tokenizer_files
 from megatron_rgm.convert.mapping import (
-    CKPT_KEY_ALIASES,
     HFArch,
     as_llama,
     hf_config_from_args,
@@ -175,11 +174,11 @@ def export_config(checkpoint: CheckpointModel) -> dict:
 def _mcore_to_hf_rank(mcore_path: str, output: str, dtype: str | None, vocab_size: int | None,
                       prompt_template: str | None) -> None:
     distributed.initialize(distributed.ParallelConfig())
-    root = Path(mcore_path)
-    source = describe_checkpoint(root).with_vocab_size(vocab_size)
+    source = describe_checkpoint(mcore_path).with_vocab_size(vocab_size)
     ckpt = source.directory
     config = export_config(source)
-    if is_sentencepiece_dir(root / ASSETS) and HFArch.from_config(config).kind == "qwen2":
+    assets = source.tokenizer_dir()
+    if assets is not None and is_sentencepiece_dir(assets) and HFArch.from_config(config).kind == "qwen2":
         config = as_llama(config)
     arch = HFArch.from_config(config)
     meta = dist_checkpointing.load_tensors_metadata(str(ckpt))
@@ -203,7 +202,9 @@ def _mcore_to_hf_rank(mcore_path: str, output: str, dtype: str | None, vocab_siz
     writer = ShardWriter(tmp)
     head = {}
     # A training checkpoint also holds optimizer moments and RNG states: only model tensors export.
-    model_keys = sorted(k for k in meta if not k.startswith(("optimizer.", "rng_state")))
+    # Transformer Engine's _extra_state (FP8 scaling history) is no weight.
+    model_keys = sorted(k for k in meta if not k.startswith(("optimizer.", "rng_state")) and
+                        not k.endswith("_extra_state"))
     for key in tqdm(model_keys, desc="mcore->hf", file=sys.stdout):
         t = load_full(key)
         if key.startswith("sprm_head."):
@@ -211,7 +212,7 @@ def _mcore_to_hf_rank(mcore_path: str, output: str, dtype: str | None, vocab_siz
         elif key.startswith("decoder.layers."):
             suffix = key[len("decoder.layers."):]
             for layer in range(t.shape[0]):
-                emit(f"decoder.layers.{layer}.{CKPT_KEY_ALIASES.get(suffix, suffix)}", t[layer])
+                emit(f"decoder.layers.{layer}.{TE_NORM_KEYS.get(suffix, suffix)}", t[layer])
         else:
             emit(key, t)
         del t
@@ -220,8 +221,8 @@ def _mcore_to_hf_rank(mcore_path: str, output: str, dtype: str | None, vocab_siz
     if to_dtype:
         cfg["torch_dtype"] = dtype
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-    if (root / ASSETS).is_dir():
-        copy_tokenizer_files(root / ASSETS, tmp)
+    if assets is not None:
+        copy_tokenizer_files(assets, tmp)
         complete_export(tmp, prompt_template or source.prompt_template or PROMPT_TEMPLATE)
     if set(head) == set(HEAD_KEYS):
         save_head(tmp, head, {**head_flags(source.sprm), "hidden_size": arch.hidden_size,
@@ -249,6 +250,7 @@ def mcore_to_hf(mcore_path: str, output: str, dtype: str | None = None, vocab_si
     export_config(source)  # refusals before a rank starts
     if prompt_template is not None:
         check_template(prompt_template)
-    if is_sentencepiece_dir(Path(mcore_path) / ASSETS):
+    assets = source.tokenizer_dir()
+    if assets is not None and is_sentencepiece_dir(assets):
         chat_template(prompt_template or source.prompt_template or PROMPT_TEMPLATE)
     run_ranks(_mcore_to_hf_rank, 1, str(mcore_path), str(output), dtype, vocab_size, prompt_template)

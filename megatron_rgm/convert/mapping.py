@@ -274,13 +274,6 @@ def as_llama(config: dict) -> dict:
     return out
 
 
-# Checkpoint keys of norms fused into the next linear (megatron's TE-compatible naming) -> model names.
-CKPT_KEY_ALIASES = {
-    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
-}
-
-
 def hf_config_from_args(args, vocab_size: int) -> dict | None:
     """The HF ``config.json`` of a model built from megatron_rgm flags, or None when no HF class matches.
 

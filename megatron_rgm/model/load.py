@@ -27,15 +27,18 @@ from megatron_rgm.checkpoint.state import say
 from megatron_rgm.checkpoint import (
     ASSETS,
     HEAD_PREFIX,
+    RUN_CONFIG,
     LoadResult,
     load_checkpoint,
     read_common_state,
     read_tensor_names,
+    read_tensor_shapes,
     resolve_checkpoint,
 )
 from megatron_rgm.config import ConfigError, ModelConfig, RGMConfig
 from megatron_rgm.head import UNRECORDED_RULE
 from megatron_rgm.model import build_model
+from megatron_rgm.model.bridge import TOKENIZER_DIR, bridge_model, read_run_config
 
 # Megatron-LM args attributes that name a model feature RGMModel does not build: (attribute, refused when).
 _UNSUPPORTED = {
@@ -75,7 +78,7 @@ class CheckpointModel:
     directory: Path  # the iter_XXXXXXX directory
     root: Path  # the path given (a save directory, or the checkpoint directory itself)
     iteration: int
-    source: str  # "megatron-rgm" or "megatron-lm"
+    source: str  # "megatron-rgm", "megatron-lm" or "megatron-bridge"
     model: ModelConfig  # the geometry as recorded (its vocabulary is replaced by the padded rows on a rebuild)
     sprm: RGMConfig  # the head
     padded_vocab_size: int
@@ -101,15 +104,23 @@ class CheckpointModel:
                               f"{self.padded_vocab_size} vocabulary rows: pass the tokenizer the model was trained with")
         return size
 
-    def tokenizer_path(self, given: str | Path | None) -> Path:
-        """``given``, else the tokenizer saved beside the checkpoint (``hf_assets``)."""
-        if given:
-            return Path(given)
-        for candidate in (self.root / ASSETS, self.directory.parent / ASSETS):
+    def tokenizer_dir(self) -> Path | None:
+        """The tokenizer saved with the checkpoint: ``hf_assets/`` beside the iterations (ours), or the
+        iteration's ``tokenizer/`` (Megatron-Bridge's); None when there is none (Megatron-LM saves none)."""
+        for candidate in (self.root / ASSETS, self.directory.parent / ASSETS, self.directory / TOKENIZER_DIR):
             if candidate.is_dir():
                 return candidate
+        return None
+
+    def tokenizer_path(self, given: str | Path | None) -> Path:
+        """``given``, else the tokenizer saved with the checkpoint (:meth:`tokenizer_dir`)."""
+        if given:
+            return Path(given)
+        if self.tokenizer_dir() is not None:
+            return self.tokenizer_dir()
         raise ConfigError(f"checkpoint {self.root} carries no tokenizer ({ASSETS}/ is absent"
-                          f"{', as in every Megatron-LM checkpoint' if self.source == 'megatron-lm' else ''}): "
+                          f"{', as in every Megatron-LM checkpoint' if self.source == 'megatron-lm' else ''}"
+                          f"{f', nor {TOKENIZER_DIR}/ beside {RUN_CONFIG}' if self.source == 'megatron-bridge' else ''}): "
                           "pass --tokenizer with the model's tokenizer directory")
 
     def with_vocab_size(self, vocab_size: int | None) -> CheckpointModel:
@@ -212,10 +223,16 @@ def describe_checkpoint(path: str | Path, iteration: int | None = None) -> Check
                                head_trained=_head_trained(extra, has_head), prompt_template=extra.get(PROMPT_KEY))
     # Megatron-LM's save_checkpoint, or ours called from a Megatron-LM script (its args describe the model).
     args = common.get("args")
+    run_config = read_run_config(directory) if args is None else None
+    if run_config is not None:  # Megatron-Bridge: the model in run_config.yaml
+        padded = _embedding_rows(directory)
+        model, real_vocab = bridge_model(run_config["model"], padded, str(directory))
+        return CheckpointModel(directory, root, int(common.get("iteration", it) or 0), "megatron-bridge", model,
+                               RGMConfig(), padded, real_vocab, None, has_head, head_trained=has_head)
     if args is None:
-        raise ConfigError(f"checkpoint {directory} records neither rgm_extra.model (megatron-rgm) nor args "
-                          "(Megatron-LM): its model cannot be rebuilt; give a checkpoint written by megatron-rgm's "
-                          "or Megatron-LM's save_checkpoint")
+        raise ConfigError(f"checkpoint {directory} records neither rgm_extra.model (megatron-rgm), args "
+                          "(Megatron-LM) nor a run_config.yaml (Megatron-Bridge): its model cannot be rebuilt; give a "
+                          "checkpoint written by megatron-rgm's, Megatron-LM's or Megatron-Bridge's save_checkpoint")
     model, sprm, notes = megatron_lm_model(args, str(directory))
     it = int(common.get("iteration", it) or 0)
     vocab = vocab or getattr(args, "vocab_size", None)
@@ -225,6 +242,15 @@ def describe_checkpoint(path: str | Path, iteration: int | None = None) -> Check
     return CheckpointModel(directory, root, it, source, model, sprm, int(args.padded_vocab_size),
                            int(vocab) if vocab else None, hf_config, has_head, tuple(notes), trained,
                            extra.get(PROMPT_KEY))
+
+
+def _embedding_rows(directory: Path) -> int:
+    """The vocabulary rows of a checkpoint's embedding (or output layer), from its tensor metadata."""
+    shapes = read_tensor_shapes(directory)
+    for key in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        if key in shapes:
+            return int(shapes[key][0])
+    raise ConfigError(f"checkpoint {directory} has no embedding.word_embeddings.weight: it holds no GPT model")
 
 
 def recorded_geometry(path: str | Path) -> tuple[ModelConfig, RGMConfig | None]:
