@@ -317,11 +317,15 @@ class DataConfig:
     temperature: float = option(0.6, flag="--rollout-temperature")
     top_p: float = option(0.95, flag="--rollout-top-p")
     max_response_length: int = option(256, "new tokens per rollout")
+    rollout_max_batch: int | None = option(None, "sequences a rank decodes at once in colocated rollouts (KV-cache "
+                                           "slots; a finished one's slot is refilled); default: every sample of "
+                                           "the rank's prompts")
 
     def __post_init__(self) -> None:
         check_template(self.prompt_template)
         for flag, value in {"--prompts-per-iter": self.prompts_per_iter, "--grpo-group-size": self.group_size,
-                            "--max-response-length": self.max_response_length}.items():
+                            "--max-response-length": self.max_response_length,
+                            "--rollout-max-batch": self.rollout_max_batch or 1}.items():
             if value < 1:
                 raise ConfigError(f"{flag} must be >= 1, got {value}")
         if self.temperature < 0:

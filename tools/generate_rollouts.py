@@ -24,6 +24,8 @@ def main(argv=None) -> int:
     cli.add_arguments(p, ModelSource, "model")
     p.add_argument("--dp", type=int, default=1, help="data-parallel replicas (megatron backend)")
     p.add_argument("--k", type=int, default=8, help="samples per prompt")
+    p.add_argument("--max-batch", type=int, default=256, help="sequences decoded at once (KV-cache slots; a finished "
+                   "one's slot is refilled by a waiting one)")
     cli.add_arguments(p, SamplingParams, "sampling")
     a = p.parse_args(argv)
 
@@ -33,11 +35,13 @@ def main(argv=None) -> int:
 
         source, inputs = cli.from_namespace(ModelSource, a), cli.from_namespace(PromptFileConfig, a)
         params = cli.from_namespace(SamplingParams, a)
-        if a.k < 1:
-            raise ConfigError(f"--k must be >= 1, got {a.k}")
+        for flag, value in (("--k", a.k), ("--max-batch", a.max_batch)):
+            if value < 1:
+                raise ConfigError(f"{flag} must be >= 1, got {value}")
         prompts = load_prompts(inputs.prompts, inputs.problem_key, inputs.answer_key, inputs.limit)
         if source.backend == "hf":
-            generate_hf(source.hf_path, prompts, a.output, a.k, params, inputs.verifier, inputs.prompt_template)
+            generate_hf(source.hf_path, prompts, a.output, a.k, params, inputs.verifier, inputs.prompt_template,
+                        a.max_batch)
         else:
             if a.dp < 1:
                 raise ConfigError(f"--dp must be >= 1, got {a.dp}")
@@ -48,7 +52,8 @@ def main(argv=None) -> int:
             checkpoint = describe_checkpoint(source.mcore_path)
             load_tokenizer(checkpoint.tokenizer_path(source.tokenizer))
             run_ranks(generate_megatron, source.tp * source.pp * a.dp, source.mcore_path, source.tokenizer, prompts,
-                      a.output, a.k, params, inputs.verifier, source.tp, inputs.prompt_template, source.pp)
+                      a.output, a.k, params, inputs.verifier, source.tp, inputs.prompt_template, source.pp,
+                      a.max_batch)
         print(f"output: {a.output}")
 
     return run_tool(body)

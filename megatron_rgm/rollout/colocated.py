@@ -24,7 +24,8 @@ from megatron_rgm.tokenizer import prompt_ids
 
 def sample_groups(model, vocab: int, tokenizer, segmenter: StepSegmenter, data: DataConfig, prompts, seed: int,
                   iteration: int) -> list[list[Trajectory]]:
-    """``data.group_size`` graded samples of each ``(index, prompt)`` of ``prompts``, drawn by ``model``.
+    """``data.group_size`` graded samples of each ``(index, prompt)`` of ``prompts``, drawn by ``model``: every
+    prompt's samples decoded together in one pool of ``--rollout-max-batch`` slots (continuous batching).
 
     Raises:
         ConfigError: a prompt leaves no room to generate in the model's positions (naming it).
@@ -32,18 +33,21 @@ def sample_groups(model, vocab: int, tokenizer, segmenter: StepSegmenter, data: 
     sampler = Sampler(model, vocab, segmenter, tokenizer)
     verifier = make_verifier(data.verifier)
     eos = tokenizer.eos_token_id
-    groups = []
+    requests, params = [], []
     for index, prompt in prompts:
         ids = prompt_ids(tokenizer, data.prompt_template, prompt["problem"])
         room = model.max_sequence_length - len(ids)
         if room < 1:
             raise ConfigError(f"prompt {prompt.get('id', index)} has {len(ids)} tokens, more than the model's "
                               f"{model.max_sequence_length} positions: raise --max-position-embeddings or drop it")
-        params = SamplingParams(temperature=data.temperature, top_p=data.top_p,
-                                max_new_tokens=min(data.max_response_length, room),
-                                eos_token_ids=[eos] if eos is not None else [],
-                                seed=derive_seed(seed, iteration, index))
-        r = sampler.generate(ids, data.group_size, params)
+        requests.append(ids)
+        params.append(SamplingParams(temperature=data.temperature, top_p=data.top_p,
+                                     max_new_tokens=min(data.max_response_length, room),
+                                     eos_token_ids=[eos] if eos is not None else [],
+                                     seed=derive_seed(seed, iteration, index)))
+    rollouts = sampler.generate_batch(requests, data.group_size, params, max_batch=data.rollout_max_batch)
+    groups = []
+    for (index, prompt), ids, r in zip(prompts, requests, rollouts):
         probs = torch.sigmoid(r.step_logits)
         group = []
         for j in range(data.group_size):

@@ -29,6 +29,8 @@ from megatron_rgm.rollout.sampling import derive_seed
 from megatron_rgm.steps import StepSegmenter
 from megatron_rgm.tokenizer import load_tokenizer, prompt_ids
 
+MAX_BATCH = 256  # sequences decoded at once by default (vLLM's max_num_seqs)
+
 
 def _trajectories(tokens, prompt_len, lengths, log_probs, step_mask, step_logits, cu, texts, answer, verifier,
                   prompt_id) -> list[Trajectory]:
@@ -63,17 +65,27 @@ def check_prompt_lengths(tokenizer, prompts: list[dict], template: str, max_new_
 
 
 def _sample_prompts(sampler, tokenizer, todo: list[tuple[int, dict]], k: int, params: SamplingParams,
-                    template: str, verifier: str, write, progress: str, quiet: bool) -> None:
-    """k samples of each (index, prompt) in ``todo``, handed to ``write(trajectories)`` (None: sample only)."""
+                    template: str, verifier: str, write, progress: str, quiet: bool, max_batch: int) -> None:
+    """k samples of each (index, prompt) in ``todo``, handed to ``write(trajectories)`` (None: sample only).
+
+    Prompts go to the sampler in chunks whose samples fill ``max_batch`` slots four times over (continuous
+    batching refills a finished sequence's slot within a chunk); each chunk's groups are written when it ends.
+    """
     grade = make_verifier(verifier)
-    for i, prompt in tqdm(todo, desc=progress, disable=quiet, file=sys.stdout):
-        ids = prompt_ids(tokenizer, template, prompt["problem"])
-        # Seeded per prompt: the same draws whatever the layout or the point a run resumed from.
-        r = sampler.generate(ids, k, replace(params, seed=derive_seed(params.seed, i)))
-        if write is not None:
-            texts = [tokenizer.decode(r.tokens[j, len(ids):int(r.lengths[j])].tolist()) for j in range(k)]
-            write(_trajectories(r.tokens, len(ids), r.lengths, r.log_probs, r.step_mask, r.step_logits,
-                                r.cu_steps, texts, prompt["answer"], grade, i))
+    chunk = max(1, 4 * max_batch // k)
+    with tqdm(total=len(todo), desc=progress, disable=quiet, file=sys.stdout) as bar:
+        for at in range(0, len(todo), chunk):
+            part = todo[at:at + chunk]
+            ids = [prompt_ids(tokenizer, template, prompt["problem"]) for _, prompt in part]
+            # Seeded per prompt: the same draws whatever the layout, the chunking or the point a run resumed from.
+            rollouts = sampler.generate_batch(ids, k, [replace(params, seed=derive_seed(params.seed, i))
+                                                       for i, _ in part], max_batch=max_batch)
+            for (i, prompt), p, r in zip(part, ids, rollouts):
+                if write is not None:
+                    texts = [tokenizer.decode(r.tokens[j, len(p):int(r.lengths[j])].tolist()) for j in range(k)]
+                    write(_trajectories(r.tokens, len(p), r.lengths, r.log_probs, r.step_mask, r.step_logits,
+                                        r.cu_steps, texts, prompt["answer"], grade, i))
+            bar.update(len(part))
 
 
 def _with_eos(params: SamplingParams, tokenizer) -> SamplingParams:
@@ -85,7 +97,7 @@ def _with_eos(params: SamplingParams, tokenizer) -> SamplingParams:
 
 def generate_megatron(mcore_path: str, tokenizer_path: str | None, prompts: list[dict], output: str, k: int,
                       params: SamplingParams, verifier: str = "math", tp: int = 1,
-                      template: str = PROMPT_TEMPLATE, pp: int = 1) -> None:
+                      template: str = PROMPT_TEMPLATE, pp: int = 1, max_batch: int = MAX_BATCH) -> None:
     from megatron.core import parallel_state as ps
 
     from megatron_rgm.model.load import describe_checkpoint, load_model
@@ -111,14 +123,14 @@ def generate_megatron(mcore_path: str, tokenizer_path: str | None, prompts: list
     mine = [(i, p) for i, p in enumerate(prompts) if i % dp == dp_rank and i not in done]
     _sample_prompts(sampler, tokenizer, mine, k, params, template, verifier,
                     (lambda group: store.append(dp_rank, group)) if writer else None, f"rollouts dp{dp_rank}",
-                    quiet=not writer)
+                    quiet=not writer, max_batch=max_batch)
     torch.distributed.barrier()
     distributed.shutdown()
 
 
 @torch.no_grad()
 def generate_hf(hf_path: str, prompts: list[dict], output: str, k: int, params: SamplingParams,
-                verifier: str = "math", template: str = PROMPT_TEMPLATE) -> None:
+                verifier: str = "math", template: str = PROMPT_TEMPLATE, max_batch: int = MAX_BATCH) -> None:
     """The same rollouts from an HF export, in this process: the native sampler over transformers' forward."""
     scorer = RGMScorer.from_pretrained(hf_path)
     tokenizer = scorer.tokenizer
@@ -130,7 +142,7 @@ def generate_hf(hf_path: str, prompts: list[dict], output: str, k: int, params: 
     done = store.prompt_ids()
     todo = [(i, p) for i, p in enumerate(prompts) if i not in done]
     _sample_prompts(sampler, tokenizer, todo, k, params, template, verifier, lambda group: store.append(0, group),
-                    "rollouts (hf)", quiet=False)
+                    "rollouts (hf)", quiet=False, max_batch=max_batch)
 
 
 def load_prompts(path: str, problem_key: str | None, answer_key: str | None, limit: int | None) -> list[dict]:

@@ -21,6 +21,14 @@ repeating the whole cache in every layer at every step. The k samples share
 their prompt: it is prefilled once (batch 1) and its KV cache copied to the k
 rows. The head runs on the new position only (``2c^2`` multiply-adds a
 sequence a step).
+
+:meth:`Sampler.generate_batch` decodes many prompts' samples in one pool of
+cache slots, a finished sequence's slot taken by a waiting one
+(:mod:`megatron_rgm.rollout.batching`); :meth:`Sampler.generate` is that call
+with one prompt. Each sample draws from its own generator, seeded by (the
+prompt's seed, its index), so what it samples does not depend on what is
+decoded beside it. Models off the flash-decode path (an HF model, megatron-core's
+default path, a full recompute) run one prompt's k samples in lockstep instead.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import torch.nn.functional as F
 from megatron_rgm.compat.mcore import inference_mode
 from megatron_rgm.config import ConfigError
 from megatron_rgm.rollout import decode_attention
+from megatron_rgm.rollout.batching import Request, SlotPool, copy_prompt_cache, sample_generator
 from megatron_rgm.rollout.sampling import (
     Rollout,
     SamplingParams,
@@ -58,42 +67,6 @@ def _head_logits(head: torch.nn.Module, feature: torch.Tensor) -> torch.Tensor:
         x = F.relu(F.linear(feature.to(first.weight.dtype), first.weight, first.bias))
         return F.linear(x, last.weight, last.bias).view(-1).float()
     return head(feature.to(first.weight.dtype)).view(-1).float()
-
-
-def _replicate_prompt_cache(context, b: int, length: int) -> None:
-    """Copy row 0 of every layer's KV cache (``[s, b, heads, d]``, its first ``length`` positions) to rows 1..b-1."""
-    for entry in context.key_value_memory_dict.values():
-        if not (isinstance(entry, tuple) and len(entry) == 2 and all(x.shape[1] >= b for x in entry)):
-            raise RuntimeError(f"unexpected KV cache entry in the inference context: {type(entry)}")
-        for memory in entry:
-            memory[:length, 1:b] = memory[:length, :1]
-
-
-@dataclass
-class _Batch:
-    """One generate call's k rows, preallocated on the model's device."""
-
-    tokens: torch.Tensor  # [k, max_len]: the prompt, then the sampled tokens
-    positions: torch.Tensor  # [k, max_len]
-    log_probs: torch.Tensor  # [k, max_len]: each sampled token's log-prob
-    position_logits: torch.Tensor  # [k, max_len]: the head's logit at each position
-    done: torch.Tensor  # [k] bool
-    lengths: torch.Tensor  # [k]: where each row ends (max_len until it does)
-    texts: list[str]  # decoded so far, for stop strings
-    prompt_len: int
-
-    @property
-    def size(self) -> int:
-        return self.tokens.shape[0]
-
-    @classmethod
-    def start(cls, prompt_ids: list[int], k: int, max_len: int, device) -> _Batch:
-        tokens = torch.zeros(k, max_len, dtype=torch.long, device=device)
-        tokens[:, :len(prompt_ids)] = torch.tensor(prompt_ids, dtype=torch.long, device=device)
-        return cls(tokens, torch.arange(max_len, device=device).unsqueeze(0).expand(k, max_len),
-                   torch.zeros(k, max_len, device=device), torch.zeros(k, max_len, device=device),
-                   torch.zeros(k, dtype=torch.bool, device=device),
-                   torch.full((k,), max_len, dtype=torch.long, device=device), [""] * k, len(prompt_ids))
 
 
 class Sampler:
@@ -198,56 +171,98 @@ class Sampler:
                               f"model's {limit} positions: shorten the prompt or lower max_new_tokens")
         return len(prompt_ids) + new
 
-    def _forward_at(self, batch: _Batch, t: int, context, share: bool):
+    def _draw(self, logits, seen, params: SamplingParams, gen: torch.Generator):
+        """One sequence's next token and its log-prob (0-d tensors): ``logits`` ``[1, V]``, ``seen`` ``[1, n]``."""
+        token, log_prob = self._sample(logits, seen, params, gen)
+        return token[0], log_prob[0]
+
+    def _continuous(self) -> bool:
+        """Whether the slots of a call may decode at different offsets: megatron-core's flash-decode path."""
+        return self.fast_decode and self._is_megatron() and decode_attention.supported(self.model)
+
+    # --- one prompt's k samples in lockstep (HF models, megatron-core's default path, a full recompute) --------
+
+    def _forward_at(self, req: Request, t: int, context, share: bool):
         """The forward that predicts position ``t``: one decode step, the shared prompt's prefill, or everything
         before ``t`` (the first step without a cache, and every step of a full recompute)."""
-        if context is not None and t > batch.prompt_len:
+        positions = torch.arange(t, device=req.tokens.device).unsqueeze(0).expand(req.k, t)
+        if context is not None and t > len(req.prompt):
             context.enable_decode_mode()
-            return self._forward(batch.tokens[:, t - 1:t], batch.positions[:, t - 1:t], context)
+            return self._forward(req.tokens[:, t - 1:t], positions[:, t - 1:t], context)
         if share:  # the k samples share the prompt: prefill it once, copy its KV cache to every row
-            logits, head = self._forward(batch.tokens[:1, :t], batch.positions[:1, :t], context)
-            _replicate_prompt_cache(context, batch.size, t)
+            logits, head = self._forward(req.tokens[:1, :t], positions[:1], context)
+            copy_prompt_cache(context, 0, list(range(1, req.k)), t)
             if logits is None:
                 return None, None
-            return logits.expand(batch.size, -1).contiguous(), None if head is None else head.expand(batch.size)
-        return self._forward(batch.tokens[:, :t], batch.positions[:, :t], context)
+            return logits.expand(req.k, -1).contiguous(), None if head is None else head.expand(req.k)
+        return self._forward(req.tokens[:, :t], positions, context)
 
-    def _next_tokens(self, batch: _Batch, t: int, logits, head, params: SamplingParams, gen) -> torch.Tensor:
+    def _next_tokens(self, req: Request, done: torch.Tensor, t: int, logits, head, gens) -> torch.Tensor:
         """Position ``t``'s tokens (0 in finished rows), drawn on the last stage and sent to every stage."""
+        nxt = torch.zeros(req.k, dtype=torch.long, device=req.tokens.device)
         if self.last:
             if head is not None:
-                batch.position_logits[:, t - 1] = head
-            nxt, lp = self._sample(logits, batch.tokens[:, :t], params, gen)
-            nxt = nxt.masked_fill(batch.done, 0)
-            batch.log_probs[:, t] = lp.masked_fill(batch.done, 0.0)
-        else:
-            nxt = torch.zeros(batch.size, dtype=torch.long, device=batch.tokens.device)
+                req.position_logits[:, t - 1] = head
+            for j in (~done).nonzero().flatten().tolist():
+                nxt[j], req.log_probs[j, t] = self._draw(logits[j:j + 1], req.tokens[j:j + 1, :t], req.params,
+                                                         gens[j])
         if self.pp > 1:  # every stage needs the token for its next step
             dist.broadcast(nxt, src=self.last_rank, group=self.pp_group)
         return nxt
 
-    def _finished(self, batch: _Batch, nxt: torch.Tensor, eos: torch.Tensor, stops: list[str],
-                  window: int) -> torch.Tensor:
-        """Rows that end with ``nxt``: an EOS token, or a stop string that is new (it ends inside this piece;
-        ``window``: the longest stop string)."""
-        finished = ~batch.done & torch.isin(nxt, eos)
-        for i in range(batch.size) if stops else ():
-            if batch.done[i]:
+    def _finished(self, req: Request, done: torch.Tensor, texts: list[str], nxt: torch.Tensor,
+                  eos: torch.Tensor) -> torch.Tensor:
+        """Rows that end with ``nxt``: an EOS token, or a stop string that is new (it ends inside this piece)."""
+        finished = ~done & torch.isin(nxt, eos)
+        stops = req.params.stop_strings if self.tokenizer is not None else []
+        window = max((len(x) for x in stops), default=0)
+        for i in range(req.k) if stops else ():
+            if done[i]:
                 continue
             piece = self.tokenizer.decode([int(nxt[i])])
-            batch.texts[i] += piece
-            if any(x in batch.texts[i][-(len(piece) + window):] for x in stops):
+            texts[i] += piece
+            if any(x in texts[i][-(len(piece) + window):] for x in stops):
                 finished[i] = True
         return finished
 
-    def _rollout(self, batch: _Batch, s: int) -> Rollout:
-        """The first ``s`` positions, on the CPU, past each row's end zeroed, with the step scores picked out."""
+    def _lockstep(self, req: Request, use_cache: bool) -> None:
+        """``req``'s k samples decoded together, one position a step, until every one has ended."""
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        device = req.tokens.device
+        n = len(req.prompt)
+        req.tokens[:, :n] = torch.tensor(req.prompt, dtype=torch.long, device=device)
+        gens = [sample_generator(req.params, j, device) for j in range(req.k)]
+        context = StaticInferenceContext(req.k, req.max_len) if use_cache else None
+        eos = torch.tensor(req.params.eos_token_ids or [-1], device=device)
+        done = torch.zeros(req.k, dtype=torch.bool, device=device)
+        texts = [""] * req.k
+        share = use_cache and req.k > 1 and self._is_megatron()
+        with self._decode_path(use_cache), (inference_mode() if use_cache else contextlib.nullcontext()):
+            for t in range(n, req.max_len):
+                logits, head = self._forward_at(req, t, context, share)
+                if use_cache:
+                    context.sequence_len_offset = t
+                nxt = self._next_tokens(req, done, t, logits, head, gens)
+                req.tokens[:, t] = nxt
+                finished = self._finished(req, done, texts, nxt, eos)
+                req.lengths.masked_fill_(finished, t + 1)
+                done |= finished
+                if bool(done.all()):
+                    break
+
+    # --- results -------------------------------------------------------------------------------------------------
+
+    def _rollout(self, req: Request) -> Rollout:
+        """The request's rows up to the longest, on the CPU, past each row's end zeroed, with the step scores."""
         if self.pp > 1:
-            dist.broadcast(batch.log_probs, src=self.last_rank, group=self.pp_group)
-            dist.broadcast(batch.position_logits, src=self.last_rank, group=self.pp_group)
-        p0, b = batch.prompt_len, batch.size
-        tokens, lengths = batch.tokens[:, :s].cpu(), batch.lengths.cpu()
-        log_probs, position_logits = batch.log_probs[:, :s].cpu(), batch.position_logits[:, :s].cpu()
+            dist.broadcast(req.log_probs, src=self.last_rank, group=self.pp_group)
+            dist.broadcast(req.position_logits, src=self.last_rank, group=self.pp_group)
+        p0, b = len(req.prompt), req.k
+        lengths = req.lengths.cpu()
+        s = int(lengths.max())
+        tokens = req.tokens[:, :s].cpu()
+        log_probs, position_logits = req.log_probs[:, :s].cpu(), req.position_logits[:, :s].cpu()
         keep = torch.arange(s).unsqueeze(0) < lengths.unsqueeze(1)
         tokens = torch.where(keep, tokens, torch.zeros_like(tokens))
         response = (torch.arange(s).unsqueeze(0) >= p0) & keep
@@ -259,46 +274,51 @@ class Sampler:
             step_mask = torch.zeros_like(tokens, dtype=torch.bool)
             cu = torch.zeros(b + 1, dtype=torch.int32)
             step_logits = torch.zeros(0)
-        return Rollout(tokens, p0, lengths.clamp(max=s), log_probs * response, position_logits, step_logits, cu,
-                       step_mask)
+        return Rollout(tokens, p0, lengths, log_probs * response, position_logits * keep, step_logits, cu, step_mask)
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[int], num_samples: int, params: SamplingParams,
                  use_cache: bool = True) -> Rollout:
-        """``num_samples`` continuations of one prompt.
+        """``num_samples`` continuations of one prompt (:meth:`generate_batch` with one prompt).
 
         Args:
             prompt_ids: the prompt's token ids.
-            num_samples: k, the batch size.
+            num_samples: k.
             params: decoding options.
             use_cache: False recomputes the whole sequence each step (for testing the cache).
         """
-        from megatron.core.inference.contexts import StaticInferenceContext
+        return self.generate_batch([prompt_ids], num_samples, [params], use_cache=use_cache)[0]
 
-        max_len = self._check_request(prompt_ids, num_samples, params)
+    @torch.no_grad()
+    def generate_batch(self, prompts: list[list[int]], num_samples: int, params: list[SamplingParams],
+                       max_batch: int | None = None, use_cache: bool = True) -> list[Rollout]:
+        """``num_samples`` continuations of each prompt, decoded together (continuous batching).
+
+        Args:
+            prompts: each prompt's token ids.
+            num_samples: k, samples per prompt.
+            params: each prompt's decoding options (its seed keys its samples' generators).
+            max_batch: sequences decoded at once (cache slots); default: every prompt's k samples.
+            use_cache: False recomputes the whole sequence each step (for testing the cache).
+
+        Returns:
+            One :class:`Rollout` per prompt, as :meth:`generate` gives it for that prompt alone.
+        """
+        if len(params) != len(prompts):
+            raise ConfigError(f"generate_batch got {len(prompts)} prompts and {len(params)} sampling parameters: "
+                              "pass one per prompt")
+        if max_batch is not None and max_batch < 1:
+            raise ConfigError(f"max_batch (sequences decoded at once) must be >= 1, got {max_batch}")
+        requests = [Request(list(p), num_samples, par, self._check_request(p, num_samples, par))
+                    for p, par in zip(prompts, params)]
         self.model.eval()
         device = next(self.model.parameters()).device
-        # Everything the loop touches lives on the model's device and is preallocated: no per-step host copies
-        # (one host read a step, ``done.all()``, ends the loop early; stop strings add a decode per token).
-        batch = _Batch.start(prompt_ids, num_samples, max_len, device)
-        gen = torch.Generator(device=device).manual_seed(params.seed)
-        context = StaticInferenceContext(num_samples, max_len) if use_cache else None
-        eos = torch.tensor(params.eos_token_ids or [-1], device=device)
-        stops = params.stop_strings if self.tokenizer is not None else []
-        window = max((len(x) for x in stops), default=0)
-        share = use_cache and num_samples > 1 and self._is_megatron()
-        s = batch.prompt_len
-        with self._decode_path(use_cache), (inference_mode() if use_cache else contextlib.nullcontext()):
-            for t in range(batch.prompt_len, max_len):
-                logits, head = self._forward_at(batch, t, context, share)
-                if use_cache:
-                    context.sequence_len_offset = t
-                nxt = self._next_tokens(batch, t, logits, head, params, gen)
-                batch.tokens[:, t] = nxt
-                s = t + 1
-                finished = self._finished(batch, nxt, eos, stops, window)
-                batch.lengths.masked_fill_(finished, t + 1)
-                batch.done |= finished
-                if bool(batch.done.all()):
-                    break
-        return self._rollout(batch, s)
+        if requests and use_cache and self._continuous():
+            slots = min(max_batch or num_samples * len(requests), num_samples * len(requests))
+            with self._decode_path(True), inference_mode():
+                SlotPool(self, requests, slots, device).run()
+        else:
+            for req in requests:
+                req.allocate(device)
+                self._lockstep(req, use_cache)
+        return [self._rollout(req) for req in requests]

@@ -64,6 +64,32 @@ def greedy_margin(model, tokens: torch.Tensor, prompt_len: int) -> float:
     return top2_gap(logits[:, prompt_len - 1:s - 1, :500].reshape(-1, 500))
 
 
+# Continuous batching: prompts of different lengths and budgets, k=3 each, decoded in 5 slots (12 sequences:
+# slots are refilled, prompt caches copied or prefilled again, the pool compacted at the tail). Frequent EOS ids
+# end the sampled sequences at different steps.
+BATCH_PROMPTS = [PROMPT, [31, 41, 59, 26], [13, 14, 15, 16, 17, 18, 19, 20, 21], [5]]
+BATCH_EOS = [3, 23, 43, 63, 83]
+
+
+def batch_params(temperature: float) -> list[SamplingParams]:
+    return [SamplingParams(temperature=temperature, top_p=0.95, top_k=50, repetition_penalty=1.05,
+                           max_new_tokens=16 + 4 * i, seed=20 + i, eos_token_ids=BATCH_EOS if temperature else [])
+            for i in range(len(BATCH_PROMPTS))]
+
+
+def batched(sampler) -> dict:
+    """Each prompt alone (generate) and all of them in one pool (generate_batch): tokens, log-probs, scores."""
+    out = {}
+    for name, temperature in (("greedy", 0.0), ("sampled", 1.0)):
+        params = batch_params(temperature)
+        alone = [sampler.generate(p, 3, par) for p, par in zip(BATCH_PROMPTS, params)]
+        pooled = sampler.generate_batch(BATCH_PROMPTS, 3, params, max_batch=5)
+        out[name] = {kind: [{"tokens": r.tokens.tolist(), "lengths": r.lengths.tolist(),
+                             "log_probs": r.log_probs.tolist(), "step_logits": r.step_logits.tolist()} for r in rs]
+                     for kind, rs in (("alone", alone), ("pooled", pooled))}
+    return out
+
+
 def run(out: str):
 
     ref = build(1)
@@ -107,9 +133,13 @@ def run(out: str):
             "flash_decode_calls": calls[0], "decode_steps": greedy.tokens.shape[1] - len(PROMPT) - 1,
             "layers": model.config.num_layers,
         }
+        results[f"tp{tp}"]["batched"] = batched(sampler)
         if tp == 1:
             results["_tp1_step_logits"] = sampled.step_logits.tolist()
-            results["_tp1_greedy_margin"] = greedy_margin(model, greedy.tokens, len(PROMPT))
+            results["_tp1_greedy_margin"] = min(
+                [greedy_margin(model, greedy.tokens, len(PROMPT))] +
+                [greedy_margin(model, torch.tensor(r["tokens"]), len(p)) for p, r in
+                 zip(BATCH_PROMPTS, results["tp1"]["batched"]["greedy"]["alone"])])
     # PP=2: each stage caches its own layers; tokens come back from the last stage.
     model = build(1, full, pp=2)
     sampler = Sampler(model, 500, StepSegmenter(STEP_IDS))
@@ -117,7 +147,8 @@ def run(out: str):
     sampled = sampler.generate(PROMPT, 4, SamplingParams(temperature=1.0, top_p=0.95, top_k=50,
                                                          repetition_penalty=1.05, max_new_tokens=24, seed=9))
     results["pp2"] = {"greedy": greedy.tokens.tolist(), "sampled": sampled.tokens.tolist(),
-                      "log_probs": sampled.log_probs.tolist(), "step_logits": sampled.step_logits.tolist()}
+                      "log_probs": sampled.log_probs.tolist(), "step_logits": sampled.step_logits.tolist(),
+                      "batched": batched(sampler)}
     results["tp1"]["step_logits"] = results.pop("_tp1_step_logits")
     results["tp1"]["greedy_margin"] = results.pop("_tp1_greedy_margin")
     if int(os.environ["RANK"]) == 0:
