@@ -222,3 +222,29 @@ def test_torch_flash_attn_with_kvcache(seqlens, sq):
         torch.testing.assert_close(out[i], expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(k_mem, k_ref)  # the cache was written in place, at the right rows
     torch.testing.assert_close(v_mem, v_ref)
+
+
+@pytest.mark.parametrize("top_k, top_p, penalty", [(0, 0.95, 1.0), (0, 0.9999, 1.3), (20, 0.9, 1.0), (0, 1.0, 1.0),
+                                                   (0, 0.5, 1.05)])
+def test_a_row_draws_the_same_token_with_or_without_other_rows(top_k, top_p, penalty):
+    """draw() filters all rows at once but each row draws alone, from its own generator, over as many top-p
+    candidates as it would take on its own (peaked and flat rows side by side make the shared count grow: torch's
+    CPU multinomial happens not to depend on the trailing zero-probability candidates, a device kernel may)."""
+    from megatron_rgm.rollout.sampling import draw
+
+    torch.manual_seed(0)
+    V = 5000
+    logits = torch.cat([torch.randn(3, V) * 8.0, torch.randn(3, V) * 0.05])  # peaked rows, then nearly flat ones
+    seen = torch.randint(0, V, (6, 12))
+    params = SamplingParams(temperature=0.7, top_p=top_p, top_k=top_k, repetition_penalty=penalty)
+
+    def gens():
+        return [torch.Generator().manual_seed(100 + i) for i in range(6)]
+
+    together = [draw(logits, seen, params, gens()) for _ in range(3)]
+    alone = [draw(logits[i:i + 1], seen[i:i + 1], params, [gens()[i]]) for i in range(6)]
+    tokens, log_probs = together[0]
+    assert all(torch.equal(t[0], tokens) for t in together)  # a generator per row: the same draws again
+    assert tokens.tolist() == [int(a[0]) for a in alone]
+    torch.testing.assert_close(log_probs, torch.cat([a[1] for a in alone]), rtol=0, atol=1e-6)
+    assert len(set(tokens[3:].tolist())) > 1  # the flat rows draw from a wide nucleus

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from megatron_rgm.rollout.sampling import SamplingParams, derive_seed
+from megatron_rgm.rollout.sampling import SamplingParams, derive_seed, draw
 
 
 @dataclass
@@ -155,21 +155,24 @@ class SlotPool:
             admitted.append(slot)
         if not admitted:
             return
-        picks = torch.zeros(len(admitted), dtype=torch.long, device=self.device)
-        for i, slot in enumerate(admitted):
-            r, j = self.owner[slot]
+        picks = torch.zeros(self.size, dtype=torch.long, device=self.device)
+        for r in sorted({self.owner[slot][0] for slot in admitted}):  # each prompt's new samples: one draw
             req, n = self.requests[r], len(self.requests[r].prompt)
-            self.tokens[slot, :n] = torch.tensor(req.prompt, dtype=torch.long, device=self.device)
-            self.texts[slot] = ""
+            slots = [slot for slot in admitted if self.owner[slot][0] == r]
+            rows = torch.tensor(slots, dtype=torch.long, device=self.device)
+            self.tokens[rows, :n] = torch.tensor(req.prompt, dtype=torch.long, device=self.device)
+            for slot in slots:
+                self.texts[slot] = ""
             if self.sampler.last:
                 logits, head = req.first
                 if head is not None:
-                    self.position_logits[slot, n - 1] = head[0]
-                picks[i], self.log_probs[slot, n] = self.sampler._draw(logits, self.tokens[slot:slot + 1, :n],
-                                                                       req.params, self.gens[r, j])
+                    self.position_logits[rows, n - 1] = head[0]
+                picks[rows], self.log_probs[rows, n] = draw(logits.expand(len(slots), -1), self.tokens[rows, :n],
+                                                            req.params, [self.gens[self.owner[s]] for s in slots])
         self._broadcast(picks)
-        for slot, token in zip(admitted, picks.tolist()):
-            self._append(slot, token)
+        tokens = picks.tolist()
+        for slot in admitted:
+            self._append(slot, tokens[slot])
         for r, req in enumerate(self.requests):  # a prompt whose samples all started needs its logits no more
             if not self.waiting[r]:
                 req.first = None
@@ -197,17 +200,38 @@ class SlotPool:
         live = [s for s in range(self.size) if self.owner[s] is not None]
         picks = torch.zeros(self.size, dtype=torch.long, device=self.device)
         if self.sampler.last:
-            for slot in live:
-                r, j = self.owner[slot]
-                n = self.length[slot]
-                if head is not None:
-                    self.position_logits[slot, n - 1] = head[slot]
-                picks[slot], self.log_probs[slot, n] = self.sampler._draw(
-                    logits[slot:slot + 1], self.tokens[slot:slot + 1, :n], self.requests[r].params, self.gens[r, j])
+            rows = torch.tensor(live, dtype=torch.long, device=self.device)
+            at_live = at[rows] + 1  # where each live slot's new token goes
+            if head is not None:
+                self.position_logits[rows, at_live - 1] = head[rows]
+            for slots in self._by_params(live):  # the filters batched over slots that sample alike
+                sub = torch.tensor(slots, dtype=torch.long, device=self.device)
+                params = self.requests[self.owner[slots[0]][0]].params
+                picks[sub], self.log_probs[sub, at[sub] + 1] = draw(
+                    logits[sub], self._seen(slots, params), params, [self.gens[self.owner[s]] for s in slots])
         self._broadcast(picks)
         tokens = picks.tolist()
         for slot in live:
             self._append(slot, tokens[slot])
+
+    def _by_params(self, slots: list[int]) -> list[list[int]]:
+        """``slots`` grouped by how their prompts sample (all but the seed)."""
+        groups: dict[tuple, list[int]] = {}
+        for slot in slots:
+            p = self.requests[self.owner[slot][0]].params
+            groups.setdefault((p.temperature, p.top_p, p.top_k, p.repetition_penalty), []).append(slot)
+        return list(groups.values())
+
+    def _seen(self, slots: list[int], params: SamplingParams) -> torch.Tensor:
+        """``[len(slots), n]`` each slot's tokens so far, for the repetition penalty: a slot shorter than the
+        longest repeats its first token in the rest (a token it has, so the penalty is the same)."""
+        rows = torch.tensor(slots, dtype=torch.long, device=self.device)
+        if params.repetition_penalty == 1.0:
+            return self.tokens[rows, :1]
+        lengths = torch.tensor([self.length[s] for s in slots], device=self.device)
+        n = int(lengths.max())
+        seen = self.tokens[rows, :n]
+        return torch.where(torch.arange(n, device=self.device) < lengths[:, None], seen, seen[:, :1])
 
     # --- bookkeeping ---------------------------------------------------------------------------------------------
 

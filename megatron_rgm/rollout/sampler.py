@@ -44,12 +44,7 @@ from megatron_rgm.compat.mcore import inference_mode
 from megatron_rgm.config import ConfigError
 from megatron_rgm.rollout import decode_attention
 from megatron_rgm.rollout.batching import Request, SlotPool, copy_prompt_cache, sample_generator
-from megatron_rgm.rollout.sampling import (
-    Rollout,
-    SamplingParams,
-    nucleus,
-    repetition_penalty,
-)
+from megatron_rgm.rollout.sampling import Rollout, SamplingParams, draw
 from megatron_rgm.steps import StepSegmenter
 
 __all__ = ["Sampler", "SamplingParams", "Rollout"]
@@ -125,27 +120,6 @@ class Sampler:
                 head = _head_logits(self.model.sprm_head, feature[-1])
         return logits, head
 
-    def _sample(self, logits, tokens, params: SamplingParams, gen: torch.Generator):
-        """(next tokens ``[b]``, their log-probs under the temperature-scaled, unfiltered distribution).
-
-        Draws from the distribution :func:`megatron_rgm.rollout.sampling.filter_logits` leaves, but over the
-        top-k / top-p candidates only (:func:`megatron_rgm.rollout.sampling.nucleus`): no sort and no
-        multinomial over the whole vocabulary.
-        """
-        logits = repetition_penalty(logits, tokens, params.repetition_penalty)
-        if params.temperature == 0:
-            nxt = logits.argmax(-1)
-            return nxt, (logits.gather(-1, nxt[:, None]) - torch.logsumexp(logits, -1, keepdim=True)).squeeze(-1)
-        scaled = logits / params.temperature
-        lse = torch.logsumexp(scaled, -1, keepdim=True)
-        kept = nucleus(scaled, params, lse)
-        if kept is None:
-            nxt = torch.multinomial(torch.exp(scaled - lse), 1, generator=gen)
-        else:
-            candidates, ids = kept
-            nxt = ids.gather(-1, torch.multinomial(torch.softmax(candidates, -1), 1, generator=gen))
-        return nxt.squeeze(-1), (scaled.gather(-1, nxt) - lse).squeeze(-1)
-
     def _is_megatron(self) -> bool:
         """A megatron-core model (its KV cache is the StaticInferenceContext's), not a subclass's own model."""
         return hasattr(getattr(self.model, "config", None), "flash_decode")
@@ -170,11 +144,6 @@ class Sampler:
             raise ConfigError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max(new, 1)}) exceeds the "
                               f"model's {limit} positions: shorten the prompt or lower max_new_tokens")
         return len(prompt_ids) + new
-
-    def _draw(self, logits, seen, params: SamplingParams, gen: torch.Generator):
-        """One sequence's next token and its log-prob (0-d tensors): ``logits`` ``[1, V]``, ``seen`` ``[1, n]``."""
-        token, log_prob = self._sample(logits, seen, params, gen)
-        return token[0], log_prob[0]
 
     def _continuous(self) -> bool:
         """Whether the slots of a call may decode at different offsets: megatron-core's flash-decode path."""
@@ -203,9 +172,9 @@ class Sampler:
         if self.last:
             if head is not None:
                 req.position_logits[:, t - 1] = head
-            for j in (~done).nonzero().flatten().tolist():
-                nxt[j], req.log_probs[j, t] = self._draw(logits[j:j + 1], req.tokens[j:j + 1, :t], req.params,
-                                                         gens[j])
+            live = (~done).nonzero().flatten()
+            nxt[live], req.log_probs[live, t] = draw(logits[live], req.tokens[live, :t], req.params,
+                                                     [gens[j] for j in live.tolist()])
         if self.pp > 1:  # every stage needs the token for its next step
             dist.broadcast(nxt, src=self.last_rank, group=self.pp_group)
         return nxt

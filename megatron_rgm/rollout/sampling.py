@@ -152,3 +152,53 @@ def repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float)
     picked = logits.gather(-1, seen)
     picked = torch.where(picked > 0, picked / penalty, picked * penalty)
     return logits.scatter(-1, seen, picked)
+
+
+def _row_width(kept: int, first: int, vocab: int) -> int:
+    """The candidates :func:`nucleus` takes for one row alone: ``first``, grown x8 until it holds ``kept``."""
+    n = first
+    while n < kept and n < vocab:
+        n = min(8 * n, vocab)
+    return n
+
+
+def draw(logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams, gens: list[torch.Generator]):
+    """Each row's next token, drawn from its own generator, and its log-prob under the temperature-scaled,
+    unfiltered distribution.
+
+    The filters run on all rows at once; the draw itself is a row's own: its multinomial is over as many
+    candidates as :func:`nucleus` takes for that row alone, so a row draws the same token whatever rows are
+    drawn beside it (and what drawing it alone gives).
+
+    Args:
+        logits: ``[b, V]``.
+        seen: ``[b, n]`` each row's tokens so far, for the repetition penalty (a row shorter than ``n`` repeats
+            one of its own tokens in the rest).
+        gens: one generator a row.
+
+    Returns:
+        ``(tokens [b], log_probs [b])``.
+    """
+    logits = repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.temperature == 0:
+        nxt = logits.argmax(-1)
+        return nxt, (logits.gather(-1, nxt[:, None]) - torch.logsumexp(logits, -1, keepdim=True)).squeeze(-1)
+    scaled = logits / params.temperature
+    lse = torch.logsumexp(scaled, -1, keepdim=True)
+    kept = nucleus(scaled, params, lse)
+    picks = []
+    if kept is None:
+        probs = torch.exp(scaled - lse)
+        for i, gen in enumerate(gens):
+            picks.append(torch.multinomial(probs[i:i + 1], 1, generator=gen)[0])
+    else:
+        candidates, ids = kept
+        vocab = scaled.shape[-1]
+        first = candidates.shape[-1] if params.top_k and params.top_k < vocab else min(CANDIDATES, vocab)
+        counts = torch.isfinite(candidates).sum(-1).tolist()
+        for i, gen in enumerate(gens):
+            n = _row_width(counts[i], first, vocab)
+            choice = torch.multinomial(torch.softmax(candidates[i:i + 1, :n], -1), 1, generator=gen)
+            picks.append(ids[i, choice[0]])
+    nxt = torch.stack(picks).view(-1)
+    return nxt, (scaled.gather(-1, nxt[:, None]) - lse).squeeze(-1)
