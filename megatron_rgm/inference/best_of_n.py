@@ -52,7 +52,7 @@ from megatron_rgm.rollout.generate import (
 from megatron_rgm.rollout.rewards import CORRECT, VERIFIERS, last_boxed, make_verifier
 from megatron_rgm.rollout.hf_sampler import HFSampler
 from megatron_rgm.rollout.sampler import Rollout, Sampler, SamplingParams
-from megatron_rgm.rollout.sampling import BEST_OF_N_PENALTY, RESPONSE_BUDGET, room
+from megatron_rgm.rollout.sampling import BEST_OF_N_PENALTY, RESPONSE_BUDGET, derive_seed, room
 from megatron_rgm.steps import StepSegmenter
 from megatron_rgm.tokenizer import load_tokenizer, prompt_ids
 
@@ -140,12 +140,9 @@ def _sync(values: list[float]) -> list[float]:
 
 
 def _seed(base: int, problem: int, candidate: int = -1) -> int:
-    """Seed of a problem's k thinking draws (``candidate`` -1) or of one candidate's continuation.
-
-    Not :func:`~megatron_rgm.rollout.sampling.derive_seed`: every Best-of-N result in docs/RESULTS.md was drawn
-    with this key, and changing it would change them all (docs/ARCHITECTURE.md, Seeds).
-    """
-    return (base * 1_000_003 + problem) * 1_009 + candidate + 1
+    """Seed of a problem's k thinking draws (``candidate`` -1; sample j draws from its own generator, keyed by
+    this seed and j) or of one candidate's continuation."""
+    return derive_seed(base, problem) if candidate < 0 else derive_seed(base, problem, candidate + 1)
 
 
 class BestOfN:
