@@ -63,6 +63,10 @@ class ScriptedSampler:
             seqs = [s[:-5] + [EOS] if CharTokenizer().decode(s).endswith("[eos]") else s for s in seqs]
         return self._rollout(prompt_ids, rows, seqs)
 
+    def generate_batch(self, prompts, k, params, max_batch=None, stopper=None):
+        assert stopper is None, "the scripted sampler has no early stopping"
+        return [self.generate(p, k, par) for p, par in zip(prompts, params)]
+
     @staticmethod
     def _rollout(prompt_ids, rows, seqs) -> Rollout:
         width = max(map(len, seqs))
@@ -254,6 +258,32 @@ def test_megatron_output(megatron_tp1):
             assert c["response"] == c["text"] if c["finish"] == "eos" else len(c["response"]) > len(c["text"])
             assert c["correct"] is False  # a random model writes no \\boxed{}
         assert r["response"] == r["candidates"][r["chosen"]]["response"]
+
+
+@pytest.mark.multirank
+def test_reflective_early_stopping_ends_trailing_candidates_on_the_same_draws(setup, megatron_tp1, tmp_path):
+    """With the rule on, a candidate that trails its problem's best ends early: the others are the very candidates
+    of the run without it (a generator per sample), a stopped one is a prefix of its unstopped self, it is never
+    picked, and the decode tokens spent drop."""
+    root, prompts = setup
+    out = tmp_path / "pruned.jsonl"
+    best_of_n("--prompts", str(prompts), "--output", str(out), "--mcore-path", str(root / "mcore"), *SAMPLED,
+              "--bon-prune-margin", "0.05", "--bon-prune-min-steps", "1", "--bon-prune-every", "1", "--max-batch", "6")
+    pruned = read(out)
+    stopped = 0
+    for full, cut in zip(megatron_tp1, pruned):
+        assert not cut["stopped"][cut["chosen"]]
+        for a, b in zip(full["candidates"], cut["candidates"]):
+            if b["finish"] == "stopped":
+                stopped += 1
+                assert a["text"].startswith(b["text"].rstrip("\ufffd")) and b["tokens"] < a["tokens"]
+                assert "response" not in b and b["step_scores"] == pytest.approx(a["step_scores"][:len(b["step_scores"])],
+                                                                                rel=1e-4, abs=1e-6)
+            else:
+                assert (b["text"], b["finish"]) == (a["text"], a["finish"])
+                assert b["step_scores"] == pytest.approx(a["step_scores"], rel=1e-4, abs=1e-6)
+    assert stopped > 0, "the rule should stop some of these candidates"
+    assert sum(sum(r["tokens"]) for r in pruned) < sum(sum(r["tokens"]) for r in megatron_tp1)
 
 
 @pytest.mark.multirank

@@ -39,6 +39,18 @@ def test_bon_at_1_equals_pass_at_1_and_zero_correct():
     assert m["bon@2/last"] == 0.0  # p: tie 1 vs 1 -> the first sample (wrong); q: nothing right
 
 
+def test_stopped_samples_are_never_picked_and_tokens_are_counted_per_group():
+    # geometric scores [.9, .8, .7, .1], sample 0 stopped early: BoN picks among 1..3; tokens per sample
+    p = Problem("d", [True, False, True, True], ["1", "2", "1", "1"], {"geometric": [0.9, 0.8, 0.7, 0.1]},
+                tokens=[5, 40, 30, 20], stopped=[True, False, False, False])
+    m = evaluate([p], [2, 4])
+    assert m["bon@4/geometric"] == 0.0  # .8 (wrong) wins once .9 is out
+    assert m["bon@2/geometric"] == 0.5  # {0,1}: 1 (wrong); {2,3}: 2 (right)
+    assert m["tokens@2"] == pytest.approx((45 + 50) / 2) and m["tokens@4"] == 95
+    unstopped = evaluate([Problem("d", p.correct, p.answers, p.scores)], [4])
+    assert unstopped["bon@4/geometric"] == 1.0 and "tokens@4" not in unstopped
+
+
 def test_pairwise_accuracy_by_hand():
     # group a: correct 0.9 vs wrong 0.5 and 0.9 (a tie: half) -> 1.5 of 2; group b: correct 0.2 vs wrong 0.4 -> 0 of 1;
     # group c has no incorrect sample and adds no pair.

@@ -9,7 +9,9 @@
 
 Majority voting groups answers by equivalence (math-verify by default); ties
 go to the answer seen first. Best-of-N keeps the highest aggregated step
-score; ties go to the first sample.
+score among the samples an early-stopping rule did not end; ties go to the
+first sample. ``tokens@k`` (when the samples record their tokens) is the
+decode tokens a group of k spent, averaged like the rest.
 """
 
 from __future__ import annotations
@@ -30,12 +32,16 @@ class Problem:
         correct: per-sample correctness.
         answers: per-sample extracted final answers (None: no answer).
         scores: per-sample aggregated step scores, by aggregation name.
+        tokens: per-sample decode tokens spent (None: not recorded).
+        stopped: per-sample, ended early by a Best-of-N stopping rule (never picked; None: no rule ran).
     """
 
     id: str
     correct: list[bool]
     answers: list[str | None]
     scores: dict[str, list[float]]
+    tokens: list[int] | None = None
+    stopped: list[bool] | None = None
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -114,8 +120,11 @@ def problem_metrics(p: Problem, ks: Sequence[int], clusters: Sequence[int]) -> d
         ones = [1.0] * n
         maj = [_vote(g, clusters, ones) for g in groups]
         out[f"maj@{k}"] = sum(p.correct[i] if i is not None else False for i in maj) / len(groups)
+        if p.tokens is not None:
+            out[f"tokens@{k}"] = sum(sum(p.tokens[i] for i in g) for g in groups) / len(groups)
+        stopped = p.stopped or [False] * n
         for agg, scores in p.scores.items():
-            best = [max(g, key=lambda i: (scores[i], -i)) for g in groups]
+            best = [max(g, key=lambda i: (not stopped[i], scores[i], -i)) for g in groups]
             out[f"bon@{k}/{agg}"] = sum(p.correct[i] for i in best) / len(groups)
             if agg == "geometric":
                 wmaj = [_vote(g, clusters, scores) for g in groups]

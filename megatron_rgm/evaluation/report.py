@@ -2,10 +2,13 @@
 
 Samples (one line per problem)::
 
-    {"id": str, "answer": str, "responses": [str, ...], "step_scores": [[float, ...], ...]}
+    {"id": str, "answer": str, "responses": [str, ...], "step_scores": [[float, ...], ...],
+     "tokens": [int, ...], "stopped": [bool, ...]}
 
 ``step_scores`` (probabilities, one list per response) is optional; without
-it only pass@k, maj@k and oracle@k are reported.
+it only pass@k, maj@k and oracle@k are reported. ``tokens`` (decode tokens
+each response cost) adds the ``tokens@k`` row; ``stopped`` (responses a
+Best-of-N early-stopping rule ended) keeps those out of BoN's picks.
 """
 
 from __future__ import annotations
@@ -54,9 +57,19 @@ def load_problems(path: str | Path, verifier: str = "math") -> tuple[list[Proble
                 raise ConfigError(f"{path}: record {n} ({row['id']}): step_scores must be lists of probabilities in "
                                   "[0, 1] (apply a sigmoid to head logits)")
             scores = aggregate_scores(steps)
+        per_response = {}
+        for key, kind in (("tokens", int), ("stopped", bool)):
+            values = row.get(key)
+            if values is None:
+                continue
+            if not isinstance(values, list) or len(values) != len(responses) or \
+                    not all(isinstance(v, kind) and (kind is bool or v >= 0) for v in values):
+                raise ConfigError(f"{path}: record {n} ({row['id']}): {key!r} must be one "
+                                  f"{'non-negative integer' if kind is int else 'boolean'} per response")
+            per_response[key] = values
         grades = [grade(r, str(row["answer"])) for r in responses]
         problems.append(Problem(str(row["id"]), [g.outcome == CORRECT for g in grades],
-                                [g.answer for g in grades], scores))
+                                [g.answer for g in grades], scores, **per_response))
 
     def same(a: str, b: str) -> bool:
         return grade(f"\\boxed{{{a}}}", b).outcome == CORRECT
@@ -73,6 +86,9 @@ def markdown_table(metrics: dict[str, float], ks: Sequence[int]) -> str:
         if all(v is None for v in vals):
             continue
         lines.append(f"| {r} | " + " | ".join("-" if v is None else f"{100 * v:.1f}" for v in vals) + " |")
+    tokens = [metrics.get(f"tokens@{k}") for k in ks]
+    if any(v is not None for v in tokens):  # decode tokens a group of k spent (a count, not a percentage)
+        lines.append("| tokens@k | " + " | ".join("-" if v is None else f"{v:.0f}" for v in tokens) + " |")
     return head + "\n".join(lines) + "\n"
 
 

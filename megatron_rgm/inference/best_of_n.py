@@ -44,6 +44,7 @@ from megatron_rgm import distributed, ops
 from megatron_rgm.config import AGGREGATIONS, ConfigError, check_template, option
 from megatron_rgm.data.benchmarks import KNOWN, read_jsonl
 from megatron_rgm.hf import RGMScorer
+from megatron_rgm.inference.pruning import PruneRule, ReflectivePruner
 from megatron_rgm.rollout.generate import (
     PROMPT_TEMPLATE,
     check_prompt_lengths,
@@ -93,6 +94,14 @@ class BestOfNConfig:
                                                f"every position the trajectory leaves, at most {RESPONSE_BUDGET})")
     answer_temperature: float = option(0.0, "0: greedy answer")
     complete_all: bool = option(False, "answer and grade every candidate, not only the chosen")
+    max_batch: int = option(256, "sequences decoded at once: the candidates of several problems share one pool of "
+                            "KV-cache slots, a finished one's slot taken by a waiting one")
+    prune_margin: float | None = option(None, "reflective early stopping: end a candidate whose running aggregate "
+                                        "trails its problem's best by more than this (off by default)",
+                                        flag="--bon-prune-margin")
+    prune_min_steps: int = option(2, "steps both candidates need before one is compared with the other",
+                                  flag="--bon-prune-min-steps")
+    prune_every: int = option(8, "decode steps between early-stopping checks", flag="--bon-prune-every")
     verifier: str = option("math", cli=False)  # the prompts' (PromptFileConfig)
     template: str = option(PROMPT_TEMPLATE, cli=False)
 
@@ -109,12 +118,22 @@ class BestOfNConfig:
             raise ConfigError(f"--answer-temperature must be >= 0, got {self.answer_temperature}")
         if self.verifier not in VERIFIERS:
             raise ConfigError(f"--verifier {self.verifier!r} is unknown: use one of {', '.join(VERIFIERS)}")
+        if self.max_batch < 1:
+            raise ConfigError(f"--max-batch must be >= 1, got {self.max_batch}")
         check_template(self.template)
 
+    def prune_rule(self) -> PruneRule | None:
+        """The early-stopping rule these options ask for (None: off)."""
+        if self.prune_margin is None:
+            return None
+        return PruneRule(self.prune_margin, self.prune_min_steps, self.prune_every)
 
-def choose(aggregates: list[float]) -> int:
-    """Index of the highest aggregate; ties go to the lowest index (as ``bon@k`` in the evaluation)."""
-    return max(range(len(aggregates)), key=lambda j: (aggregates[j], -j))
+
+def choose(aggregates: list[float], stopped: list[bool] | None = None) -> int:
+    """Index of the highest aggregate among the candidates not stopped early; ties go to the lowest index (as
+    ``bon@k`` in the evaluation)."""
+    eligible = [j for j in range(len(aggregates)) if not (stopped and stopped[j])]
+    return max(eligible, key=lambda j: (aggregates[j], -j))
 
 
 def score_candidates(rollout: Rollout, aggregation: str) -> tuple[list[list[float]], list[float]]:
@@ -173,18 +192,24 @@ class BestOfN:
             return "eos"
         return "think_end" if self.cfg.mode == "think" and self.cfg.think_end in text else "length"
 
-    def _complete(self, ids: list[int], seed: int) -> list[int]:
-        """``ids`` (prompt + thinking) continued to the answer: eos or the answer budget (within the positions)."""
-        left = room(len(ids), self.limit)
-        budget = left if self.cfg.answer_max_new_tokens is None else min(self.cfg.answer_max_new_tokens, left)
-        if budget < 1:
-            return ids
-        s = self.cfg.sampling
-        params = SamplingParams(temperature=self.cfg.answer_temperature, top_p=s.top_p, top_k=s.top_k,
-                                repetition_penalty=s.repetition_penalty, max_new_tokens=budget,
-                                eos_token_ids=self.eos, seed=seed)
-        r = self.sampler.generate(ids, 1, params)
-        return r.tokens[0, :int(r.lengths[0])].tolist()
+    def _complete(self, items: list[tuple[list[int], int]]) -> list[list[int]]:
+        """Each ``(ids, seed)`` (prompt + thinking) continued to the answer: eos or the answer budget (within the
+        positions), all in one batched call."""
+        s, todo = self.cfg.sampling, []
+        for n, (ids, seed) in enumerate(items):
+            left = room(len(ids), self.limit)
+            budget = left if self.cfg.answer_max_new_tokens is None else min(self.cfg.answer_max_new_tokens, left)
+            if budget >= 1:
+                todo.append((n, ids, SamplingParams(temperature=self.cfg.answer_temperature, top_p=s.top_p,
+                                                    top_k=s.top_k, repetition_penalty=s.repetition_penalty,
+                                                    max_new_tokens=budget, eos_token_ids=self.eos, seed=seed)))
+        out = [ids for ids, _ in items]
+        if todo:
+            rollouts = self.sampler.generate_batch([ids for _, ids, _ in todo], 1, [p for _, _, p in todo],
+                                                   max_batch=self.cfg.max_batch)
+            for (n, _, _), r in zip(todo, rollouts):
+                out[n] = r.tokens[0, :int(r.lengths[0])].tolist()
+        return out
 
     def _grade(self, response: str, gold: str | None) -> dict:
         if self.verify is None:
@@ -196,30 +221,54 @@ class BestOfN:
 
     def solve(self, problem: dict, index: int) -> dict:
         """One problem (``{"id", "problem", "answer"?}``, ``index`` seeds its draws) -> its output record."""
+        return self.solve_many([problem], [index])[0]
+
+    def solve_many(self, problems: list[dict], indices: list[int]) -> list[dict]:
+        """Several problems' candidates decoded together (one pool of slots), then their picks' answers together."""
         cfg, tok = self.cfg, self.tokenizer
-        prompt = prompt_ids(tok, cfg.template, problem["problem"])
-        r = self.sampler.generate(prompt, cfg.k, replace(self.thinking, seed=_seed(cfg.sampling.seed, index)))
-        steps, aggregates = score_candidates(r, cfg.aggregation)
-        aggregates = _sync(aggregates)
-        chosen = choose(aggregates)
-        candidates = []
-        for j in range(cfg.k):
-            ids = r.tokens[j, :int(r.lengths[j])].tolist()
-            text = tok.decode(ids[len(prompt):])
-            c = {"text": text, "step_scores": steps[j], "aggregate": aggregates[j], "finish": self._finish(ids, text)}
-            if j == chosen or cfg.complete_all:
-                # The reference's mode: the candidate is the response, answer and all (or cut by the budget).
-                done = c["finish"] == "eos" or cfg.mode == "complete"
-                final = ids if done else self._complete(ids, _seed(cfg.sampling.seed, index, j))
-                c["response"] = tok.decode(final[len(prompt):])
+        prompts = [prompt_ids(tok, cfg.template, p["problem"]) for p in problems]
+        rule = cfg.prune_rule()
+        stopper = ReflectivePruner(rule, self.sampler.segmenter, cfg.aggregation) if rule else None
+        rollouts = self.sampler.generate_batch(
+            prompts, cfg.k, [replace(self.thinking, seed=_seed(cfg.sampling.seed, i)) for i in indices],
+            max_batch=cfg.max_batch, stopper=stopper)
+        records, answers = [], []  # answers: (record, candidate, thinking ids, seed) to continue
+        for problem, prompt, r, index in zip(problems, prompts, rollouts, indices):
+            steps, aggregates = score_candidates(r, cfg.aggregation)
+            aggregates = _sync(aggregates)
+            stopped = r.stopped.tolist() if r.stopped is not None else [False] * cfg.k
+            chosen = choose(aggregates, stopped)
+            candidates = []
+            for j in range(cfg.k):
+                ids = r.tokens[j, :int(r.lengths[j])].tolist()
+                text = tok.decode(ids[len(prompt):])
+                c = {"text": text, "step_scores": steps[j], "aggregate": aggregates[j],
+                     "finish": "stopped" if stopped[j] else self._finish(ids, text), "tokens": len(ids) - len(prompt)}
+                if (j == chosen or cfg.complete_all) and not stopped[j]:
+                    # The reference's mode: the candidate is the response, answer and all (or cut by the budget).
+                    if c["finish"] == "eos" or cfg.mode == "complete":
+                        c["response"] = text
+                    else:
+                        answers.append((len(records), j, ids, _seed(cfg.sampling.seed, index, j)))
+                candidates.append(c)
+            records.append((problem, prompt, chosen, candidates))
+        for (n, j, _, _), final in zip(answers, self._complete([(ids, seed) for _, _, ids, seed in answers])):
+            _, prompt, _, candidates = records[n]
+            candidates[j]["response"] = tok.decode(final[len(prompt):])
+            candidates[j]["tokens"] = len(final) - len(prompt)
+        return [self._record(problem, chosen, candidates) for problem, _, chosen, candidates in records]
+
+    def _record(self, problem: dict, chosen: int, candidates: list[dict]) -> dict:
+        for c in candidates:
+            if "response" in c:
                 c.update(self._grade(c["response"], problem.get("answer")))
-            candidates.append(c)
         best = candidates[chosen]
         return {"id": problem["id"], "problem": problem["problem"], "answer": problem.get("answer"),
-                "aggregation": cfg.aggregation, "chosen": chosen, "candidates": candidates,
+                "aggregation": self.cfg.aggregation, "chosen": chosen, "candidates": candidates,
                 "response": best["response"], "prediction": best.get("prediction"), "correct": best.get("correct"),
                 "responses": [c.get("response", c["text"]) for c in candidates],
-                "step_scores": [c["step_scores"] for c in candidates]}
+                "step_scores": [c["step_scores"] for c in candidates],
+                "tokens": [c["tokens"] for c in candidates], "stopped": [c["finish"] == "stopped" for c in candidates]}
 
     def run(self, problems: list[dict], output: str | Path | None) -> dict:
         """Solve every problem; write ``output`` (when given) all at once at the end (a temp file renamed).
@@ -235,15 +284,18 @@ class BestOfN:
         if tmp:
             out.parent.mkdir(parents=True, exist_ok=True)
         try:
-            with open(tmp, "w", encoding="utf-8") if tmp else open(os.devnull, "w") as f:
-                for i, problem in enumerate(tqdm(problems, desc=f"best-of-{self.cfg.k}", disable=out is None,
-                                                 file=sys.stdout)):
-                    record = self.solve(problem, i)
-                    f.write(json.dumps(record) + "\n")
-                    summary["problems"] += 1
-                    if record["correct"] is not None:
-                        summary["graded"] += 1
-                        summary["correct"] += int(record["correct"])
+            chunk = max(1, 4 * self.cfg.max_batch // self.cfg.k)  # problems decoded together
+            with open(tmp, "w", encoding="utf-8") if tmp else open(os.devnull, "w") as f, \
+                    tqdm(total=len(problems), desc=f"best-of-{self.cfg.k}", disable=out is None, file=sys.stdout) as bar:
+                for at in range(0, len(problems), chunk):
+                    part = problems[at:at + chunk]
+                    for record in self.solve_many(part, list(range(at, at + len(part)))):
+                        f.write(json.dumps(record) + "\n")
+                        summary["problems"] += 1
+                        if record["correct"] is not None:
+                            summary["graded"] += 1
+                            summary["correct"] += int(record["correct"])
+                    bar.update(len(part))
             if tmp:
                 os.replace(tmp, out)
         finally:
@@ -294,6 +346,9 @@ def run_megatron(mcore_path: str, tokenizer_path: str | None, problems: list[dic
 
 def run_hf(hf_path: str, tokenizer_path: str | None, problems: list[dict], output: str, cfg: BestOfNConfig) -> dict:
     """Best-of-N with an HF export (transformers + its ``score_module.pt``), in this process."""
+    if cfg.prune_margin is not None:
+        raise ConfigError("--bon-prune-margin stops candidates inside continuous batching, which the megatron "
+                          "backend runs: use --backend megatron (hf-to-mcore converts an export)")
     scorer = RGMScorer.from_pretrained(hf_path)
     tokenizer = load_tokenizer(tokenizer_path or hf_path)
     sampler = HFSampler(scorer, tokenizer, StepSegmenter.from_tokenizer(tokenizer, scorer.step_strings,

@@ -16,6 +16,9 @@ So the cache holds ``S`` sequences at a time, not every sequence of the call at 
   slot or the step it ran in, so a call with many prompts samples what one prompt at a time samples.
 * Once nothing waits and half the slots are free, the pool is compacted to the live sequences (fewer rows to
   decode at the tail of a call).
+* An early-stopping rule (``stopper``), when given, looks at the pool after each decode step and names sequences
+  to end now (Best-of-N's reflective pruning: a candidate whose step scores fall far behind its group's best);
+  they end as if at EOS, marked ``stopped``, and their slots go to waiting sequences.
 
 Tensor parallelism: every TP rank runs the same schedule (the same gathered logits and generators). Pipeline
 parallelism: the last stage draws, the tokens are broadcast over the pipeline group, and every stage makes the
@@ -45,6 +48,7 @@ class Request:
     log_probs: torch.Tensor = field(init=False)
     position_logits: torch.Tensor = field(init=False)
     lengths: torch.Tensor = field(init=False)
+    stopped: list[bool] = field(init=False)  # ended by the early-stopping rule
     first: tuple | None = None  # (logits [1, V], head [1] or None) at the prompt's last position, once prefilled
 
     def allocate(self, device) -> None:
@@ -52,6 +56,18 @@ class Request:
         self.log_probs = torch.zeros(self.k, self.max_len, device=device)
         self.position_logits = torch.zeros(self.k, self.max_len, device=device)
         self.lengths = torch.full((self.k,), self.max_len, dtype=torch.long, device=device)
+        self.stopped = [False] * self.k
+
+
+@dataclass
+class Sequence:
+    """What an early-stopping rule sees of one sample so far (on the last pipeline stage)."""
+
+    request: int
+    sample: int
+    tokens: torch.Tensor  # [n] prompt and response so far
+    position_logits: torch.Tensor  # [n] the head's logit at each position
+    slot: int | None  # its slot while it decodes; None once it has ended
 
 
 def sample_generator(params: SamplingParams, j: int, device) -> torch.Generator:
@@ -73,10 +89,10 @@ def copy_prompt_cache(context, src: int, dst: list[int], length: int) -> None:
 class SlotPool:
     """The continuous-batching run of :meth:`Sampler.generate_batch` (megatron-core models, flash-decode path)."""
 
-    def __init__(self, sampler, requests: list[Request], slots: int, device):
+    def __init__(self, sampler, requests: list[Request], slots: int, device, stopper=None):
         from megatron.core.inference.contexts import StaticInferenceContext
 
-        self.sampler, self.requests, self.device = sampler, requests, device
+        self.sampler, self.requests, self.device, self.stopper = sampler, requests, device, stopper
         self.size = slots
         length = max(r.max_len for r in requests)
         self.context = StaticInferenceContext(slots, length)
@@ -108,6 +124,7 @@ class SlotPool:
                 self._admit()
                 if any(o is not None for o in self.owner):
                     self._decode()
+                    self._stop_early()
                 self._compact()
         finally:
             handle.remove()
@@ -213,6 +230,33 @@ class SlotPool:
         tokens = picks.tolist()
         for slot in live:
             self._append(slot, tokens[slot])
+
+    def sequences(self, r: int) -> list[Sequence]:
+        """The started samples of request ``r``: live ones from their slots, ended ones from the results."""
+        req, out = self.requests[r], []
+        live = {self.owner[s][1]: s for s in range(self.size) if self.owner[s] is not None and self.owner[s][0] == r}
+        for j in range(req.k - self.waiting[r]):
+            if j in live:
+                s, n = live[j], self.length[live[j]]
+                out.append(Sequence(r, j, self.tokens[s, :n], self.position_logits[s, :n], s))
+            else:
+                n = int(req.lengths[j])
+                out.append(Sequence(r, j, req.tokens[j, :n], req.position_logits[j, :n], None))
+        return out
+
+    def _stop_early(self) -> None:
+        """End the sequences the early-stopping rule names (decided on the last stage, sent to every stage)."""
+        if self.stopper is None:
+            return
+        flags = torch.zeros(self.size, dtype=torch.long, device=self.device)
+        if self.sampler.last:
+            for slot in self.stopper(self):
+                flags[slot] = 1
+        self._broadcast(flags)
+        for slot in flags.nonzero().flatten().tolist():
+            r, j = self.owner[slot]
+            self.requests[r].stopped[j] = True
+            self._retire(slot, self.length[slot])
 
     def _by_params(self, slots: list[int]) -> list[list[int]]:
         """``slots`` grouped by how their prompts sample (all but the seed)."""

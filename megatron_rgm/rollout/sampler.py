@@ -243,7 +243,9 @@ class Sampler:
             step_mask = torch.zeros_like(tokens, dtype=torch.bool)
             cu = torch.zeros(b + 1, dtype=torch.int32)
             step_logits = torch.zeros(0)
-        return Rollout(tokens, p0, lengths, log_probs * response, position_logits * keep, step_logits, cu, step_mask)
+        stopped = torch.tensor(req.stopped, dtype=torch.bool)
+        return Rollout(tokens, p0, lengths, log_probs * response, position_logits * keep, step_logits, cu, step_mask,
+                       stopped)
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[int], num_samples: int, params: SamplingParams,
@@ -260,7 +262,7 @@ class Sampler:
 
     @torch.no_grad()
     def generate_batch(self, prompts: list[list[int]], num_samples: int, params: list[SamplingParams],
-                       max_batch: int | None = None, use_cache: bool = True) -> list[Rollout]:
+                       max_batch: int | None = None, use_cache: bool = True, stopper=None) -> list[Rollout]:
         """``num_samples`` continuations of each prompt, decoded together (continuous batching).
 
         Args:
@@ -269,6 +271,8 @@ class Sampler:
             params: each prompt's decoding options (its seed keys its samples' generators).
             max_batch: sequences decoded at once (cache slots); default: every prompt's k samples.
             use_cache: False recomputes the whole sequence each step (for testing the cache).
+            stopper: an early-stopping rule, ``stopper(pool) -> slots to end now`` after each decode step
+                (:class:`megatron_rgm.rollout.batching.SlotPool`; continuous batching only).
 
         Returns:
             One :class:`Rollout` per prompt, as :meth:`generate` gives it for that prompt alone.
@@ -285,7 +289,10 @@ class Sampler:
         if requests and use_cache and self._continuous():
             slots = min(max_batch or num_samples * len(requests), num_samples * len(requests))
             with self._decode_path(True), inference_mode():
-                SlotPool(self, requests, slots, device).run()
+                SlotPool(self, requests, slots, device, stopper).run()
+        elif stopper is not None:
+            raise ConfigError("early stopping runs in continuous batching, which needs a megatron-core model on its "
+                              "flash-decode path (not an HF model, a full recompute or fast_decode=False)")
         else:
             for req in requests:
                 req.allocate(device)

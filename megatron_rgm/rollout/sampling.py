@@ -76,6 +76,7 @@ class Rollout:
             temperature-scaled distribution (0 at prompt and padding positions).
         position_logits: ``[b, s]`` head logit at every position that sampled a token (0 elsewhere).
         step_logits: ``[S]`` head logits of the steps (packed), with ``cu_steps`` ``[b + 1]``.
+        stopped: ``[b]`` bool, the sequences an early-stopping rule ended (None: no rule ran).
     """
 
     tokens: torch.Tensor
@@ -86,6 +87,7 @@ class Rollout:
     step_logits: torch.Tensor
     cu_steps: torch.Tensor
     step_mask: torch.Tensor
+    stopped: torch.Tensor | None = None
 
     def response_mask(self) -> torch.Tensor:
         idx = torch.arange(self.tokens.shape[1]).unsqueeze(0)
