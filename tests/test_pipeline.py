@@ -26,7 +26,8 @@ def test_shrunken_pipeline_writes_every_artefact_and_a_consistent_table(tmp_path
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
     lines = proc.stdout.strip().splitlines()
     assert lines[-1] == f"output: {out}"
-    assert lines[-2].startswith("| bon@k/last")  # the table is printed last
+    # The table is printed last: the aggregations, then the decode tokens a group of k spent.
+    assert lines[-3].startswith("| bon@k/last") and lines[-2].startswith("| tokens@k |")
     for name in ("task/tokenizer/tokenizer.model", "task/train_prompts.jsonl", "task/eval_prompts.jsonl",
                  "sft/latest_checkpointed_iteration.txt", "rgm/latest_checkpointed_iteration.txt",
                  "rgm/hf_assets/tokenizer.model", "rollouts/zarr.json", "hf/score_module.pt", "hf/config.json",
@@ -55,6 +56,10 @@ def test_shrunken_pipeline_writes_every_artefact_and_a_consistent_table(tmp_path
         geo.append(c[int(np.argmax(scores))])
     assert metrics["bon@4/geometric"] == pytest.approx(np.mean(geo))
     assert "maj@4" in metrics and 0 <= metrics["maj@4"] <= 1
+    tokens = [r["tokens"] for r in rows]
+    assert metrics["tokens@4"] == pytest.approx(np.mean([sum(t) for t in tokens]))
+    assert lines[-2] == "| tokens@k | " + " | ".join(
+        f"{metrics[f'tokens@{k}']:.0f}" for k in (1, 2, 4)) + " |"
     # The scorer report reads the same samples: its head BoN and pass@1 are the table's.
     scorer = json.loads((out / "scorer.json").read_text())
     assert scorer["candidates"] == 24 and scorer["pass@1"] == pytest.approx(metrics["pass@1"])
