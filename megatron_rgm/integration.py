@@ -29,7 +29,7 @@ from megatron_rgm.model.rgm_model import (
     unwrap,
 )
 from megatron_rgm.model.specs import block_spec
-from megatron_rgm.rl import grpo_loss, vocab_parallel_entropy, vocab_parallel_log_probs
+from megatron_rgm.rl import chunked_log_probs_and_entropy, grpo_loss
 from megatron_rgm.steps import StepLayout
 
 __all__ = ["attach_sprm_head", "model_provider", "forward_step", "add_rgm_args", "rgm_config_from_args",
@@ -137,9 +137,9 @@ def rgm_loss_func(model, batch: dict, rgm_config: RGMConfig, grpo: GRPOConfig, o
     report = {}
     main = None
     if "advantages" in batch and policy_loss:
-        logits = output_tensor if grpo.temperature == 1.0 else output_tensor / grpo.temperature
-        logp = vocab_parallel_log_probs(logits, batch["labels"], vocab_size)
-        entropy = vocab_parallel_entropy(logits, vocab_size) if grpo.entropy_coef else None
+        # A chunk of positions at a time, forward and backward: no fp32 copy of the [b, s, V/tp] logits.
+        logp, entropy = chunked_log_probs_and_entropy(output_tensor, batch["labels"], vocab_size, grpo.temperature,
+                                                      entropy=bool(grpo.entropy_coef))
         main, metrics = grpo_loss(logp, batch["old_log_probs"], batch["advantages"], loss_mask, grpo,
                                   ref_log_probs=batch.get("ref_log_probs"), entropy=entropy)
         report.update(metrics)
@@ -159,7 +159,7 @@ def rgm_loss_func(model, batch: dict, rgm_config: RGMConfig, grpo: GRPOConfig, o
                                       group=group, return_stats=True)
             report["spr positives"] = stats.positives.float()
             report["spr negatives"] = stats.negatives.float()
-        report["steps"] = torch.tensor(float(step_logits.numel()))
+        report["steps"] = torch.tensor(float(step_logits.numel()), device=step_logits.device)
         spr_term = rgm_config.sprm_loss_weight * spr
         total = spr_term if total is None else total + spr_term
         report["spr loss"] = spr.detach()

@@ -77,9 +77,38 @@ def test_log_probs_match_log_softmax_without_touching_logits():
     assert torch.equal(logits, keep)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_log_probs_and_entropy_equal_the_unchunked_ones_with_their_gradients(dtype):
+    """Chunks of 3 positions (13 does not divide by 3), temperature 0.7, a padded vocabulary: values and the
+    gradient of a loss of both equal the unchunked functions' within fp32 rounding; the input is not changed."""
+    from megatron_rgm.rl import chunked_log_probs_and_entropy
+
+    g = torch.Generator().manual_seed(2)
+    base = (torch.randn(13, 1, 40, generator=g) * 4).to(dtype)
+    targets = torch.randint(0, 37, (13, 1), generator=g)
+    w1, w2 = torch.randn(13, 1, generator=g), torch.randn(13, 1, generator=g)
+    # The reference divides by the temperature in fp32, as the chunked function does after its cast.
+    a, b = base.clone().requires_grad_(True), base.float().requires_grad_(True)
+    lp, ent = chunked_log_probs_and_entropy(a, targets, vocab_size=37, temperature=0.7, chunk_elements=3 * 40)
+    (lp * w1 + ent * w2).sum().backward()
+    ref_lp = vocab_parallel_log_probs(b / 0.7, targets, 37)
+    ref_ent = vocab_parallel_entropy(b / 0.7, 37)
+    (ref_lp * w1 + ref_ent * w2).sum().backward()
+    torch.testing.assert_close(lp, ref_lp, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ent, ref_ent, rtol=0, atol=1e-5)
+    # fp32 rounding (grads up to ~3 here); a bf16 input gets its gradient rounded to bf16
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(a.grad.float(), b.grad, **tol)
+    assert a.grad.dtype == dtype and torch.equal(a.detach(), base)
+    assert float(a.grad[..., 37:].abs().max()) == 0.0  # padding ids get no gradient
+    only_lp, none = chunked_log_probs_and_entropy(base, targets, 37, 0.7, entropy=False, chunk_elements=80)
+    assert none is None and torch.allclose(only_lp, ref_lp.detach(), atol=1e-5)
+
+
 @pytest.mark.multirank
 def test_vocab_parallel_log_probs_tp2_equal_tp1(tmp_path):
     torchrun("vocab_parallel.py", 2, [str(tmp_path)])
     for r in read_rank_results(tmp_path):
         assert r["logp_diff"] < 1e-5 and r["entropy_diff"] < 1e-5 and r["grad_diff"] < 1e-6
         assert r["padded_logp_diff"] < 1e-5 and r["padded_entropy_diff"] < 1e-5
+        assert r["chunked_diff"] < 1e-5 and r["chunked_grad_diff"] < 1e-5

@@ -98,3 +98,92 @@ def vocab_parallel_entropy(logits: torch.Tensor, vocab_size: int | None = None) 
     s = _global_sum(e.sum(-1), size)
     t = _global_sum((e * shifted).sum(-1), size)
     return torch.log(s) - t / s
+
+
+# Rows of [tokens, V/tp] fp32 work a chunk holds at once: 2^25 floats (128 MiB) by default.
+CHUNK_ELEMENTS = 1 << 25
+
+
+class _ChunkedLogProbs(torch.autograd.Function):
+    """Log-probs (and entropy) of vocab-sharded logits, a chunk of positions at a time, forward and backward.
+
+    Saves for backward only what it was given and two floats a position (the log-sum-exp and the entropy): the
+    fp32 softmax of a chunk is rebuilt in backward, so no full fp32 copy of ``[tokens, V/tp]`` ever exists.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, vocab_size, temperature, rows, with_entropy):
+        group, size, rank = _tp()
+        flat, tgt = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+        n, part = flat.shape
+        lse = torch.empty(n, dtype=torch.float32, device=flat.device)
+        logp = torch.empty_like(lse)
+        ent = torch.empty_like(lse) if with_entropy else None
+        lo = rank * part
+        for a in range(0, n, rows):
+            x = _real_vocab(flat[a:a + rows], vocab_size, rank) / temperature
+            m = _global_max(x, group, size)
+            shifted = x - m.unsqueeze(-1)
+            e = torch.exp(shifted)
+            local = tgt[a:a + rows] - lo
+            inside = (local >= 0) & (local < part)
+            picked = x.gather(-1, local.clamp(0, part - 1).unsqueeze(-1)).squeeze(-1) * inside
+            sums = [e.sum(-1), picked] + ([(e * shifted).sum(-1)] if with_entropy else [])
+            sums = torch.stack(sums)
+            if size > 1:
+                dist.all_reduce(sums, group=group)  # one reduction for S, the target's logit and T
+            lse[a:a + rows] = m + torch.log(sums[0])
+            logp[a:a + rows] = sums[1] - lse[a:a + rows]
+            if with_entropy:
+                ent[a:a + rows] = torch.log(sums[0]) - sums[2] / sums[0]
+        ctx.save_for_backward(logits, targets, lse, *([ent] if with_entropy else []))
+        ctx.args = (vocab_size, temperature, rows, with_entropy)
+        shape = targets.shape
+        return logp.view(shape), (ent.view(shape) if with_entropy else torch.zeros(shape, device=logp.device))
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_ent):
+        logits, targets, lse, *rest = ctx.saved_tensors
+        vocab_size, temperature, rows, with_entropy = ctx.args
+        _, _, rank = _tp()
+        flat, tgt = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+        n, part = flat.shape
+        g_lp = grad_logp.reshape(-1).float()
+        g_h = grad_ent.reshape(-1).float() if with_entropy else None
+        grad = torch.empty_like(flat)
+        lo = rank * part
+        for a in range(0, n, rows):
+            x = _real_vocab(flat[a:a + rows], vocab_size, rank) / temperature
+            z = x - lse[a:a + rows].unsqueeze(-1)  # log p
+            p = torch.exp(z)
+            # d logp / dx = onehot(target) - p;  d H / dx = -p (log p + H)
+            g = -p * g_lp[a:a + rows].unsqueeze(-1)
+            if with_entropy:
+                g -= p * (z + rest[0][a:a + rows].unsqueeze(-1)) * g_h[a:a + rows].unsqueeze(-1)
+            local = tgt[a:a + rows] - lo
+            inside = (local >= 0) & (local < part)
+            g.scatter_add_(-1, local.clamp(0, part - 1).unsqueeze(-1), (g_lp[a:a + rows] * inside).unsqueeze(-1))
+            grad[a:a + rows] = g / temperature
+        return grad.view_as(logits), None, None, None, None, None
+
+
+def chunked_log_probs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int | None = None,
+                                  temperature: float = 1.0, entropy: bool = True,
+                                  chunk_elements: int = CHUNK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`vocab_parallel_log_probs` and :func:`vocab_parallel_entropy` of ``logits / temperature`` in one pass,
+    a chunk of positions at a time (forward and backward): the fp32 work is ``chunk_elements`` floats, not a copy
+    of the logits. Equal to the unchunked functions within fp32 rounding.
+
+    Args:
+        logits: ``[b, s, V/tp]`` this rank's vocabulary slice, any float dtype (not copied or changed).
+        targets: ``[b, s]`` token ids in the full vocabulary.
+        vocab_size: the tokenizer's vocabulary (ids past it are padding, left out).
+        temperature: the sampling temperature the log-probs are taken at.
+        entropy: also return the entropy (else None).
+
+    Returns:
+        ``([b, s] log-probs, [b, s] entropy or None)``, float32, differentiable w.r.t. ``logits``.
+    """
+    rows = max(1, chunk_elements // logits.shape[-1])
+    logp, ent = _ChunkedLogProbs.apply(logits, targets, vocab_size, float(temperature), rows, entropy)
+    return logp, (ent if entropy else None)

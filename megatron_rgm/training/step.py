@@ -15,7 +15,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_rgm.checkpoint import load_checkpoint, rng_state, set_rng_state
 from megatron_rgm.integration import forward_step
 from megatron_rgm.model import build_model, unwrap
-from megatron_rgm.rl import vocab_parallel_log_probs
+from megatron_rgm.rl import chunked_log_probs_and_entropy
 
 
 def forward_backward(model: list, batches: list[dict], length: int, micro_batch_size: int, step_func,
@@ -61,11 +61,11 @@ def add_reference_log_probs(ref: list, batches: list[dict], length: int, micro_b
     def step(data_iterator, model):
         batch = next(data_iterator)
         b, s = batch["tokens"].shape
-        out = model(batch["tokens"], torch.arange(s).unsqueeze(0).expand(b, s), None)
+        out = model(batch["tokens"], torch.arange(s, device=batch["tokens"].device).unsqueeze(0).expand(b, s), None)
 
         def loss(output):
-            batch["ref_log_probs"] = vocab_parallel_log_probs(output / grpo.temperature, batch["labels"],
-                                                              vocab).detach()
+            batch["ref_log_probs"] = chunked_log_probs_and_entropy(output, batch["labels"], vocab, grpo.temperature,
+                                                                   entropy=False)[0].detach()
             return torch.zeros((), device=output.device), {}
         return out, loss
 
@@ -80,12 +80,13 @@ def head_step_logits(model: list, batches: list[dict], length: int, micro_batch_
     def step(data_iterator, chunk):
         batch = next(data_iterator)
         b, s = batch["tokens"].shape
-        out = chunk(batch["tokens"], torch.arange(s).unsqueeze(0).expand(b, s), None, step_mask=batch["step_mask"])
-        counts.append(batch["step_mask"].sum(1))
+        positions = torch.arange(s, device=batch["tokens"].device).unsqueeze(0).expand(b, s)
+        out = chunk(batch["tokens"], positions, None, step_mask=batch["step_mask"])
+        counts.append(batch["step_mask"].sum(1).cpu())
 
         def loss(output):
             collected.append(output[1].detach().float().cpu())
-            return torch.zeros(()), {}
+            return torch.zeros((), device=output[1].device), {}
         return out, loss
 
     for m in model:
