@@ -4,7 +4,34 @@
 // pragma enables the instructions for this file, and the feature macros
 // (normally set by -mavx2 -mfma) make sleef.h declare its 256-bit functions,
 // which libtorch_cpu exports.
+//
+// The standard library and the torch headers that do not depend on the
+// instruction set are included first, outside the pragma: GCC 13's libstdc++
+// marks std::allocator's members always_inline, and compiled under a target
+// pragma they no longer inline into their callers ("inlining failed in call to
+// 'always_inline' ... target specific option mismatch", GCC bug 109753).
+// Only at::vec and the kernels are compiled under it.
 #if defined(__x86_64__)
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <complex>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <iostream>
+#include <limits>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
 #pragma GCC target("avx,avx2,fma,f16c")
 #ifndef __AVX__
 #define __AVX__ 1

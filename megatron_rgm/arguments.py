@@ -8,6 +8,8 @@ the pipeline) and builds megatron-core's TransformerConfig, with one message per
 
 from __future__ import annotations
 
+import importlib.util
+
 import argparse
 from dataclasses import asdict, dataclass, replace
 
@@ -237,7 +239,10 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig):
             params_dtype=dtype, pipeline_dtype=dtype, bf16=model.bf16, fp16=model.fp16,
             use_cpu_initialization=not on_gpu,
             # Fused kernels are GPU-only; on the CPU the unfused paths are used.
-            bias_activation_fusion=on_gpu and model.swiglu, masked_softmax_fusion=on_gpu,
+            # The fused masked softmax is Megatron-LM's scaled_masked_softmax_cuda (or apex's), not in the
+            # megatron-core wheel: where it does not import, megatron-core would fail at the first forward.
+            bias_activation_fusion=on_gpu and model.swiglu,
+            masked_softmax_fusion=on_gpu and importlib.util.find_spec("scaled_masked_softmax_cuda") is not None,
             bias_dropout_fusion=on_gpu, apply_rope_fusion=False, gradient_accumulation_fusion=False,
             persist_layer_norm=False, **fp8)
     except (AssertionError, ValueError) as e:

@@ -125,6 +125,11 @@ def padded_length(samples: list[Trajectory], multiple: int, limit: int) -> int:
     return min(limit, -(-longest // multiple) * multiple)
 
 
+def to_device(batch: dict, device: torch.device) -> dict:
+    """``batch``'s tensors moved to ``device`` (the model's: a micro-batch is built on the host)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def collate(samples: list[Trajectory], length: int, *, advantages: torch.Tensor | None = None, rl: bool = True,
             spr: bool = True) -> dict:
     """Micro-batch dict for :func:`megatron_rgm.integration.forward_step`, right-padded to ``length``.

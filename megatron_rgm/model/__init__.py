@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from megatron.core import parallel_state
 
 from megatron_rgm.model.rgm_model import RGMModel, SPRMHead, attach_sprm_head, sprm_step_logits, unwrap
@@ -44,4 +45,9 @@ def build_model(args) -> list[RGMModel]:
                 vp_stage=stage,
             )
         )
+    if torch.cuda.is_available():
+        # megatron-core puts its parallel layers on the GPU itself (use_cpu_initialization=False); the norms of
+        # our local spec and the SPRM head are plain torch modules: move the whole chunk, as Megatron-LM does.
+        for chunk in chunks:
+            chunk.cuda(torch.cuda.current_device())
     return chunks

@@ -38,6 +38,7 @@ from megatron_rgm.data.sources import (
     collate,
     padded_length,
     sft_sample,
+    to_device,
 )
 from megatron_rgm.data.store import Trajectory, tokenizer_fingerprint
 from megatron_rgm.head import HEAD_FIELDS
@@ -220,9 +221,11 @@ class Trainer:
         return groups
 
     def _batches(self, samples: list[Trajectory], length: int, **collate_kw) -> list[dict]:
+        """Micro-batches of ``samples`` padded to ``length``, on the model's device (a GPU when there is one)."""
         micro, advantages = self.run.micro_batch_size, collate_kw.pop("advantages", None)
-        return [collate(samples[i:i + micro], length, advantages=None if advantages is None else
-                        advantages[i:i + micro], **collate_kw) for i in range(0, len(samples), micro)]
+        return [to_device(collate(samples[i:i + micro], length, advantages=None if advantages is None else
+                                  advantages[i:i + micro], **collate_kw), device())
+                for i in range(0, len(samples), micro)]
 
     @torch.no_grad()
     def calibrate_head(self, samples: list[Trajectory]) -> dict[str, float]:
