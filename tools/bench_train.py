@@ -2,13 +2,19 @@
 
     python tools/bench_train.py                          # CPU, one rank
     python tools/bench_train.py --hidden 1024 --layers 8 --tokens 1024
+    python tools/bench_train.py --preset deepscaler-1.5b --bf16 --tokens 2048 --micro-batch-size 2   # a GPU
 
 Builds the trainer (megatron DDP, optimizer with the head's param group) on a
 rollout store of synthetic trajectories (random tokens, a step every
 ``--step-every`` tokens, half of them correct), then times whole optimizer
 steps (forward, backward, optimizer) alternately with and without the SPR loss
 and prints the medians and their ratio. Without the SPR loss the batch carries
-no step positions, so the head does not run.
+no step positions, so the head does not run. Also prints the trained tokens/s of
+the GRPO + SPR step and, on a GPU, its model FLOPs utilisation: the policy's
+forward and backward (3x the forward's 2N + 4 L h s FLOPs per token, N the
+weights in matrix products, attention counted without the causal half) plus
+the reference model's forward (1x), over the H200's dense bf16 peak (989
+TFLOP/s, the datasheet's).
 """
 
 from __future__ import annotations
@@ -41,9 +47,22 @@ def write_store(path: Path, groups: int, k: int, tokens: int, prompt: int, vocab
         store.append(0, batch)
 
 
+PEAK_BF16_FLOPS = 989e12  # H100/H200 SXM dense bf16, the datasheet's
+
+
+def forward_flops_per_token(model, seq: int) -> float:
+    """2 x the weights in matrix products (the SPRM head's included; norms and biases are not) + attention."""
+    cfg = model.config
+    matmul = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embedding" not in n)
+    if "output_layer.weight" not in dict(model.named_parameters()):  # tied: the output layer reads the embedding
+        matmul += sum(p.numel() for n, p in model.named_parameters() if "word_embeddings" in n)
+    return 2 * matmul + 4 * cfg.num_layers * cfg.hidden_size * seq
+
+
 def _bench(argv: list[str], repeats: int) -> None:
     from megatron_rgm import distributed
     from megatron_rgm.arguments import parse_args
+    from megatron_rgm.model import unwrap
     from megatron_rgm.rl import group_advantages
     from megatron_rgm.training.loop import Trainer
 
@@ -52,17 +71,32 @@ def _bench(argv: list[str], repeats: int) -> None:
     samples = [s for g in groups for s in g]
     adv = torch.cat([group_advantages(torch.tensor([s.reward for s in g]), len(g)) for g in groups])
     steps = sum(len(s.step_positions) for s in samples)
+    cuda = torch.cuda.is_available()
     times = {True: [], False: []}
     for r in range(repeats + 1):  # the first round warms up
         for with_spr in (True, False) if r % 2 == 0 else (False, True):
+            if cuda:
+                torch.cuda.synchronize()
             t = time.perf_counter()
             trainer.train_step(samples, adv, spr=with_spr)
+            if cuda:
+                torch.cuda.synchronize()
             if r:
                 times[with_spr].append(time.perf_counter() - t)
     grpo, both = statistics.median(times[False]), statistics.median(times[True])
-    print(f"batch: {len(samples)} trajectories x {len(samples[0].tokens)} tokens, {steps} scored steps")
+    tokens, seq = sum(len(s.tokens) for s in samples), len(samples[0].tokens)
+    model = unwrap(trainer.model[0])
+    params = sum(p.numel() for p in model.parameters())
+    print(f"model: {params / 1e6:.1f}M parameters, {model.config.params_dtype}, on {'cuda' if cuda else 'cpu'}; "
+          f"reference model: {'yes' if trainer.ref is not None else 'no'}")
+    print(f"batch: {len(samples)} trajectories x {seq} tokens, {steps} scored steps")
     print(f"GRPO only          {grpo * 1000:9.1f} ms / step (median of {repeats})")
-    print(f"GRPO + SPR (head)  {both * 1000:9.1f} ms / step")
+    print(f"GRPO + SPR (head)  {both * 1000:9.1f} ms / step, {tokens / both:,.0f} tokens/s")
+    if cuda:
+        passes = 3 + (trainer.ref is not None)
+        flops = passes * forward_flops_per_token(model, seq) * tokens
+        print(f"GRPO + SPR MFU: {100 * flops / both / PEAK_BF16_FLOPS:.1f}% ({flops / both / 1e12:.0f} TFLOP/s of "
+              f"{PEAK_BF16_FLOPS / 1e12:.0f}); peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     print(f"overhead of the SPRM head and SPR loss: {100 * (both / grpo - 1):+.1f}% (ratio {both / grpo:.3f})")
     distributed.shutdown()
 
@@ -70,7 +104,7 @@ def _bench(argv: list[str], repeats: int) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--layers", type=int, help="default: 4, or the preset's")
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--tokens", type=int, default=512, help="prompt + response tokens per trajectory")
@@ -80,17 +114,28 @@ def main() -> int:
     p.add_argument("--groups", type=int, default=2)
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--repeats", type=int, default=6)
+    p.add_argument("--preset", help="a named geometry (megatron_rgm/model/presets.py) instead of the flags above")
+    p.add_argument("--bf16", action="store_true", help="bf16 weights and activations (fp32 master weights)")
     a = p.parse_args()
     from megatron_rgm.launch import run_ranks
 
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
-    write_store(work / "store", a.groups, a.k, a.tokens, a.prompt, a.vocab, a.step_every)
-    argv = ["--preset", "tiny", "--num-layers", str(a.layers), "--hidden-size", str(a.hidden),
-            "--ffn-hidden-size", str(int(2.75 * a.hidden)), "--num-attention-heads", str(a.heads),
-            "--num-query-groups", str(max(1, a.heads // 4)), "--vocab-size", str(a.vocab),
-            "--seq-length", str(a.tokens), "--max-position-embeddings", str(a.tokens),
-            "--rollouts", str(work / "store"), "--grpo-group-size", str(a.k), "--prompts-per-iter", str(a.groups),
-            "--micro-batch-size", str(a.micro_batch_size), "--lr", "1e-6", "--no-sprm-calibrate-head"]
+    if a.preset:
+        from megatron_rgm.model.presets import preset
+
+        vocab = preset(a.preset)["vocab_size"]
+        geometry = ["--preset", a.preset, "--seq-length", str(a.tokens)]
+        geometry += ["--num-layers", str(a.layers)] if a.layers else []  # a shallower rehearsal of the preset
+    else:
+        vocab = a.vocab
+        geometry = ["--preset", "tiny", "--num-layers", str(a.layers or 4), "--hidden-size", str(a.hidden),
+                    "--ffn-hidden-size", str(int(2.75 * a.hidden)), "--num-attention-heads", str(a.heads),
+                    "--num-query-groups", str(max(1, a.heads // 4)), "--vocab-size", str(a.vocab),
+                    "--seq-length", str(a.tokens), "--max-position-embeddings", str(a.tokens)]
+    write_store(work / "store", a.groups, a.k, a.tokens, a.prompt, vocab, a.step_every)
+    argv = geometry + ["--rollouts", str(work / "store"), "--grpo-group-size", str(a.k), "--prompts-per-iter",
+                       str(a.groups), "--micro-batch-size", str(a.micro_batch_size), "--lr", "1e-6",
+                       "--no-sprm-calibrate-head"] + (["--bf16"] if a.bf16 else [])
     run_ranks(_bench, 1, argv, a.repeats)
     return 0
 
