@@ -275,6 +275,21 @@ def rebuild_args(model: ModelConfig, tp: int = 1, pp: int = 1, rgm: RGMConfig | 
     return args
 
 
+def lr_schedule(optim: OptimConfig, train_iters: int) -> dict:
+    """The learning-rate schedule in Megatron-LM's scheduler terms, counted in iterations.
+
+    Raises:
+        ConfigError: a decaying schedule whose warm-up does not end before its decay does.
+    """
+    decay = optim.lr_decay_iters or train_iters
+    if optim.lr_decay_style != "constant" and optim.lr_warmup_iters >= decay:
+        raise ConfigError(f"--lr-warmup-iters {optim.lr_warmup_iters} leaves nothing of the {optim.lr_decay_style} "
+                          f"decay, which ends at iteration {decay} (--lr-decay-iters, default --train-iters): "
+                          "shorten the warm-up or lengthen the decay")
+    return {"lr_warmup_steps": optim.lr_warmup_iters, "lr_decay_steps": max(decay, optim.lr_warmup_iters + 1),
+            "lr_decay_style": optim.lr_decay_style}
+
+
 def check_stage(args: Args) -> None:
     """What ``--stage`` needs from the data flags (checked when a run starts, not when a model is rebuilt).
 
@@ -282,6 +297,7 @@ def check_stage(args: Args) -> None:
         ConfigError: the missing or conflicting flags and the fix.
     """
     run, data = args.run, args.data
+    lr_schedule(args.optim, run.train_iters)
     # Refused on every rank before the first step, rather than a run that trains without the logs it asked for.
     if run.wandb_project:
         lazy.load("wandb", "--wandb-project")

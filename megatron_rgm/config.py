@@ -87,6 +87,9 @@ def _at_least(owner: object, names: tuple[str, ...], low: float) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= {low:g}, got {value}")
 
 
+DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")  # Megatron-LM's (WSD needs more flags)
+
+
 @dataclass
 class ModelConfig:
     """The backbone's geometry and numerics (``--preset`` fills the geometry; flags override it)."""
@@ -285,15 +288,31 @@ class OptimConfig:
     clip_grad: float = option(1.0, "gradient-norm clip of the policy (0: off)")
     sprm_clip_grad: float = option(1.0, "the head's own gradient-norm clip (0: off)")
     lr_warmup_iters: int = option(0)
+    lr_decay_style: str = option("constant", "after the warm-up (Megatron-LM's schedules)", choices=DECAY_STYLES)
+    lr_decay_iters: int | None = option(None, "iterations from 0 to the end of the decay (default: --train-iters)")
+    min_lr: float | None = option(None, "where the decay ends (default 0; the head's: x --sprm-lr / --lr)")
     use_distributed_optimizer: bool = option(False)
 
     def __post_init__(self) -> None:
         _at_least(self, ("lr", "sprm_lr", "weight_decay", "sprm_weight_decay", "clip_grad", "sprm_clip_grad",
-                         "lr_warmup_iters"), 0)
+                         "lr_warmup_iters", "min_lr"), 0)
+        _at_least(self, ("lr_decay_iters",), 1)
+        if self.lr_decay_style == "constant" and (self.min_lr is not None or self.lr_decay_iters is not None):
+            raise ConfigError("--min-lr and --lr-decay-iters shape a decaying learning rate: add --lr-decay-style "
+                              f"{'|'.join(DECAY_STYLES[1:])}, or drop them for the constant one")
+        if self.min_lr is not None and self.min_lr > self.lr:
+            raise ConfigError(f"--min-lr {self.min_lr:g} is above --lr {self.lr:g}: the decay would end above its "
+                              "start; lower --min-lr")
 
     @property
     def head_lr(self) -> float:
         return self.sprm_lr if self.sprm_lr is not None else 10 * self.lr
+
+    def floors(self) -> tuple[float, float]:
+        """The policy's and the head's ``min_lr``: their lr when constant (as checkpoints have recorded it)."""
+        low = self.min_lr or 0.0
+        return (self.lr, self.head_lr) if self.lr_decay_style == "constant" else (low, low * self.head_lr / (
+            self.lr or 1.0))
 
 
 @dataclass

@@ -24,7 +24,13 @@ MEGATRON_FLAGS = {
     "--train-iters": ("9", "run", "train_iters", 9), "--lr": ("0.5", "optim", "lr", 0.5),
     "--clip-grad": ("0.3", "optim", "clip_grad", 0.3), "--lr-warmup-iters": ("2", "optim", "lr_warmup_iters", 2),
     "--seed": ("7", "parallel", "seed", 7), "--save-interval": ("3", "run", "save_interval", 3),
+    "--lr-decay-style": ("cosine", "optim", "lr_decay_style", "cosine"),
 }
+
+
+def test_megatron_lm_decay_flags_keep_their_names():
+    optim = parse_args(["--lr", "0.5", "--lr-decay-style", "linear", "--lr-decay-iters", "7", "--min-lr", "0.25"]).optim
+    assert (optim.lr_decay_style, optim.lr_decay_iters, optim.min_lr) == ("linear", 7, 0.25)
 
 
 @pytest.mark.parametrize("flag", sorted(MEGATRON_FLAGS))

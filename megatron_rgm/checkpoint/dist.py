@@ -52,7 +52,7 @@ def _shutdown_writer_manager() -> None:
 def save_checkpoint(save_dir: str | os.PathLike, iteration: int, chunks, extra: dict | None = None,
                     keep_last: int | None = None, optimizer=None, data_generator: torch.Generator | None = None,
                     global_batch_size: int | None = None, megatron_lm_overrides: dict | None = None,
-                    sharded_strategy=None) -> Path:
+                    sharded_strategy=None, lr_schedule: dict | None = None) -> Path:
     """Save model chunks, optimizer, RNG states and picklable ``extra`` state as a dist checkpoint. Collective.
 
     The checkpoint also loads with Megatron-LM's ``load_checkpoint`` (see the module docstring).
@@ -65,6 +65,8 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, chunks, extra: 
             else 1 sample per iteration).
         megatron_lm_overrides: extra or replaced entries of the ``args`` Megatron-LM reads
             (:func:`megatron_lm_args`).
+        lr_schedule: the learning-rate schedule in iterations (:func:`megatron_rgm.arguments.lr_schedule`), for
+            Megatron-LM's scheduler state (default: constant).
         sharded_strategy: a megatron-core save strategy instead of the default ``torch_dist`` one
             (``hf-to-mcore`` passes one that makes each tensor as it is written).
 
@@ -87,7 +89,7 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, chunks, extra: 
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(dict(state), metadata=OPTIMIZER_METADATA)
         megatron_lm_param_groups(state["optimizer"])
-        state["opt_param_scheduler"] = scheduler_state(optimizer, iteration, global_batch_size)
+        state["opt_param_scheduler"] = scheduler_state(optimizer, iteration, global_batch_size, lr_schedule)
     state[RNG_KEY] = rng_object(data_generator, RNG_KEY)
     state["rgm_extra"] = dict(extra or {}, iteration=iteration, layout=layout(), rng_key=RNG_KEY)
     # What Megatron-LM's load_checkpoint reads from the common state.

@@ -4,7 +4,7 @@
   common state: ``iteration``, ``checkpoint_version`` (3.0), ``args`` (a Namespace with
   the model geometry and layout its checks read, see :func:`megatron_lm_args`),
   ``rng_state`` in its layout (:mod:`.rng`) and, with an optimizer,
-  ``opt_param_scheduler`` (a constant schedule at ``num_steps = iteration x global
+  ``opt_param_scheduler`` (the run's schedule at ``num_steps = iteration x global
   batch``) and param groups whose ``min_lr`` is a number (``None`` is written as 0.0,
   Megatron-LM's default ``--min-lr``);
 * a checkpoint Megatron-LM saved (``torch_dist``) loads here: weights, its optimizer
@@ -156,17 +156,21 @@ def align_param_groups(optimizer, loaded_optimizer, ckpt) -> None:
             groups[i] = dict(group, **{k: live[k] for k in ("min_lr",) if k in live})
 
 
-def scheduler_state(optimizer, iteration: int, global_batch_size: int | None) -> dict:
-    """``opt_param_scheduler`` as Megatron-LM saves it, for RGM's constant learning rate (after warm-up)."""
+def scheduler_state(optimizer, iteration: int, global_batch_size: int | None, schedule: dict | None = None) -> dict:
+    """``opt_param_scheduler`` as Megatron-LM saves it: ``schedule`` (:func:`megatron_rgm.arguments.lr_schedule`,
+    in iterations; default constant) with its steps in samples, as Megatron-LM counts them."""
     groups = [g for g in optimizer.param_groups if not g.get("sprm_head")] or list(optimizer.param_groups)
     group = groups[0]
     max_lr = group.get("max_lr", group.get("lr", 0.0))
     min_lr = group.get("min_lr")
-    steps = iteration * (global_batch_size or 1)
+    per_iter = global_batch_size or 1
+    steps = iteration * per_iter
+    schedule = schedule or {"lr_warmup_steps": 0, "lr_decay_steps": max(iteration, 1), "lr_decay_style": "constant"}
     wd = group.get("base_weight_decay", group.get("weight_decay", 0.0))
-    return {"max_lr": float(max_lr), "lr_warmup_steps": 0, "num_steps": steps, "lr_decay_style": "constant",
-            "lr_decay_steps": max(steps, 1), "min_lr": float(min_lr if min_lr is not None else 0.0),
-            "start_wd": float(wd), "end_wd": float(wd), "wd_incr_style": "constant", "wd_incr_steps": max(steps, 1)}
+    return {"max_lr": float(max_lr), "lr_warmup_steps": schedule["lr_warmup_steps"] * per_iter, "num_steps": steps,
+            "lr_decay_style": schedule["lr_decay_style"], "lr_decay_steps": schedule["lr_decay_steps"] * per_iter,
+            "min_lr": float(min_lr if min_lr is not None else 0.0), "start_wd": float(wd), "end_wd": float(wd),
+            "wd_incr_style": "constant", "wd_incr_steps": max(steps, 1)}
 
 
 def current_global_batch_size() -> int | None:

@@ -305,7 +305,7 @@ class Trainer:
         """One iteration: rollouts, advantages, (calibration), optimizer steps. Returns (metrics, times)."""
         t0 = time.time()
         self.iteration_now = it
-        lrs = set_learning_rates(self.optimizer, self.args.optim, it)
+        lrs = set_learning_rates(self.optimizer, self.args.optim, it, self.run.train_iters)
         times = {}
         if self.run.stage == "sft":
             samples = [sft_sample(*x) for x in self.source.for_iteration(it, self.dp_rank, self.dp)]

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.optimizer import OptimizerConfig, ParamKey, get_megatron_optimizer
 from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32, get_grad_norm_fp32
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import param_is_not_shared
 
+from megatron_rgm.arguments import lr_schedule
 from megatron_rgm.integration import HEAD_PARAMS
 
 HEAD_GROUP_KEY = "sprm_head"
@@ -38,8 +41,9 @@ def build_optimizer(model_chunks, optim, transformer_config):
         optim: :class:`megatron_rgm.config.OptimConfig` (lr, head lr, weight decays, distributed optimizer).
         transformer_config: the model's TransformerConfig (precision).
     """
+    min_lr, head_min_lr = optim.floors()
     config = OptimizerConfig(
-        optimizer="adam", lr=optim.lr, min_lr=optim.lr, weight_decay=optim.weight_decay, clip_grad=optim.clip_grad,
+        optimizer="adam", lr=optim.lr, min_lr=min_lr, weight_decay=optim.weight_decay, clip_grad=optim.clip_grad,
         use_distributed_optimizer=optim.use_distributed_optimizer, bf16=transformer_config.bf16,
         fp16=transformer_config.fp16, params_dtype=transformer_config.params_dtype,
     )
@@ -50,7 +54,7 @@ def build_optimizer(model_chunks, optim, transformer_config):
         # is_decoupled_lr marks the head's groups apart from the policy's in the checkpoint: megatron
         # matches saved and current param groups by (wd_mult, lr_mult, is_expert_parallel, is_decoupled_lr).
         ParamKey(name=HEAD_PARAMS): {
-            "max_lr": optim.head_lr, "min_lr": optim.head_lr, HEAD_GROUP_KEY: True, "base_weight_decay": head_decay,
+            "max_lr": optim.head_lr, "min_lr": head_min_lr, HEAD_GROUP_KEY: True, "base_weight_decay": head_decay,
             "is_decoupled_lr": True},
     }
     return get_megatron_optimizer(config, model_chunks, config_overrides=overrides)
@@ -60,14 +64,23 @@ def _inner_optimizers(optimizer) -> list:
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
-def set_learning_rates(optimizer, optim, iteration: int) -> dict[str, float]:
-    """Linear warm-up over ``--lr-warmup-iters``, then constant; returns ``{"lr", "sprm lr"}``."""
-    warm = min(1.0, iteration / optim.lr_warmup_iters) if optim.lr_warmup_iters else 1.0
-    out = {"lr": optim.lr * warm, "sprm lr": optim.head_lr * warm}
+def set_learning_rates(optimizer, optim, iteration: int, train_iters: int) -> dict[str, float]:
+    """Each param group's learning rate at ``iteration`` by megatron-core's own scheduler (linear warm-up over
+    ``--lr-warmup-iters``, then ``--lr-decay-style`` down to ``--min-lr``), counted in iterations; returns
+    ``{"lr", "sprm lr"}``. The policy's and the head's peaks and floors come from ``optim``."""
+    schedule = OptimizerParamScheduler(SimpleNamespace(param_groups=[]), init_lr=0.0, max_lr=optim.lr,
+                                       min_lr=optim.floors()[0], start_wd=0.0, end_wd=0.0, wd_incr_steps=1,
+                                       wd_incr_style="constant", **lr_schedule(optim, train_iters))
+    schedule.num_steps = iteration
+    (low, head_low), out = optim.floors(), {}
     for opt in _inner_optimizers(optimizer):
         for group in opt.param_groups:
-            group["lr"] = group.get("max_lr", optim.lr) * warm
+            head = group.get(HEAD_GROUP_KEY, False)
+            group["max_lr"], group["min_lr"] = (optim.head_lr, head_low) if head else (optim.lr, low)
+            group["lr"] = out["sprm lr" if head else "lr"] = schedule.get_lr(group)
             group["weight_decay"] = group.get("base_weight_decay", optim.weight_decay) * group.get("wd_mult", 1.0)
+    out.setdefault("lr", schedule.get_lr({"max_lr": optim.lr, "min_lr": low}))
+    out.setdefault("sprm lr", schedule.get_lr({"max_lr": optim.head_lr, "min_lr": head_low}))
     return out
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from megatron_rgm.arguments import lr_schedule
 from megatron_rgm.checkpoint import ASSETS, publish, save_checkpoint
 from megatron_rgm.convert.mapping import hf_config_from_args
 from megatron_rgm.model.load import HEAD_TRAINED, PROMPT_KEY
@@ -27,7 +28,7 @@ def save_run(args, iteration: int, model: list, optimizer, tokenizer, vocab: int
         extra["hf_config"] = hf_config
     # Megatron-LM counts consumed samples (and its scheduler's steps) as iteration x global batch.
     save_checkpoint(args.run.save, iteration, model, optimizer=optimizer, extra=extra,
-                    global_batch_size=samples_per_iteration)
+                    global_batch_size=samples_per_iteration, lr_schedule=lr_schedule(args.optim, args.run.train_iters))
     assets = Path(args.run.save) / ASSETS
     if dist.get_rank() == 0 and tokenizer is not None and not assets.exists():
         tmp = assets.with_name(ASSETS + ".tmp")
