@@ -108,14 +108,10 @@ class ModelConfig:
     norm_epsilon: float = option(1e-5)
     position_embedding_type: str = option("rope", choices=("rope", "learned_absolute"))
     rotary_base: int = option(10000)
-    # RoPE scaling as megatron-core builds it: Llama 3.x's (frequencies below 8192 original positions divided by
-    # the factor, high ones kept, a smooth ramp between: low/high frequency factors 1 and 4), or linear (positions
-    # divided by the factor). Megatron-LM's flag names.
-    use_rope_scaling: bool = option(False, "Llama 3.x RoPE scaling (low/high frequency factors 1 and 4, 8192 "
-                                    "original positions)")
+    # RoPE scaling as megatron-core builds it (Megatron-LM's flags): Llama 3.x's, or linear (positions / factor).
+    use_rope_scaling: bool = option(False, "Llama 3.x RoPE scaling (frequency factors 1 and 4, 8192 positions)")
     rope_scaling_factor: float = option(8.0, "the Llama 3.x RoPE scaling factor (with --use-rope-scaling)")
-    rotary_seq_len_interpolation_factor: float | None = option(None, "linear RoPE scaling: positions are divided "
-                                                               "by this factor")
+    rotary_seq_len_interpolation_factor: float | None = option(None, "linear RoPE scaling: positions / factor")
     add_qkv_bias: bool = option(False)
     qk_layernorm: bool = option(False)
     swiglu: bool = option(False)
@@ -180,11 +176,15 @@ class ParallelConfig:
     distributed_timeout_minutes: float = option(10, "a collective waiting longer than this (a rank died or hangs) "
                                                     "fails the run")
     seed: int = option(1234)
+    # Megatron-LM's data-parallel gradient reduction flags (megatron-core's DistributedDataParallelConfig).
+    overlap_grad_reduce: bool = option(False, "reduce gradient buckets as the backward fills them")
+    ddp_bucket_size: int | None = option(None, "parameters per gradient bucket (default: megatron-core's)")
+    accumulate_allreduce_grads_in_fp32: bool = option(False, "keep and reduce gradients in fp32 (bf16/fp16 runs)")
 
     def __post_init__(self) -> None:
         if self.tensor_model_parallel_size < 1 or self.pipeline_model_parallel_size < 1:
             raise ConfigError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
-        _at_least(self, ("context_parallel_size", "virtual_pipeline_model_parallel_size"), 1)
+        _at_least(self, ("context_parallel_size", "virtual_pipeline_model_parallel_size", "ddp_bucket_size"), 1)
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
 

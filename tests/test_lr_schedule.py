@@ -1,6 +1,6 @@
-"""Megatron-LM's learning-rate schedules: warm-up, then constant, linear, cosine or inverse-square-root decay to
-``--min-lr``, for the policy and (scaled) the SPRM head; refused where they cannot mean anything; carried into
-the scheduler state Megatron-LM resumes from."""
+"""Megatron-LM's optimizer-side flags: the learning-rate schedules (warm-up, then constant, linear, cosine or
+inverse-square-root decay to ``--min-lr``, for the policy and, scaled, the SPRM head; refused where they cannot
+mean anything; carried into the scheduler state Megatron-LM resumes from) and the DDP reduction options."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 import torch
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megatron_rgm.arguments import lr_schedule
+from megatron_rgm.arguments import lr_schedule, parse_args
 from megatron_rgm.checkpoint.megatron_lm import scheduler_state
 from megatron_rgm.config import ConfigError, OptimConfig
-from megatron_rgm.training.optimizer import HEAD_GROUP_KEY, set_learning_rates
+from megatron_rgm.training.optimizer import HEAD_GROUP_KEY, ddp_config, set_learning_rates
 
 LR, HEAD_LR, MIN_LR = 1e-3, 5e-3, 1e-4
 WARMUP, DECAY, TRAIN = 4, 20, 30
@@ -106,3 +106,15 @@ def test_megatron_lm_resumes_the_same_schedule_from_the_checkpoint_state():
         theirs.num_steps = it * batch
         ours = set_learning_rates(opt, optim, it, TRAIN)["lr"]
         assert theirs.get_lr({}) == pytest.approx(ours, rel=1e-12), it
+
+
+def test_the_ddp_flags_reach_megatron_core():
+    """What the DP=2 equivalence test in test_training.py runs with (it cannot see the config from outside)."""
+    plain = ddp_config(parse_args([]))
+    assert not plain.overlap_grad_reduce and not plain.grad_reduce_in_fp32 and not plain.use_distributed_optimizer
+    config = ddp_config(parse_args(["--overlap-grad-reduce", "--ddp-bucket-size", "4000",
+                                    "--accumulate-allreduce-grads-in-fp32", "--use-distributed-optimizer"]))
+    assert config.overlap_grad_reduce and config.grad_reduce_in_fp32 and config.use_distributed_optimizer
+    assert config.bucket_size == 4000
+    with pytest.raises(ConfigError, match="--ddp-bucket-size must be >= 1"):
+        parse_args(["--ddp-bucket-size", "0"])

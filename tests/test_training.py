@@ -69,6 +69,22 @@ def test_tp1_and_tp2_give_the_same_losses(task, tmp_path):
 
 
 @pytest.mark.multirank
+def test_overlapped_bucketed_gradient_reduction_trains_the_same_weights(task, tmp_path):
+    """DP=2 with Megatron-LM's --overlap-grad-reduce and small buckets (several per step, reduced during the last
+    micro-batch's backward) against the plain reduction: the same losses, so the same updates, step after step."""
+    store = make_store(tmp_path / "store", task, n_groups=2)
+    common = [*TINY, "--train-iters", "3", "--rollouts", str(store), "--tokenizer", str(task["tokenizer"]),
+              "--micro-batch-size", "1", "--sprm-dropout", "0", "--lr", "1e-3", "--sprm-lr", "1e-2"]
+    plain = pretrain(2, common, tmp_path / "plain.jsonl")
+    overlap = pretrain(2, [*common, "--overlap-grad-reduce", "--ddp-bucket-size", "4000",
+                           "--accumulate-allreduce-grads-in-fp32"], tmp_path / "overlap.jsonl")
+    assert plain[-1]["kl"] > 1e-6, "the policy must have moved for the comparison to mean anything"
+    for a, b in zip(plain, overlap, strict=True):
+        for key in ("grpo loss", "kl", "entropy", "spr loss", "grad norm", "sprm grad norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (key, a[key], b[key])
+
+
+@pytest.mark.multirank
 def test_spr_loss_decreases_on_a_fixed_batch(task, tmp_path):
     store = make_store(tmp_path / "store", task, n_groups=1, k=8)
     rows = pretrain(2, [*TINY, "--tensor-model-parallel-size", "2", "--train-iters", "6", "--rollouts", str(store),

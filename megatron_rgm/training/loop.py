@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
 
 from megatron_rgm import distributed
 from megatron_rgm.checkpoint import latest_iteration, load_checkpoint
@@ -59,6 +59,7 @@ from megatron_rgm.training.metrics import (
 )
 from megatron_rgm.training.optimizer import (
     build_optimizer,
+    ddp_config,
     optimizer_step,
     set_learning_rates,
 )
@@ -95,8 +96,10 @@ class Trainer:
             for chunk in chunks:
                 for name, p in chunk.named_parameters():
                     p.requires_grad_(name.startswith("sprm_head."))
-        ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=args.optim.use_distributed_optimizer)
-        self.model = [DistributedDataParallel(args.transformer, ddp_config, m) for m in chunks]
+        self.model = [DistributedDataParallel(args.transformer, ddp_config(args), m) for m in chunks]
+        if args.parallel.overlap_grad_reduce:  # as Megatron-LM: the schedule holds the reduction until the last micro-batch
+            no_sync = [m.no_sync for m in self.model]
+            args.transformer.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
         self.optimizer = build_optimizer(self.model, args.optim, args.transformer)
         args.transformer.finalize_model_grads_func = finalize_model_grads
         args.transformer.grad_scale_func = self.optimizer.scale_loss

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import torch
 from megatron.core import tensor_parallel
+from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig, ParamKey, get_megatron_optimizer
 from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32, get_grad_norm_fp32
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -27,6 +28,15 @@ from megatron_rgm.arguments import lr_schedule
 from megatron_rgm.integration import HEAD_PARAMS
 
 HEAD_GROUP_KEY = "sprm_head"
+
+
+def ddp_config(args) -> DistributedDataParallelConfig:
+    """megatron-core's DDP options from Megatron-LM's flags: the distributed optimizer, overlapped and bucketed
+    gradient reduction, gradients kept and reduced in fp32."""
+    par = args.parallel
+    return DistributedDataParallelConfig(
+        use_distributed_optimizer=args.optim.use_distributed_optimizer, overlap_grad_reduce=par.overlap_grad_reduce,
+        grad_reduce_in_fp32=par.accumulate_allreduce_grads_in_fp32, bucket_size=par.ddp_bucket_size)
 
 
 def _one_dimensional(param: torch.Tensor) -> bool:
