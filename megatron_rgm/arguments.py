@@ -109,7 +109,8 @@ GEOMETRY = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads
             "kv_channels", "vocab_size", "make_vocab_size_divisible_by", "max_position_embeddings", "normalization",
             "norm_epsilon", "position_embedding_type", "rotary_base", "use_rope_scaling", "rope_scaling_factor",
             "rotary_seq_len_interpolation_factor", "add_qkv_bias", "qk_layernorm", "swiglu",
-            "disable_bias_linear", "untie_embeddings_and_output_weights")
+            "disable_bias_linear", "untie_embeddings_and_output_weights", "num_experts", "moe_ffn_hidden_size",
+            "moe_router_topk", "moe_router_pre_softmax")
 HEAD_GEOMETRY = (*HEAD_FIELDS, "sprm_hidden_mult")  # its layer, width and step rule
 _UNSET = object()
 
@@ -234,6 +235,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig):
             num_layers_in_first_pipeline_stage=parallel.decoder_first_pipeline_num_layers,
             num_layers_in_last_pipeline_stage=parallel.decoder_last_pipeline_num_layers,
             context_parallel_size=parallel.context_parallel_size, sequence_parallel=parallel.sequence_parallel,
+            expert_model_parallel_size=parallel.expert_model_parallel_size, **_moe(model),
             recompute_granularity=model.recompute_granularity, recompute_method=model.recompute_method,
             recompute_num_layers=model.recompute_num_layers,
             params_dtype=dtype, pipeline_dtype=dtype, bf16=model.bf16, fp16=model.fp16,
@@ -275,6 +277,19 @@ def rebuild_args(model: ModelConfig, tp: int = 1, pp: int = 1, rgm: RGMConfig | 
     return args
 
 
+def _moe(model: ModelConfig) -> dict:
+    """megatron-core's MoE fields (none for a dense model): tokens routed by softmax gating with the
+    all-to-all dispatcher, experts as separate MLPs (no grouped GEMM: it needs a GPU kernel)."""
+    if model.num_experts is None:
+        return {}
+    return dict(num_moe_experts=model.num_experts, moe_ffn_hidden_size=model.moe_ffn_hidden_size or
+                model.ffn_hidden_size, moe_router_topk=model.moe_router_topk,
+                moe_router_pre_softmax=model.moe_router_pre_softmax, moe_router_score_function="softmax",
+                moe_aux_loss_coeff=model.moe_aux_loss_coeff,
+                moe_router_load_balancing_type="aux_loss" if model.moe_aux_loss_coeff else "none",
+                moe_token_dispatcher_type="alltoall", moe_grouped_gemm=False)
+
+
 def lr_schedule(optim: OptimConfig, train_iters: int) -> dict:
     """The learning-rate schedule in Megatron-LM's scheduler terms, counted in iterations.
 
@@ -298,6 +313,10 @@ def check_stage(args: Args) -> None:
     """
     run, data = args.run, args.data
     lr_schedule(args.optim, run.train_iters)
+    par = args.parallel
+    if args.model.num_experts and par.tensor_model_parallel_size > 1 and not par.sequence_parallel:
+        raise ConfigError("--num-experts with --tensor-model-parallel-size > 1 trains only with --sequence-parallel "
+                          "(megatron-core's MoE layers require it): add --sequence-parallel")
     # Refused on every rank before the first step, rather than a run that trains without the logs it asked for.
     if run.wandb_project:
         lazy.load("wandb", "--wandb-project")

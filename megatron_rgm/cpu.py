@@ -128,6 +128,14 @@ def _noop(name: str) -> Callable:
     return noop
 
 
+def _host_numbers(original: Callable) -> Callable:
+    def move(tensor, as_numpy: bool = False, record_stream: bool = False):
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+    return move
+
+
 class _NullStream:
     """Stands in for ``torch.cuda.Stream``/``Event``: CPU work is synchronous."""
 
@@ -241,6 +249,15 @@ def activate(force: bool = False) -> list[Patch]:
     logging.getLogger(mrandom.__name__).addFilter(_DropForkWarning())
     _APPLIED.append(Patch("logging filter on megatron.core.tensor_parallel.random",
                           "drop the CPU-RNG-changed-in-fork warning: the generators are one"))
+
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    host = _host_numbers(moe_utils.maybe_move_tensor_to_cpu)
+    _set(moe_utils, "maybe_move_tensor_to_cpu", host,
+         "megatron.core.transformer.moe.moe_utils.maybe_move_tensor_to_cpu", "the expert-parallel all-to-all's split sizes become host numbers (numpy) only from CUDA tensors; a CPU "
+         "tensor stays a tensor, which all_to_all_single refuses")
+    _set(token_dispatcher, "maybe_move_tensor_to_cpu", host,
+         "megatron.core.transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu", "imported there by name")
 
     # megatron's fused kernels need a GPU (torch.compile on the CPU would also
     # spend minutes compiling); the model config turns the fusions off and this

@@ -168,6 +168,7 @@ def initialize(parallel: ParallelConfig | None = None) -> LaunchInfo:
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
         context_parallel_size=parallel.context_parallel_size,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
         distributed_timeout_minutes=parallel.distributed_timeout_minutes,
     )
     set_seed(parallel.seed)

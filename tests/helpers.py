@@ -123,6 +123,9 @@ ARCHS = {
     "qwen3": ("Qwen3Config", dict(head_dim=32, rope_theta=1000000.0), True),
     # 1024 positions: a RoPE scaling shows over long distances (verify fails without it: 1.2e-3, tolerance 1.4e-4)
     "llama": ("LlamaConfig", dict(rope_theta=500000.0, rope_scaling=LLAMA31_ROPE, max_position_embeddings=1024), True),
+    # Experts in every layer (4, two per token, the top two renormalised as Qwen3-30B-A3B does), QK norm.
+    "qwen3_moe": ("Qwen3MoeConfig", dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                         norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[]), False),
 }
 VOCAB = 300
 TEXT = "<think>Add 3 and 4.\n\nThat gives 7.\n\nDouble it.\n\n</think>The answer is \\boxed{14}."

@@ -34,7 +34,7 @@ def converted(request, tmp_path_factory):
     return kind, root, hf
 
 
-VERIFIED = ["qwen2", "qwen3"]
+VERIFIED = ["qwen2", "qwen3", "qwen3_moe"]
 
 
 @pytest.mark.multirank

@@ -84,6 +84,28 @@ def test_overlapped_bucketed_gradient_reduction_trains_the_same_weights(task, tm
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (key, a[key], b[key])
 
 
+MOE = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "96", "--moe-aux-loss-coeff", "0.01"]
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+                                    ["--expert-model-parallel-size", "2"]], ids=["tp2", "ep2"])
+def test_the_head_trains_on_a_mixture_of_experts_backbone(task, tmp_path, layout):
+    """Every layer's MLP four experts (two per token): GRPO + SPR run at TP=2 (with sequence parallelism, which
+    megatron-core's MoE layers need there) and with the experts split over two data-parallel ranks (EP=2); the
+    routers' load-balancing loss is logged apart from the GRPO and SPR losses."""
+    store = make_store(tmp_path / "store", task, n_groups=2)
+    rows = pretrain(2, [*TINY, *MOE, *layout, "--train-iters", "2", "--rollouts", str(store), "--tokenizer",
+                        str(task["tokenizer"]), "--sprm-dropout", "0"], tmp_path / "m.jsonl")
+    assert [r["iteration"] for r in rows] == [1, 2]
+    for r in rows:
+        for key in ("grpo loss", "spr loss", "grad norm", "sprm grad norm", "moe load balancing loss"):
+            assert math.isfinite(r[key]), (key, r)
+        # Balanced routing gives 1 (top-k probabilities against the share of tokens, times the experts).
+        assert 0.5 < r["moe load balancing loss"] < 4, r
+    assert rows[1]["kl"] > 0, "the policy moved"
+
+
 @pytest.mark.multirank
 def test_spr_loss_decreases_on_a_fixed_batch(task, tmp_path):
     store = make_store(tmp_path / "store", task, n_groups=1, k=8)

@@ -64,3 +64,30 @@ def write_legacy_common_state(checkpoint_dir) -> bool:
     torch.save(common, tmp)
     os.replace(tmp, path)
     return True
+
+
+def router_without_transformer_engine() -> None:
+    """megatron-core 0.16's MoE router gating asks whether ``te_general_gemm`` is None, a name its module binds
+    only when Transformer Engine imports (a NameError at the first MoE forward without it, on a GPU too);
+    0.19 binds it to None. Bind it to None where it is missing: the router then uses torch's matmul."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def take_moe_router_losses() -> dict[str, torch.Tensor]:
+    """The router losses megatron-core tracked since the last call (name -> ``[num_layers]`` values, unscaled by
+    their coefficient), and the tracker cleared. 0.19 keeps them in a metrics tracker object, 0.16 in a dict."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if hasattr(moe_utils, "get_moe_metrics_tracker"):
+        entries = moe_utils.get_moe_metrics_tracker().metrics
+        out = {name: entry.values.detach().clone() for name, entry in entries.items()}
+        for entry in entries.values():
+            entry.values.zero_()
+        return out
+    tracker = moe_utils.get_moe_layer_wise_logging_tracker()
+    out = {name: v["values"].detach().clone() for name, v in tracker.items()}
+    moe_utils.clear_aux_losses_tracker()
+    return out

@@ -1,11 +1,12 @@
-"""HF (Qwen2, Qwen3, Llama) <-> Megatron tensor names and layouts, one full tensor at a time.
+"""HF (Qwen2, Qwen3, Qwen3-MoE, Llama) <-> Megatron tensor names and layouts, one full tensor at a time.
 
 Megatron-side names are RGMModel's full (TP=1, PP=1) parameter names, e.g.
 ``decoder.layers.3.self_attention.linear_qkv.weight``. Layouts that differ:
 
 * ``linear_qkv`` stacks, for each KV group g: the group's query heads, then
   k_g, then v_g (HF keeps q, k and v apart);
-* ``linear_fc1`` stacks [gate; up];
+* ``linear_fc1`` stacks [gate; up] (each expert's too: HF's ``mlp.experts.{e}.gate_proj`` and ``up_proj``
+  become ``mlp.experts.local_experts.{e}.linear_fc1``; the router is HF's ``mlp.gate``);
 * embeddings and the output layer are padded with zero rows to the TP-padded vocabulary.
 """
 
@@ -19,8 +20,8 @@ import torch
 
 from megatron_rgm.config import ConfigError, ModelConfig
 
-SUPPORTED = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama",
-             "MistralForCausalLM": "llama"}
+SUPPORTED = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe",
+             "LlamaForCausalLM": "llama", "MistralForCausalLM": "llama"}
 
 
 # megatron-core's Llama 3.x RoPE scaling takes the factor; these three it fixes (RotaryEmbedding._apply_scaling).
@@ -77,6 +78,11 @@ def refuse_unconverted_features(cfg: dict, source: str) -> None:
         problems.append(f"sliding_window={cfg.get('sliding_window')} (sliding-window attention)")
     if cfg.get("mlp_bias"):
         problems.append("mlp_bias=true (the MLP converts without biases)")
+    if cfg.get("decoder_sparse_step", 1) != 1 or cfg.get("mlp_only_layers"):
+        problems.append(f"dense layers between the MoE layers (decoder_sparse_step={cfg.get('decoder_sparse_step')}, "
+                        f"mlp_only_layers={cfg.get('mlp_only_layers')}; converted: experts in every layer)")
+    if cfg.get("shared_expert_intermediate_size"):
+        problems.append("a shared expert (shared_expert_intermediate_size)")
     if problems:
         raise ConfigError(f"{source}: the conversion does not carry over {'; '.join(problems)}: the converted model "
                           "would compute something else, so it is refused (convert a model without these features)")
@@ -104,6 +110,11 @@ class HFArch:
     dtype: str  # float32 | bfloat16 | float16: the Megatron model is built in the checkpoint's dtype
     rope_scaling: dict | None  # {"rope_type": "llama3" | "linear", "factor": f} (others are refused)
     config: dict
+    num_experts: int | None = None  # MoE (qwen3_moe): experts per layer, each of moe_ffn_hidden_size
+    moe_ffn_hidden_size: int | None = None
+    moe_topk: int = 2
+    moe_norm_topk: bool = True  # HF's norm_topk_prob: the top k weights renormalised (megatron: no pre-softmax)
+    moe_aux_loss_coeff: float = 0.0
 
     @classmethod
     def from_config(cls, cfg: dict, source: str = "config.json") -> "HFArch":
@@ -129,13 +140,14 @@ class HFArch:
             rope_theta=float(rope),
             norm_eps=cfg.get("rms_norm_eps", 1e-6),
             qkv_bias=kind == "qwen2" or bool(cfg.get("attention_bias", False)),
-            qk_norm=kind == "qwen3",
+            qk_norm=kind in ("qwen3", "qwen3_moe"),
             o_bias=kind == "llama" and bool(cfg.get("attention_bias", False)),
             tied=bool(cfg.get("tie_word_embeddings", False)),
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
             rope_scaling=rope_scaling(cfg),
             config=cfg,
+            **(_moe_fields(cfg) if kind == "qwen3_moe" else {}),
         )
 
     def model_config(self, divisible_by: int = 128) -> ModelConfig:
@@ -148,7 +160,9 @@ class HFArch:
             normalization="RMSNorm", norm_epsilon=self.norm_eps, position_embedding_type="rope",
             rotary_base=int(self.rope_theta), swiglu=True, disable_bias_linear=True, add_qkv_bias=self.qkv_bias,
             qk_layernorm=self.qk_norm, untie_embeddings_and_output_weights=not self.tied,
-            bf16=self.dtype == "bfloat16", fp16=self.dtype == "float16", **rope_flags(self.rope_scaling))
+            bf16=self.dtype == "bfloat16", fp16=self.dtype == "float16", **rope_flags(self.rope_scaling),
+            num_experts=self.num_experts, moe_ffn_hidden_size=self.moe_ffn_hidden_size, moe_router_topk=self.moe_topk,
+            moe_router_pre_softmax=not self.moe_norm_topk, moe_aux_loss_coeff=self.moe_aux_loss_coeff)
 
     def hf_names(self) -> dict[str, tuple[int, ...]]:
         """Every tensor an HF checkpoint of this architecture holds, with its shape."""
@@ -164,10 +178,18 @@ class HFArch:
                 p + "self_attn.k_proj.weight": (self.num_kv_heads * hd, h),
                 p + "self_attn.v_proj.weight": (self.num_kv_heads * hd, h),
                 p + "self_attn.o_proj.weight": (h, self.num_heads * hd),
-                p + "mlp.gate_proj.weight": (self.ffn_hidden_size, h),
-                p + "mlp.up_proj.weight": (self.ffn_hidden_size, h),
-                p + "mlp.down_proj.weight": (h, self.ffn_hidden_size),
             })
+            if self.num_experts:
+                f = self.moe_ffn_hidden_size
+                names[p + "mlp.gate.weight"] = (self.num_experts, h)
+                for e in range(self.num_experts):
+                    q = f"{p}mlp.experts.{e}."
+                    names.update({q + "gate_proj.weight": (f, h), q + "up_proj.weight": (f, h),
+                                  q + "down_proj.weight": (h, f)})
+            else:
+                names.update({p + "mlp.gate_proj.weight": (self.ffn_hidden_size, h),
+                              p + "mlp.up_proj.weight": (self.ffn_hidden_size, h),
+                              p + "mlp.down_proj.weight": (h, self.ffn_hidden_size)})
             if self.qkv_bias:
                 names.update({p + "self_attn.q_proj.bias": (self.num_heads * hd,),
                               p + "self_attn.k_proj.bias": (self.num_kv_heads * hd,),
@@ -179,7 +201,17 @@ class HFArch:
         return names
 
 
+def _moe_fields(cfg: dict) -> dict:
+    """A Qwen3-MoE config's experts (transformers 5 also writes ``num_experts`` as ``num_local_experts``)."""
+    return {"num_experts": cfg.get("num_experts") or cfg["num_local_experts"],
+            "moe_ffn_hidden_size": cfg["moe_intermediate_size"], "moe_topk": cfg.get("num_experts_per_tok", 8),
+            "moe_norm_topk": bool(cfg.get("norm_topk_prob", False)),
+            "moe_aux_loss_coeff": float(cfg.get("router_aux_loss_coef", 0.0))}
+
+
 LAYER_NAME = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc1|linear_fc2)\.weight$")
+STACKED_EXPERTS = re.compile(r"^mlp\.experts\.experts\.(linear_fc1|linear_fc2)\.weight$")
 
 # Megatron per-layer name -> HF per-layer name, where the layout is the same.
 SAME_NAMES = {
@@ -235,6 +267,14 @@ def megatron_tensor(name: str, get: Callable[[str], torch.Tensor], arch: HFArch,
         return _qkv_merge(*(get(f"{p}self_attn.{x}_proj.{kind}") for x in "qkv"), arch)
     if rest == "mlp.linear_fc1.weight":
         return torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])
+    if rest == "mlp.router.weight":
+        return get(p + "mlp.gate.weight")
+    e = EXPERT.match(rest)
+    if e:
+        q = f"{p}mlp.experts.{e.group(1)}."
+        if e.group(2) == "linear_fc2":
+            return get(q + "down_proj.weight")
+        return torch.cat([get(q + "gate_proj.weight"), get(q + "up_proj.weight")])
     raise KeyError(f"no HF source for Megatron tensor {name}")
 
 
@@ -261,6 +301,20 @@ def hf_tensors(name: str, tensor: torch.Tensor, arch: HFArch) -> dict[str, torch
     if rest == "mlp.linear_fc1.weight":
         gate, up = tensor.chunk(2)
         return {p + "mlp.gate_proj.weight": gate.contiguous(), p + "mlp.up_proj.weight": up.contiguous()}
+    if rest == "mlp.router.weight":
+        return {p + "mlp.gate.weight": tensor}
+    stacked = STACKED_EXPERTS.match(rest)
+    if stacked:  # a checkpoint keeps a layer's experts as one [experts, ...] tensor
+        return {k: v for e in range(tensor.shape[0]) for k, v in
+                hf_tensors(f"decoder.layers.{m.group(1)}.mlp.experts.local_experts.{e}.{stacked.group(1)}.weight",
+                           tensor[e], arch).items()}
+    e = EXPERT.match(rest)
+    if e:
+        q = f"{p}mlp.experts.{e.group(1)}."
+        if e.group(2) == "linear_fc2":
+            return {q + "down_proj.weight": tensor}
+        gate, up = tensor.chunk(2)
+        return {q + "gate_proj.weight": gate.contiguous(), q + "up_proj.weight": up.contiguous()}
     raise KeyError(f"no HF name for Megatron tensor {name}")
 
 
@@ -292,8 +346,12 @@ def hf_config_from_args(args, vocab_size: int) -> dict | None:
     qk_norm = bool(t.qk_layernorm)
     if qk_norm and t.add_qkv_bias:
         return None
+    if t.num_moe_experts and not qk_norm:
+        return None  # experts without QK norm match no HF class converted here (Qwen3-MoE has it)
     kind = "Qwen3ForCausalLM" if qk_norm else "Qwen2ForCausalLM" if t.add_qkv_bias else "LlamaForCausalLM"
-    model_type = {"Qwen3ForCausalLM": "qwen3", "Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}[kind]
+    kind = "Qwen3MoeForCausalLM" if t.num_moe_experts else kind
+    model_type = {"Qwen3ForCausalLM": "qwen3", "Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama",
+                  "Qwen3MoeForCausalLM": "qwen3_moe"}[kind]
     dtype = "bfloat16" if t.bf16 else "float16" if t.fp16 else "float32"
     return {
         "architectures": [kind], "model_type": model_type, "vocab_size": vocab_size, "hidden_size": t.hidden_size,
@@ -302,8 +360,17 @@ def hf_config_from_args(args, vocab_size: int) -> dict | None:
         "head_dim": t.kv_channels, "max_position_embeddings": args.max_position_embeddings,
         "rope_theta": float(args.rotary_base), "rms_norm_eps": t.layernorm_epsilon, "hidden_act": "silu",
         "tie_word_embeddings": args.share_embeddings_and_output_weights, "attention_bias": bool(t.add_qkv_bias),
-        "torch_dtype": dtype, **hf_rope_scaling(args.model),
+        "torch_dtype": dtype, **hf_rope_scaling(args.model), **_hf_moe(t),
     }
+
+
+def _hf_moe(t) -> dict:
+    """``config.json``'s Qwen3-MoE fields of a TransformerConfig with experts (none for a dense one)."""
+    if not t.num_moe_experts:
+        return {}
+    return {"num_experts": t.num_moe_experts, "moe_intermediate_size": t.moe_ffn_hidden_size,
+            "num_experts_per_tok": t.moe_router_topk, "norm_topk_prob": not t.moe_router_pre_softmax,
+            "router_aux_loss_coef": t.moe_aux_loss_coeff, "decoder_sparse_step": 1, "mlp_only_layers": []}
 
 
 def hf_rope_scaling(model: ModelConfig) -> dict:

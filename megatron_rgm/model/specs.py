@@ -21,6 +21,7 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_rgm import lazy
+from megatron_rgm.compat.mcore import router_without_transformer_engine
 from megatron_rgm.config import ConfigError
 
 
@@ -66,10 +67,14 @@ def layer_spec(config: TransformerConfig, transformer_impl: str = "local") -> Mo
                 "here: pip install 'megatron-rgm[te]' on a CUDA machine, or use --transformer-impl local"
             )
 
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
+        return get_gpt_layer_with_transformer_engine_spec(num_experts=config.num_moe_experts, moe_grouped_gemm=False,
+                                                          qk_layernorm=config.qk_layernorm)
     if transformer_impl != "local":
         raise ConfigError(f"--transformer-impl must be local or transformer_engine, got {transformer_impl!r}")
-    spec = get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization=config.normalization)
+    if config.num_moe_experts:
+        router_without_transformer_engine()
+    spec = get_gpt_layer_local_spec(num_experts=config.num_moe_experts, moe_grouped_gemm=False,
+                                    qk_layernorm=config.qk_layernorm, normalization=config.normalization)
     sub = spec.submodules
     sub.input_layernorm = RGMNorm
     sub.pre_mlp_layernorm = RGMNorm

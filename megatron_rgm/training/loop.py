@@ -55,6 +55,7 @@ from megatron_rgm.training.metrics import (
     dp_sum,
     loss_metrics,
     mean,
+    moe_router_losses,
     rollout_metrics,
 )
 from megatron_rgm.training.optimizer import (
@@ -97,7 +98,7 @@ class Trainer:
                 for name, p in chunk.named_parameters():
                     p.requires_grad_(name.startswith("sprm_head."))
         self.model = [DistributedDataParallel(args.transformer, ddp_config(args), m) for m in chunks]
-        if args.parallel.overlap_grad_reduce:  # as Megatron-LM: the schedule holds the reduction until the last micro-batch
+        if args.parallel.overlap_grad_reduce:  # as Megatron-LM: the reduction waits for the last micro-batch
             no_sync = [m.no_sync for m in self.model]
             args.transformer.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
         self.optimizer = build_optimizer(self.model, args.optim, args.transformer)
@@ -302,6 +303,8 @@ class Trainer:
         metrics = {"grad norm": mean([n.grad_norm for n in norms]),
                    "sprm grad norm": mean([n.head_grad_norm for n in norms]),
                    "skipped steps": float(sum(not n.ok for n in norms))}
+        if self.args.transformer.num_moe_experts:
+            metrics.update(moe_router_losses(self.ps, len(batches), self.args.transformer.num_layers))
         return metrics, reports, times, sum(int(b["loss_mask"].sum()) for b in batches)
 
     def iteration(self, it: int) -> tuple[dict[str, float], dict[str, float]]:

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_rgm.compat.mcore import take_moe_router_losses
 from megatron_rgm.data.store import Trajectory
 from megatron_rgm.ops import segment_aggregate
 
@@ -74,4 +75,18 @@ def loss_metrics(ps, reports: list[dict]) -> dict[str, float]:
         out[k] = total if k in COUNTS + ("steps",) else total / max(weight, 1.0)
     if "steps" in out and "spr positives" in out:
         out["masked step fraction"] = (out["spr positives"] + out["spr negatives"]) / max(out["steps"], 1.0)
+    return out
+
+
+def moe_router_losses(ps, num_microbatches: int, num_layers: int) -> dict[str, float]:
+    """The routers' load-balancing losses of a step (``moe load balancing loss``: the mean over the MoE layers of
+    every pipeline stage and over the micro-batches, averaged over data-parallel replicas, before its
+    ``--moe-aux-loss-coeff``), logged apart from the GRPO and SPR losses. Collective."""
+    out = {}
+    for name, values in take_moe_router_losses().items():
+        v = values.float().to(device())
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            dist.all_reduce(v, group=ps.get_pipeline_model_parallel_group())
+        total = dp_sum(ps, [float(v.sum())])[0] / ps.get_data_parallel_world_size()
+        out[f"moe {name.replace('_', ' ')}"] = total / num_layers / max(num_microbatches, 1)
     return out

@@ -34,13 +34,25 @@ def training_step_func(args, vocab: int):
                    policy_loss=not args.run.sprm_only)
 
 
+TRAINING_HOOKS = ("grad_scale_func", "finalize_model_grads_func", "no_sync_func", "grad_sync_func", "param_sync_func")
+
+
 def reference_model(args, policy: list) -> list:
     """The frozen policy the KL term pulls towards: ``--pretrained-checkpoint``, else ``policy`` as initialised.
 
     Building draws initial weights, so the run's random streams are saved and restored around it.
     """
     saved = rng_state()
-    ref = build_model(args)
+    # The policy's training hooks on the shared TransformerConfig are bound to its DDP and optimizer; megatron's
+    # experts deep-copy the config, which cannot copy those (process groups): the reference is built without them.
+    hooks = {name: getattr(args.transformer, name) for name in TRAINING_HOOKS}
+    for name in TRAINING_HOOKS:
+        setattr(args.transformer, name, None)
+    try:
+        ref = build_model(args)
+    finally:
+        for name, value in hooks.items():
+            setattr(args.transformer, name, value)
     set_rng_state(saved)
     if args.run.pretrained_checkpoint:
         load_checkpoint(args.run.pretrained_checkpoint, ref)
