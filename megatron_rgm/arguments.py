@@ -8,9 +8,8 @@ the pipeline) and builds megatron-core's TransformerConfig, with one message per
 
 from __future__ import annotations
 
-import importlib.util
-
 import argparse
+import importlib.util
 from dataclasses import asdict, dataclass, replace
 
 import torch

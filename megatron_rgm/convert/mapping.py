@@ -224,6 +224,15 @@ SAME_NAMES = {
 }
 
 
+def _hf_mlp(rest: str, p: str) -> tuple[str, str] | None:
+    """For a layer's MLP weight that HF splits or names apart (the dense ``linear_fc1``, an expert's ``linear_fc1``
+    and ``linear_fc2``): the HF prefix its ``gate_proj`` / ``up_proj`` / ``down_proj`` sit under, and which fc."""
+    if rest == "mlp.linear_fc1.weight":
+        return p + "mlp.", "linear_fc1"
+    e = EXPERT.match(rest)
+    return (f"{p}mlp.experts.{e.group(1)}.", e.group(2)) if e else None
+
+
 def _qkv_merge(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arch: HFArch) -> torch.Tensor:
     groups, hd = arch.num_kv_heads, arch.head_dim
     per = arch.num_heads // groups
@@ -265,14 +274,12 @@ def megatron_tensor(name: str, get: Callable[[str], torch.Tensor], arch: HFArch,
     if rest in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
         kind = rest.rsplit(".", 1)[1]
         return _qkv_merge(*(get(f"{p}self_attn.{x}_proj.{kind}") for x in "qkv"), arch)
-    if rest == "mlp.linear_fc1.weight":
-        return torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])
     if rest == "mlp.router.weight":
         return get(p + "mlp.gate.weight")
-    e = EXPERT.match(rest)
-    if e:
-        q = f"{p}mlp.experts.{e.group(1)}."
-        if e.group(2) == "linear_fc2":
+    mlp = _hf_mlp(rest, p)
+    if mlp:
+        q, fc = mlp
+        if fc == "linear_fc2":
             return get(q + "down_proj.weight")
         return torch.cat([get(q + "gate_proj.weight"), get(q + "up_proj.weight")])
     raise KeyError(f"no HF source for Megatron tensor {name}")
@@ -298,9 +305,6 @@ def hf_tensors(name: str, tensor: torch.Tensor, arch: HFArch) -> dict[str, torch
         kind = rest.rsplit(".", 1)[1]
         q, k, v = _qkv_split(tensor, arch)
         return {f"{p}self_attn.q_proj.{kind}": q, f"{p}self_attn.k_proj.{kind}": k, f"{p}self_attn.v_proj.{kind}": v}
-    if rest == "mlp.linear_fc1.weight":
-        gate, up = tensor.chunk(2)
-        return {p + "mlp.gate_proj.weight": gate.contiguous(), p + "mlp.up_proj.weight": up.contiguous()}
     if rest == "mlp.router.weight":
         return {p + "mlp.gate.weight": tensor}
     stacked = STACKED_EXPERTS.match(rest)
@@ -308,10 +312,10 @@ def hf_tensors(name: str, tensor: torch.Tensor, arch: HFArch) -> dict[str, torch
         return {k: v for e in range(tensor.shape[0]) for k, v in
                 hf_tensors(f"decoder.layers.{m.group(1)}.mlp.experts.local_experts.{e}.{stacked.group(1)}.weight",
                            tensor[e], arch).items()}
-    e = EXPERT.match(rest)
-    if e:
-        q = f"{p}mlp.experts.{e.group(1)}."
-        if e.group(2) == "linear_fc2":
+    mlp = _hf_mlp(rest, p)
+    if mlp:
+        q, fc = mlp
+        if fc == "linear_fc2":
             return {q + "down_proj.weight": tensor}
         gate, up = tensor.chunk(2)
         return {q + "gate_proj.weight": gate.contiguous(), q + "up_proj.weight": up.contiguous()}

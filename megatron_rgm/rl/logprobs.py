@@ -57,6 +57,13 @@ def _real_vocab(logits: torch.Tensor, vocab_size: int | None, rank: int) -> torc
     return x.masked_fill(ids >= vocab_size, _PADDED)
 
 
+def _local_targets(targets: torch.Tensor, rank: int, part: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each target's column in this rank's ``part`` vocabulary ids (``[..., 1]``, clamped into range) and whether
+    the target is one of them."""
+    local = targets - rank * part
+    return local.clamp(0, part - 1).unsqueeze(-1), (local >= 0) & (local < part)
+
+
 def vocab_parallel_log_probs(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int | None = None
                              ) -> torch.Tensor:
     """``log softmax(logits)[target]`` for vocab-sharded logits.
@@ -73,11 +80,8 @@ def vocab_parallel_log_probs(logits: torch.Tensor, targets: torch.Tensor, vocab_
     """
     group, size, rank = _tp()
     x = _real_vocab(logits, vocab_size, rank)
-    part = x.shape[-1]
-    lo = rank * part
-    local = targets - lo
-    inside = (local >= 0) & (local < part)
-    picked = x.gather(-1, local.clamp(0, part - 1).unsqueeze(-1)).squeeze(-1) * inside
+    column, inside = _local_targets(targets, rank, x.shape[-1])
+    picked = x.gather(-1, column).squeeze(-1) * inside
     if size > 1:
         picked = reduce_from_tensor_model_parallel_region(picked)
     return picked - _logsumexp(x, group, size)
@@ -119,15 +123,13 @@ class _ChunkedLogProbs(torch.autograd.Function):
         lse = torch.empty(n, dtype=torch.float32, device=flat.device)
         logp = torch.empty_like(lse)
         ent = torch.empty_like(lse) if with_entropy else None
-        lo = rank * part
         for a in range(0, n, rows):
             x = _real_vocab(flat[a:a + rows], vocab_size, rank) / temperature
             m = _global_max(x, group, size)
             shifted = x - m.unsqueeze(-1)
             e = torch.exp(shifted)
-            local = tgt[a:a + rows] - lo
-            inside = (local >= 0) & (local < part)
-            picked = x.gather(-1, local.clamp(0, part - 1).unsqueeze(-1)).squeeze(-1) * inside
+            column, inside = _local_targets(tgt[a:a + rows], rank, part)
+            picked = x.gather(-1, column).squeeze(-1) * inside
             sums = [e.sum(-1), picked] + ([(e * shifted).sum(-1)] if with_entropy else [])
             sums = torch.stack(sums)
             if size > 1:
@@ -151,7 +153,6 @@ class _ChunkedLogProbs(torch.autograd.Function):
         g_lp = grad_logp.reshape(-1).float()
         g_h = grad_ent.reshape(-1).float() if with_entropy else None
         grad = torch.empty_like(flat)
-        lo = rank * part
         for a in range(0, n, rows):
             x = _real_vocab(flat[a:a + rows], vocab_size, rank) / temperature
             z = x - lse[a:a + rows].unsqueeze(-1)  # log p
@@ -160,9 +161,8 @@ class _ChunkedLogProbs(torch.autograd.Function):
             g = -p * g_lp[a:a + rows].unsqueeze(-1)
             if with_entropy:
                 g -= p * (z + rest[0][a:a + rows].unsqueeze(-1)) * g_h[a:a + rows].unsqueeze(-1)
-            local = tgt[a:a + rows] - lo
-            inside = (local >= 0) & (local < part)
-            g.scatter_add_(-1, local.clamp(0, part - 1).unsqueeze(-1), (g_lp[a:a + rows] * inside).unsqueeze(-1))
+            column, inside = _local_targets(tgt[a:a + rows], rank, part)
+            g.scatter_add_(-1, column, (g_lp[a:a + rows] * inside).unsqueeze(-1))
             grad[a:a + rows] = g / temperature
         return grad.view_as(logits), None, None, None, None, None
 

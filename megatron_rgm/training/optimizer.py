@@ -78,11 +78,11 @@ def set_learning_rates(optimizer, optim, iteration: int, train_iters: int) -> di
     """Each param group's learning rate at ``iteration`` by megatron-core's own scheduler (linear warm-up over
     ``--lr-warmup-iters``, then ``--lr-decay-style`` down to ``--min-lr``), counted in iterations; returns
     ``{"lr", "sprm lr"}``. The policy's and the head's peaks and floors come from ``optim``."""
-    schedule = OptimizerParamScheduler(SimpleNamespace(param_groups=[]), init_lr=0.0, max_lr=optim.lr,
-                                       min_lr=optim.floors()[0], start_wd=0.0, end_wd=0.0, wd_incr_steps=1,
-                                       wd_incr_style="constant", **lr_schedule(optim, train_iters))
-    schedule.num_steps = iteration
     (low, head_low), out = optim.floors(), {}
+    schedule = OptimizerParamScheduler(SimpleNamespace(param_groups=[]), init_lr=0.0, max_lr=optim.lr, min_lr=low,
+                                       start_wd=0.0, end_wd=0.0, wd_incr_steps=1, wd_incr_style="constant",
+                                       **lr_schedule(optim, train_iters))
+    schedule.num_steps = iteration
     for opt in _inner_optimizers(optimizer):
         for group in opt.param_groups:
             head = group.get(HEAD_GROUP_KEY, False)
