@@ -304,6 +304,27 @@ def lr_schedule(optim: OptimConfig, train_iters: int) -> dict:
             "lr_decay_style": optim.lr_decay_style}
 
 
+def _check_token_budget(args: Args) -> None:
+    run, par = args.run, args.parallel
+    if run.pack_sequences and not run.max_tokens_per_microbatch:
+        raise ConfigError("--pack-sequences packs up to a token budget: add --max-tokens-per-microbatch N "
+                          f"(at least --max-position-embeddings {args.max_position_embeddings})")
+    if not run.max_tokens_per_microbatch:
+        return
+    if run.max_tokens_per_microbatch < args.max_position_embeddings:
+        raise ConfigError(f"--max-tokens-per-microbatch {run.max_tokens_per_microbatch} is below "
+                          f"--max-position-embeddings {args.max_position_embeddings}, the longest sample a micro-batch "
+                          "must hold: raise it (or lower --max-position-embeddings)")
+    if par.virtual_pipeline_model_parallel_size:
+        raise ConfigError("--max-tokens-per-microbatch gives micro-batches of different lengths, which the interleaved "
+                          "schedule does not exchange: drop --virtual-pipeline-model-parallel-size")
+    if run.pack_sequences and args.model.transformer_impl != "local":
+        raise ConfigError("--pack-sequences confines attention with a mask on the local attention path; packing "
+                          "with Transformer Engine's thd kernels is not built yet: use --transformer-impl local")
+    if run.pack_sequences and par.context_parallel_size > 1:
+        raise ConfigError("--pack-sequences does not run with context parallelism: drop one of them")
+
+
 def check_stage(args: Args) -> None:
     """What ``--stage`` needs from the data flags (checked when a run starts, not when a model is rebuilt).
 
@@ -316,6 +337,7 @@ def check_stage(args: Args) -> None:
     if args.model.num_experts and par.tensor_model_parallel_size > 1 and not par.sequence_parallel:
         raise ConfigError("--num-experts with --tensor-model-parallel-size > 1 trains only with --sequence-parallel "
                           "(megatron-core's MoE layers require it): add --sequence-parallel")
+    _check_token_budget(args)
     # Refused on every rank before the first step, rather than a run that trains without the logs it asked for.
     if run.wandb_project:
         lazy.load("wandb", "--wandb-project")

@@ -32,7 +32,7 @@ from megatron_rgm.model.specs import block_spec
 from megatron_rgm.rl import chunked_log_probs_and_entropy, grpo_loss
 from megatron_rgm.steps import StepLayout
 
-__all__ = ["attach_sprm_head", "model_provider", "forward_step", "add_rgm_args", "rgm_config_from_args",
+__all__ = ["attach_sprm_head", "model_provider", "forward_step", "batch_inputs", "add_rgm_args", "rgm_config_from_args",
            "grpo_config_from_args", "rgm_loss_func", "sprm_step_logits", "sprm_param_group"]
 
 HEAD_PARAMS = f"*{HEAD_PREFIX}*"  # the head's parameter names, under any wrapper (module.sprm_head.0.weight)
@@ -127,13 +127,16 @@ def rgm_loss_func(model, batch: dict, rgm_config: RGMConfig, grpo: GRPOConfig, o
 
     ``loss_sum`` is (LM loss or GRPO loss) + ``sprm_loss_weight`` x SPR loss,
     each a mean over the micro-batch, times ``num_tokens`` so that megatron's
-    per-token normalisation returns the means. GRPO log-probs are taken of
+    per-token normalisation returns the means (the SPR term times
+    ``batch["spr_scale"]`` instead, where the batch has it). GRPO log-probs are taken of
     ``logits / grpo.temperature`` over the first ``vocab_size`` ids (the
     sampler's distribution). ``policy_loss=False`` (``--sprm-only``) keeps the
     SPR loss alone.
     """
     loss_mask = batch["loss_mask"].float()
-    num_tokens = loss_mask.sum().clamp(min=1)
+    # Unclamped: a micro-batch without response tokens (a rank's padding micro-batch) adds none to the step's count
+    # under megatron's calculate_per_token_loss; megatron clamps it itself where it divides per micro-batch.
+    num_tokens = loss_mask.sum()
     report = {}
     main = None
     if "advantages" in batch and policy_loss:
@@ -145,12 +148,13 @@ def rgm_loss_func(model, batch: dict, rgm_config: RGMConfig, grpo: GRPOConfig, o
         report.update(metrics)
         report["grpo loss"] = main.detach()
     elif "advantages" not in batch:
-        main = (output_tensor.float() * loss_mask).sum() / num_tokens
+        main = (output_tensor.float() * loss_mask).sum() / num_tokens.clamp(min=1)
         report["lm loss"] = main.detach()
-    total = main
+    total = None if main is None else main * num_tokens
     if "step_mask" in batch and "correct" in batch:
         step_logits = sprm_step_logits(model, batch["step_mask"])
-        cu = StepLayout.from_mask(batch["step_mask"]).cu_steps
+        cu = batch.get("cu_steps")  # packed rows hold several trajectories
+        cu = StepLayout.from_mask(batch["step_mask"]).cu_steps if cu is None else cu
         if rgm_config.sprm_loss == "bce":
             spr = ops.step_bce_loss(step_logits, cu, batch["correct"])
         else:
@@ -160,7 +164,10 @@ def rgm_loss_func(model, batch: dict, rgm_config: RGMConfig, grpo: GRPOConfig, o
             report["spr positives"] = stats.positives.float()
             report["spr negatives"] = stats.negatives.float()
         report["steps"] = torch.tensor(float(step_logits.numel()), device=step_logits.device)
-        spr_term = rgm_config.sprm_loss_weight * spr
+        # Like the policy term, times num_tokens unless the batch says what (megatron_rgm's trainer: the share of the
+        # optimizer step's steps this micro-batch holds, times the step's token count; see training/batching.py).
+        scale = batch.get("spr_scale", num_tokens.clamp(min=1))
+        spr_term = rgm_config.sprm_loss_weight * spr * scale
         total = spr_term if total is None else total + spr_term
         report["spr loss"] = spr.detach()
     if total is None:
@@ -168,7 +175,22 @@ def rgm_loss_func(model, batch: dict, rgm_config: RGMConfig, grpo: GRPOConfig, o
     n = num_tokens.detach()
     # Megatron-LM's reporting convention: [sum over tokens, token count] per key.
     report = {k: torch.stack([v.float() * n, n]) for k, v in report.items()}
-    return total * num_tokens, num_tokens.int(), report
+    return total, num_tokens.int(), report
+
+
+def batch_inputs(batch: dict) -> tuple:
+    """``(tokens, position_ids, attention_mask, model kwargs)`` of a micro-batch dict.
+
+    Without ``position_ids`` every row counts from 0; a packed row (``cu_seqlens``, see
+    :func:`megatron_rgm.data.packing.collate_packed`) also has RoPE follow its ``position_ids``.
+    """
+    tokens = batch["tokens"]
+    positions = batch.get("position_ids")
+    if positions is None:
+        b, s = tokens.shape
+        positions = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
+    kwargs = {"rope_positions": True} if "cu_seqlens" in batch else {}
+    return tokens, positions, batch.get("attention_mask"), kwargs
 
 
 def forward_step(data_iterator, model, *, rgm_config: RGMConfig | None = None, grpo: GRPOConfig | None = None,
@@ -187,14 +209,10 @@ def forward_step(data_iterator, model, *, rgm_config: RGMConfig | None = None, g
     :func:`rgm_loss_func`) with ``functools.partial``.
     """
     batch = next(data_iterator)
-    tokens = batch["tokens"]
-    b, s = tokens.shape
-    positions = batch.get("position_ids")
-    if positions is None:
-        positions = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
+    tokens, positions, attention_mask, kwargs = batch_inputs(batch)
     rgm_config = rgm_config or unwrap(model).sprm.rgm_config
     grpo = grpo or GRPOConfig()
     labels = None if "advantages" in batch else batch.get("labels")
-    output = model(tokens, positions, batch.get("attention_mask"), labels=labels)
+    output = model(tokens, positions, attention_mask, labels=labels, **kwargs)
     return output, partial(rgm_loss_func, model, batch, rgm_config, grpo, vocab_size=vocab_size,
                            policy_loss=policy_loss)

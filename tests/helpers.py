@@ -178,10 +178,13 @@ TINY = ["--preset", "tiny", "--micro-batch-size", "4", "--grpo-group-size", "4",
         "--max-response-length", "24", "--verifier", "exact", "--lr", "1e-4"]
 
 
-def make_store(path, task, n_groups: int, k: int = 4, seed: int = 0, nan_log_probs: bool = False):
+def make_store(path, task, n_groups: int, k: int = 4, seed: int = 0, nan_log_probs: bool = False,
+               varied_lengths: bool = False):
     """A rollout store of task traces: per prompt k responses, about half with one wrong, propagated step.
 
     ``nan_log_probs``: old log-probs of NaN (a corrupt store), which makes every GRPO loss non-finite.
+    ``varied_lengths``: each response cut at a random length (its steps with it; the reward stays the full one's),
+    so trajectories differ in tokens and in steps.
     """
     from megatron_rgm.rollout.rewards import ExactVerifier
     from megatron_rgm.data.store import RolloutStore, Trajectory, tokenizer_fingerprint
@@ -199,6 +202,8 @@ def make_store(path, task, n_groups: int, k: int = 4, seed: int = 0, nan_log_pro
         for j in range(k):
             response = make_trace(problem, rng, error=j % 2 == 1)
             ids = prompt + tok.encode(response) + [tok.eos_token_id]
+            if varied_lengths:
+                ids = ids[:len(prompt) + rng.randint(4, len(ids) - len(prompt))]
             mask = np.arange(len(ids)) >= len(prompt)
             layout = seg(torch.tensor([ids]), response_mask=torch.tensor([mask]))
             steps = layout.positions.numpy()

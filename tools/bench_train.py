@@ -3,6 +3,7 @@
     python tools/bench_train.py                          # CPU, one rank
     python tools/bench_train.py --hidden 1024 --layers 8 --tokens 1024
     python tools/bench_train.py --preset deepscaler-1.5b --bf16 --tokens 2048 --micro-batch-size 2   # a GPU
+    python tools/bench_train.py --mixed 1 --tokens 2048     # mixed lengths: padded vs token budget vs packing
 
 Builds the trainer (megatron DDP, optimizer with the head's param group) on a
 rollout store of synthetic trajectories (random tokens, a step every
@@ -30,14 +31,19 @@ import numpy as np
 import torch
 
 
-def write_store(path: Path, groups: int, k: int, tokens: int, prompt: int, vocab: int, step_every: int) -> None:
+def write_store(path: Path, groups: int, k: int, tokens: int, prompt: int, vocab: int, step_every: int,
+                long_per_group: int | None = None) -> None:
+    """``long_per_group``: that many trajectories of each group have ``tokens`` tokens, the others an eighth."""
     from megatron_rgm.data.store import RolloutStore, Trajectory
 
     rng = np.random.default_rng(0)
     store = RolloutStore(path, "a", attrs={"k": k})
+    full = tokens
     for g in range(groups):
         batch = []
         for j in range(k):
+            if long_per_group is not None:
+                tokens = full if j < long_per_group else max(prompt + 2, full // 8)
             mask = np.arange(tokens) >= prompt
             steps = np.arange(prompt + step_every - 1, tokens - 1, step_every)
             batch.append(Trajectory(tokens=rng.integers(0, vocab, tokens), response_mask=mask,
@@ -59,6 +65,52 @@ def forward_flops_per_token(model, seq: int) -> float:
     return 2 * matmul + 4 * cfg.num_layers * cfg.hidden_size * seq
 
 
+def _timed(trainer, samples, adv, spr: bool = True) -> float:
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    trainer.train_step(samples, adv, spr=spr)
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def _bench_mixed(argv: list[str], repeats: int) -> None:
+    """Padded micro-batches vs the token budget (padded rows, then packed rows), alternating, on one trainer."""
+    from megatron_rgm import distributed
+    from megatron_rgm.arguments import parse_args
+    from megatron_rgm.rl import group_advantages
+    from megatron_rgm.training.loop import Trainer
+
+    trainer = Trainer(parse_args(argv))
+    run = trainer.run
+    budget = run.max_tokens_per_microbatch
+    groups = trainer.source.for_iteration(1, 0, 1)
+    samples = [s for g in groups for s in g]
+    adv = torch.cat([group_advantages(torch.tensor([s.reward for s in g]), len(g)) for g in groups])
+    modes = {"padded": (None, False), "token budget": (budget, False), "budget + packing": (budget, True)}
+    times = {m: [] for m in modes}
+    for r in range(repeats + 1):  # the first round warms up
+        for mode in (list(modes) if r % 2 == 0 else list(modes)[::-1]):
+            run.max_tokens_per_microbatch, run.pack_sequences = modes[mode]
+            elapsed = _timed(trainer, samples, adv)
+            if r:
+                times[mode].append(elapsed)
+    lengths = sorted(len(s.tokens) for s in samples)
+    tokens = sum(lengths)
+    print(f"batch: {len(samples)} trajectories, {lengths[0]}..{lengths[-1]} tokens ({tokens} in all); "
+          f"--micro-batch-size {run.micro_batch_size} vs --max-tokens-per-microbatch {budget}")
+    base = statistics.median(times["padded"])
+    for mode, ts in times.items():
+        t = statistics.median(ts)
+        print(f"{mode:18s} {t * 1000:9.1f} ms / step, {tokens / t:9,.0f} tokens/s, x{base / t:.2f} vs padded "
+              f"(median of {repeats})")
+    if torch.cuda.is_available():
+        print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    distributed.shutdown()
+
+
 def _bench(argv: list[str], repeats: int) -> None:
     from megatron_rgm import distributed
     from megatron_rgm.arguments import parse_args
@@ -75,14 +127,9 @@ def _bench(argv: list[str], repeats: int) -> None:
     times = {True: [], False: []}
     for r in range(repeats + 1):  # the first round warms up
         for with_spr in (True, False) if r % 2 == 0 else (False, True):
-            if cuda:
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            trainer.train_step(samples, adv, spr=with_spr)
-            if cuda:
-                torch.cuda.synchronize()
+            elapsed = _timed(trainer, samples, adv, with_spr)
             if r:
-                times[with_spr].append(time.perf_counter() - t)
+                times[with_spr].append(elapsed)
     grpo, both = statistics.median(times[False]), statistics.median(times[True])
     tokens, seq = sum(len(s.tokens) for s in samples), len(samples[0].tokens)
     model = unwrap(trainer.model[0])
@@ -116,6 +163,9 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=6)
     p.add_argument("--preset", help="a named geometry (megatron_rgm/model/presets.py) instead of the flags above")
     p.add_argument("--bf16", action="store_true", help="bf16 weights and activations (fp32 master weights)")
+    p.add_argument("--mixed", type=int, metavar="LONG", help="instead: LONG trajectories of each group have --tokens "
+                   "tokens, the others an eighth; times padded micro-batches against --max-tokens-per-microbatch "
+                   "(micro-batch size x --tokens) with padded and with packed rows")
     a = p.parse_args()
     from megatron_rgm.launch import run_ranks
 
@@ -126,17 +176,20 @@ def main() -> int:
         vocab = preset(a.preset)["vocab_size"]
         geometry = ["--preset", a.preset, "--seq-length", str(a.tokens)]
         geometry += ["--num-layers", str(a.layers)] if a.layers else []  # a shallower rehearsal of the preset
+        geometry += ["--max-position-embeddings", str(a.tokens)] if a.mixed is not None else []  # <= the budget
     else:
         vocab = a.vocab
         geometry = ["--preset", "tiny", "--num-layers", str(a.layers or 4), "--hidden-size", str(a.hidden),
                     "--ffn-hidden-size", str(int(2.75 * a.hidden)), "--num-attention-heads", str(a.heads),
                     "--num-query-groups", str(max(1, a.heads // 4)), "--vocab-size", str(a.vocab),
                     "--seq-length", str(a.tokens), "--max-position-embeddings", str(a.tokens)]
-    write_store(work / "store", a.groups, a.k, a.tokens, a.prompt, vocab, a.step_every)
+    write_store(work / "store", a.groups, a.k, a.tokens, a.prompt, vocab, a.step_every, a.mixed)
     argv = geometry + ["--rollouts", str(work / "store"), "--grpo-group-size", str(a.k), "--prompts-per-iter",
                        str(a.groups), "--micro-batch-size", str(a.micro_batch_size), "--lr", "1e-6",
                        "--no-sprm-calibrate-head"] + (["--bf16"] if a.bf16 else [])
-    run_ranks(_bench, 1, argv, a.repeats)
+    if a.mixed is not None:
+        argv += ["--max-tokens-per-microbatch", str(a.micro_batch_size * a.tokens), "--pack-sequences"]
+    run_ranks(_bench_mixed if a.mixed is not None else _bench, 1, argv, a.repeats)
     return 0
 
 

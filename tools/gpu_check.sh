@@ -5,6 +5,8 @@
 #   build      megatron_rgm._C with its CUDA kernels, in place (TORCH_CUDA_ARCH_LIST, default 9.0a)
 #   tests      tests/test_ops.py, CUDA tests included (kernels against their pure-torch references)
 #   train      a GRPO + SPR training step of the deepscaler-1.5b geometry (random weights), bf16: tokens/s, MFU
+#   packing    the same geometry on a batch of mixed lengths: padded micro-batches vs the token budget, padded
+#              and packed (--max-tokens-per-microbatch, --pack-sequences): tokens/s and the ratios
 #   generate   the native sampler at that size, 8 prompts x k=8, batched vs one prompt at a time: tokens/s
 #   bench_ops  the op benchmark, GB/s against a device-to-device copy of the same bytes
 #   logprobs   chunked vs whole-vocabulary log-probs and entropy at [4, 8192] x vocab 152064: peak memory, time
@@ -46,6 +48,8 @@ if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"
     export MEGATRON_RGM_REQUIRE_EXT=1 MEGATRON_RGM_EXPECT_CUDA_BUILD=1
     TRAIN=(--preset deepscaler-1.5b --bf16 --tokens 2048 --prompt 256 --step-every 64 --k 8 --groups 1
            --micro-batch-size 2 --repeats 2)
+    MIXED=(--preset deepscaler-1.5b --bf16 --tokens 2048 --prompt 128 --step-every 64 --k 8 --groups 2
+           --micro-batch-size 2 --repeats 2 --mixed 1)
     GEN=(--preset deepscaler-1.5b --bf16 --prompts 8 --prompt 128 --k 8 --new 64 --repeats 1)
     OPS=(--device cuda --repeats 30)
     LOGP=(--device cuda --batch=4 --tokens 8192 --vocab 152064 --repeats 2)
@@ -55,6 +59,8 @@ else
     export MEGATRON_RGM_NO_CUDA=1  # the CPU kernels only: this machine may have nvcc but no GPU to run them
     TRAIN=(--preset deepscaler-1.5b --layers 2 --bf16 --tokens 96 --prompt 32 --step-every 16 --k 2 --groups 1
            --micro-batch-size 1 --repeats 1)
+    MIXED=(--preset deepscaler-1.5b --layers 2 --bf16 --tokens 128 --prompt 16 --step-every 16 --k 4 --groups 1
+           --micro-batch-size 2 --repeats 1 --mixed 1)
     GEN=(--preset deepscaler-1.5b --layers 2 --bf16 --prompts 2 --prompt 16 --k 2 --new 4 --repeats 1)
     OPS=(--repeats 3)
     LOGP=(--batch=4 --tokens 64 --vocab 32000 --repeats 1)
@@ -81,7 +87,7 @@ section() {
 
 # GPU_CHECK_SECTIONS picks sections (a device lease is short: a rerun can leave out what already ran); without
 # build, the ops run their pure-torch references and the tests and op benchmark are left out.
-SECTIONS=" ${GPU_CHECK_SECTIONS:-build tests train generate bench_ops logprobs} "
+SECTIONS=" ${GPU_CHECK_SECTIONS:-build tests train packing generate bench_ops logprobs} "
 want() { [[ $SECTIONS == *" $1 "* ]]; }
 built=0
 if want build; then
@@ -96,6 +102,7 @@ else
 fi
 [ $built -eq 1 ] && want tests && section tests 70 "$PY" -m pytest -q -p no:cacheprovider tests/test_ops.py
 want train && section train 130 "$PY" tools/bench_train.py "${TRAIN[@]}"
+want packing && section packing 150 "$PY" tools/bench_train.py "${MIXED[@]}"
 want generate && section generate 90 "$PY" tools/bench_generate.py "${GEN[@]}"
 [ $built -eq 1 ] && want bench_ops && section bench_ops 35 "$PY" tools/bench_ops.py "${OPS[@]}"
 # The whole-vocabulary path at the first size may not fit on the device (it then says so); the second fits both.

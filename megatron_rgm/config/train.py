@@ -111,6 +111,12 @@ class RunConfig:
                         "optimizer", choices=STAGES)
     micro_batch_size: int = option(1)
     global_batch_size: int | None = option(None)
+    max_tokens_per_microbatch: int | None = option(
+        None, "group each optimizer step's samples by length into micro-batches of at most this many tokens "
+        "(rows x longest, or with --pack-sequences the samples' own lengths) instead of --micro-batch-size samples "
+        "each; at least --max-position-embeddings")
+    pack_sequences: bool = option(False, "with --max-tokens-per-microbatch, put the samples of a micro-batch back to "
+                                         "back in one row, each attending to itself only, with its own positions")
     train_iters: int = option(3)
     save: str | None = option(None)
     load: str | None = option(None)
@@ -141,8 +147,11 @@ class RunConfig:
                                     "policy)")
 
     def __post_init__(self) -> None:
-        for name in ("micro_batch_size", "train_iters", "log_interval", "max_consecutive_nonfinite"):
+        for name in ("micro_batch_size", "train_iters", "log_interval", "max_consecutive_nonfinite",
+                     "max_tokens_per_microbatch"):
             value = getattr(self, name)
+            if value is None:
+                continue
             if value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         if self.stage not in STAGES:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -161,6 +162,39 @@ class SPRMAttachment:
         return head(selected.to(head[0].weight.dtype)).squeeze(-1).float()
 
 
+class _rope_at:
+    """While active, ``model.rotary_pos_emb`` returns its angles at ``positions`` ``[b, s]``: ``[s, b, 1, d]``.
+
+    megatron's unfused RoPE broadcasts the angles over ``[s, b, heads, d]``, so a per-row angle table needs no
+    other change. ``positions=None``: nothing changes.
+    """
+
+    def __init__(self, model: GPTModel, positions: torch.Tensor | None):
+        self.rope = getattr(model, "rotary_pos_emb", None) if positions is not None else None
+        self.positions = positions
+
+    def __enter__(self):
+        if self.rope is None:
+            return
+        cp = getattr(self.rope, "cp_group", None)
+        if type(self.rope) is not RotaryEmbedding or (cp is not None and cp.size() > 1):
+            raise ConfigError(f"packed rows need the plain RoPE without context parallelism, not "
+                              f"{self.rope.__class__.__name__}: run without --pack-sequences")
+        positions, original = self.positions, self.rope.forward
+        self.original = original
+
+        def at_positions(max_seq_len, *args, **kwargs):
+            table = original(int(positions.max()) + 1)  # [n, 1, 1, d]
+            return table[:, 0][positions.t()]  # [s, b, 1, d]
+
+        self.rope.forward = at_positions
+
+    def __exit__(self, *exc):
+        if self.rope is not None:
+            del self.rope.forward  # back to the class's method
+        return False
+
+
 def _broadcast_over_tp(module: torch.nn.Module) -> None:
     # The head is replicated over tensor-parallel ranks; start them equal.
     if not torch.distributed.is_initialized() or parallel_state.get_tensor_model_parallel_world_size() == 1:
@@ -256,6 +290,7 @@ class RGMModel(GPTModel):
         decoder_input: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         step_mask: torch.Tensor | None = None,
+        rope_positions: bool = False,
         **kwargs,
     ):
         """Backbone forward plus head logits at the step positions.
@@ -267,6 +302,8 @@ class RGMModel(GPTModel):
             labels: ``[b, s]``; when given the LM output is the per-token loss ``[b, s]``.
             step_mask: ``[b, s]`` bool, True at the positions whose hidden state
                 is scored (the position *before* each step token).
+            rope_positions: rotate by ``position_ids`` instead of 0..s-1 (packed rows, where every sample
+                starts again at 0; GPTModel's RoPE reads only the sequence length).
 
         Returns:
             Not last stage: the hidden states to send on. Last stage, no
@@ -275,9 +312,10 @@ class RGMModel(GPTModel):
             step_logits)`` with ``step_logits`` ``[S]`` float32, in row-major
             order of ``step_mask`` (trajectory by trajectory: the packed layout).
         """
-        lm_output = super().forward(
-            input_ids, position_ids, attention_mask, decoder_input=decoder_input, labels=labels, **kwargs
-        )
+        with _rope_at(self, position_ids if rope_positions else None):
+            lm_output = super().forward(
+                input_ids, position_ids, attention_mask, decoder_input=decoder_input, labels=labels, **kwargs
+            )
         if not self.post_process or step_mask is None:
             return lm_output
         return lm_output, sprm_step_logits(self, step_mask)

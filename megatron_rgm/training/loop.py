@@ -35,7 +35,6 @@ from megatron_rgm.data.sources import (
     PromptSource,
     SFTSource,
     StoreSource,
-    collate,
     padded_length,
     sft_sample,
     to_device,
@@ -48,6 +47,7 @@ from megatron_rgm.rl import group_advantages
 from megatron_rgm.rollout.colocated import RolloutRecorder, sample_groups
 from megatron_rgm.steps import StepSegmenter
 from megatron_rgm.tokenizer import load_tokenizer, vocab_size_of
+from megatron_rgm.training.batching import MicroBatcher, length_multiple
 from megatron_rgm.training.calibration import calibrate_head
 from megatron_rgm.training.logging import MetricsLogger
 from megatron_rgm.training.metrics import (
@@ -91,6 +91,14 @@ class Trainer:
         self.last_stage = ps.is_pipeline_last_stage()
         self.logging_rank = dist.get_rank() == dist.get_world_size() - 1  # Megatron-LM logs on the last rank
         self._check_batch_sizes()
+        self.batcher = MicroBatcher(args)
+        # The loss is normalised over each optimizer step's tokens, not per micro-batch (training/batching.py).
+        args.transformer.calculate_per_token_loss = True
+        if self.run.max_tokens_per_microbatch:
+            args.transformer.variable_seq_lengths = True  # micro-batches of their own lengths through the stages
+        if self.run.pack_sequences:
+            # megatron's fused causal softmax ignores a given mask: packed rows need the masked path.
+            args.transformer.masked_softmax_fusion = False
 
         chunks = build_model(args)
         if self.run.sprm_only:
@@ -224,13 +232,6 @@ class Trainer:
             self.recorder.append(iteration, groups, self.dp_rank, writer)
         return groups
 
-    def _batches(self, samples: list[Trajectory], length: int, **collate_kw) -> list[dict]:
-        """Micro-batches of ``samples`` padded to ``length``, on the model's device (a GPU when there is one)."""
-        micro, advantages = self.run.micro_batch_size, collate_kw.pop("advantages", None)
-        return [to_device(collate(samples[i:i + micro], length, advantages=None if advantages is None else
-                                  advantages[i:i + micro], **collate_kw), device())
-                for i in range(0, len(samples), micro)]
-
     @torch.no_grad()
     def calibrate_head(self, samples: list[Trajectory]) -> dict[str, float]:
         """Shift the head's output bias so ``samples``' step logits (all DP ranks) straddle 0, and orient it.
@@ -246,8 +247,8 @@ class Trainer:
         (last stage; empty elsewhere or without steps).
         """
         length = self._length(samples)
-        logits, counts = head_step_logits(self.model, self._batches(samples, length), length,
-                                          self.run.micro_batch_size)
+        batches = [to_device(b, device()) for b in self.batcher.padded(samples, None, length)]
+        logits, counts = head_step_logits(self.model, batches, length, self.run.micro_batch_size)
         if not self.last_stage:
             return {}
         gathered = [None] * self.dp
@@ -263,7 +264,7 @@ class Trainer:
         return out
 
     def _length(self, samples: list[Trajectory]) -> int:
-        multiple = 8 * (self.args.parallel.tensor_model_parallel_size if self.args.parallel.sequence_parallel else 1)
+        multiple = length_multiple(self.args)
         length = torch.tensor([padded_length(samples, multiple, self.args.max_position_embeddings)], device=device())
         dist.all_reduce(length, op=dist.ReduceOp.MAX)  # every stage must agree on activation shapes
         return int(length)
@@ -275,21 +276,26 @@ class Trainer:
             (step metrics, loss reports of the micro-batches, times, response tokens trained on)
         """
         micro, optim = self.run.micro_batch_size, self.args.optim
-        length = self._length(samples)
-        batches = self._batches(samples, length, rl=self.run.stage == "rgm", spr=spr, advantages=advantages)
+        length = 0 if self.run.max_tokens_per_microbatch else self._length(samples)
+        per_step = self.num_micro * micro  # this replica's samples per optimizer step
+        steps = [self.batcher(samples[i:i + per_step], None if advantages is None else advantages[i:i + per_step],
+                              length, rl=self.run.stage == "rgm", spr=spr)
+                 for i in range(0, len(samples), per_step)]
         times = {}
         if self.ref is not None:
             t = time.time()
-            add_reference_log_probs(self.ref, batches, length, micro, self.args.grpo, self.vocab)
+            for batches in steps:
+                add_reference_log_probs(self.ref, batches, self._seq_length(batches, length), micro,
+                                        self.args.grpo, self.vocab)
             times["reference"] = time.time() - t
         t = time.time()
         reports, norms = [], []
         step_func = training_step_func(self.args, self.vocab)
-        for k in range(0, len(batches), self.num_micro):
+        for batches in steps:
             for m in self.model:
                 m.zero_grad_buffer()
             self.optimizer.zero_grad()
-            reports += forward_backward(self.model, batches[k:k + self.num_micro], length, micro, step_func)
+            reports += forward_backward(self.model, batches, self._seq_length(batches, length), micro, step_func)
             result = optimizer_step(self.optimizer, optim.clip_grad, optim.sprm_clip_grad)
             norms.append(result)
             self.nonfinite_in_a_row = 0 if result.ok else self.nonfinite_in_a_row + 1
@@ -304,8 +310,14 @@ class Trainer:
                    "sprm grad norm": mean([n.head_grad_norm for n in norms]),
                    "skipped steps": float(sum(not n.ok for n in norms))}
         if self.args.transformer.num_moe_experts:
-            metrics.update(moe_router_losses(self.ps, len(batches), self.args.transformer.num_layers))
-        return metrics, reports, times, sum(int(b["loss_mask"].sum()) for b in batches)
+            metrics.update(moe_router_losses(self.ps, sum(map(len, steps)), self.args.transformer.num_layers))
+        return metrics, reports, times, sum(int(b["loss_mask"].sum()) for batches in steps for b in batches)
+
+    @staticmethod
+    def _seq_length(batches: list[dict], length: int) -> int:
+        """The schedule's sequence length: ``length``, or under a token budget the longest micro-batch's (the
+        stages then exchange each micro-batch's shape: ``variable_seq_lengths``)."""
+        return length or max(b["tokens"].shape[1] for b in batches)
 
     def iteration(self, it: int) -> tuple[dict[str, float], dict[str, float]]:
         """One iteration: rollouts, advantages, (calibration), optimizer steps. Returns (metrics, times)."""

@@ -13,7 +13,7 @@ import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_rgm.checkpoint import load_checkpoint, rng_state, set_rng_state
-from megatron_rgm.integration import forward_step
+from megatron_rgm.integration import batch_inputs, forward_step
 from megatron_rgm.model import build_model, unwrap
 from megatron_rgm.rl import chunked_log_probs_and_entropy
 
@@ -72,8 +72,8 @@ def add_reference_log_probs(ref: list, batches: list[dict], length: int, micro_b
 
     def step(data_iterator, model):
         batch = next(data_iterator)
-        b, s = batch["tokens"].shape
-        out = model(batch["tokens"], torch.arange(s, device=batch["tokens"].device).unsqueeze(0).expand(b, s), None)
+        tokens, positions, attention_mask, kwargs = batch_inputs(batch)
+        out = model(tokens, positions, attention_mask, **kwargs)
 
         def loss(output):
             batch["ref_log_probs"] = chunked_log_probs_and_entropy(output, batch["labels"], vocab, grpo.temperature,
@@ -91,9 +91,8 @@ def head_step_logits(model: list, batches: list[dict], length: int, micro_batch_
 
     def step(data_iterator, chunk):
         batch = next(data_iterator)
-        b, s = batch["tokens"].shape
-        positions = torch.arange(s, device=batch["tokens"].device).unsqueeze(0).expand(b, s)
-        out = chunk(batch["tokens"], positions, None, step_mask=batch["step_mask"])
+        tokens, positions, attention_mask, kwargs = batch_inputs(batch)
+        out = chunk(tokens, positions, attention_mask, step_mask=batch["step_mask"], **kwargs)
         counts.append(batch["step_mask"].sum(1).cpu())
 
         def loss(output):
