@@ -47,9 +47,9 @@ if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"
     GPU=1
     export MEGATRON_RGM_REQUIRE_EXT=1 MEGATRON_RGM_EXPECT_CUDA_BUILD=1
     TRAIN=(--preset deepscaler-1.5b --bf16 --tokens 2048 --prompt 256 --step-every 64 --k 8 --groups 1
-           --micro-batch-size 2 --repeats 2)
+           --micro-batch-size 2 --repeats "${GPU_CHECK_REPEATS:-2}")
     MIXED=(--preset deepscaler-1.5b --bf16 --tokens 2048 --prompt 128 --step-every 64 --k 8 --groups 2
-           --micro-batch-size 2 --repeats 2 --mixed 1)
+           --micro-batch-size 2 --repeats "${GPU_CHECK_REPEATS:-2}" --mixed 1)
     GEN=(--preset deepscaler-1.5b --bf16 --prompts 8 --prompt 128 --k 8 --new 64 --repeats 1)
     OPS=(--device cuda --repeats 30)
     LOGP=(--device cuda --batch=4 --tokens 8192 --vocab 152064 --repeats 2)
@@ -85,6 +85,7 @@ section() {
     return $rc
 }
 
+# GPU_CHECK_REPEATS (default 2): timed rounds of the training benchmarks.
 # GPU_CHECK_SECTIONS picks sections (a device lease is short: a rerun can leave out what already ran); without
 # build, the ops run their pure-torch references and the tests and op benchmark are left out.
 SECTIONS=" ${GPU_CHECK_SECTIONS:-build tests train packing generate bench_ops logprobs} "
