@@ -4,6 +4,7 @@
     python tools/bench_train.py --hidden 1024 --layers 8 --tokens 1024
     python tools/bench_train.py --preset deepscaler-1.5b --bf16 --tokens 2048 --micro-batch-size 2   # a GPU
     python tools/bench_train.py --mixed 1 --tokens 2048     # mixed lengths: padded vs token budget vs packing
+    python tools/bench_train.py --offload                   # the KL reference on the GPU vs in host memory
 
 Builds the trainer (megatron DDP, optimizer with the head's param group) on a
 rollout store of synthetic trajectories (random tokens, a step every
@@ -111,6 +112,44 @@ def _bench_mixed(argv: list[str], repeats: int) -> None:
     distributed.shutdown()
 
 
+def _bench_offload(argv: list[str], repeats: int) -> None:
+    """The reference model's weights kept on the GPU vs offloaded to host memory between its forwards."""
+    from megatron_rgm import distributed
+    from megatron_rgm.arguments import parse_args
+    from megatron_rgm.rl import group_advantages
+    from megatron_rgm.training.loop import Trainer
+    from megatron_rgm.training.step import offload_weights, onload_weights
+
+    trainer = Trainer(parse_args(argv))
+    groups = trainer.source.for_iteration(1, 0, 1)
+    samples = [s for g in groups for s in g]
+    adv = torch.cat([group_advantages(torch.tensor([s.reward for s in g]), len(g)) for g in groups])
+    cuda = torch.cuda.is_available()
+    times, peaks = {False: [], True: []}, {False: 0.0, True: 0.0}
+    for r in range(repeats + 1):  # the first round warms up
+        for offload in (False, True) if r % 2 == 0 else (True, False):
+            trainer.run.offload_reference = offload
+            (offload_weights if offload else onload_weights)(trainer.ref)
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            elapsed = _timed(trainer, samples, adv)
+            if r:
+                times[offload].append(elapsed)
+                peaks[offload] = max(peaks[offload], torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0)
+    ref_gib = sum(p.numel() * p.element_size() for m in trainer.ref for p in m.parameters()) / 2**30
+    print(f"batch: {len(samples)} trajectories x {len(samples[0].tokens)} tokens; reference weights {ref_gib:.2f} GiB")
+    for offload, label in ((False, "reference on the GPU"), (True, "reference offloaded")):
+        print(f"{label:22s} {statistics.median(times[offload]) * 1000:9.1f} ms / step, peak memory "
+              f"{peaks[offload]:.2f} GiB (median of {repeats})")
+    if cuda:
+        print(f"offloading: peak x{peaks[True] / peaks[False]:.3f} ({peaks[True] - peaks[False]:+.2f} GiB), time "
+              f"x{statistics.median(times[True]) / statistics.median(times[False]):.3f}")
+    else:
+        print("no GPU: the weights already live in host memory, so offloading changes nothing here")
+    distributed.shutdown()
+
+
 def _bench(argv: list[str], repeats: int) -> None:
     from megatron_rgm import distributed
     from megatron_rgm.arguments import parse_args
@@ -166,6 +205,8 @@ def main() -> int:
     p.add_argument("--mixed", type=int, metavar="LONG", help="instead: LONG trajectories of each group have --tokens "
                    "tokens, the others an eighth; times padded micro-batches against --max-tokens-per-microbatch "
                    "(micro-batch size x --tokens) with padded and with packed rows")
+    p.add_argument("--offload", action="store_true", help="instead: the reference model kept on the GPU vs offloaded "
+                   "to host memory between its forwards (--offload-reference): time and peak memory")
     a = p.parse_args()
     from megatron_rgm.launch import run_ranks
 
@@ -189,7 +230,8 @@ def main() -> int:
                        "--no-sprm-calibrate-head"] + (["--bf16"] if a.bf16 else [])
     if a.mixed is not None:
         argv += ["--max-tokens-per-microbatch", str(a.micro_batch_size * a.tokens), "--pack-sequences"]
-    run_ranks(_bench_mixed if a.mixed is not None else _bench, 1, argv, a.repeats)
+    bench = _bench_mixed if a.mixed is not None else _bench_offload if a.offload else _bench
+    run_ranks(bench, 1, argv, a.repeats)
     return 0
 
 

@@ -3,8 +3,10 @@
 # bare machine. Sections, each under its own time limit, each with its log under $OUT (default ./gpu_check_out):
 #
 #   build      megatron_rgm._C with its CUDA kernels, in place (TORCH_CUDA_ARCH_LIST, default 9.0a)
-#   tests      tests/test_ops.py, CUDA tests included (kernels against their pure-torch references)
+#   tests      tests/test_ops.py, CUDA tests included (kernels against their pure-torch references), and the
+#              reference model's offload to host memory
 #   train      a GRPO + SPR training step of the deepscaler-1.5b geometry (random weights), bf16: tokens/s, MFU
+#   reference  the same step with the KL reference's weights on the GPU vs offloaded to host memory: peak, time
 #   packing    the same geometry on a batch of mixed lengths: padded micro-batches vs the token budget, padded
 #              and packed (--max-tokens-per-microbatch, --pack-sequences): tokens/s and the ratios
 #   generate   the native sampler at that size, 8 prompts x k=8, batched vs one prompt at a time: tokens/s
@@ -50,6 +52,7 @@ if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"
            --micro-batch-size 2 --repeats "${GPU_CHECK_REPEATS:-2}")
     MIXED=(--preset deepscaler-1.5b --bf16 --tokens 2048 --prompt 128 --step-every 64 --k 8 --groups 2
            --micro-batch-size 2 --repeats "${GPU_CHECK_REPEATS:-2}" --mixed 1)
+    OFFLOAD=("${TRAIN[@]}" --offload)
     GEN=(--preset deepscaler-1.5b --bf16 --prompts 8 --prompt 128 --k 8 --new 64 --repeats 1)
     OPS=(--device cuda --repeats 30)
     LOGP=(--device cuda --batch=4 --tokens 8192 --vocab 152064 --repeats 2)
@@ -61,6 +64,7 @@ else
            --micro-batch-size 1 --repeats 1)
     MIXED=(--preset deepscaler-1.5b --layers 2 --bf16 --tokens 128 --prompt 16 --step-every 16 --k 4 --groups 1
            --micro-batch-size 2 --repeats 1 --mixed 1)
+    OFFLOAD=("${TRAIN[@]}" --offload)
     GEN=(--preset deepscaler-1.5b --layers 2 --bf16 --prompts 2 --prompt 16 --k 2 --new 4 --repeats 1)
     OPS=(--repeats 3)
     LOGP=(--batch=4 --tokens 64 --vocab 32000 --repeats 1)
@@ -88,7 +92,7 @@ section() {
 # GPU_CHECK_REPEATS (default 2): timed rounds of the training benchmarks.
 # GPU_CHECK_SECTIONS picks sections (a device lease is short: a rerun can leave out what already ran); without
 # build, the ops run their pure-torch references and the tests and op benchmark are left out.
-SECTIONS=" ${GPU_CHECK_SECTIONS:-build tests train packing generate bench_ops logprobs} "
+SECTIONS=" ${GPU_CHECK_SECTIONS:-build tests train reference packing generate bench_ops logprobs} "
 want() { [[ $SECTIONS == *" $1 "* ]]; }
 built=0
 if want build; then
@@ -101,8 +105,10 @@ else
     unset MEGATRON_RGM_REQUIRE_EXT MEGATRON_RGM_EXPECT_CUDA_BUILD
     echo "build: left out (ops on their pure-torch references)" | tee -a "$summary"
 fi
-[ $built -eq 1 ] && want tests && section tests 70 "$PY" -m pytest -q -p no:cacheprovider tests/test_ops.py
+[ $built -eq 1 ] && want tests && section tests 70 "$PY" -m pytest -q -p no:cacheprovider tests/test_ops.py \
+    tests/test_reference_offload.py
 want train && section train 130 "$PY" tools/bench_train.py "${TRAIN[@]}"
+want reference && section reference 120 "$PY" tools/bench_train.py "${OFFLOAD[@]}"
 want packing && section packing 150 "$PY" tools/bench_train.py "${MIXED[@]}"
 want generate && section generate 90 "$PY" tools/bench_generate.py "${GEN[@]}"
 [ $built -eq 1 ] && want bench_ops && section bench_ops 35 "$PY" tools/bench_ops.py "${OPS[@]}"

@@ -123,6 +123,10 @@ class RunConfig:
     save_interval: int | None = option(None)
     pretrained_checkpoint: str | None = option(None, "weights to start from when --load holds no checkpoint (e.g. "
                                                "the SFT stage's); also the frozen KL reference")
+    offload_reference: bool = option(
+        False, "keep the frozen KL reference model's weights in pinned host memory and copy them to the GPU only for "
+        "its forward pass: its weights take no GPU memory during the policy's step, for one host-to-device copy per "
+        "iteration")
     no_load_optim: bool = option(False, "resume weights and iteration, not the optimizer")
     use_checkpoint_args: bool = option(False, "take the model's geometry (and the head's) from the checkpoint "
                                        "--load resumes, else --pretrained-checkpoint, instead of the model flags")

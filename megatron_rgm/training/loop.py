@@ -69,6 +69,8 @@ from megatron_rgm.training.step import (
     add_reference_log_probs,
     forward_backward,
     head_step_logits,
+    offload_weights,
+    onload_weights,
     reference_model,
     training_step_func,
 )
@@ -284,9 +286,14 @@ class Trainer:
         times = {}
         if self.ref is not None:
             t = time.time()
+            offloaded = self.run.offload_reference
+            if offloaded:
+                onload_weights(self.ref)
             for batches in steps:
                 add_reference_log_probs(self.ref, batches, self._seq_length(batches, length), micro,
                                         self.args.grpo, self.vocab)
+            if offloaded:
+                offload_weights(self.ref)
             times["reference"] = time.time() - t
         t = time.time()
         reports, norms = [], []

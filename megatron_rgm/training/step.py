@@ -62,7 +62,30 @@ def reference_model(args, policy: list) -> list:
     for r in ref:
         r.eval()
         r.requires_grad_(False)
+    if args.run.offload_reference:
+        offload_weights(ref)
     return ref
+
+
+def offload_weights(modules: list) -> None:
+    """Frozen weights to host memory (pinned, kept: a later offload only drops the device copy); on a CPU run,
+    where the weights already are in host memory, nothing changes."""
+    for m in modules:
+        for p in m.parameters():
+            if p.device.type == "cpu":
+                continue
+            host = getattr(p, "_rgm_host", None)
+            if host is None:
+                host = p._rgm_host = p.data.cpu().pin_memory()
+            p.data = host
+
+
+def onload_weights(modules: list) -> None:
+    """The weights :func:`offload_weights` put in host memory back on the current device (a GPU)."""
+    for m in modules:
+        for p in m.parameters():
+            if getattr(p, "_rgm_host", None) is not None and p.device.type == "cpu":
+                p.data = p._rgm_host.to(torch.cuda.current_device(), non_blocking=True)
 
 
 @torch.no_grad()
