@@ -149,9 +149,12 @@ def test_edge_cases(device, case):
     logits, cu, correct = packed(EDGE[case], seed=11, device=device)
     loss, grad = check_spr(logits, cu, correct)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    lengths = cu[1:] - cu[:-1]
+    # Over tens of thousands of steps the float32 reference's own sum is off by ~1e-5 (and on CUDA its scatter-add
+    # order varies from run to run): long trajectories are compared with the float64 truth instead.
+    long = lengths.numel() > 0 and int(lengths.max()) > 4096
     for mode in MODES:
-        out = check_aggregate(logits, cu, mode)
-        lengths = cu[1:] - cu[:-1]
+        out = (check_aggregate_vs_float64 if long else check_aggregate)(logits, cu, mode)
         assert (out[lengths == 0] == 0).all()
 
 
