@@ -92,7 +92,7 @@ def check_aggregate_vs_float64(values, cu, mode, from_probs=False):
     # float32 math: relative 1e-5 (a product of thousands of steps underflows: compare those to 0).
     torch.testing.assert_close(out.double(), truth.detach(), rtol=1e-5, atol=1e-35)
     if mode in ("geometric", "arithmetic"):
-        w = torch.linspace(-1, 1, cu.numel() - 1, dtype=torch.float64)
+        w = torch.linspace(-1, 1, cu.numel() - 1, dtype=torch.float64, device=values.device)
         x = values.detach().clone().requires_grad_(True)
         (ops.segment_aggregate(x, cu, mode, from_probs=from_probs) * w.to(out.dtype)).sum().backward()
         (truth * w).sum().backward()
