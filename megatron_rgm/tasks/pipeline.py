@@ -40,7 +40,8 @@ from megatron_rgm.evaluation.report import run as evaluate
 from megatron_rgm.inference.best_of_n import BestOfNConfig, load_problems, run_megatron
 from megatron_rgm.launch import free_port, run_ranks
 from megatron_rgm.rollout.sampler import SamplingParams
-from megatron_rgm.tasks.prepare import prepare, task_paths
+from megatron_rgm.tasks.knobs import Knobs
+from megatron_rgm.tasks.prepare import add_knob_args, knobs_from_args, prepare, task_paths
 from megatron_rgm.tasks.probe import format_report as format_probe
 from megatron_rgm.tasks.probe import report as probe_report
 
@@ -77,6 +78,8 @@ class PipelineConfig:
     ks: tuple[int, ...] = (1, 2, 8)
     extra: list[str] = field(default_factory=list)
     sft_from: str | None = None
+    knobs: Knobs | None = None  # the knobbed task (tasks/knobs.py) instead of the plain one
+    vocab_size: int = 512
 
 
 def _say(msg: str) -> None:
@@ -141,7 +144,8 @@ def run(cfg: PipelineConfig) -> dict:
         _say(f"1/6 task: {cfg.n_train} train / {cfg.n_eval} eval problems, {cfg.n_sft} SFT traces, tokenizer")
         task = prepare(out / "task", seed=cfg.seed, n_train=cfg.n_train, n_eval=cfg.n_eval, n_sft=cfg.n_sft,
                        max_value=cfg.max_value, max_terms=cfg.max_terms, error_rate=cfg.error_rate,
-                       fix_rate=cfg.fix_rate, order=cfg.order)
+                       fix_rate=0.0 if cfg.knobs else cfg.fix_rate, order=cfg.order, vocab_size=cfg.vocab_size,
+                       knobs=cfg.knobs)
     common = ["--preset", "tiny", "--num-layers", str(cfg.num_layers), "--tokenizer", str(task["tokenizer"]),
               "--seed", str(cfg.seed)]
 
@@ -198,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nproc", type=int, default=d.nproc)
     p.add_argument("--seed", type=int, default=d.seed)
     for name in ("n_train", "n_eval", "n_sft", "max_value", "max_terms", "num_layers", "sft_iters", "sft_batch",
-                 "rgm_iters", "prompts_per_iter", "k", "max_response", "eval_k"):
+                 "rgm_iters", "prompts_per_iter", "k", "max_response", "eval_k", "vocab_size"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     for name in ("error_rate", "fix_rate", "sft_lr", "rgm_lr", "sprm_lr", "temperature"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
@@ -212,8 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ks", type=int, nargs="+", default=list(d.ks))
     p.add_argument("--rgm-layout", default="--tensor-model-parallel-size 2",
                    help="layout flags of the RGM stage, e.g. '--pipeline-model-parallel-size 2'")
+    add_knob_args(p)  # with a knob, --fix-rate is not used: the knobbed task writes its own slips
     a = p.parse_args(argv)
-    cfg = PipelineConfig(**{k: v for k, v in vars(a).items() if k not in ("rgm_layout", "ks")},
+    skip = ("rgm_layout", "ks", "lucky", "long", "systematic")
+    cfg = PipelineConfig(**{k: v for k, v in vars(a).items() if k not in skip}, knobs=knobs_from_args(a),
                          rgm_layout=a.rgm_layout.split(), ks=tuple(a.ks), extra=extra)
     return run_tool(lambda: run(cfg))
 

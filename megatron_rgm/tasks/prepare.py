@@ -28,6 +28,7 @@ from megatron_rgm.tasks.arithmetic import (
     sft_texts,
     train_tokenizer,
 )
+from megatron_rgm.tasks.knobs import Knobs, knob_sft_texts
 from megatron_rgm.tokenizer import load_tokenizer
 
 
@@ -48,7 +49,7 @@ def task_paths(out_dir: str | Path) -> dict[str, Path]:
 def prepare(out_dir: str | Path, seed: int = 0, n_train: int = 2000, n_eval: int = 200, n_sft: int = 4000, *,
             error_rate: float = 0.3, min_terms: int = 3, max_terms: int = 6, max_value: int = 9,
             tree_fraction: float = 0.0, fix_rate: float = 0.0, order: str = "shuffled",
-            vocab_size: int = 512) -> dict[str, Path]:
+            vocab_size: int = 512, knobs: Knobs | None = None) -> dict[str, Path]:
     """Generate the task's files under ``out_dir``.
 
     Args:
@@ -63,10 +64,20 @@ def prepare(out_dir: str | Path, seed: int = 0, n_train: int = 2000, n_eval: int
         tree_fraction: fraction of SFT traces on the ``tree`` route.
         order: ``shuffled`` (addends in a random order) or ``given`` (the statement's order).
         vocab_size: upper bound of the tokenizer's vocabulary.
+        knobs: the knobbed task (:mod:`megatron_rgm.tasks.knobs`): its slips instead of ``fix_rate``,
+            ``tree_fraction`` and ``order`` (always the statement's order), and with ``knobs.long`` its
+            4-30 steps instead of ``min_terms`` / ``max_terms``.
 
     Returns:
         Paths by name: ``tokenizer`` (the .model file), ``train``, ``eval``, ``sft``, ``meta``.
     """
+    if knobs is not None:
+        if fix_rate or tree_fraction:
+            raise ConfigError("the knobbed task writes its own slips, in the statement's order: drop --fix-rate and "
+                              "--tree-fraction, or the knobs")
+        if knobs.long:
+            min_terms, max_terms = knobs.terms
+        order = "given"
     check_ranges(min_terms, max_terms, max_value)
     for name, v in (("n_train", n_train), ("n_eval", n_eval), ("n_sft", n_sft)):
         if v < 0:
@@ -78,8 +89,12 @@ def prepare(out_dir: str | Path, seed: int = 0, n_train: int = 2000, n_eval: int
     # One draw, then a split: the eval set does not change with n_train.
     problems = make_problems(n_eval + n_train, seed, min_terms=min_terms, max_terms=max_terms, max_value=max_value)
     eval_set, train_set = problems[:n_eval], problems[n_eval:]
-    texts = sft_texts(train_set, seed, error_rate=error_rate, traces_per_problem=max(1, ceil(n_sft / max(n_train, 1))),
-                      tree_fraction=tree_fraction, fix_rate=fix_rate, order=order)[:n_sft]
+    per_problem = max(1, ceil(n_sft / max(n_train, 1)))
+    if knobs is None:
+        texts = sft_texts(train_set, seed, error_rate=error_rate, traces_per_problem=per_problem,
+                          tree_fraction=tree_fraction, fix_rate=fix_rate, order=order)[:n_sft]
+    else:
+        texts = knob_sft_texts(train_set, seed, knobs, error_rate=error_rate, traces_per_problem=per_problem)[:n_sft]
     # Prompts join the SFT texts so the tokenizer also sees numbers only eval problems use.
     tok_path = train_tokenizer(texts + [prompt_text(p) for p in problems], out / "tokenizer", vocab_size=vocab_size,
                                max_number=max_terms * max_value)
@@ -92,9 +107,24 @@ def prepare(out_dir: str | Path, seed: int = 0, n_train: int = 2000, n_eval: int
     lengths = sorted(len(tok.encode(t)) for t in texts) or [0]
     meta = dict(seed=seed, n_train=n_train, n_eval=n_eval, n_sft=len(texts), error_rate=error_rate, fix_rate=fix_rate,
                 min_terms=min_terms, max_terms=max_terms, max_value=max_value, tree_fraction=tree_fraction, order=order,
+                knobs=None if knobs is None else vars(knobs),
                 vocab_size=len(tok), sft_tokens_max=lengths[-1], sft_tokens_mean=round(sum(lengths) / len(lengths), 2))
     paths["meta"].write_text(json.dumps(meta, indent=1) + "\n")
     return paths
+
+
+def add_knob_args(p: argparse.ArgumentParser) -> None:
+    """``--lucky``, ``--long``, ``--systematic``: the knobbed task (any of them given selects it)."""
+    p.add_argument("--lucky", type=float, help="knobbed task: fraction of slipped traces whose slip a later step "
+                   "cancels (right answer, wrong steps)")
+    p.add_argument("--long", action="store_true", help="knobbed task: 4-30 steps per problem")
+    p.add_argument("--systematic", type=float, help="knobbed task: fraction of slips that are the dropped carry")
+
+
+def knobs_from_args(a) -> Knobs | None:
+    if a.lucky is None and not a.long and a.systematic is None:
+        return None
+    return Knobs(lucky=a.lucky or 0.0, long=a.long, systematic=a.systematic or 0.0)
 
 
 def main(argv=None) -> int:
@@ -113,13 +143,14 @@ def main(argv=None) -> int:
     p.add_argument("--order", choices=("shuffled", "given"), default="shuffled",
                    help="addends in a random order, or in the statement's order")
     p.add_argument("--vocab-size", type=int, default=512, help="upper bound of the tokenizer's vocabulary")
+    add_knob_args(p)
     a = p.parse_args(argv)
 
     def body():
         paths = prepare(a.output, a.seed, a.n_train, a.n_eval, a.n_sft, error_rate=a.error_rate,
                         min_terms=a.min_terms, max_terms=a.max_terms, max_value=a.max_value,
                         tree_fraction=a.tree_fraction, fix_rate=a.fix_rate, order=a.order,
-                        vocab_size=a.vocab_size)
+                        vocab_size=a.vocab_size, knobs=knobs_from_args(a))
         for name, path in paths.items():
             print(f"{name}: {path}")
 

@@ -1,0 +1,149 @@
+"""The addition task with three knobs, each where one of the method's claims is supposed to show.
+
+The plain task (:mod:`megatron_rgm.tasks.arithmetic`) gives SPR little to do: a slip always reaches the
+answer, so outcome labels are nearly clean step labels; traces are 2-5 steps, too short for a length bias;
+and slips of +-1..3 scatter the wrong answers, so majority voting is hard to beat. Here:
+
+* ``lucky``: the fraction of slipped traces that slip a second time, later, by the opposite amount. The answer
+  comes out right, but the steps between the two slips are off track: an outcome label of 1 on wrong steps,
+  the noise SPR's mask is meant to filter.
+* ``long``: 5-31 addends (4-30 steps), so trajectories differ in length as much as the paper's do.
+* ``systematic``: the fraction of slips that are one common mistake, the dropped carry (``7 + 5 = 2``: the
+  first step whose units carry loses its ten). Wrong answers then agree (the answer minus 10), and a majority
+  vote can be fooled by them.
+
+The addends are always taken in the statement's order (``given``), so the true running total after every step
+is known, and :func:`step_truth` labels any written trace, the generator's or a policy's, exactly:
+``local_ok`` (the step's own arithmetic is right) and ``on_track`` (its result is the true running total).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Sequence
+
+from megatron_rgm.config import ConfigError
+from megatron_rgm.tasks.arithmetic import (
+    ERROR_DELTAS,
+    Problem,
+    Step,
+    make_problems,
+    parse_steps,
+    prompt_text,
+    render,
+)
+
+LONG_TERMS = (5, 31)  # addends with ``long``: 4-30 steps
+SHORT_TERMS = (3, 6)
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """The three knobs (see the module docstring); all off is the plain task in the given order."""
+
+    lucky: float = 0.0
+    long: bool = False
+    systematic: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("lucky", "systematic"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"the {name} knob is a fraction of the slipped traces: it must be in [0, 1], "
+                                  f"got {value}")
+
+    @property
+    def terms(self) -> tuple[int, int]:
+        return LONG_TERMS if self.long else SHORT_TERMS
+
+
+@dataclass(frozen=True)
+class StepLabel:
+    """The truth about one written step.
+
+    Attributes:
+        local_ok: ``a + b == result``, the step's own arithmetic.
+        on_track: ``result`` is the true running total of the addends so far (the statement's order).
+    """
+
+    local_ok: bool
+    on_track: bool
+
+
+def knob_problems(n: int, seed: int, knobs: Knobs, max_value: int = 9,
+                  exclude: Sequence[Sequence[int]] = ()) -> list[Problem]:
+    """``n`` distinct problems with as many addends as ``knobs`` asks for (:func:`make_problems`)."""
+    low, high = knobs.terms
+    return make_problems(n, seed, min_terms=low, max_terms=high, max_value=max_value, exclude=exclude)
+
+
+def _carries(a: int, b: int) -> bool:
+    return a % 10 + b % 10 >= 10
+
+
+def knob_steps(problem: Problem, rng: random.Random, knobs: Knobs, error: bool = False) -> list[Step]:
+    """The steps of one trace, in the statement's order; with ``error`` a slip as the knobs draw it.
+
+    A slip is the dropped carry with probability ``knobs.systematic`` (where some step carries; otherwise, and
+    for the other slips, a result off by 1..3 at a random step). With probability ``knobs.lucky`` a later step
+    (where there is one) slips back by the opposite amount, so the final answer is right.
+    """
+    numbers = problem.numbers
+    n_steps = len(numbers) - 1
+    offsets = [0] * n_steps  # what each step's written result adds to its true result
+    if error:
+        truth = [sum(numbers[:i + 2]) for i in range(n_steps)]
+        carries = [i for i in range(n_steps) if _carries(truth[i] - numbers[i + 1], numbers[i + 1])]
+        if carries and rng.random() < knobs.systematic:
+            bad, delta = carries[0], -10
+        else:
+            bad = rng.randrange(n_steps)
+            delta = rng.choice([d for d in ERROR_DELTAS if truth[bad] + d >= 0])
+        offsets[bad] = delta
+        if bad < n_steps - 1 and rng.random() < knobs.lucky:
+            offsets[rng.randrange(bad + 1, n_steps)] -= delta
+    steps, total = [], numbers[0]
+    for i in range(n_steps):
+        a, b = total, numbers[i + 1]
+        total = a + b + offsets[i]
+        steps.append(Step(a, b, total))
+    return steps
+
+
+def step_truth(problem: Problem, steps: Sequence[Step]) -> list[StepLabel]:
+    """Each step's :class:`StepLabel` (a step beyond the addends is never on track)."""
+    out = []
+    for i, s in enumerate(steps):
+        on_track = i + 2 <= len(problem.numbers) and s.result == sum(problem.numbers[:i + 2])
+        out.append(StepLabel(local_ok=s.ok, on_track=on_track))
+    return out
+
+
+def first_error(labels: Sequence[StepLabel]) -> int:
+    """Index of the first step whose own arithmetic is wrong (ProcessBench's label), -1 if none is."""
+    return next((i for i, label in enumerate(labels) if not label.local_ok), -1)
+
+
+def label_response(problem: Problem, response: str) -> tuple[list[StepLabel], bool]:
+    """The step labels of a written response and whether its boxed answer is right."""
+    steps = parse_steps(response)
+    boxed = response.rsplit("\\boxed{", 1)
+    answer = boxed[1].split("}", 1)[0].strip() if len(boxed) == 2 else None
+    return step_truth(problem, steps), answer == problem.answer
+
+
+def knob_sft_texts(problems: Sequence[Problem], seed: int, knobs: Knobs, *, error_rate: float = 0.3,
+                   traces_per_problem: int = 4) -> list[str]:
+    """Warm-start texts (prompt + response), shuffled: ``error_rate`` of the traces (rounded) slip as
+    :func:`knob_steps` draws it."""
+    if not 0.0 <= error_rate <= 1.0:
+        raise ConfigError(f"error_rate must be in [0, 1], got {error_rate}")
+    if traces_per_problem < 1:
+        raise ConfigError(f"traces_per_problem must be >= 1, got {traces_per_problem}")
+    rng = random.Random(f"knobs-sft-{seed}")
+    jobs = [p for p in problems for _ in range(traces_per_problem)]
+    slipped = set(rng.sample(range(len(jobs)), round(error_rate * len(jobs))))
+    texts = [prompt_text(p) + render(knob_steps(p, rng, knobs, i in slipped)) for i, p in enumerate(jobs)]
+    rng.shuffle(texts)
+    return texts
