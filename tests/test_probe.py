@@ -68,3 +68,20 @@ def test_load_candidates_from_a_best_of_n_file(tmp_path):
     path.write_text(json.dumps(row) + "\n")
     with pytest.raises(ConfigError, match="ungraded candidate"):
         load_candidates(path)
+
+
+def test_first_error_f1_and_lucky_share_by_hand():
+    from megatron_rgm.tasks.probe import first_error_f1
+
+    # labels: first wrong step 1, none, 0. Scores that drop exactly there are found at a threshold between.
+    scores = [[0.9, 0.2, 0.8], [0.9, 0.7], [0.1, 0.9]]
+    f1, t = first_error_f1(scores, [1, -1, 0])
+    assert f1 == 1.0 and 0.2 < t <= 0.7
+    # a scorer that ranks the wrong step of the first candidate above its right ones cannot get it right
+    f1, _ = first_error_f1([[0.2, 0.9, 0.8], [0.9, 0.7], [0.1, 0.9]], [1, -1, 0])
+    assert f1 < 1.0
+    cands = [_cand("a", 0, True, [0.9, 0.2], [True, False]),  # lucky: right answer, a wrong step
+             _cand("a", 0, True, [0.9, 0.8], [True, True]), _cand("a", 0, False, [0.1], [False])]
+    m = scorer_metrics(cands, [c.step_scores for c in cands], k=2)
+    assert m["lucky"] == pytest.approx(0.5)
+    assert m["first_error_f1"] == 1.0

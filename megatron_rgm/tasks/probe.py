@@ -14,6 +14,8 @@ bound of what any step scorer reading these features can do), it reports:
 * ``margin``: mean geometric score of correct candidates minus incorrect ones;
 * ``step_auc``: AUC of the step score between right and wrong steps (a step is
   wrong when its sum is wrong or it adds a number that is not the next one);
+* ``first_error_f1``: ProcessBench's F1 of the first step scored below a threshold against the first
+  wrong step, at the best threshold; ``lucky``: the share of correct candidates with a wrong step;
 * ``bon@k``: Best-of-N with the geometric mean, as :mod:`megatron_rgm.evaluation.metrics` counts it.
 
 The probe is cross-fitted: problems are split into ``folds`` parts by index,
@@ -36,6 +38,7 @@ import torch
 from megatron_rgm.config import PROMPT_TEMPLATE, ConfigError, run_tool
 from megatron_rgm.data.benchmarks import read_jsonl
 from megatron_rgm.evaluation.metrics import Problem, evaluate, pairwise_accuracy
+from megatron_rgm.evaluation.processbench import first_error, processbench_metrics
 from megatron_rgm.evaluation.report import aggregate_scores
 from megatron_rgm.head import SPRMHead
 from megatron_rgm.hf import HFFeature, RGMScorer
@@ -120,16 +123,34 @@ def _auc(pos: Sequence[float], neg: Sequence[float]) -> float:
     return float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean())
 
 
+def first_error_f1(scores: Sequence[Sequence[float]], labels: Sequence[int]) -> tuple[float, float]:
+    """ProcessBench's F1 of "the first step scored below a threshold" against the first wrong step (-1: none), at
+    the best of 101 thresholds (the scores' percentiles): ``(f1, threshold)``; nan without candidates."""
+    flat = [x for row in scores for x in row]
+    if not labels or not flat:
+        return float("nan"), float("nan")
+    grid = torch.quantile(torch.tensor(flat, dtype=torch.float64), torch.linspace(0, 1, 101, dtype=torch.float64))
+    best = (-1.0, 0.5)
+    for t in sorted({*(grid + 1e-9).tolist(), 0.5}):
+        f1 = processbench_metrics([first_error(row, t) for row in scores], labels)["f1"]
+        best = max(best, (f1, t), key=lambda b: (b[0], -abs(b[1] - 0.5)))
+    return best
+
+
 def scorer_metrics(cands: Sequence[Candidate], scores: Sequence[Sequence[float]], k: int = 8) -> dict[str, float]:
-    """pairwise, margin, step_auc and bon@k (geometric) of per-candidate step probabilities ``scores``."""
+    """pairwise, margin, step_auc, first-error F1 and bon@k (geometric) of per-candidate step probabilities
+    ``scores``, and ``lucky``: the fraction of correct candidates (with step labels) that have a wrong step."""
     agg = aggregate_scores(scores)["geometric"]  # as tools/evaluate.py computes it, so bon@k matches eval.json
     by_problem: dict[str, list[int]] = {}
     for i, c in enumerate(cands):
         by_problem.setdefault(c.problem, []).append(i)
     pairwise, pairs = pairwise_accuracy(agg, [c.correct for c in cands], [c.problem for c in cands])
-    labelled = [(s, c.step_ok) for c, s in zip(cands, scores) if c.step_ok and len(c.step_ok) == len(s)]
-    right = [p for s, ok in labelled for p, o in zip(s, ok) if o]
-    wrong = [p for s, ok in labelled for p, o in zip(s, ok) if not o]
+    labelled = [(s, c.step_ok, c.correct) for c, s in zip(cands, scores) if c.step_ok and len(c.step_ok) == len(s)]
+    f1, threshold = first_error_f1([s for s, _, _ in labelled],
+                                   [next((i for i, o in enumerate(ok) if not o), -1) for _, ok, _ in labelled])
+    lucky = [not all(ok) for _, ok, correct in labelled if correct]
+    right = [p for s, ok, _ in labelled for p, o in zip(s, ok) if o]
+    wrong = [p for s, ok, _ in labelled for p, o in zip(s, ok) if not o]
     good = [a for a, c in zip(agg, cands) if c.correct]
     bad = [a for a, c in zip(agg, cands) if not c.correct]
     problems = [Problem(pid, [cands[i].correct for i in m], [None] * len(m), {"geometric": [agg[i] for i in m]})
@@ -137,6 +158,8 @@ def scorer_metrics(cands: Sequence[Candidate], scores: Sequence[Sequence[float]]
     return {"pairwise": pairwise, "pairs": pairs,
             "margin": (sum(good) / len(good) - sum(bad) / len(bad)) if good and bad else float("nan"),
             "step_auc": _auc(right, wrong), "right_steps": len(right), "wrong_steps": len(wrong),
+            "first_error_f1": f1, "first_error_threshold": threshold,
+            "lucky": sum(lucky) / len(lucky) if lucky else float("nan"),
             f"bon@{k}": evaluate(problems, [k])[f"bon@{k}/geometric"]}
 
 
@@ -255,20 +278,23 @@ def report(run_dir: str | Path, k: int = 8, folds: int = 2, all_layers: bool = F
 
 
 def format_report(r: dict, k: int = 8) -> str:
-    rows = [f"| scorer | pairwise | margin | step AUC | BoN@{k} geometric |", "|---|---:|---:|---:|---:|"]
+    rows = [f"| scorer | pairwise | margin | step AUC | first-error F1 | BoN@{k} geometric |",
+            "|---|---:|---:|---:|---:|---:|"]
     for name, key in (("SPRM head (as trained)", "sprm"), ("supervised probe (bound)", "probe")):
         m = r[key]
         if m is None:
-            rows.append(f"| {name} | n/a ({r['probe_skipped']}) | | | |")
+            rows.append(f"| {name} | n/a ({r['probe_skipped']}) | | | | |")
             continue
         rows.append(f"| {name} | {m['pairwise']:.3f} | {m['margin']:+.3f} | {m['step_auc']:.3f} | "
-                    f"{100 * m[f'bon@{k}']:.1f} |")
+                    f"{m.get('first_error_f1', float('nan')):.3f} | {100 * m[f'bon@{k}']:.1f} |")
     if "layers" in r:
         rows += ["", "| decoder layer | probe step AUC | probe BoN@%d |" % k, "|---|---:|---:|"]
         rows += [f"| {layer} | {m['step_auc']:.3f} | {100 * m[f'bon@{k}']:.1f} |" for layer, m in r["layers"].items()]
     return "\n".join(rows) + f"\n\npass@1 {100 * r['pass@1']:.1f} over {r['candidates']} candidates of " \
                              f"{r['problems']} problems; {r['sprm']['wrong_steps']} wrong of " \
-                             f"{r['sprm']['wrong_steps'] + r['sprm']['right_steps']} parsed steps"
+                             f"{r['sprm']['wrong_steps'] + r['sprm']['right_steps']} parsed steps; " \
+                             f"{100 * r['sprm'].get('lucky', float('nan')):.1f}% of the correct candidates have a " \
+                             "wrong step (lucky)"
 
 
 def main(argv=None) -> int:
