@@ -90,6 +90,15 @@ def test_in_bulk_lucky_share_long_lengths_and_agreeing_wrong_answers():
     assert scattered.most_common(1)[0][1] / 400 < 0.3, scattered
 
 
+def test_a_fixed_slip_is_taken_back_within_its_step():
+    p = _problem(7, 5, 6)
+    steps = knob_steps(p, random.Random(0), Knobs(systematic=1.0, lucky=1.0), error=True, fixed=True)
+    assert steps[0] == Step(7, 5, 12, retracted=2) and steps[1] == Step(12, 6, 18)
+    assert "7 + 5 = 2, no, 12." in render(steps)
+    labels, correct = label_response(p, render(steps))
+    assert correct and all(l.local_ok and l.on_track for l in labels)
+
+
 def test_sft_texts_parse_back_and_knobs_are_checked():
     problems = knob_problems(10, seed=3, knobs=Knobs(long=True))
     texts = knob_sft_texts(problems, seed=0, knobs=Knobs(lucky=0.5, long=True, systematic=0.5), error_rate=0.5)
@@ -128,4 +137,5 @@ def test_prepare_writes_the_knobbed_task(tmp_path):
             lucky += correct
     assert slipped == 80 and lucky > 60, (slipped, lucky)  # every slip cancelled, but one at the last step
     with pytest.raises(ConfigError, match="knobbed task"):
-        prepare(tmp_path / "x", n_train=4, n_eval=2, n_sft=4, fix_rate=0.5, knobs=Knobs(long=True))
+        prepare(tmp_path / "x", n_train=4, n_eval=2, n_sft=4, tree_fraction=0.5, knobs=Knobs(long=True))
+    assert not (tmp_path / "x").exists()

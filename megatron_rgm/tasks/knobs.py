@@ -82,12 +82,14 @@ def _carries(a: int, b: int) -> bool:
     return a % 10 + b % 10 >= 10
 
 
-def knob_steps(problem: Problem, rng: random.Random, knobs: Knobs, error: bool = False) -> list[Step]:
+def knob_steps(problem: Problem, rng: random.Random, knobs: Knobs, error: bool = False,
+               fixed: bool = False) -> list[Step]:
     """The steps of one trace, in the statement's order; with ``error`` a slip as the knobs draw it.
 
     A slip is the dropped carry with probability ``knobs.systematic`` (where some step carries; otherwise, and
     for the other slips, a result off by 1..3 at a random step). With probability ``knobs.lucky`` a later step
-    (where there is one) slips back by the opposite amount, so the final answer is right.
+    (where there is one) slips back by the opposite amount, so the final answer is right. ``fixed``: the slip is
+    taken back within its step instead (``7 + 5 = 2, no, 12.``), and the trace stays right.
     """
     numbers = problem.numbers
     n_steps = len(numbers) - 1
@@ -100,14 +102,17 @@ def knob_steps(problem: Problem, rng: random.Random, knobs: Knobs, error: bool =
         else:
             bad = rng.randrange(n_steps)
             delta = rng.choice([d for d in ERROR_DELTAS if truth[bad] + d >= 0])
-        offsets[bad] = delta
-        if bad < n_steps - 1 and rng.random() < knobs.lucky:
-            offsets[rng.randrange(bad + 1, n_steps)] -= delta
+        if fixed:
+            retracted = {bad: truth[bad] + delta}
+        else:
+            offsets[bad] = delta
+            if bad < n_steps - 1 and rng.random() < knobs.lucky:
+                offsets[rng.randrange(bad + 1, n_steps)] -= delta
     steps, total = [], numbers[0]
     for i in range(n_steps):
         a, b = total, numbers[i + 1]
         total = a + b + offsets[i]
-        steps.append(Step(a, b, total))
+        steps.append(Step(a, b, total, retracted.get(i) if error and fixed else None))
     return steps
 
 
@@ -134,16 +139,19 @@ def label_response(problem: Problem, response: str) -> tuple[list[StepLabel], bo
 
 
 def knob_sft_texts(problems: Sequence[Problem], seed: int, knobs: Knobs, *, error_rate: float = 0.3,
-                   traces_per_problem: int = 4) -> list[str]:
+                   fix_rate: float = 0.0, traces_per_problem: int = 4) -> list[str]:
     """Warm-start texts (prompt + response), shuffled: ``error_rate`` of the traces (rounded) slip as
-    :func:`knob_steps` draws it."""
-    if not 0.0 <= error_rate <= 1.0:
-        raise ConfigError(f"error_rate must be in [0, 1], got {error_rate}")
+    :func:`knob_steps` draws it, ``fix_rate`` of those slips (rounded) taken back within their step (what gives a
+    policy a reason to represent, at a step's end, whether the step was right)."""
+    for name, v in (("error_rate", error_rate), ("fix_rate", fix_rate)):
+        if not 0.0 <= v <= 1.0:
+            raise ConfigError(f"{name} must be in [0, 1], got {v}")
     if traces_per_problem < 1:
         raise ConfigError(f"traces_per_problem must be >= 1, got {traces_per_problem}")
     rng = random.Random(f"knobs-sft-{seed}")
     jobs = [p for p in problems for _ in range(traces_per_problem)]
-    slipped = set(rng.sample(range(len(jobs)), round(error_rate * len(jobs))))
-    texts = [prompt_text(p) + render(knob_steps(p, rng, knobs, i in slipped)) for i, p in enumerate(jobs)]
+    slips = rng.sample(range(len(jobs)), round(error_rate * len(jobs)))
+    fixed, slipped = set(slips[:round(fix_rate * len(slips))]), set(slips)
+    texts = [prompt_text(p) + render(knob_steps(p, rng, knobs, i in slipped, i in fixed)) for i, p in enumerate(jobs)]
     rng.shuffle(texts)
     return texts

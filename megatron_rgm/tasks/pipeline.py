@@ -144,8 +144,7 @@ def run(cfg: PipelineConfig) -> dict:
         _say(f"1/6 task: {cfg.n_train} train / {cfg.n_eval} eval problems, {cfg.n_sft} SFT traces, tokenizer")
         task = prepare(out / "task", seed=cfg.seed, n_train=cfg.n_train, n_eval=cfg.n_eval, n_sft=cfg.n_sft,
                        max_value=cfg.max_value, max_terms=cfg.max_terms, error_rate=cfg.error_rate,
-                       fix_rate=0.0 if cfg.knobs else cfg.fix_rate, order=cfg.order, vocab_size=cfg.vocab_size,
-                       knobs=cfg.knobs)
+                       fix_rate=cfg.fix_rate, order=cfg.order, vocab_size=cfg.vocab_size, knobs=cfg.knobs)
     common = ["--preset", "tiny", "--num-layers", str(cfg.num_layers), "--tokenizer", str(task["tokenizer"]),
               "--seed", str(cfg.seed)]
 
@@ -216,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ks", type=int, nargs="+", default=list(d.ks))
     p.add_argument("--rgm-layout", default="--tensor-model-parallel-size 2",
                    help="layout flags of the RGM stage, e.g. '--pipeline-model-parallel-size 2'")
-    add_knob_args(p)  # with a knob, --fix-rate is not used: the knobbed task writes its own slips
+    add_knob_args(p)
     a = p.parse_args(argv)
     skip = ("rgm_layout", "ks", "lucky", "long", "systematic")
     cfg = PipelineConfig(**{k: v for k, v in vars(a).items() if k not in skip}, knobs=knobs_from_args(a),

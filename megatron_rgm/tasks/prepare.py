@@ -64,17 +64,17 @@ def prepare(out_dir: str | Path, seed: int = 0, n_train: int = 2000, n_eval: int
         tree_fraction: fraction of SFT traces on the ``tree`` route.
         order: ``shuffled`` (addends in a random order) or ``given`` (the statement's order).
         vocab_size: upper bound of the tokenizer's vocabulary.
-        knobs: the knobbed task (:mod:`megatron_rgm.tasks.knobs`): its slips instead of ``fix_rate``,
-            ``tree_fraction`` and ``order`` (always the statement's order), and with ``knobs.long`` its
-            4-30 steps instead of ``min_terms`` / ``max_terms``.
+        knobs: the knobbed task (:mod:`megatron_rgm.tasks.knobs`): its slips, always in the statement's order
+            (no ``tree_fraction``), and with ``knobs.long`` its 4-30 steps instead of ``min_terms`` /
+            ``max_terms``.
 
     Returns:
         Paths by name: ``tokenizer`` (the .model file), ``train``, ``eval``, ``sft``, ``meta``.
     """
     if knobs is not None:
-        if fix_rate or tree_fraction:
-            raise ConfigError("the knobbed task writes its own slips, in the statement's order: drop --fix-rate and "
-                              "--tree-fraction, or the knobs")
+        if tree_fraction:
+            raise ConfigError("the knobbed task adds the numbers in the statement's order: drop --tree-fraction, or "
+                              "the knobs")
         if knobs.long:
             min_terms, max_terms = knobs.terms
         order = "given"
@@ -94,7 +94,8 @@ def prepare(out_dir: str | Path, seed: int = 0, n_train: int = 2000, n_eval: int
         texts = sft_texts(train_set, seed, error_rate=error_rate, traces_per_problem=per_problem,
                           tree_fraction=tree_fraction, fix_rate=fix_rate, order=order)[:n_sft]
     else:
-        texts = knob_sft_texts(train_set, seed, knobs, error_rate=error_rate, traces_per_problem=per_problem)[:n_sft]
+        texts = knob_sft_texts(train_set, seed, knobs, error_rate=error_rate, fix_rate=fix_rate,
+                               traces_per_problem=per_problem)[:n_sft]
     # Prompts join the SFT texts so the tokenizer also sees numbers only eval problems use.
     tok_path = train_tokenizer(texts + [prompt_text(p) for p in problems], out / "tokenizer", vocab_size=vocab_size,
                                max_number=max_terms * max_value)
