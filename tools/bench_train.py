@@ -77,27 +77,45 @@ def _timed(trainer, samples, adv, spr: bool = True) -> float:
     return time.perf_counter() - t
 
 
-def _bench_mixed(argv: list[str], repeats: int) -> None:
-    """Padded micro-batches vs the token budget (padded rows, then packed rows), alternating, on one trainer."""
-    from megatron_rgm import distributed
+def _trainer(argv: list[str]):
+    """The trainer of ``argv`` and its first iteration's samples with their GRPO advantages."""
     from megatron_rgm.arguments import parse_args
     from megatron_rgm.rl import group_advantages
     from megatron_rgm.training.loop import Trainer
 
     trainer = Trainer(parse_args(argv))
-    run = trainer.run
-    budget = run.max_tokens_per_microbatch
     groups = trainer.source.for_iteration(1, 0, 1)
     samples = [s for g in groups for s in g]
     adv = torch.cat([group_advantages(torch.tensor([s.reward for s in g]), len(g)) for g in groups])
-    modes = {"padded": (None, False), "token budget": (budget, False), "budget + packing": (budget, True)}
+    return trainer, samples, adv
+
+
+def _alternate(modes: list, repeats: int, step) -> dict:
+    """``step(mode)`` (seconds) for each mode, in alternating order round by round, so drift hits all alike;
+    the first round warms up and is not kept. Returns each mode's times."""
     times = {m: [] for m in modes}
-    for r in range(repeats + 1):  # the first round warms up
-        for mode in (list(modes) if r % 2 == 0 else list(modes)[::-1]):
-            run.max_tokens_per_microbatch, run.pack_sequences = modes[mode]
-            elapsed = _timed(trainer, samples, adv)
+    for r in range(repeats + 1):
+        for mode in modes if r % 2 == 0 else modes[::-1]:
+            elapsed = step(mode)
             if r:
                 times[mode].append(elapsed)
+    return times
+
+
+def _bench_mixed(argv: list[str], repeats: int) -> None:
+    """Padded micro-batches vs the token budget (padded rows, then packed rows), alternating, on one trainer."""
+    from megatron_rgm import distributed
+
+    trainer, samples, adv = _trainer(argv)
+    run = trainer.run
+    budget = run.max_tokens_per_microbatch
+    modes = {"padded": (None, False), "token budget": (budget, False), "budget + packing": (budget, True)}
+
+    def step(mode):
+        run.max_tokens_per_microbatch, run.pack_sequences = modes[mode]
+        return _timed(trainer, samples, adv)
+
+    times = _alternate(list(modes), repeats, step)
     lengths = sorted(len(s.tokens) for s in samples)
     tokens = sum(lengths)
     print(f"batch: {len(samples)} trajectories, {lengths[0]}..{lengths[-1]} tokens ({tokens} in all); "
@@ -115,28 +133,24 @@ def _bench_mixed(argv: list[str], repeats: int) -> None:
 def _bench_offload(argv: list[str], repeats: int) -> None:
     """The reference model's weights kept on the GPU vs offloaded to host memory between its forwards."""
     from megatron_rgm import distributed
-    from megatron_rgm.arguments import parse_args
-    from megatron_rgm.rl import group_advantages
-    from megatron_rgm.training.loop import Trainer
     from megatron_rgm.training.step import offload_weights, onload_weights
 
-    trainer = Trainer(parse_args(argv))
-    groups = trainer.source.for_iteration(1, 0, 1)
-    samples = [s for g in groups for s in g]
-    adv = torch.cat([group_advantages(torch.tensor([s.reward for s in g]), len(g)) for g in groups])
+    trainer, samples, adv = _trainer(argv)
     cuda = torch.cuda.is_available()
-    times, peaks = {False: [], True: []}, {False: 0.0, True: 0.0}
-    for r in range(repeats + 1):  # the first round warms up
-        for offload in (False, True) if r % 2 == 0 else (True, False):
-            trainer.run.offload_reference = offload
-            (offload_weights if offload else onload_weights)(trainer.ref)
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            elapsed = _timed(trainer, samples, adv)
-            if r:
-                times[offload].append(elapsed)
-                peaks[offload] = max(peaks[offload], torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0)
+    seen = {False: [], True: []}  # each step's peak GiB; a mode's first is the warm-up's
+
+    def step(offload):
+        trainer.run.offload_reference = offload
+        (offload_weights if offload else onload_weights)(trainer.ref)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        elapsed = _timed(trainer, samples, adv)
+        seen[offload].append(torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0)
+        return elapsed
+
+    times = _alternate([False, True], repeats, step)
+    peaks = {m: max(v[1:]) for m, v in seen.items()}
     ref_gib = sum(p.numel() * p.element_size() for m in trainer.ref for p in m.parameters()) / 2**30
     print(f"batch: {len(samples)} trajectories x {len(samples[0].tokens)} tokens; reference weights {ref_gib:.2f} GiB")
     for offload, label in ((False, "reference on the GPU"), (True, "reference offloaded")):
@@ -152,23 +166,12 @@ def _bench_offload(argv: list[str], repeats: int) -> None:
 
 def _bench(argv: list[str], repeats: int) -> None:
     from megatron_rgm import distributed
-    from megatron_rgm.arguments import parse_args
     from megatron_rgm.model import unwrap
-    from megatron_rgm.rl import group_advantages
-    from megatron_rgm.training.loop import Trainer
 
-    trainer = Trainer(parse_args(argv))
-    groups = trainer.source.for_iteration(1, 0, 1)
-    samples = [s for g in groups for s in g]
-    adv = torch.cat([group_advantages(torch.tensor([s.reward for s in g]), len(g)) for g in groups])
+    trainer, samples, adv = _trainer(argv)
     steps = sum(len(s.step_positions) for s in samples)
     cuda = torch.cuda.is_available()
-    times = {True: [], False: []}
-    for r in range(repeats + 1):  # the first round warms up
-        for with_spr in (True, False) if r % 2 == 0 else (False, True):
-            elapsed = _timed(trainer, samples, adv, with_spr)
-            if r:
-                times[with_spr].append(elapsed)
+    times = _alternate([True, False], repeats, lambda with_spr: _timed(trainer, samples, adv, with_spr))
     grpo, both = statistics.median(times[False]), statistics.median(times[True])
     tokens, seq = sum(len(s.tokens) for s in samples), len(samples[0].tokens)
     model = unwrap(trainer.model[0])

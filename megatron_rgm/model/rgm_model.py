@@ -181,7 +181,6 @@ class _rope_at:
             raise ConfigError(f"packed rows need the plain RoPE without context parallelism, not "
                               f"{self.rope.__class__.__name__}: run without --pack-sequences")
         positions, original = self.positions, self.rope.forward
-        self.original = original
 
         def at_positions(max_seq_len, *args, **kwargs):
             table = original(int(positions.max()) + 1)  # [n, 1, 1, d]

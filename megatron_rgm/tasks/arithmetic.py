@@ -238,6 +238,15 @@ def parse_steps(response: str) -> list[Step]:
     return steps
 
 
+def check_sft_args(traces_per_problem: int, **fractions: float) -> None:
+    """Raise ConfigError unless ``traces_per_problem >= 1`` and every named fraction is in [0, 1]."""
+    for name, v in fractions.items():
+        if not 0.0 <= v <= 1.0:
+            raise ConfigError(f"{name} must be in [0, 1], got {v}")
+    if traces_per_problem < 1:
+        raise ConfigError(f"traces_per_problem must be >= 1, got {traces_per_problem}")
+
+
 def sft_texts(problems: Sequence[Problem], seed: int, *, error_rate: float = 0.3, traces_per_problem: int = 4,
               tree_fraction: float = 0.0, fix_rate: float = 0.0, order: str = "shuffled") -> list[str]:
     """Full texts (prompt + response) for the warm-start SFT, shuffled.
@@ -256,11 +265,7 @@ def sft_texts(problems: Sequence[Problem], seed: int, *, error_rate: float = 0.3
     Returns:
         ``len(problems) * traces_per_problem`` strings ``prompt_text(p) + response``.
     """
-    for name, v in (("error_rate", error_rate), ("tree_fraction", tree_fraction), ("fix_rate", fix_rate)):
-        if not 0.0 <= v <= 1.0:
-            raise ConfigError(f"{name} must be in [0, 1], got {v}")
-    if traces_per_problem < 1:
-        raise ConfigError(f"traces_per_problem must be >= 1, got {traces_per_problem}")
+    check_sft_args(traces_per_problem, error_rate=error_rate, tree_fraction=tree_fraction, fix_rate=fix_rate)
     if order == "given" and tree_fraction > 0:
         raise ConfigError(f"order 'given' cannot be combined with tree_fraction={tree_fraction}: the tree route "
                           "picks numbers at random; pass tree_fraction=0 or order 'shuffled'")

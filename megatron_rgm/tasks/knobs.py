@@ -28,6 +28,7 @@ from megatron_rgm.tasks.arithmetic import (
     ERROR_DELTAS,
     Problem,
     Step,
+    check_sft_args,
     make_problems,
     parse_steps,
     prompt_text,
@@ -94,6 +95,7 @@ def knob_steps(problem: Problem, rng: random.Random, knobs: Knobs, error: bool =
     numbers = problem.numbers
     n_steps = len(numbers) - 1
     offsets = [0] * n_steps  # what each step's written result adds to its true result
+    retracted: dict[int, int] = {}  # a slip taken back within its step
     if error:
         truth = [sum(numbers[:i + 2]) for i in range(n_steps)]
         carries = [i for i in range(n_steps) if _carries(truth[i] - numbers[i + 1], numbers[i + 1])]
@@ -103,7 +105,7 @@ def knob_steps(problem: Problem, rng: random.Random, knobs: Knobs, error: bool =
             bad = rng.randrange(n_steps)
             delta = rng.choice([d for d in ERROR_DELTAS if truth[bad] + d >= 0])
         if fixed:
-            retracted = {bad: truth[bad] + delta}
+            retracted[bad] = truth[bad] + delta
         else:
             offsets[bad] = delta
             if bad < n_steps - 1 and rng.random() < knobs.lucky:
@@ -112,7 +114,7 @@ def knob_steps(problem: Problem, rng: random.Random, knobs: Knobs, error: bool =
     for i in range(n_steps):
         a, b = total, numbers[i + 1]
         total = a + b + offsets[i]
-        steps.append(Step(a, b, total, retracted.get(i) if error and fixed else None))
+        steps.append(Step(a, b, total, retracted.get(i)))
     return steps
 
 
@@ -143,11 +145,7 @@ def knob_sft_texts(problems: Sequence[Problem], seed: int, knobs: Knobs, *, erro
     """Warm-start texts (prompt + response), shuffled: ``error_rate`` of the traces (rounded) slip as
     :func:`knob_steps` draws it, ``fix_rate`` of those slips (rounded) taken back within their step (what gives a
     policy a reason to represent, at a step's end, whether the step was right)."""
-    for name, v in (("error_rate", error_rate), ("fix_rate", fix_rate)):
-        if not 0.0 <= v <= 1.0:
-            raise ConfigError(f"{name} must be in [0, 1], got {v}")
-    if traces_per_problem < 1:
-        raise ConfigError(f"traces_per_problem must be >= 1, got {traces_per_problem}")
+    check_sft_args(traces_per_problem, error_rate=error_rate, fix_rate=fix_rate)
     rng = random.Random(f"knobs-sft-{seed}")
     jobs = [p for p in problems for _ in range(traces_per_problem)]
     slips = rng.sample(range(len(jobs)), round(error_rate * len(jobs)))
