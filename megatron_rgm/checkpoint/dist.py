@@ -29,10 +29,13 @@ from megatron_rgm.checkpoint.megatron_lm import (MEGATRON_LM_CHECKPOINT_VERSION,
                                                  not_carried_over, scheduler_state)
 from megatron_rgm.checkpoint.rng import (RNG_KEY, layout, megatron_lm_rng_object, megatron_lm_rng_states,
                                          rng_object, set_megatron_lm_rng_state, set_rng_state)
-from megatron_rgm.checkpoint.state import (barrier, match_norm_names, model_sharded_state_dict, rank, say,
-                                           unwrapped)
-from megatron_rgm.compat.mcore import write_legacy_common_state
+from megatron_rgm.checkpoint.state import barrier, match_norm_names, model_sharded_state_dict, rank, say, unwrapped
+from megatron_rgm.compat.mcore import (fully_reshardable_bucket_offsets, materialise_optimizer_state,
+                                       write_legacy_common_state)
 
+# The distributed optimizer's state per parameter in model space: reshardable over TP, PP and DP (0.19 refuses the
+# flat ranges of "fully_sharded_model_space"). Its save is wrong with more than one bucket in megatron-core itself;
+# compat.mcore.fully_reshardable_bucket_offsets puts that right before any save or load here.
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
@@ -87,6 +90,7 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, chunks, extra: 
     state = model_sharded_state_dict(chunks)
     global_batch_size = global_batch_size or current_global_batch_size()
     if optimizer is not None:
+        fully_reshardable_bucket_offsets()
         state["optimizer"] = optimizer.sharded_state_dict(dict(state), metadata=OPTIMIZER_METADATA)
         megatron_lm_param_groups(state["optimizer"])
         state["opt_param_scheduler"] = scheduler_state(optimizer, iteration, global_batch_size, lr_schedule)
@@ -169,6 +173,8 @@ def load_checkpoint(load_dir: str | os.PathLike, chunks, iteration: int | None =
     match_norm_names(state, set(read_tensor_names(ckpt)))
     has_optimizer = "optimizer" in common  # param groups live in the common part
     if optimizer is not None and has_optimizer:
+        fully_reshardable_bucket_offsets()
+        materialise_optimizer_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=True, metadata=dict(metadata))
     rng_key = extra.get("rng_key", "rng_state")
     own_rng = "layout" in extra and extra.get("layout") == layout()

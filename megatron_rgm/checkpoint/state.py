@@ -73,3 +73,4 @@ def match_norm_names(state: dict, names: set[str]) -> int:
             sh.key = alias
             redirected += 1
     return redirected
+

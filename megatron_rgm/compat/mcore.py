@@ -1,7 +1,9 @@
-"""megatron-core APIs that changed between 0.16 and 0.19, one function each.
+"""megatron-core APIs that changed between 0.16 and 0.19, and megatron-core faults put right, one function each.
 
-Every function here is detected by the API itself (a signature, an attribute), so a release in
-between, or a patched build, takes the path its own API asks for.
+Every version difference here is detected by the API itself (a signature, an attribute), so a release in
+between, or a patched build, takes the path its own API asks for. The faults (the router without Transformer
+Engine, the distributed optimizer's checkpoints on torch's Adam and with several buckets) are in both versions;
+each function says what goes wrong without it and is idempotent.
 """
 
 from __future__ import annotations
@@ -91,3 +93,122 @@ def take_moe_router_losses() -> dict[str, torch.Tensor]:
     out = {name: v["values"].detach().clone() for name, v in tracker.items()}
     moe_utils.clear_aux_losses_tracker()
     return out
+
+
+def distributed_optimizer_with_torch_adam() -> None:
+    """Let megatron-core's distributed optimizer load its state into torch's Adam (no apex or Transformer Engine:
+    every CPU run), in 0.16 and 0.19 alike.
+
+    Torch's Adam keeps a ``step`` tensor in each parameter's state; apex's and Transformer Engine's keep it in the
+    param group. On load, ``DistributedOptimizer.load_state_dict`` gives every parameter's state the one ``step``
+    tensor, the step of the checkpoint's param groups (shared: each parameter's update then adds 1 to all of
+    them, and the resumed run's bias correction leaves the uninterrupted one's). Then
+    ``_set_main_param_and_optimizer_states`` copies every state key from the loaded tensors: in the
+    ``fully_reshardable`` format (ours) they hold no ``step``, a KeyError; in ``dp_reshardable`` (Megatron-LM's
+    default) the checkpoint has none either and the ``step`` there is the loading optimizer's own (1 after
+    :func:`materialise_optimizer_state`), which would overwrite the right one.
+    Wrapped here: each parameter keeps the param groups' step, in a tensor of its own. The copy also runs under
+    ``no_grad``: with fp32 parameters the main parameter is a view of the model's (a leaf that requires grad),
+    and the ``dp_reshardable`` load path copies into it with autograd on, which torch refuses.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+    if getattr(original, "rgm_keeps_step", False):
+        return
+
+    def keep_step(self, model_param, tensors):
+        if not getattr(self.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False):
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            state = self.optimizer.state.get(self.optimizer.param_groups[group_index]["params"][group_order])
+            if state and isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()  # its own copy of the param groups' step
+                tensors = {**tensors, "step": state["step"]}
+        with torch.no_grad():
+            return original(self, model_param, tensors)
+
+    keep_step.rgm_keeps_step = True
+    DistributedOptimizer._set_main_param_and_optimizer_states = keep_step
+
+
+def fully_reshardable_bucket_offsets() -> None:
+    """Save the distributed optimizer's ``fully_reshardable`` state at the right offsets, in 0.16 and 0.19 alike.
+
+    ``sharded_param_state_fully_reshardable`` gathers each buffer's state over DP with
+    ``get_parameter_state_dp_zero``, which concatenates the buckets without the padding between them, and then
+    cuts each parameter out at its offset in the padded buffer (``param_index_map``). With one bucket the two
+    agree. With more (a tied embedding at PP > 1 gets a bucket of its own, as does every ``--ddp-bucket-size``
+    worth of parameters under overlapped reduction) each parameter after the first bucket is saved with its
+    neighbours' values, fp32 master weights included, and a resume loads them: measured at PP=2, DP=2 on
+    Megatron-LM's own loop, whose resume left the uninterrupted run at the first iteration. Wrapped here: for
+    the length of that method, the gathered state is laid out with the padding put back, each bucket at its
+    offset in the buffer.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer.sharded_param_state_fully_reshardable
+    if getattr(original, "rgm_padded", False):
+        return
+
+    def padded(self, state):
+        if state is None:
+            return None
+        for gbuf_idx, buffer in enumerate(self.buffers):
+            for world in state[gbuf_idx].values():
+                for key, flat in world.items():
+                    if not isinstance(flat, torch.Tensor):
+                        continue
+                    out = torch.zeros(buffer.numel, dtype=flat.dtype, device=flat.device)
+                    start = 0
+                    for bucket in buffer.buckets:
+                        out[bucket.offset:bucket.offset + bucket.numel_unpadded] = \
+                            flat[start:start + bucket.numel_unpadded]
+                        start += bucket.numel_unpadded
+                    world[key] = out
+        return state
+
+    def fully_reshardable(self, *args, **kwargs):
+        gather = self.get_parameter_state_dp_zero
+        self.get_parameter_state_dp_zero = lambda *a, **k: padded(self, gather(*a, **k))
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            del self.get_parameter_state_dp_zero
+
+    fully_reshardable.rgm_padded = True
+    DistributedOptimizer.sharded_param_state_fully_reshardable = fully_reshardable
+
+
+def materialise_optimizer_state(optimizer) -> int:
+    """Give a fresh distributed optimizer the per-parameter state its ``state_dict()`` reads; returns how many
+    optimizers took the step.
+
+    Loading builds the optimizer's sharded state dict from its own ``state_dict()``. With torch's Adam (no apex
+    or Transformer Engine: every CPU run) megatron-core's distributed optimizer reads the step count from each
+    parameter's state, and before the first step there is none, so resuming fails on a bare assertion. One
+    step on zero gradients at learning rate 0 creates the moments (zeros, then replaced by the checkpoint's) and
+    leaves every parameter as it was: Adam's update is 0 with zero moments and decoupled weight decay is scaled
+    by the learning rate.
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return 0
+    distributed_optimizer_with_torch_adam()
+    stepped = 0
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(opt, distrib_optimizer.DistributedOptimizer) or inner is None or inner.state:
+            continue
+        lrs = [group["lr"] for group in inner.param_groups]
+        for group in inner.param_groups:
+            group["lr"] = 0.0
+            for p in group["params"]:
+                p.grad = torch.zeros_like(p)
+        inner.step()
+        for group, lr in zip(inner.param_groups, lrs):
+            group["lr"] = lr
+            for p in group["params"]:
+                p.grad = None
+        stepped += 1
+    return stepped

@@ -23,6 +23,13 @@ gloo, 2 ranks, TP=2):
     ``_set_random_seed`` skips ``model_parallel_cuda_manual_seed`` when it
     answers 0, leaving no TP/PP groups and no RNG tracker. Outside that call
     ``device_count()`` is left alone (0), so nothing else believes a GPU exists.
+``megatron.training.training.load_checkpoint``
+    with the distributed optimizer on torch's Adam (no apex or Transformer
+    Engine: the CPU), resuming fails: an assertion on the still empty optimizer
+    state, then a KeyError on Adam's per-parameter ``step``, and the fp32 copy
+    into a leaf view. The wrapper gives the optimizer its state first
+    (:func:`megatron_rgm.compat.mcore.materialise_optimizer_state`, which
+    also applies :func:`megatron_rgm.compat.mcore.distributed_optimizer_with_torch_adam`).
 ``megatron.core.datasets.utils.compile_helpers`` -> no-op (only when the prebuilt helper imports)
     ``initialize_megatron`` runs ``make`` in the datasets folder on rank 0;
     the wheel ships ``helpers_cpp`` prebuilt but no Makefile, so ``make``
@@ -44,6 +51,7 @@ from typing import Any, Callable
 import torch
 
 from megatron_rgm import cpu
+from megatron_rgm.compat.mcore import materialise_optimizer_state
 from megatron_rgm.config import ConfigError
 from megatron_rgm.cpu import Patch
 
@@ -108,6 +116,16 @@ def _initialize_without_cuda(original: Callable) -> Callable:
     return initialize_megatron
 
 
+def _load_with_optimizer_state(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def load_checkpoint(ddp_model, optimizer, *args: Any, **kwargs: Any):
+        if optimizer is not None:
+            materialise_optimizer_state(optimizer)
+        return original(ddp_model, optimizer, *args, **kwargs)
+
+    return load_checkpoint
+
+
 def _set(owner: Any, name: str, value: Any, target: str, reason: str) -> None:
     setattr(owner, name, value)
     _APPLIED.append(Patch(target, reason))
@@ -153,6 +171,10 @@ def activate(force: bool = False) -> list[Patch]:
          "tensor-parallel RNG tracker are skipped")
     _set(megatron.training, "initialize_megatron", wrapped, "megatron.training.initialize_megatron",
          "same wrapper, for scripts that call it themselves")
+    _set(training, "load_checkpoint", _load_with_optimizer_state(training.load_checkpoint),
+         "megatron.training.training.load_checkpoint",
+         "resuming the distributed optimizer on torch's Adam fails before its first step (no state to shape the "
+         "load) and on Adam's per-parameter step; the wrapper materialises the state and fixes the step first")
     if importlib.util.find_spec("megatron.core.datasets.helpers_cpp") is not None:
         _set(dataset_utils, "compile_helpers", lambda: None, "megatron.core.datasets.utils.compile_helpers",
              "initialize_megatron runs `make` for the dataset helper; the wheel ships it prebuilt "
