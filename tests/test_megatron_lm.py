@@ -19,10 +19,10 @@ pytestmark = pytest.mark.skipif(
     reason="megatron.training (Megatron-LM's pretrain loop) is not installed: it ships with megatron-core>=0.17 "
            "on Python 3.12, not with the 0.16.1 wheel")
 
-# A pretrain_gpt.py command line: 4 layers, hidden 64, GQA, RMSNorm, SwiGLU, RoPE; TP=2 on 2 gloo ranks.
+# A pretrain_gpt.py command line: 4 layers, hidden 64, GQA, RMSNorm, SwiGLU, RoPE; its layout is in LAYOUTS.
 FLAGS = ("--num-layers 4 --hidden-size 64 --num-attention-heads 4 --group-query-attention --num-query-groups 2 "
          "--ffn-hidden-size 128 --seq-length 32 --max-position-embeddings 32 --micro-batch-size 4 "
-         "--global-batch-size 4 --tensor-model-parallel-size 2 --lr 1e-4 --lr-decay-style constant "
+         "--lr 1e-4 --lr-decay-style constant "
          "--weight-decay 0 --tokenizer-type NullTokenizer --vocab-size 200 --distributed-backend gloo "
          "--use-cpu-initialization --transformer-impl local --no-persist-layer-norm "
          "--no-gradient-accumulation-fusion --no-masked-softmax-fusion --no-bias-swiglu-fusion "
@@ -36,73 +36,103 @@ FLAGS = ("--num-layers 4 --hidden-size 64 --num-attention-heads 4 --group-query-
 TRAIN_ITERS = 6  # Megatron-LM saves at iteration SAVED and at the end
 SAVED = 4
 
+# (gloo ranks, layout flags). Every DP rank reads the same 4 samples, so the losses are the same in each layout.
+LAYOUTS = {
+    "tp2": (2, "--tensor-model-parallel-size 2 --global-batch-size 4"),
+    # The head on the second stage only; Adam's state sharded over 2 DP ranks, saved and loaded as each side
+    # writes it (Megatron-LM dp_reshardable by default, megatron_rgm fully_reshardable).
+    "pp2-dp2-distopt": (4, "--pipeline-model-parallel-size 2 --use-distributed-optimizer --global-batch-size 8"),
+}
+
 
 def _iteration_lines(stdout: str) -> list[int]:
     return [int(m.group(1)) for m in re.finditer(r"iteration\s+(\d+)/\s*\d+ \|", stdout)]
 
 
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def layout(request):
+    nproc, flags = LAYOUTS[request.param]
+    return nproc, [*FLAGS, *flags.split()]
+
+
+def _ranks(out, nproc):
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
+
+
+def _last_stage_spr(ranks) -> list[float]:
+    """The SPR loss per iteration, the same on every rank of the last pipeline stage (which computes it)."""
+    spr = [r["spr"] for r in ranks if r["last_stage"]]
+    assert spr and all(s == spr[0] for s in spr), spr
+    assert not any(r["spr"] for r in ranks if not r["last_stage"])
+    return spr[0]
+
+
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """Megatron-LM's pretrain(): 6 iterations at TP=2 with RGM's pieces; its save_checkpoint at 4 (and 6)."""
+def trained(tmp_path_factory, layout):
+    """Megatron-LM's pretrain(): 6 iterations with RGM's pieces; its save_checkpoint at 4 (and 6)."""
+    nproc, flags = layout
     out = tmp_path_factory.mktemp("megatron_lm")
-    proc = torchrun("megatron_lm_pretrain.py", 2,
-                    [str(out / "train"), *FLAGS, "--train-iters", str(TRAIN_ITERS), "--save", str(out / "mlm_ckpt"),
+    proc = torchrun("megatron_lm_pretrain.py", nproc,
+                    [str(out / "train"), *flags, "--train-iters", str(TRAIN_ITERS), "--save", str(out / "mlm_ckpt"),
                      "--save-interval", str(SAVED)])
-    ranks = [json.loads((out / "train" / f"rank{r}.json").read_text()) for r in (0, 1)]
-    return out, proc.stdout, ranks
+    return out, proc.stdout, _ranks(out / "train", nproc)
 
 
 @pytest.mark.multirank
 def test_megatron_lm_pretrain_trains_the_head_and_the_spr_loss_decreases(trained):
     _, stdout, ranks = trained
     assert _iteration_lines(stdout) == list(range(1, TRAIN_ITERS + 1))
-    assert all(r["tp"] == 2 and r["iterations"] == TRAIN_ITERS for r in ranks)
-    spr = ranks[0]["spr"]
-    assert len(spr) == TRAIN_ITERS and ranks[1]["spr"] == spr  # TP ranks see one loss
+    assert all(r["tp"] * r["pp"] * r["dp"] == len(ranks) and r["iterations"] == TRAIN_ITERS for r in ranks)
+    spr = _last_stage_spr(ranks)  # TP and DP ranks see one loss
+    assert len(spr) == TRAIN_ITERS
     # Both classes take part (a one-class mask has weight 0 and a loss of exactly 0).
     first = next(line for line in stdout.splitlines() if re.search(r"iteration\s+1/", line))
     negatives = float(re.search(r"spr negatives: ([0-9.E+-]+)", first).group(1))
     positives = float(re.search(r"spr positives: ([0-9.E+-]+)", first).group(1))
     assert positives > 0 and negatives > 0, first
-    # Over the first 4 iterations (later a step changes class and joins the mask).
+    # Over the first 3 iterations: later a step changes class and joins the mask, and the loss jumps (from
+    # iteration 4 in the PP layout, whose stages initialise from seeds of their own, 5 at TP=2).
     assert spr[0] > 0
-    assert all(b < a for a, b in zip(spr[:SAVED], spr[1:SAVED])), spr
-    assert spr[SAVED - 1] < 0.1 * spr[0], spr
+    assert all(b < a for a, b in zip(spr[:3], spr[1:3])), spr
+    assert spr[2] < 0.1 * spr[0], spr
 
 
 @pytest.mark.multirank
 def test_megatron_lm_optimizer_gives_the_head_its_own_lr_and_weight_decay(trained):
     # add_rgm_args (the extra_args_provider) alone: --lr 1e-4, so the head learns at 10x; --weight-decay 0, the
     # head's matrices at --sprm-weight-decay's 0.01 and its biases at 0 (megatron's rule for 1-D parameters).
-    groups = trained[2][0]["param_groups"]
+    # All ranks' groups together: with PP the head is on the last stage, with the distributed optimizer a group
+    # lists the parameters of this DP rank's shard.
+    groups = [g for r in trained[2] for g in r["param_groups"]]
     assert not any(g["mixed"] for g in groups), groups
     head, policy = [g for g in groups if g["head"]], [g for g in groups if not g["head"]]
     assert head and policy
     assert all(g["lr"] == pytest.approx(1e-3) for g in head) and all(g["lr"] == pytest.approx(1e-4) for g in policy)
-    assert sorted((g["dims"], round(g["weight_decay"], 9)) for g in head) == [([1], 0.0), ([2], 0.01)]
+    assert sorted({(d, round(g["weight_decay"], 9)) for g in head for d in g["dims"]}) == [(1, 0.0), (2, 0.01)]
     assert all(g["weight_decay"] == 0.0 for g in policy)
 
 
 @pytest.fixture(scope="module")
-def exchanged(trained):
+def exchanged(trained, layout):
     """Plain Megatron-LM checkpoint -> RGM; Megatron-LM checkpoint with head + optimizer -> RGM and a step;
     RGM's save_checkpoint; then Megatron-LM's pretrain resumes the RGM checkpoint for one iteration."""
     import torch
 
+    nproc, flags = layout
     out, _, _ = trained
     ex = out / "exchange"
-    torchrun("megatron_lm_checkpoint.py", 2,
-             [str(ex), str(out / "mlm_ckpt"), *FLAGS, "--train-iters", "1", "--save", str(ex / "plain_ckpt"),
+    torchrun("megatron_lm_checkpoint.py", nproc,
+             [str(ex), str(out / "mlm_ckpt"), *flags, "--train-iters", "1", "--save", str(ex / "plain_ckpt"),
               "--save-interval", "1"])
-    proc = torchrun("megatron_lm_pretrain.py", 2,
-                    [str(out / "resume"), *FLAGS, "--train-iters", "6", "--load", str(ex / "rgm_ckpt"),
+    proc = torchrun("megatron_lm_pretrain.py", nproc,
+                    [str(out / "resume"), *flags, "--train-iters", "6", "--load", str(ex / "rgm_ckpt"),
                      "--use-checkpoint-opt_param-scheduler"])
     return {
-        "train_spr": trained[2][0]["spr"],
+        "train_spr": _last_stage_spr(trained[2]),
         "exchange": torch.load(ex / "logits.pt"),
         "result": json.loads((ex / "result.json").read_text()),
         "resume": torch.load(out / "resume" / "logits.pt"),
-        "resume_ranks": [json.loads((out / "resume" / f"rank{r}.json").read_text()) for r in (0, 1)],
+        "resume_ranks": _ranks(out / "resume", nproc),
         "resume_stdout": proc.stdout,
         "dir": ex,
     }
@@ -140,7 +170,7 @@ def test_rgm_checkpoint_loads_and_resumes_in_megatron_lm_load_checkpoint(exchang
     assert _iteration_lines(exchanged["resume_stdout"]) == [6]
     assert all(r["iterations"] == 1 for r in exchanged["resume_ranks"])
     # ... and its iteration 6 is the uninterrupted run's: weights, Adam state and schedule carried over.
-    assert exchanged["resume_ranks"][0]["spr"][0] == pytest.approx(exchanged["train_spr"][SAVED + 1], rel=1e-6,
+    assert _last_stage_spr(exchanged["resume_ranks"])[0] == pytest.approx(exchanged["train_spr"][SAVED + 1], rel=1e-6,
                                                                     abs=1e-9)
     assert _max_diff(exchanged["exchange"]["rgm_saved"], exchanged["resume"]["before"]) == 0.0
     assert "successfully loaded checkpoint" in exchanged["resume_stdout"]
@@ -159,7 +189,7 @@ def test_activate_lists_each_megatron_lm_patch_with_its_reason():
     assert proc.returncode == 0, proc.stderr[-3000:]
     patches = dict(json.loads(proc.stdout.strip().splitlines()[-1]))
     for target in ("megatron.training.arguments.get_device_arch_version",
-                   "megatron.training.training.initialize_megatron",
+                   "megatron.training.training.initialize_megatron", "megatron.training.training.load_checkpoint",
                    "megatron.core.datasets.utils.compile_helpers"):
         assert target in patches and patches[target], sorted(patches)
 

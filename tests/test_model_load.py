@@ -252,6 +252,47 @@ def test_a_megatron_bridge_checkpoint_rebuilds_with_equal_logits_and_a_fresh_hea
             torch.testing.assert_close(hf(input_ids=ids).logits, want[..., :100], rtol=0, atol=1e-5)
 
 
+def test_a_megatron_lm_checkpoint_in_this_versions_layout_rebuilds_with_equal_logits(single_rank, tmp_path):
+    """What Megatron-LM's save_checkpoint writes (tensors, ``args``, ``checkpoint_version``, ``iteration``) through
+    this megatron-core's dist_checkpointing: 0.16 keeps the common state in ``common.pt``, 0.19 inside the
+    torch_dist files. The Python 3.11 leg reads the first, the 3.12 leg the second (and test_megatron_lm.py a
+    directory Megatron-LM's own loop wrote)."""
+    from megatron.core import dist_checkpointing
+
+    args = build_args(ModelConfig(
+        num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, num_query_groups=2, kv_channels=16,
+        vocab_size=128, make_vocab_size_divisible_by=128, seq_length=64, max_position_embeddings=64,
+        normalization="RMSNorm", norm_epsilon=1e-6, rotary_base=1000000,
+        add_qkv_bias=True, swiglu=True, disable_bias_linear=True, untie_embeddings_and_output_weights=True))
+    single_rank.initialize(args.parallel)
+    model = build_model(args)[0].eval()
+    sd = {k: v for k, v in model.sharded_state_dict().items() if not k.startswith("sprm_head.")}
+    mlm_args = _pretrain_gpt_args(num_layers=2, ffn_hidden_size=96, padded_vocab_size=128, vocab_size=128,
+                                  seq_length=64, max_position_embeddings=64, tensor_model_parallel_size=1,
+                                  pipeline_model_parallel_size=1)
+    iter_dir = tmp_path / "ckpt" / "iter_0000007"
+    iter_dir.mkdir(parents=True)
+    dist_checkpointing.save({"model": sd, "args": mlm_args, "checkpoint_version": 3.0, "iteration": 7}, str(iter_dir))
+    (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").write_text("7")
+    import megatron.core
+
+    legacy = (iter_dir / "common.pt").exists()
+    assert legacy == megatron.core.__version__.startswith("0.16"), megatron.core.__version__
+
+    checkpoint = describe_checkpoint(tmp_path / "ckpt")
+    assert (checkpoint.source, checkpoint.iteration) == ("megatron-lm", 7) and not checkpoint.has_head
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(16).expand(2, 16)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    with torch.no_grad():
+        want, _ = model(ids, pos, None, step_mask=mask)
+    loaded = load_model(tmp_path / "ckpt")
+    assert loaded.result.fresh_head and loaded.result.megatron_lm and loaded.result.iteration == 7
+    with torch.no_grad():
+        got, _ = loaded.model(ids, pos, None, step_mask=mask)
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("change, named", [
     (dict(num_moe_experts=8), "num_moe_experts=8"),
     (dict(window_size=[128, 0]), "window_size=[128, 0]"),

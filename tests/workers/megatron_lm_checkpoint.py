@@ -1,6 +1,7 @@
-"""Checkpoints between Megatron-LM's loop and megatron_rgm's, both ways (2 ranks, TP=2, the CPU).
+"""Checkpoints between Megatron-LM's loop and megatron_rgm's, both ways, on the CPU, in the layout the flags give
+(TP, PP, DP with or without the distributed optimizer).
 
-    python -m torch.distributed.run --nproc-per-node 2 megatron_lm_checkpoint.py OUT MLM_HEAD_CKPT [megatron flags]
+    python -m torch.distributed.run --nproc-per-node N megatron_lm_checkpoint.py OUT MLM_HEAD_CKPT [megatron flags]
 
 1. Megatron-LM's own ``pretrain()`` trains a plain GPTModel (no head) for one iteration and its
    ``save_checkpoint`` writes ``--save`` (OUT/plain_ckpt); the probe logits are recorded.
@@ -21,6 +22,7 @@ import torch
 
 import megatron_lm_pretrain as script  # the pretrain_gpt.py-style script; activates the CPU patches
 
+from megatron.core import mpu
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
@@ -75,8 +77,8 @@ def train_one_step(ddp, optimizer):
         it, m, rgm_config=rgm_config_from_args(get_args())), data_iterator=iter([batch]), model=[ddp],
         num_microbatches=1, seq_length=script.SEQ, micro_batch_size=script.MBS, forward_only=False)
     ok, grad_norm, _ = optimizer.step()
-    r = reports[0]
-    return {k: (v[0] / v[1]).item() for k, v in r.items()} | {"ok": bool(ok), "grad_norm": float(grad_norm)}
+    losses = {k: (v[0] / v[1]).item() for k, v in reports[0].items()} if reports else {}  # the last stage's
+    return losses | {"ok": bool(ok), "grad_norm": float(grad_norm)}
 
 
 def main(out, mlm_head_ckpt):
@@ -88,21 +90,27 @@ def main(out, mlm_head_ckpt):
     rec = {"plain_saved": script.probe_logits()}
     result = {}
 
-    # 2. An RGM model with megatron-core's own optimizer (min_lr None, as megatron_rgm builds it).
-    model = script.model_provider()
+    # 2. An RGM model (this rank's pipeline stage) with megatron-core's own optimizer (min_lr None, as
+    # megatron_rgm builds it), distributed over DP when the flags say so.
+    model = script.model_provider(pre_process=mpu.is_pipeline_first_stage(),
+                                  post_process=mpu.is_pipeline_last_stage())
     model.config.finalize_model_grads_func = finalize_model_grads
-    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
-    opt_config = OptimizerConfig(optimizer="adam", lr=args.lr, weight_decay=args.weight_decay, clip_grad=1.0)
+    distributed = args.use_distributed_optimizer
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(use_distributed_optimizer=distributed),
+                                  model)
+    opt_config = OptimizerConfig(optimizer="adam", lr=args.lr, weight_decay=args.weight_decay, clip_grad=1.0,
+                                 use_distributed_optimizer=distributed)
     # The param groups Megatron-LM's loop builds with add_rgm_args: its standard ones and the head's.
     optimizer = get_megatron_optimizer(opt_config, [ddp], config_overrides={
         **get_standard_config_overrides(opt_config), **sprm_param_group(args)})
-    head = [p.detach().clone() for p in model.sprm_head.parameters()]
+    head = [p.detach().clone() for p in (model.sprm_head.parameters() if model.sprm_head is not None else [])]
 
     # a. Megatron-LM's plain checkpoint, weights only.
     r = load_checkpoint(args.save, [ddp])
     rec["plain_into_rgm"] = script.probe_logits()
     result["plain_into_rgm"] = {"iteration": r.iteration, "fresh_head": r.fresh_head, "megatron_lm": r.megatron_lm,
-                                "head_kept": all(torch.equal(a, b) for a, b in zip(head, model.sprm_head.parameters())),
+                                "head_kept": all(torch.equal(a, b) for a, b in zip(
+                                    head, model.sprm_head.parameters() if model.sprm_head is not None else [])),
                                 "not_loaded": r.not_loaded}
     # b. Megatron-LM's checkpoint with the head and its optimizer: resume here.
     before = adam_state_norm(optimizer)
@@ -115,8 +123,7 @@ def main(out, mlm_head_ckpt):
     # c. megatron_rgm's save_checkpoint, for Megatron-LM's load_checkpoint.
     save_checkpoint(os.path.join(out, "rgm_ckpt"), 5, [ddp], optimizer=optimizer, global_batch_size=args.global_batch_size)
     rec["rgm_saved"] = script.probe_logits()
-    rank = torch.distributed.get_rank()
-    if rank == 0:
+    if script.is_recorder():  # the rank that holds the logits and the losses
         torch.save(rec, os.path.join(out, "logits.pt"))
         with open(os.path.join(out, "result.json"), "w") as f:
             json.dump(result, f)

@@ -1,7 +1,7 @@
 """A ``pretrain_gpt.py``-style script on Megatron-LM's own ``megatron.training.pretrain()`` loop
 (megatron-core 0.19's wheel), with RGM added the way docs/INTEGRATION.md shows, on the CPU.
 
-    python -m torch.distributed.run --nproc-per-node 2 megatron_lm_pretrain.py OUT [megatron flags]
+    python -m torch.distributed.run --nproc-per-node N megatron_lm_pretrain.py OUT [megatron flags]
 
 Everything between the two ``----`` rulers is the script a Megatron-LM user has; lines marked
 ``# RGM`` are the diff. Below the second ruler: what the tests record (probe logits on a fixed
@@ -110,54 +110,71 @@ RECORD = {"spr": [], "iterations": 0}
 OPTIMIZERS = []  # the optimizer Megatron-LM's setup_model_and_optimizer built
 
 
-def _capture_optimizer():
+def _capture():
+    """Keep the optimizer Megatron-LM's setup builds; record the probe logits as its train() starts (after any
+    --load), outside any pipeline schedule."""
     from megatron.training import training
 
-    build = training.get_megatron_optimizer
+    build, train = training.get_megatron_optimizer, training.train
 
     def captured(*args, **kwargs):
         OPTIMIZERS.append(build(*args, **kwargs))
         return OPTIMIZERS[-1]
 
-    training.get_megatron_optimizer = captured
+    def probed(*args, **kwargs):
+        RECORD["before"] = probe_logits()
+        return train(*args, **kwargs)
+
+    training.get_megatron_optimizer, training.train = captured, probed
 
 
 def param_groups():
     """(holds head parameters, lr, weight decay) of each non-empty param group of the loop's optimizer."""
-    head = {id(p) for p in MODELS[-1].sprm_head.parameters()}
+    sprm = MODELS[-1].sprm_head  # None off the last pipeline stage
+    head = {id(p) for p in sprm.parameters()} if sprm is not None else set()
     out = []
     for opt in getattr(OPTIMIZERS[-1], "chained_optimizers", [OPTIMIZERS[-1]]):
-        for group in opt.optimizer.param_groups:
-            ids = {id(q) for q in group["params"]}
+        for i, group in enumerate(opt.optimizer.param_groups):
+            # The distributed optimizer's groups hold this DP rank's shards (fp32 copies): their model parameters
+            # are in its model_*_groups. This run is fp32 throughout, so the plain optimizer's are the model's.
+            params = (opt.model_float16_groups[i] + opt.model_fp32_groups[i] if hasattr(opt, "model_fp32_groups")
+                      else group["params"])
+            ids = {id(q) for q in params}
             if ids:
-                # The loop's fp32 copies of bf16 params would not match; this run is fp32 throughout.
                 out.append({"head": bool(ids & head), "mixed": bool(ids & head) and not ids <= head,
                             "lr": group["lr"], "weight_decay": group["weight_decay"], "dims": sorted(
-                                {q.dim() for q in group["params"]})})
+                                {q.dim() for q in params})})
     return out
 
 
-def probe_logits():
-    """Full-vocabulary logits of the probe batch (the fixed batch) through the captured model."""
-    model = MODELS[-1]
-    ds = FixedBatch(MBS)
-    tokens = ds.tokens[:, :-1]
+def probe_logits(model=None):
+    """Full-vocabulary logits of the probe batch (the fixed batch) through the captured model, by megatron's
+    pipeline schedule (forward only): a tensor on the last pipeline stage, None on the others."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    model = MODELS[-1] if model is None else model
+    tokens = FixedBatch(MBS).tokens[:, :-1]
     pos = torch.arange(SEQ).unsqueeze(0).expand_as(tokens)
+
+    def step(data_iterator, chunk):
+        next(data_iterator)
+        return chunk(tokens, pos, None), lambda out, non_loss_data=False: \
+            tensor_parallel.gather_from_tensor_model_parallel_region(out)
+
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        logits = model(tokens, pos, None)
-        logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+        got = get_forward_backward_func()(forward_step_func=step, data_iterator=iter([None]), model=[model],
+                                          num_microbatches=1, seq_length=SEQ, micro_batch_size=MBS,
+                                          forward_only=True, collect_non_loss_data=True)
     model.train(was_training)
-    return logits
+    return got[0].clone() if mpu.is_pipeline_last_stage() else None
 
 
 def instrumented(step):
-    """Record the probe logits before the first step (after any --load) and the SPR loss per micro-batch."""
+    """Count the iterations; record the SPR loss per micro-batch (on the last pipeline stage)."""
 
     def wrapped(data_iterator, model):
-        if not RECORD["iterations"]:
-            RECORD["before"] = probe_logits()
         RECORD["iterations"] += 1
         output, loss_func = step(data_iterator, model)
 
@@ -177,17 +194,25 @@ def write(out):
     os.makedirs(out, exist_ok=True)
     RECORD["after"] = probe_logits()
     rank = torch.distributed.get_rank()
-    if rank == 0:
+    if is_recorder():
         torch.save({k: v for k, v in RECORD.items() if isinstance(v, torch.Tensor)}, os.path.join(out, "logits.pt"))
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump({"spr": RECORD["spr"], "iterations": RECORD["iterations"],
-                   "tp": mpu.get_tensor_model_parallel_world_size(), "param_groups": param_groups()}, f)
+        json.dump({"spr": RECORD["spr"], "iterations": RECORD["iterations"], "last_stage":
+                   mpu.is_pipeline_last_stage(), "tp": mpu.get_tensor_model_parallel_world_size(),
+                   "pp": mpu.get_pipeline_model_parallel_world_size(), "dp": mpu.get_data_parallel_world_size(),
+                   "param_groups": param_groups()}, f)
+
+
+def is_recorder() -> bool:
+    """The one rank that writes the probe logits: the last pipeline stage's first TP and DP rank."""
+    return (mpu.is_pipeline_last_stage() and mpu.get_tensor_model_parallel_rank() == 0
+            and mpu.get_data_parallel_rank() == 0)
 
 
 if __name__ == "__main__":
     out = sys.argv.pop(1)
     torch.set_num_threads(1)
-    _capture_optimizer()
+    _capture()
     main()
     write(out)
     torch.distributed.destroy_process_group()
