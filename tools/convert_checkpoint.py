@@ -1,14 +1,17 @@
 """HF <-> Megatron checkpoints with the SPRM head.
 
-    python tools/convert_checkpoint.py hf-to-mcore --hf-path DIR --output DIR --tp N --pp M [--sprm-head FILE]
+    python tools/convert_checkpoint.py hf-to-mcore --hf-path DIR --output DIR --tp N --pp M [--ep E] [--sprm-head FILE]
     python tools/convert_checkpoint.py mcore-to-hf --mcore-path DIR --output DIR [--dtype bfloat16]
-    python tools/convert_checkpoint.py verify --hf-path DIR --mcore-path DIR --tp N --pp M
+    python tools/convert_checkpoint.py verify --hf-path DIR --mcore-path DIR --tp N --pp M [--ep E]
 """
 
 import argparse
 import sys
 
 from megatron_rgm.config import decode_escapes, run_tool
+
+EP_HELP = ("expert-parallel ranks of a mixture-of-experts model: each holds num_experts / EP experts (tp x pp x ep "
+           "ranks in all); the checkpoint loads at any EP")
 
 
 def main(argv=None) -> int:
@@ -19,6 +22,7 @@ def main(argv=None) -> int:
     a.add_argument("--output", required=True)
     a.add_argument("--tp", type=int, default=1)
     a.add_argument("--pp", type=int, default=1)
+    a.add_argument("--ep", type=int, default=1, help=EP_HELP)
     a.add_argument("--sprm-head", help="score_module.pt or sprm_head.safetensors; default: a fresh, seeded head")
     a.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     a.add_argument("--seed", type=int, default=1234)
@@ -38,6 +42,7 @@ def main(argv=None) -> int:
     c.add_argument("--mcore-path", required=True)
     c.add_argument("--tp", type=int, default=1)
     c.add_argument("--pp", type=int, default=1)
+    c.add_argument("--ep", type=int, default=1, help=EP_HELP)
     c.add_argument("--batches", type=int, default=2)
     c.add_argument("--json", help="also write the report here")
     args = p.parse_args(argv)
@@ -47,11 +52,11 @@ def main(argv=None) -> int:
     def body():
         if args.cmd == "hf-to-mcore":
             convert.hf_to_mcore(args.hf_path, args.output, args.tp, args.pp, args.sprm_head,
-                                args.make_vocab_size_divisible_by, args.seed)
+                                args.make_vocab_size_divisible_by, args.seed, args.ep)
         elif args.cmd == "mcore-to-hf":
             convert.mcore_to_hf(args.mcore_path, args.output, args.dtype, args.vocab_size, args.prompt_template)
         else:
-            verify(args.hf_path, args.mcore_path, args.tp, args.pp, args.batches, args.json)
+            verify(args.hf_path, args.mcore_path, args.tp, args.pp, args.batches, args.json, args.ep)
 
     try:
         return run_tool(body)

@@ -52,26 +52,27 @@ def check_report(report: dict) -> None:
                            "logit, at least 1): the converted model does not compute what the HF model does")
 
 
-def _verify_rank(hf_path: str, mcore_path: str, tp: int, pp: int, batches: int, report_file: str | None) -> None:
-    verify_layout(hf_path, mcore_path, tp, pp, batches, report_file)
+def _verify_rank(hf_path: str, mcore_path: str, tp: int, pp: int, batches: int, report_file: str | None,
+                 ep: int = 1) -> None:
+    verify_layout(hf_path, mcore_path, tp, pp, batches, report_file, ep)
     distributed.shutdown()
 
 
 def verify_layout(hf_path: str, mcore_path: str, tp: int, pp: int, batches: int = 2,
-                  report_file: str | None = None) -> dict | None:
+                  report_file: str | None = None, ep: int = 1) -> dict | None:
     """Run the comparison at one layout on this rank (the process group may already be up).
 
     Returns:
         The report (with the Megatron logits of the first batch under
         ``"logits"``) on the rank that reports, else None.
     """
-    loaded = load_model(mcore_path, tp, pp)
+    loaded = load_model(mcore_path, tp, pp, ep=ep)
     model, args = loaded.model, loaded.args
     arch = HFCheckpoint(hf_path).arch  # what is compared: the HF side's own architecture
     last = ps.is_pipeline_last_stage()
     seq, bsz = min(SEQ_LENGTH, arch.max_position_embeddings), 2
     report = {"max_abs_logit_diff": 0.0, "max_abs_head_diff": 0.0, "max_abs_hf_logit": 0.0, "steps": 0, "tp": tp,
-              "pp": pp, "seq_length": seq, "dtype": arch.dtype, "tolerance": TOLERANCE.get(arch.dtype, 1e-4)}
+              "pp": pp, "ep": ep, "seq_length": seq, "dtype": arch.dtype, "tolerance": TOLERANCE.get(arch.dtype, 1e-4)}
     first_logits = None
     if last:
         hf = load_causal_lm(hf_path, torch.float32).eval()
@@ -113,7 +114,7 @@ def verify_layout(hf_path: str, mcore_path: str, tp: int, pp: int, batches: int 
                                                   (seen["head"] - ref_head).abs().max().item() if mask.any() else 0.0)
                 report["steps"] += int(mask.sum())
     if last and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
-        print(f"verify tp={tp} pp={pp}: max |logit diff| {report['max_abs_logit_diff']:.3e}, "
+        print(f"verify tp={tp} pp={pp} ep={ep}: max |logit diff| {report['max_abs_logit_diff']:.3e}, "
               f"max |head logit diff| {report['max_abs_head_diff']:.3e} over {report['steps']} steps", flush=True)
         if report_file:
             Path(report_file).write_text(json.dumps(report))
@@ -122,8 +123,8 @@ def verify_layout(hf_path: str, mcore_path: str, tp: int, pp: int, batches: int 
 
 
 def verify(hf_path: str, mcore_path: str, tp: int = 1, pp: int = 1, batches: int = 2,
-           report_file: str | None = None) -> dict:
-    """Compare an HF directory with a Megatron checkpoint run at ``tp`` x ``pp``; returns the report.
+           report_file: str | None = None, ep: int = 1) -> dict:
+    """Compare an HF directory with a Megatron checkpoint run at ``tp`` x ``pp`` (x ``ep``); returns the report.
 
     Raises:
         VerifyFailed: a difference above the tolerance (the report is written first).
@@ -131,7 +132,7 @@ def verify(hf_path: str, mcore_path: str, tp: int = 1, pp: int = 1, batches: int
     HFCheckpoint(hf_path)  # path / config errors before any rank starts
     with tempfile.TemporaryDirectory() as tmp:
         out = report_file or str(Path(tmp) / "verify.json")
-        run_ranks(_verify_rank, tp * pp, str(hf_path), str(mcore_path), tp, pp, batches, out)
+        run_ranks(_verify_rank, tp * pp * ep, str(hf_path), str(mcore_path), tp, pp, batches, out, ep)
         report = json.loads(Path(out).read_text())
     check_report(report)
     return report

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_LOCAL_EXPERT = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.")
 
 
 def _layer_offset(model) -> int:
@@ -28,9 +29,14 @@ def _layer_offset(model) -> int:
 
 
 def global_name(model, local_name: str) -> str:
-    """Parameter name with the layer index counted over the whole model."""
+    """Parameter name with the layer index counted over the whole model, and an expert's index over all experts
+    (expert parallelism holds ``num_moe_experts / EP`` of them per rank, numbered from 0)."""
     offset = _layer_offset(model)
     name = _LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", local_name)
+    if _LOCAL_EXPERT.search(name):
+        local = model.config.num_moe_experts // parallel_state.get_expert_model_parallel_world_size()
+        first = parallel_state.get_expert_model_parallel_rank() * local
+        name = _LOCAL_EXPERT.sub(lambda m: f".mlp.experts.local_experts.{int(m.group(1)) + first}.", name)
     if name == "output_layer.weight" and model.share_embeddings_and_output_weights:
         return "embedding.word_embeddings.weight"
     return name
