@@ -68,8 +68,26 @@ def test_megatron_lm_without_group_query_attention_has_one_kv_head_per_head():
     assert build_args(model).transformer.num_query_groups == 4
 
 
+MOE = dict(num_experts=4, moe_ffn_hidden_size=32, moe_router_topk=2, moe_router_pre_softmax=True,
+           moe_aux_loss_coeff=0.01, moe_layer_freq=1, moe_router_score_function="softmax")
+
+
+def test_megatron_lm_moe_args_translate_into_rgms_moe_layers():
+    model, _, notes = megatron_lm_model(_pretrain_gpt_args(**MOE, moe_z_loss_coeff=1e-3), "ckpt")
+    assert (model.num_experts, model.moe_ffn_hidden_size, model.moe_router_topk, model.moe_router_pre_softmax,
+            model.moe_aux_loss_coeff) == (4, 32, 2, True, 0.01)
+    config = build_args(model).transformer
+    assert (config.num_moe_experts, config.moe_ffn_hidden_size, config.moe_router_topk) == (4, 32, 2)
+    assert any("moe_z_loss_coeff=0.001" in note for note in notes), notes  # not carried, and said so
+    dense, _, _ = megatron_lm_model(_pretrain_gpt_args(num_experts=None, moe_router_topk=2), "ckpt")
+    assert dense.num_experts is None  # MoE arguments at their defaults on a dense run change nothing
+
+
 @pytest.mark.parametrize("change, named", [
-    (dict(num_experts=8), "num_experts=8"),
+    (dict(**MOE, moe_shared_expert_intermediate_size=64), "moe_shared_expert_intermediate_size=64"),
+    (dict(MOE, moe_router_score_function="sigmoid"), "moe_router_score_function='sigmoid'"),
+    (dict(**MOE, moe_expert_capacity_factor=1.0), "moe_expert_capacity_factor=1.0"),
+    (dict(MOE, moe_layer_freq=[1, 0, 1, 0]), "moe_layer_freq=[1, 0, 1, 0]"),
     (dict(multi_latent_attention=True), "multi_latent_attention=True"),
     (dict(window_size=(128, 0)), "window_size=(128, 0)"),
     (dict(position_embedding_type="yarn"), "position_embedding_type='yarn'"),
@@ -252,24 +270,28 @@ def test_a_megatron_bridge_checkpoint_rebuilds_with_equal_logits_and_a_fresh_hea
             torch.testing.assert_close(hf(input_ids=ids).logits, want[..., :100], rtol=0, atol=1e-5)
 
 
-def test_a_megatron_lm_checkpoint_in_this_versions_layout_rebuilds_with_equal_logits(single_rank, tmp_path):
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_a_megatron_lm_checkpoint_in_this_versions_layout_rebuilds_with_equal_logits(single_rank, tmp_path, moe):
     """What Megatron-LM's save_checkpoint writes (tensors, ``args``, ``checkpoint_version``, ``iteration``) through
     this megatron-core's dist_checkpointing: 0.16 keeps the common state in ``common.pt``, 0.19 inside the
     torch_dist files. The Python 3.11 leg reads the first, the 3.12 leg the second (and test_megatron_lm.py a
-    directory Megatron-LM's own loop wrote)."""
+    directory Megatron-LM's own loop wrote). Dense, and with 4 experts in every layer."""
     from megatron.core import dist_checkpointing
 
+    experts = {name: MOE[name] for name in ("num_experts", "moe_ffn_hidden_size", "moe_router_topk",
+                                            "moe_router_pre_softmax")} if moe else {}
     args = build_args(ModelConfig(
         num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, num_query_groups=2, kv_channels=16,
         vocab_size=128, make_vocab_size_divisible_by=128, seq_length=64, max_position_embeddings=64,
         normalization="RMSNorm", norm_epsilon=1e-6, rotary_base=1000000,
-        add_qkv_bias=True, swiglu=True, disable_bias_linear=True, untie_embeddings_and_output_weights=True))
+        add_qkv_bias=True, swiglu=True, disable_bias_linear=True, untie_embeddings_and_output_weights=True,
+        **experts))
     single_rank.initialize(args.parallel)
     model = build_model(args)[0].eval()
     sd = {k: v for k, v in model.sharded_state_dict().items() if not k.startswith("sprm_head.")}
     mlm_args = _pretrain_gpt_args(num_layers=2, ffn_hidden_size=96, padded_vocab_size=128, vocab_size=128,
                                   seq_length=64, max_position_embeddings=64, tensor_model_parallel_size=1,
-                                  pipeline_model_parallel_size=1)
+                                  pipeline_model_parallel_size=1, **(MOE if moe else {}))
     iter_dir = tmp_path / "ckpt" / "iter_0000007"
     iter_dir.mkdir(parents=True)
     dist_checkpointing.save({"model": sd, "args": mlm_args, "checkpoint_version": 3.0, "iteration": 7}, str(iter_dir))
@@ -281,6 +303,7 @@ def test_a_megatron_lm_checkpoint_in_this_versions_layout_rebuilds_with_equal_lo
 
     checkpoint = describe_checkpoint(tmp_path / "ckpt")
     assert (checkpoint.source, checkpoint.iteration) == ("megatron-lm", 7) and not checkpoint.has_head
+    assert checkpoint.model.num_experts == (4 if moe else None)
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     pos = torch.arange(16).expand(2, 16)
     mask = torch.zeros(2, 16, dtype=torch.bool)

@@ -42,7 +42,6 @@ from megatron_rgm.model.bridge import TOKENIZER_DIR, bridge_model, read_run_conf
 
 # Megatron-LM args attributes that name a model feature RGMModel does not build: (attribute, refused when).
 _UNSUPPORTED = {
-    "num_experts": lambda v: v not in (None, 0, 1),
     "multi_latent_attention": bool,
     "rotary_percent": lambda v: v not in (None, 1.0),
     "rotary_interleaved": bool,
@@ -56,6 +55,20 @@ _UNSUPPORTED = {
     "softmax_type": lambda v: v not in (None, "vanilla"),
     "heterogeneous_layers_config_path": lambda v: v is not None,
 }
+# What RGM's MoE layers (megatron-core's, as Qwen3-MoE converts: every layer routed by softmax, no shared
+# expert) do not compute, for a Megatron-LM args with --num-experts > 1; a value that changes nothing passes.
+_MOE_UNSUPPORTED = {
+    "moe_layer_freq": lambda v: not (v in (None, 1) or (isinstance(v, (list, tuple)) and set(v) == {1})),
+    "moe_shared_expert_intermediate_size": lambda v: v not in (None, 0),
+    "moe_router_score_function": lambda v: v not in (None, "softmax"),
+    "moe_router_num_groups": lambda v: v not in (None, 1),
+    "moe_router_topk_scaling_factor": lambda v: v not in (None, 1.0),
+    "moe_router_enable_expert_bias": bool,
+    "moe_expert_capacity_factor": lambda v: v is not None,
+    "moe_first_k_dense_replace": lambda v: v not in (None, 0),
+}
+# Megatron-LM's MoE args that are ModelConfig fields of the same name.
+_MOE_VALUES = ("num_experts", "moe_ffn_hidden_size", "moe_router_topk", "moe_aux_loss_coeff")
 _EMBEDDINGS = ("rope", "learned_absolute")
 _NORMS = ("LayerNorm", "RMSNorm")
 # Megatron-LM args attributes that are ModelConfig fields of the same name and meaning.
@@ -140,7 +153,9 @@ def megatron_lm_model(args: argparse.Namespace, where: str) -> tuple[ModelConfig
     Raises:
         ConfigError: the model has a feature RGMModel does not build (naming it).
     """
-    refused = [f"{name}={getattr(args, name)!r}" for name, bad in _UNSUPPORTED.items()
+    moe = (getattr(args, "num_experts", None) or 0) > 1
+    refused = [f"{name}={getattr(args, name)!r}" for name, bad in
+               ({**_UNSUPPORTED, **_MOE_UNSUPPORTED} if moe else _UNSUPPORTED).items()
                if hasattr(args, name) and bad(getattr(args, name))]
     if getattr(args, "position_embedding_type", "rope") not in _EMBEDDINGS:
         refused.append(f"position_embedding_type={args.position_embedding_type!r}")
@@ -158,6 +173,9 @@ def megatron_lm_model(args: argparse.Namespace, where: str) -> tuple[ModelConfig
                           "it cannot be rebuilt; save it with a current Megatron-LM")
     values = {name: getattr(args, name) for name in _VALUES if getattr(args, name, None) is not None}
     values.update({name: bool(getattr(args, name, False)) for name in _BOOLS})
+    if moe:
+        values.update({name: getattr(args, name) for name in _MOE_VALUES if getattr(args, name, None) is not None})
+        values["moe_router_pre_softmax"] = bool(getattr(args, "moe_router_pre_softmax", False))
     # The training sequence length shapes no weight; a writer that kept only the positions gives those.
     values.setdefault("seq_length", values.get("max_position_embeddings"))
     # Megatron-LM keeps num_query_groups at its default (1) unless --group-query-attention is given.
@@ -174,6 +192,9 @@ def megatron_lm_model(args: argparse.Namespace, where: str) -> tuple[ModelConfig
     notes = []
     if getattr(args, "num_experts", None) in (0, 1):
         notes.append(f"num_experts={args.num_experts} (a dense MLP)")
+    if moe and getattr(args, "moe_z_loss_coeff", None):
+        notes.append(f"moe_z_loss_coeff={args.moe_z_loss_coeff} (a training loss of the router; RGM's MoE training "
+                     "has the load-balancing loss only)")
     return model, sprm, notes
 
 
