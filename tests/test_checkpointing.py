@@ -131,3 +131,39 @@ def test_publish_keeps_the_old_directory_until_the_new_one_is_in_place(tmp_path,
     pointer.write_text("2")
     publish(pointer, tmp_path / "latest")  # a file: one atomic rename
     assert (tmp_path / "latest").read_text() == "2" and not pointer.exists()
+
+
+def test_the_state_made_to_shape_a_load_changes_no_weight_and_is_forgotten_unless_loaded(single_rank):
+    """materialise_optimizer_state steps a fresh distributed optimizer on torch's Adam once, with weight decay and
+    even an epsilon of 0 (0/0 would be NaN), and leaves every weight bitwise as it was; forget_unloaded_state then
+    clears that state, so an optimizer nothing was loaded into starts at step 0."""
+    from megatron.core.distributed import DistributedDataParallel
+    from megatron.core.optimizer import distrib_optimizer
+
+    from megatron_rgm.arguments import parse_args
+    from megatron_rgm.compat.mcore import forget_unloaded_state, materialise_optimizer_state
+    from megatron_rgm.model import build_model
+    from megatron_rgm.training.optimizer import build_optimizer, ddp_config
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        pytest.skip("apex or Transformer Engine's Adam keeps its step in the param groups: nothing to make")
+    args = parse_args(["--preset", "tiny", "--stage", "backbone-check", "--use-distributed-optimizer",
+                       "--weight-decay", "0.1", "--micro-batch-size", "1", "--global-batch-size", "1"])
+    single_rank.initialize(args.parallel)
+    model = [DistributedDataParallel(args.transformer, ddp_config(args), m) for m in build_model(args)]
+    optimizer = build_optimizer(model, args.optim, args.transformer)
+    for opt in optimizer.chained_optimizers:
+        for group in opt.optimizer.param_groups:
+            group["eps"] = 0.0
+    before = {n: p.detach().clone() for n, p in model[0].named_parameters()}
+    inner = [opt.optimizer for opt in optimizer.chained_optimizers]
+    groups = [(g["lr"], g["weight_decay"], g["eps"]) for o in inner for g in o.param_groups]
+    assert any(wd > 0 for _, wd, _ in groups)
+    made = materialise_optimizer_state(optimizer)
+    assert made and all(len(o.state) > 0 for o in inner)
+    assert all(float(st["step"]) == 1.0 for o in inner for st in o.state.values())
+    for n, p in model[0].named_parameters():
+        assert torch.equal(p, before[n]), n
+    assert [(g["lr"], g["weight_decay"], g["eps"]) for o in inner for g in o.param_groups] == groups  # restored
+    optimizer.state_dict()  # what failed on a fresh optimizer (a bare assertion)
+    assert forget_unloaded_state(made) == len(made) and all(not o.state for o in inner)

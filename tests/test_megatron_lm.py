@@ -151,6 +151,7 @@ def test_plain_megatron_lm_checkpoint_loads_into_rgm_with_equal_logits_and_a_fre
     assert ex["plain_saved"].shape == ex["plain_into_rgm"].shape
     assert _max_diff(ex["plain_saved"], ex["plain_into_rgm"]) == 0.0
     assert any("scheduler" in item for item in got["not_loaded"])  # named, not silently skipped
+    assert got["optimizer_states"] == 0  # no moments for the head: the optimizer starts fresh, not at step 1
 
 
 @pytest.mark.multirank

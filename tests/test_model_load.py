@@ -73,7 +73,8 @@ MOE = dict(num_experts=4, moe_ffn_hidden_size=32, moe_router_topk=2, moe_router_
 
 
 def test_megatron_lm_moe_args_translate_into_rgms_moe_layers():
-    model, _, notes = megatron_lm_model(_pretrain_gpt_args(**MOE, moe_z_loss_coeff=1e-3), "ckpt")
+    model, _, notes = megatron_lm_model(_pretrain_gpt_args(**dict(MOE, moe_aux_loss_coeff=[0.01]),
+                                                           moe_z_loss_coeff=1e-3), "ckpt")
     assert (model.num_experts, model.moe_ffn_hidden_size, model.moe_router_topk, model.moe_router_pre_softmax,
             model.moe_aux_loss_coeff) == (4, 32, 2, True, 0.01)
     config = build_args(model).transformer
@@ -88,6 +89,9 @@ def test_megatron_lm_moe_args_translate_into_rgms_moe_layers():
     (dict(MOE, moe_router_score_function="sigmoid"), "moe_router_score_function='sigmoid'"),
     (dict(**MOE, moe_expert_capacity_factor=1.0), "moe_expert_capacity_factor=1.0"),
     (dict(MOE, moe_layer_freq=[1, 0, 1, 0]), "moe_layer_freq=[1, 0, 1, 0]"),
+    (dict(MOE, moe_router_load_balancing_type="sinkhorn"), "moe_router_load_balancing_type='sinkhorn'"),
+    (dict(**MOE, moe_apply_probs_on_input=True), "moe_apply_probs_on_input=True"),
+    (dict(MOE, moe_aux_loss_coeff=[0.01, 0.001]), "moe_aux_loss_coeff=[0.01, 0.001]"),
     (dict(multi_latent_attention=True), "multi_latent_attention=True"),
     (dict(window_size=(128, 0)), "window_size=(128, 0)"),
     (dict(position_embedding_type="yarn"), "position_embedding_type='yarn'"),

@@ -29,7 +29,8 @@ from megatron_rgm.checkpoint.megatron_lm import (MEGATRON_LM_CHECKPOINT_VERSION,
                                                  not_carried_over, scheduler_state)
 from megatron_rgm.checkpoint.rng import (RNG_KEY, layout, megatron_lm_rng_object, megatron_lm_rng_states,
                                          rng_object, set_megatron_lm_rng_state, set_rng_state)
-from megatron_rgm.checkpoint.state import barrier, match_norm_names, model_sharded_state_dict, rank, say, unwrapped
+from megatron_rgm.checkpoint.state import (barrier, inner_module, match_norm_names, model_sharded_state_dict, rank,
+                                           say, unwrapped)
 from megatron_rgm.compat.mcore import (fully_reshardable_bucket_offsets, materialise_optimizer_state,
                                        write_legacy_common_state)
 
@@ -170,9 +171,15 @@ def load_checkpoint(load_dir: str | os.PathLike, chunks, iteration: int | None =
         check_megatron_lm_geometry(ckpt, common.get("args"), chunks)
     metadata = common.get("content_metadata") or OPTIMIZER_METADATA
     state = model_sharded_state_dict(chunks)
-    match_norm_names(state, set(read_tensor_names(ckpt)))
+    names = set(read_tensor_names(ckpt))
+    match_norm_names(state, names)
     has_optimizer = "optimizer" in common  # param groups live in the common part
-    if optimizer is not None and has_optimizer:
+    # An RGM model (a head on its last stage) from a checkpoint without one, or the other way: the param groups and
+    # moments of the head are on one side only, and a partial optimizer state is not a resume. Decided alike on
+    # every stage (the head's tensors are on the last one).
+    model_head = hasattr(inner_module(chunks), "sprm_head")
+    heads_differ = model_head != any(HEAD_PREFIX in n for n in names)
+    if optimizer is not None and has_optimizer and not heads_differ:
         fully_reshardable_bucket_offsets()
         materialise_optimizer_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=True, metadata=dict(metadata))
@@ -228,13 +235,13 @@ def load_checkpoint(load_dir: str | os.PathLike, chunks, iteration: int | None =
     if head_ignored:
         say(f"{ckpt} carries an SPRM head this model has no place for: ignored")
     if "optimizer" in state:
-        if head_missing:
-            # The checkpoint has no moments for the head: a partial optimizer state is not a resume.
-            say(f"{ckpt} has no optimizer state for the SPRM head: the optimizer starts fresh "
-                 "(load with optimizer=None / --no-load-optim to fine-tune from its weights)")
-        else:
-            align_param_groups(optimizer, loaded["optimizer"], ckpt)
-            optimizer.load_state_dict(loaded["optimizer"])
+        align_param_groups(optimizer, loaded["optimizer"], ckpt)
+        optimizer.load_state_dict(loaded["optimizer"])
+    elif optimizer is not None and has_optimizer:
+        which = ("has no optimizer state for the SPRM head" if model_head else
+                 "has optimizer state for an SPRM head this model lacks")
+        say(f"{ckpt} {which}: the optimizer starts fresh (load with optimizer=None / --no-load-optim to fine-tune "
+            "from its weights)")
     elif optimizer is not None:
         say(f"{ckpt} has no optimizer state: the optimizer starts fresh")
     if own_rng:

@@ -179,36 +179,50 @@ def fully_reshardable_bucket_offsets() -> None:
     DistributedOptimizer.sharded_param_state_fully_reshardable = fully_reshardable
 
 
-def materialise_optimizer_state(optimizer) -> int:
-    """Give a fresh distributed optimizer the per-parameter state its ``state_dict()`` reads; returns how many
-    optimizers took the step.
+def materialise_optimizer_state(optimizer) -> list:
+    """Give a fresh distributed optimizer the per-parameter state its ``state_dict()`` reads, before a load.
 
     Loading builds the optimizer's sharded state dict from its own ``state_dict()``. With torch's Adam (no apex
     or Transformer Engine: every CPU run) megatron-core's distributed optimizer reads the step count from each
     parameter's state, and before the first step there is none, so resuming fails on a bare assertion. One
-    step on zero gradients at learning rate 0 creates the moments (zeros, then replaced by the checkpoint's) and
-    leaves every parameter as it was: Adam's update is 0 with zero moments and decoupled weight decay is scaled
-    by the learning rate.
+    step on zero gradients at learning rate 0 (weight decay 0, epsilon 1, so nothing divides 0 by 0) creates
+    zero moments and leaves every parameter as it was; a load replaces them. Also applies
+    :func:`distributed_optimizer_with_torch_adam`.
+
+    Returns:
+        What :func:`forget_unloaded_state` needs to undo the step where no load followed (an optimizer that
+        starts fresh must not start at step 1).
     """
     from megatron.core.optimizer import distrib_optimizer
 
     if distrib_optimizer.HAVE_APEX_OR_TE:
-        return 0
+        return []
     distributed_optimizer_with_torch_adam()
-    stepped = 0
+    stepped = []
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(opt, "optimizer", None)
         if not isinstance(opt, distrib_optimizer.DistributedOptimizer) or inner is None or inner.state:
             continue
-        lrs = [group["lr"] for group in inner.param_groups]
+        saved = [{k: group[k] for k in ("lr", "weight_decay", "eps") if k in group} for group in inner.param_groups]
         for group in inner.param_groups:
-            group["lr"] = 0.0
+            group.update({k: v for k, v in (("lr", 0.0), ("weight_decay", 0.0), ("eps", 1.0)) if k in group})
             for p in group["params"]:
                 p.grad = torch.zeros_like(p)
         inner.step()
-        for group, lr in zip(inner.param_groups, lrs):
-            group["lr"] = lr
+        for group, values in zip(inner.param_groups, saved):
+            group.update(values)
             for p in group["params"]:
                 p.grad = None
-        stepped += 1
+        stepped.append((inner, {id(st.get("step")) for st in inner.state.values()}))
     return stepped
+
+
+def forget_unloaded_state(stepped: list) -> int:
+    """Clear the state :func:`materialise_optimizer_state` made wherever no load replaced it (a load gives each
+    parameter a step tensor of its own); returns how many optimizers were cleared."""
+    cleared = 0
+    for inner, made in stepped:
+        if inner.state and all(id(st.get("step")) in made for st in inner.state.values()):
+            inner.state.clear()
+            cleared += 1
+    return cleared

@@ -29,7 +29,12 @@ gloo, 2 ranks, TP=2):
     state, then a KeyError on Adam's per-parameter ``step``, and the fp32 copy
     into a leaf view. The wrapper gives the optimizer its state first
     (:func:`megatron_rgm.compat.mcore.materialise_optimizer_state`, which
-    also applies :func:`megatron_rgm.compat.mcore.distributed_optimizer_with_torch_adam`).
+    also applies :func:`megatron_rgm.compat.mcore.distributed_optimizer_with_torch_adam`),
+    and clears it again where nothing was loaded (``--finetune``, ``--no-load-optim``).
+``DistributedOptimizer.sharded_param_state_fully_reshardable``
+    :func:`megatron_rgm.compat.mcore.fully_reshardable_bucket_offsets`: with
+    ``--dist-ckpt-optim-fully-reshardable`` and more than one gradient bucket
+    its saves held other parameters' states.
 ``megatron.core.datasets.utils.compile_helpers`` -> no-op (only when the prebuilt helper imports)
     ``initialize_megatron`` runs ``make`` in the datasets folder on rank 0;
     the wheel ships ``helpers_cpp`` prebuilt but no Makefile, so ``make``
@@ -51,7 +56,8 @@ from typing import Any, Callable
 import torch
 
 from megatron_rgm import cpu
-from megatron_rgm.compat.mcore import materialise_optimizer_state
+from megatron_rgm.compat.mcore import (forget_unloaded_state, fully_reshardable_bucket_offsets,
+                                       materialise_optimizer_state)
 from megatron_rgm.config import ConfigError
 from megatron_rgm.cpu import Patch
 
@@ -119,9 +125,11 @@ def _initialize_without_cuda(original: Callable) -> Callable:
 def _load_with_optimizer_state(original: Callable) -> Callable:
     @functools.wraps(original)
     def load_checkpoint(ddp_model, optimizer, *args: Any, **kwargs: Any):
-        if optimizer is not None:
-            materialise_optimizer_state(optimizer)
-        return original(ddp_model, optimizer, *args, **kwargs)
+        made = materialise_optimizer_state(optimizer) if optimizer is not None else []
+        try:
+            return original(ddp_model, optimizer, *args, **kwargs)
+        finally:  # --finetune, --no-load-optim, nothing to resume: the optimizer starts fresh, not at step 1
+            forget_unloaded_state(made)
 
     return load_checkpoint
 
@@ -175,6 +183,12 @@ def activate(force: bool = False) -> list[Patch]:
          "megatron.training.training.load_checkpoint",
          "resuming the distributed optimizer on torch's Adam fails before its first step (no state to shape the "
          "load) and on Adam's per-parameter step; the wrapper materialises the state and fixes the step first")
+    fully_reshardable_bucket_offsets()
+    _APPLIED.append(Patch("megatron.core.optimizer.distrib_optimizer.DistributedOptimizer."
+                          "sharded_param_state_fully_reshardable",
+                          "with several gradient buckets (a tied embedding at PP > 1) it saves each parameter after the "
+                          "first bucket with its neighbours' state: --dist-ckpt-optim-fully-reshardable checkpoints "
+                          "would resume wrong"))
     if importlib.util.find_spec("megatron.core.datasets.helpers_cpp") is not None:
         _set(dataset_utils, "compile_helpers", lambda: None, "megatron.core.datasets.utils.compile_helpers",
              "initialize_megatron runs `make` for the dataset helper; the wheel ships it prebuilt "

@@ -65,7 +65,15 @@ _MOE_UNSUPPORTED = {
     "moe_router_topk_scaling_factor": lambda v: v not in (None, 1.0),
     "moe_router_enable_expert_bias": bool,
     "moe_expert_capacity_factor": lambda v: v is not None,
+    "moe_expert_rank_capacity_factor": lambda v: v is not None,
     "moe_first_k_dense_replace": lambda v: v not in (None, 0),
+    "moe_router_load_balancing_type": lambda v: (v[0] if isinstance(v, (list, tuple)) and len(v) == 1 else v)
+    not in (None, "aux_loss", "seq_aux_loss", "global_aux_loss", "none"),
+    "moe_router_force_load_balancing": bool,
+    "moe_router_force_biased": lambda v: v not in (None, False, 0),
+    "moe_apply_probs_on_input": bool,
+    "moe_mlp_glu_interleave_size": lambda v: v not in (None, 0, 1),
+    "moe_aux_loss_coeff": lambda v: isinstance(v, (list, tuple)) and len(v) > 1,
 }
 # Megatron-LM's MoE args that are ModelConfig fields of the same name.
 _MOE_VALUES = ("num_experts", "moe_ffn_hidden_size", "moe_router_topk", "moe_aux_loss_coeff")
@@ -175,6 +183,8 @@ def megatron_lm_model(args: argparse.Namespace, where: str) -> tuple[ModelConfig
     values.update({name: bool(getattr(args, name, False)) for name in _BOOLS})
     if moe:
         values.update({name: getattr(args, name) for name in _MOE_VALUES if getattr(args, name, None) is not None})
+        if isinstance(values.get("moe_aux_loss_coeff"), (list, tuple)):  # one load-balancing type, one coefficient
+            values["moe_aux_loss_coeff"] = values["moe_aux_loss_coeff"][0]
         values["moe_router_pre_softmax"] = bool(getattr(args, "moe_router_pre_softmax", False))
     # The training sequence length shapes no weight; a writer that kept only the positions gives those.
     values.setdefault("seq_length", values.get("max_position_embeddings"))
@@ -195,6 +205,13 @@ def megatron_lm_model(args: argparse.Namespace, where: str) -> tuple[ModelConfig
     if moe and getattr(args, "moe_z_loss_coeff", None):
         notes.append(f"moe_z_loss_coeff={args.moe_z_loss_coeff} (a training loss of the router; RGM's MoE training "
                      "has the load-balancing loss only)")
+    balancing = getattr(args, "moe_router_load_balancing_type", None)
+    balancing = balancing[0] if isinstance(balancing, (list, tuple)) and len(balancing) == 1 else balancing
+    if moe and balancing in ("seq_aux_loss", "global_aux_loss"):
+        notes.append(f"moe_router_load_balancing_type={balancing!r} (RGM's training balances per micro-batch, "
+                     "'aux_loss')")
+    if moe and getattr(args, "moe_input_jitter_eps", None):
+        notes.append(f"moe_input_jitter_eps={args.moe_input_jitter_eps} (training-time noise on the router input)")
     return model, sprm, notes
 
 

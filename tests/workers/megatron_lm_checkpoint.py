@@ -7,7 +7,8 @@
    ``save_checkpoint`` writes ``--save`` (OUT/plain_ckpt); the probe logits are recorded.
 2. In the same process (Megatron-LM's args and parallel state), an RGM model (the script's
    ``model_provider``: GPTModel + ``attach_sprm_head``), megatron DDP and megatron-core's optimizer:
-   a. megatron_rgm's ``load_checkpoint`` of the plain checkpoint: fresh head, backbone logits;
+   a. megatron_rgm's ``load_checkpoint`` of the plain checkpoint with the optimizer: fresh head, backbone
+      logits, the optimizer left fresh (no state: not even the one made to shape a load);
    b. megatron_rgm's ``load_checkpoint`` of MLM_HEAD_CKPT (Megatron-LM's pretrain with the head,
       written by the script run) with the optimizer: logits, Adam state, one training step;
    c. megatron_rgm's ``save_checkpoint`` to OUT/rgm_ckpt at iteration 5, probe logits recorded
@@ -105,13 +106,14 @@ def main(out, mlm_head_ckpt):
         **get_standard_config_overrides(opt_config), **sprm_param_group(args)})
     head = [p.detach().clone() for p in (model.sprm_head.parameters() if model.sprm_head is not None else [])]
 
-    # a. Megatron-LM's plain checkpoint, weights only.
-    r = load_checkpoint(args.save, [ddp])
+    # a. Megatron-LM's plain checkpoint: its optimizer has no moments for the head, so ours starts fresh.
+    r = load_checkpoint(args.save, [ddp], optimizer=optimizer)
     rec["plain_into_rgm"] = script.probe_logits()
     result["plain_into_rgm"] = {"iteration": r.iteration, "fresh_head": r.fresh_head, "megatron_lm": r.megatron_lm,
                                 "head_kept": all(torch.equal(a, b) for a, b in zip(
                                     head, model.sprm_head.parameters() if model.sprm_head is not None else [])),
-                                "not_loaded": r.not_loaded}
+                                "not_loaded": r.not_loaded, "optimizer_states": sum(
+                                    len(opt.optimizer.state) for opt in optimizer.chained_optimizers)}
     # b. Megatron-LM's checkpoint with the head and its optimizer: resume here.
     before = adam_state_norm(optimizer)
     r = load_checkpoint(mlm_head_ckpt, [ddp], iteration=4, optimizer=optimizer)
