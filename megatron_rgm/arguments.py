@@ -200,6 +200,13 @@ def _check_layout(model: ModelConfig, parallel: ParallelConfig, rgm: RGMConfig) 
     if pp > model.num_layers:
         raise ConfigError(f"--pipeline-model-parallel-size {pp} is larger than --num-layers {model.num_layers}: "
                           "every pipeline stage needs at least one layer")
+    ep = parallel.expert_model_parallel_size
+    if ep > 1 and not model.num_experts:
+        raise ConfigError(f"--expert-model-parallel-size (--ep) {ep} spreads the experts of a mixture-of-experts "
+                          "model over ranks; this model is dense (no experts): drop it")
+    if ep > 1 and model.num_experts % ep:
+        raise ConfigError(f"--expert-model-parallel-size (--ep) {ep} does not divide the model's {model.num_experts} "
+                          "experts: choose a divisor")
     feature_layer = rgm.resolve_layer(model.num_layers)
     last_stage_first = model.num_layers - _layers_on_last_stage(model, parallel)
     if pp > 1 and feature_layer < last_stage_first - 1:
@@ -270,16 +277,7 @@ def build_args(model: ModelConfig, parallel: ParallelConfig | None = None, rgm: 
 def rebuild_args(model: ModelConfig, tp: int = 1, pp: int = 1, rgm: RGMConfig | None = None,
                  seed: int = 1234, ep: int = 1) -> Args:
     """Args of ``model`` at ``tp`` x ``pp`` (x ``ep`` for the experts, within as many data-parallel ranks) whose
-    weights a load or a conversion overwrites (no initialisation).
-
-    Raises:
-        ConfigError: ``ep`` > 1 on a dense model, or not dividing its experts.
-    """
-    if ep > 1 and not model.num_experts:
-        raise ConfigError(f"--ep {ep} spreads the experts of a mixture-of-experts model over ranks; this model is "
-                          "dense (no experts): drop --ep")
-    if ep > 1 and model.num_experts % ep:
-        raise ConfigError(f"--ep {ep} does not divide the model's {model.num_experts} experts: choose a divisor")
+    weights a load or a conversion overwrites (no initialisation)."""
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, seed=seed,
                               expert_model_parallel_size=ep)
     args = build_args(model, parallel, rgm)

@@ -83,3 +83,12 @@ def test_rgm_config_defaults_are_the_papers():
     c = RGMConfig()
     assert (c.sprm_layer, c.sprm_hidden_mult, c.sprm_dropout, c.sprm_backbone_grad_scale) == (-2, 2, 0.5, 1e-4)
     assert c.sprm_step_tokens == [".\n\n"] and c.sprm_aggregation == "geometric"
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--expert-model-parallel-size", "2"], "this model is dense"),
+    (["--num-experts", "4", "--expert-model-parallel-size", "3"], "does not divide the model's 4 experts"),
+])
+def test_expert_parallelism_that_fits_no_experts_is_refused_for_training_as_for_conversion(flags, named):
+    with pytest.raises(ConfigError, match=named):
+        parse_args(["--preset", "tiny", *flags])

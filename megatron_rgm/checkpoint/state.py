@@ -73,4 +73,3 @@ def match_norm_names(state: dict, names: set[str]) -> int:
             sh.key = alias
             redirected += 1
     return redirected
-

@@ -67,14 +67,22 @@ _MOE_UNSUPPORTED = {
     "moe_expert_capacity_factor": lambda v: v is not None,
     "moe_expert_rank_capacity_factor": lambda v: v is not None,
     "moe_first_k_dense_replace": lambda v: v not in (None, 0),
-    "moe_router_load_balancing_type": lambda v: (v[0] if isinstance(v, (list, tuple)) and len(v) == 1 else v)
-    not in (None, "aux_loss", "seq_aux_loss", "global_aux_loss", "none"),
+    "moe_router_load_balancing_type": lambda v: _single(v) not in (None, "aux_loss", "seq_aux_loss",
+                                                                    "global_aux_loss", "none"),
     "moe_router_force_load_balancing": bool,
     "moe_router_force_biased": lambda v: v not in (None, False, 0),
     "moe_apply_probs_on_input": bool,
     "moe_mlp_glu_interleave_size": lambda v: v not in (None, 0, 1),
     "moe_aux_loss_coeff": lambda v: isinstance(v, (list, tuple)) and len(v) > 1,
 }
+
+
+def _single(value):
+    """A Megatron-LM MoE arg given once: it keeps ``--moe-router-load-balancing-type`` and ``--moe-aux-loss-coeff``
+    as lists (one entry per balancing type)."""
+    return value[0] if isinstance(value, (list, tuple)) and len(value) == 1 else value
+
+
 # Megatron-LM's MoE args that are ModelConfig fields of the same name.
 _MOE_VALUES = ("num_experts", "moe_ffn_hidden_size", "moe_router_topk", "moe_aux_loss_coeff")
 _EMBEDDINGS = ("rope", "learned_absolute")
@@ -182,9 +190,8 @@ def megatron_lm_model(args: argparse.Namespace, where: str) -> tuple[ModelConfig
     values = {name: getattr(args, name) for name in _VALUES if getattr(args, name, None) is not None}
     values.update({name: bool(getattr(args, name, False)) for name in _BOOLS})
     if moe:
-        values.update({name: getattr(args, name) for name in _MOE_VALUES if getattr(args, name, None) is not None})
-        if isinstance(values.get("moe_aux_loss_coeff"), (list, tuple)):  # one load-balancing type, one coefficient
-            values["moe_aux_loss_coeff"] = values["moe_aux_loss_coeff"][0]
+        values.update({name: _single(getattr(args, name)) for name in _MOE_VALUES
+                       if getattr(args, name, None) is not None})
         values["moe_router_pre_softmax"] = bool(getattr(args, "moe_router_pre_softmax", False))
     # The training sequence length shapes no weight; a writer that kept only the positions gives those.
     values.setdefault("seq_length", values.get("max_position_embeddings"))
@@ -205,8 +212,7 @@ def megatron_lm_model(args: argparse.Namespace, where: str) -> tuple[ModelConfig
     if moe and getattr(args, "moe_z_loss_coeff", None):
         notes.append(f"moe_z_loss_coeff={args.moe_z_loss_coeff} (a training loss of the router; RGM's MoE training "
                      "has the load-balancing loss only)")
-    balancing = getattr(args, "moe_router_load_balancing_type", None)
-    balancing = balancing[0] if isinstance(balancing, (list, tuple)) and len(balancing) == 1 else balancing
+    balancing = _single(getattr(args, "moe_router_load_balancing_type", None))
     if moe and balancing in ("seq_aux_loss", "global_aux_loss"):
         notes.append(f"moe_router_load_balancing_type={balancing!r} (RGM's training balances per micro-batch, "
                      "'aux_loss')")
