@@ -129,17 +129,15 @@ def optimizer_step(optimizer, clip_grad: float, head_clip_grad: float) -> StepRe
             norm = get_grad_norm_fp32(_grads_for_norm(opt, params),
                                       grad_stats_parallel_group=opt.get_grad_stats_parallel_group())
             norms.setdefault(is_head, []).append((params, float(norm)))
-    if not all(math.isfinite(n) for pairs in norms.values() for _, n in pairs):
-        return StepResult(False, *(_first_norm(norms, h) for h in (False, True)))
+    # Experts under expert parallelism have an optimizer of their own (megatron's ChainedOptimizer): the policy's
+    # norm is over all of them, each one's norm already reduced over its own ranks, and clips them all alike.
+    total = {is_head: math.sqrt(sum(n * n for _, n in pairs)) for is_head, pairs in norms.items()}
+    if not all(math.isfinite(n) for n in total.values()):
+        return StepResult(False, total.get(False), total.get(True))
     for is_head, pairs in norms.items():
         clip = head_clip_grad if is_head else clip_grad
-        for params, norm in pairs:
+        for params, _ in pairs:
             if clip > 0 and params:
-                clip_grad_by_total_norm_fp32(params, clip, norm)
+                clip_grad_by_total_norm_fp32(params, clip, total[is_head])
     ok = optimizer.step_with_ready_grads()
-    return StepResult(bool(ok), _first_norm(norms, False), _first_norm(norms, True))
-
-
-def _first_norm(norms: dict, is_head: bool) -> float | None:
-    pairs = norms.get(is_head)
-    return pairs[0][1] if pairs else None
+    return StepResult(bool(ok), total.get(False), total.get(True))
