@@ -13,6 +13,7 @@ import importlib.util
 from dataclasses import asdict, dataclass, replace
 
 import torch
+from megatron.core.fusions.fused_bias_geglu import quick_gelu
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_rgm import cli, lazy
@@ -207,6 +208,11 @@ def _check_layout(model: ModelConfig, parallel: ParallelConfig, rgm: RGMConfig) 
     if ep > 1 and model.num_experts % ep:
         raise ConfigError(f"--expert-model-parallel-size (--ep) {ep} does not divide the model's {model.num_experts} "
                           "experts: choose a divisor")
+    etp = parallel.expert_tensor_parallel_size
+    if etp not in (None, 1, tp) or (etp not in (None, 1) and model.num_experts and not model.disable_bias_linear):
+        raise ConfigError(f"--expert-tensor-parallel-size {etp}: use 1 or the tensor-parallel size {tp}"
+                          + (" (1 for experts with biases)" if model.num_experts and not model.disable_bias_linear
+                             else ""))
     feature_layer = rgm.resolve_layer(model.num_layers)
     last_stage_first = model.num_layers - _layers_on_last_stage(model, parallel)
     if pp > 1 and feature_layer < last_stage_first - 1:
@@ -224,15 +230,14 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig):
                fp8_amax_history_len=model.fp8_amax_history_len, fp8_amax_compute_algo=model.fp8_amax_compute_algo,
                fp8_param=model.fp8_param_gather) if model.fp8_format else {}
     try:
-        return TransformerConfig(
+        config = TransformerConfig(
             num_layers=model.num_layers, hidden_size=model.hidden_size,
             ffn_hidden_size=model.ffn_hidden_size or 4 * model.hidden_size,
             num_attention_heads=model.num_attention_heads,
             num_query_groups=model.num_query_groups or model.num_attention_heads, kv_channels=model.kv_channels,
             normalization=model.normalization, layernorm_epsilon=model.norm_epsilon,
             add_bias_linear=not model.disable_bias_linear, add_qkv_bias=model.add_qkv_bias,
-            qk_layernorm=model.qk_layernorm, gated_linear_unit=model.swiglu,
-            activation_func=torch.nn.functional.silu if model.swiglu else torch.nn.functional.gelu,
+            qk_layernorm=model.qk_layernorm, **_attention_and_mlp(model),
             hidden_dropout=model.hidden_dropout, attention_dropout=model.attention_dropout,
             init_method_std=model.init_method_std,
             tensor_model_parallel_size=parallel.tensor_model_parallel_size,
@@ -241,7 +246,8 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig):
             num_layers_in_first_pipeline_stage=parallel.decoder_first_pipeline_num_layers,
             num_layers_in_last_pipeline_stage=parallel.decoder_last_pipeline_num_layers,
             context_parallel_size=parallel.context_parallel_size, sequence_parallel=parallel.sequence_parallel,
-            expert_model_parallel_size=parallel.expert_model_parallel_size, **_moe(model),
+            expert_model_parallel_size=parallel.expert_model_parallel_size,
+            expert_tensor_parallel_size=parallel.expert_tensor_parallel_size, **_moe(model),
             recompute_granularity=model.recompute_granularity, recompute_method=model.recompute_method,
             recompute_num_layers=model.recompute_num_layers,
             params_dtype=dtype, pipeline_dtype=dtype, bf16=model.bf16, fp16=model.fp16,
@@ -249,12 +255,26 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig):
             # Fused kernels are GPU-only; on the CPU the unfused paths are used.
             # The fused masked softmax is Megatron-LM's scaled_masked_softmax_cuda (or apex's), not in the
             # megatron-core wheel: where it does not import, megatron-core would fail at the first forward.
-            bias_activation_fusion=on_gpu and model.swiglu,
+            bias_activation_fusion=on_gpu and model.swiglu and not model.activation_func_clamp_value,
             masked_softmax_fusion=on_gpu and importlib.util.find_spec("scaled_masked_softmax_cuda") is not None,
             bias_dropout_fusion=on_gpu, apply_rope_fusion=False, gradient_accumulation_fusion=False,
             persist_layer_norm=False, **fp8)
     except (AssertionError, ValueError) as e:
         raise ConfigError(f"invalid model configuration: {e}") from None
+    for name, value in model.yarn_fields().items():  # read by GPTModel and the attention; no 0.16 field holds them
+        setattr(config, name, value)
+    return config
+
+
+def _attention_and_mlp(model: ModelConfig) -> dict:
+    """TransformerConfig fields of the MLP's activation, the softmax and the windows."""
+    gated = model.swiglu or model.quick_geglu
+    act = quick_gelu if model.quick_geglu else torch.nn.functional.silu if model.swiglu else torch.nn.functional.gelu
+    out = dict(gated_linear_unit=gated, activation_func=act, glu_linear_offset=model.glu_linear_offset,
+               activation_func_clamp_value=model.activation_func_clamp_value, softmax_type=model.softmax_type)
+    if model.sliding_window:
+        out.update(window_size=(model.sliding_window - 1, 0), window_attn_skip_freq=model.window_attn_skip_freq)
+    return out
 
 
 def build_args(model: ModelConfig, parallel: ParallelConfig | None = None, rgm: RGMConfig | None = None, *,
@@ -267,6 +287,9 @@ def build_args(model: ModelConfig, parallel: ParallelConfig | None = None, rgm: 
     """
     parallel, rgm = parallel or ParallelConfig(), rgm or RGMConfig()
     _check_layout(model, parallel, rgm)
+    if parallel.expert_tensor_parallel_size is None and model.num_experts:  # biased experts: 1 (megatron-core's)
+        biased = not model.disable_bias_linear
+        parallel = replace(parallel, expert_tensor_parallel_size=1 if biased else parallel.tensor_model_parallel_size)
     return Args(transformer=transformer_config(model, parallel), model=model, rgm=rgm, parallel=parallel,
                 optim=optim or OptimConfig(), run=run or RunConfig(), data=data or DataConfig(),
                 grpo=grpo or GRPOConfig(),

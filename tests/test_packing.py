@@ -82,12 +82,18 @@ def test_an_empty_micro_batch_has_nothing_to_train_on():
     assert b["loss_mask"].sum() == 0 and not b["step_mask"].any() and b["correct"].numel() == 1
 
 
-def test_a_packed_row_gives_each_sample_its_padded_logits_and_step_logits(single_rank):
+# GPT-OSS's attention: windows of 8 on every other layer and a learned sink per head. megatron-core's windowed
+# softmax replaced the packing mask with its window (samples saw each other within 8 tokens): compat fixes that.
+WINDOWED = ["--sliding-window", "8", "--window-attn-skip-freq", "2", "--softmax-type", "learnable"]
+
+
+@pytest.mark.parametrize("features", [[], WINDOWED], ids=["causal", "windows-and-sinks"])
+def test_a_packed_row_gives_each_sample_its_padded_logits_and_step_logits(single_rank, features):
     """Attention confined to each sample, RoPE at its own positions: the packed row's outputs at a sample's
     positions equal the sample's outputs alone (fp32 rounding of different matmul shapes only). (RoPE is relative,
     so under the mask a sample's offset cancels in exact arithmetic; rotating by the sample's own positions keeps
     the angles, and their rounding, those of the sample alone.)"""
-    args = tiny_args(extra=["--sprm-dropout", "0"])
+    args = tiny_args(extra=["--sprm-dropout", "0", *features])
     single_rank.initialize(args.parallel)
     model = build_model(args)[0].eval()
     rng = random.Random(2)

@@ -106,6 +106,37 @@ def test_the_head_trains_on_a_mixture_of_experts_backbone(task, tmp_path, layout
     assert rows[1]["kl"] > 0, "the policy moved"
 
 
+# GPT-OSS's layer on the tiny geometry: biased linears (the experts' too), quick-GELU gates clamped and offset,
+# windows of 8 on every other layer, a learned sink per head, YaRN.
+GPT_OSS_LIKE = ["--no-swiglu", "--quick-geglu", "--glu-linear-offset", "1", "--activation-func-clamp-value", "7",
+                "--no-disable-bias-linear", "--sliding-window", "8", "--window-attn-skip-freq", "2",
+                "--softmax-type", "learnable", "--position-embedding-type", "yarn", "--rotary-scaling-factor", "4",
+                "--yarn-original-max-position-embeddings", "64", "--no-yarn-correction-range-round-to-int"]
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("family", [[], GPT_OSS_LIKE], ids=["qwen3-moe-like", "gpt-oss-like"])
+def test_experts_over_two_ranks_train_as_on_one(task, tmp_path, family):
+    """The same batches on 2 data-parallel ranks, the experts on each (EP=1) or split over both (EP=2): the same
+    losses, SPR counts and gradient norms, iteration by iteration. (Both start from one checkpoint, an EP=1 run's
+    first iteration: each layout draws its experts' initial weights from its own generators.)"""
+    store = make_store(tmp_path / "store", task, n_groups=2)
+    common = [*TINY, *MOE, *family, "--rollouts", str(store), "--tokenizer", str(task["tokenizer"]),
+              "--sprm-dropout", "0", "--sprm-lr", "1e-5"]  # a head that moves slowly keeps both classes masked
+    pretrain(2, [*common, "--train-iters", "1", "--save", str(tmp_path / "start")], tmp_path / "start.jsonl")
+    resume = [*common, "--train-iters", "3", "--load", str(tmp_path / "start"), "--no-load-optim", "--pretrained-checkpoint",
+              str(tmp_path / "start")]
+    ep1 = pretrain(2, resume, tmp_path / "ep1.jsonl")
+    ep2 = pretrain(2, [*resume, "--expert-model-parallel-size", "2"], tmp_path / "ep2.jsonl")
+    assert [r["iteration"] for r in ep2] == [2, 3] and ep1[-1]["kl"] > 0, "two iterations, the policy moved"
+    assert all(r["spr loss"] > 0 and r["sprm grad norm"] > 0 for r in ep1), ep1  # the head learns in both
+    for a, b in zip(ep1, ep2, strict=True):
+        for key in ("spr positives", "spr negatives"):
+            assert a[key] == b[key], (key, a, b)
+        for key in ("grpo loss", "spr loss", "kl", "grad norm", "sprm grad norm", "moe load balancing loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (key, a[key], b[key])
+
+
 @pytest.mark.multirank
 def test_spr_loss_decreases_on_a_fixed_batch(task, tmp_path):
     store = make_store(tmp_path / "store", task, n_groups=1, k=8)

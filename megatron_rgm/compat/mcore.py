@@ -2,8 +2,9 @@
 
 Every version difference here is detected by the API itself (a signature, an attribute), so a release in
 between, or a patched build, takes the path its own API asks for. The faults (the router without Transformer
-Engine, the distributed optimizer's checkpoints on torch's Adam and with several buckets) are in both versions;
-each function says what goes wrong without it and is idempotent.
+Engine, the distributed optimizer's checkpoints on torch's Adam and with several buckets, the mask of windowed
+attention, the backward of biased experts) are in both versions; each function says what goes wrong without it
+and is idempotent.
 """
 
 from __future__ import annotations
@@ -76,6 +77,60 @@ def router_without_transformer_engine() -> None:
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+
+
+def windows_keep_the_mask() -> None:
+    """megatron-core's unfused softmax, on a windowed layer, *replaces* the attention mask it is given with the
+    sliding-window mask (``FusedScaleMaskSoftmax.forward_torch_softmax``), built on ``"cuda"``; and its fused
+    kernel, where it runs, ignores the window. A packed row's samples would then see each other, a padded
+    batch its padding, and a GPU run with the fused kernel no window at all. Windowed layers here take the
+    unfused softmax with both masks (either one masks a score), built on the scores' device."""
+    from megatron.core.fusions.fused_softmax import FusedScaleMaskSoftmax
+
+    if getattr(FusedScaleMaskSoftmax, "_rgm_windows_keep_the_mask", False):
+        return
+    original = FusedScaleMaskSoftmax.forward
+
+    def forward(self, input, mask, softmax_offset=None):
+        window = self.window_size
+        if window is None:
+            return original(self, input, mask, softmax_offset)
+        sq, sk = input.shape[-2:]
+        query = torch.arange(sk - sq, sk, device=input.device)[:, None]
+        key = torch.arange(sk, device=input.device)[None, :]
+        masked = (key < query - window[0]) | (key > query + window[1])
+        if mask is not None:
+            masked = masked | mask.to(torch.bool)
+        self.window_size = None  # the unfused path: our mask as given
+        try:
+            return self.forward_torch_softmax(input, masked, softmax_offset)
+        finally:
+            self.window_size = window
+
+    FusedScaleMaskSoftmax.forward = forward
+    FusedScaleMaskSoftmax._rgm_windows_keep_the_mask = True
+
+
+def biased_experts_train() -> None:
+    """An expert's MLP with biases adds the probability-weighted fc2 bias in place (``output += ...`` in
+    ``MLP.forward``) to what ``RowParallelLinear`` returns. Over a tensor-parallel group of one (experts with
+    biases run at expert tensor parallelism 1) that is the matmul's output passed through a custom autograd
+    Function as is, which autograd refuses to modify in place: the first backward of such a model failed. Over a
+    group of one the reduction is the identity both ways; here it returns its input without the Function."""
+    from megatron.core.tensor_parallel import layers, mappings
+
+    if getattr(layers.reduce_from_tensor_model_parallel_region, "_rgm_identity_over_one", False):
+        return
+    original = layers.reduce_from_tensor_model_parallel_region
+
+    def reduce_from_tensor_model_parallel_region(input_, group=None):
+        group = mappings.get_tensor_model_parallel_group_if_none(group)
+        if group.size() == 1:
+            return input_
+        return original(input_, group=group)
+
+    reduce_from_tensor_model_parallel_region._rgm_identity_over_one = True
+    layers.reduce_from_tensor_model_parallel_region = reduce_from_tensor_model_parallel_region
 
 
 def take_moe_router_losses() -> dict[str, torch.Tensor]:

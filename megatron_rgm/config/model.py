@@ -24,12 +24,35 @@ class ModelConfig:
     max_position_embeddings: int | None = option(None, "default: --seq-length")
     normalization: str = option("LayerNorm", choices=("LayerNorm", "RMSNorm"))
     norm_epsilon: float = option(1e-5)
-    position_embedding_type: str = option("rope", choices=("rope", "learned_absolute"))
+    position_embedding_type: str = option("rope", choices=("rope", "yarn", "learned_absolute"))
     rotary_base: int = option(10000)
     # RoPE scaling as megatron-core builds it (Megatron-LM's flags): Llama 3.x's, or linear (positions / factor).
     use_rope_scaling: bool = option(False, "Llama 3.x RoPE scaling (frequency factors 1 and 4, 8192 positions)")
     rope_scaling_factor: float = option(8.0, "the Llama 3.x RoPE scaling factor (with --use-rope-scaling)")
     rotary_seq_len_interpolation_factor: float | None = option(None, "linear RoPE scaling: positions / factor")
+    # YaRN (--position-embedding-type yarn): Megatron-LM's flags. Its attention factor (HF's attention_factor, the
+    # scale of cos and sin) follows from the factor and the two mscales, as in HF and megatron-core.
+    rotary_scaling_factor: float = option(1.0, "YaRN: the context extension factor")
+    yarn_original_max_position_embeddings: int | None = option(None, "YaRN: the context length before extension")
+    yarn_beta_fast: float = option(32.0, "YaRN: rotations where the frequencies start to be interpolated")
+    yarn_beta_slow: float = option(1.0, "YaRN: rotations where the frequencies are fully interpolated")
+    yarn_correction_range_round_to_int: bool = option(True, "YaRN: round the correction range to whole dims "
+                                                      "(HF's truncate)")
+    mscale: float = option(1.0, "YaRN: the attention factor's mscale (numerator)")
+    mscale_all_dim: float = option(0.0, "YaRN: the attention factor's mscale_all_dim (denominator; 0: none)")
+    # Attention beyond plain causal softmax (GPT-OSS): sliding windows on some layers, a learnable sink per head.
+    sliding_window: int | None = option(None, "sliding-window attention: each token sees itself and the N - 1 "
+                                        "tokens before it (HF's sliding_window; Megatron-LM's --window-size "
+                                        "(N-1,0))")
+    window_attn_skip_freq: int | None = option(None, "with --sliding-window: every K-th layer attends to the whole "
+                                               "context (GPT-OSS: 2); default: every layer is windowed")
+    softmax_type: str = option("vanilla", "learnable: each head's softmax has a learned sink logit (GPT-OSS); "
+                               "off-by-one: a sink logit of 0", choices=("vanilla", "off-by-one", "learnable"))
+    # GPT-OSS's gated MLP: quick_gelu(gate clamped) * (up clamped + offset).
+    quick_geglu: bool = option(False, "gated MLP with quick-GELU (x * sigmoid(1.702 x)) instead of SiLU")
+    glu_linear_offset: float = option(0.0, "added to the gated MLP's linear half (GPT-OSS: 1)")
+    activation_func_clamp_value: float | None = option(None, "clamp the gate half from above and the linear half "
+                                                       "to [-v, v] (GPT-OSS: 7)")
     add_qkv_bias: bool = option(False)
     qk_layernorm: bool = option(False)
     swiglu: bool = option(False)
@@ -79,6 +102,7 @@ class ModelConfig:
         if (self.use_rope_scaling or self.rotary_seq_len_interpolation_factor) and \
                 self.position_embedding_type != "rope":
             raise ConfigError("RoPE scaling needs --position-embedding-type rope")
+        self._check_attention_features()
         if self.fp8_format and self.transformer_impl != "transformer_engine":
             raise ConfigError("--fp8-format needs --transformer-impl transformer_engine (FP8 runs in Transformer Engine)")
         if self.recompute_granularity == "full" and self.recompute_method is None:
@@ -89,6 +113,36 @@ class ModelConfig:
         if self.kv_channels is None and self.hidden_size % heads:
             raise ConfigError(f"--hidden-size {self.hidden_size} is not divisible by --num-attention-heads {heads}: "
                               "set --kv-channels (the head dim) explicitly")
+
+    def _check_attention_features(self) -> None:
+        at_least(self, ("sliding_window", "yarn_original_max_position_embeddings"), 1)
+        at_least(self, ("window_attn_skip_freq",), 2)
+        if self.window_attn_skip_freq and not self.sliding_window:
+            raise ConfigError("--window-attn-skip-freq picks the layers without a window: it needs --sliding-window")
+        if self.quick_geglu and self.swiglu:
+            raise ConfigError("--quick-geglu and --swiglu are two gated MLPs: pick one")
+        if (self.glu_linear_offset or self.activation_func_clamp_value is not None) and not (
+                self.swiglu or self.quick_geglu):
+            raise ConfigError("--glu-linear-offset and --activation-func-clamp-value shape a gated MLP: add "
+                              "--quick-geglu or --swiglu")
+        if self.activation_func_clamp_value is not None and self.activation_func_clamp_value <= 0:
+            raise ConfigError(f"--activation-func-clamp-value must be > 0, got {self.activation_func_clamp_value}")
+        if self.position_embedding_type == "yarn":
+            if self.rotary_scaling_factor < 1:
+                raise ConfigError(f"--rotary-scaling-factor {self.rotary_scaling_factor}: YaRN extends the context "
+                                  "by a factor >= 1")
+            if self.yarn_original_max_position_embeddings is None:
+                raise ConfigError("--position-embedding-type yarn needs --yarn-original-max-position-embeddings "
+                                  "(the context length before extension)")
+
+    def yarn_fields(self) -> dict:
+        """The attributes megatron-core reads off a TransformerConfig for YaRN (none without it)."""
+        if self.position_embedding_type != "yarn":
+            return {}
+        return {"yarn_rotary_scaling_factor": self.rotary_scaling_factor, "yarn_mscale": self.mscale,
+                "yarn_mscale_all_dim": self.mscale_all_dim,
+                **{name: getattr(self, name) for name in ("yarn_original_max_position_embeddings", "yarn_beta_fast",
+                                                          "yarn_beta_slow", "yarn_correction_range_round_to_int")}}
 
 
 @dataclass
@@ -111,12 +165,15 @@ class ParallelConfig:
     ddp_bucket_size: int | None = option(None, "parameters per gradient bucket (default: megatron-core's)")
     accumulate_allreduce_grads_in_fp32: bool = option(False, "keep and reduce gradients in fp32 (bf16/fp16 runs)")
     expert_model_parallel_size: int = option(1, "ranks the experts of an MoE layer are spread over (within DP)")
+    expert_tensor_parallel_size: int | None = option(None, "ranks each expert is split over: 1 or the "
+                                                     "tensor-parallel size (default: that, or 1 for experts with "
+                                                     "biases, GPT-OSS's, the only size megatron-core gives them)")
 
     def __post_init__(self) -> None:
         if self.tensor_model_parallel_size < 1 or self.pipeline_model_parallel_size < 1:
             raise ConfigError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
         at_least(self, ("context_parallel_size", "virtual_pipeline_model_parallel_size", "ddp_bucket_size",
-                        "expert_model_parallel_size"), 1)
+                        "expert_model_parallel_size", "expert_tensor_parallel_size"), 1)
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
 

@@ -21,7 +21,8 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_rgm import lazy
-from megatron_rgm.compat.mcore import router_without_transformer_engine
+from megatron_rgm.compat.mcore import (biased_experts_train, router_without_transformer_engine,
+                                      windows_keep_the_mask)
 from megatron_rgm.config import ConfigError
 
 
@@ -73,6 +74,10 @@ def layer_spec(config: TransformerConfig, transformer_impl: str = "local") -> Mo
         raise ConfigError(f"--transformer-impl must be local or transformer_engine, got {transformer_impl!r}")
     if config.num_moe_experts:
         router_without_transformer_engine()
+        if config.add_bias_linear:
+            biased_experts_train()
+    if config.window_size is not None:
+        windows_keep_the_mask()
     spec = get_gpt_layer_local_spec(num_experts=config.num_moe_experts, moe_grouped_gemm=False,
                                     qk_layernorm=config.qk_layernorm, normalization=config.normalization)
     sub = spec.submodules

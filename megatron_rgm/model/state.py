@@ -45,12 +45,15 @@ def global_name(model, local_name: str) -> str:
 # Which parameters tensor parallelism splits, by name (megatron sets the partition
 # attributes only when it initialises the weights itself).
 _COLUMN_SPLIT = ("linear_qkv.weight", "linear_qkv.bias", "linear_fc1.weight", "linear_fc1.bias",
-                 "output_layer.weight", "word_embeddings.weight")
+                 "output_layer.weight", "word_embeddings.weight", "core_attention.softmax_offset")
 _ROW_SPLIT = ("linear_proj.weight", "linear_fc2.weight")
 
 
 def partition(model, name: str, param: torch.Tensor) -> tuple[int | None, bool]:
-    """(partition dim or None if replicated, whether the dim stacks [gate; up])."""
+    """(partition dim or None if replicated, whether the dim stacks [gate; up]). Experts are split over the
+    tensor-parallel ranks unless their expert tensor parallelism is 1 (the only other size built)."""
+    if ".mlp.experts." in name and model.config.expert_tensor_parallel_size == 1:
+        return None, False
     if name.endswith(_COLUMN_SPLIT):
         return 0, bool(model.config.gated_linear_unit) and "linear_fc1." in name
     if name.endswith(_ROW_SPLIT):
