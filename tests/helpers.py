@@ -126,6 +126,15 @@ ARCHS = {
     # Experts in every layer (4, two per token, the top two renormalised as Qwen3-30B-A3B does), QK norm.
     "qwen3_moe": ("Qwen3MoeConfig", dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                          norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[]), False),
+    # GPT-OSS: biases everywhere, a sink per head, windows of 8 on layers 0 and 2, YaRN over 64 original positions
+    # (its correction range not rounded, as the hub's), 4 experts with the interleaved gate/up and an MLP clamp
+    # that a random model's activations reach (7 on the hub).
+    "gpt_oss": ("GptOssConfig", dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
+                                     max_position_embeddings=256,
+                                     rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0,
+                                                      "beta_slow": 1.0, "truncate": False, "rope_theta": 150000.0,
+                                                      "original_max_position_embeddings": 64},
+                                     swiglu_limit=0.2), False),
 }
 VOCAB = 300
 TEXT = "<think>Add 3 and 4.\n\nThat gives 7.\n\nDouble it.\n\n</think>The answer is \\boxed{14}."
@@ -142,6 +151,11 @@ def make_hf(kind: str, out: Path, vocab: int = VOCAB, **config) -> Path:
                                                rms_norm_eps=1e-6), **extra, **config})
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg)
+    if kind == "gpt_oss":  # its biases start at zero and its sinks near it: make every one of them count
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(("bias", "sinks")):
+                    p.normal_(0.0, 1.0 if name.endswith("sinks") else 0.1)
     model.save_pretrained(out)
     return out
 

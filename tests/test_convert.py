@@ -20,7 +20,7 @@ def converted(request, tmp_path_factory):
     hf = make_hf(kind, root / "hf")
     head = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Dropout(0.5), torch.nn.Linear(128, 1))
     torch.save(head.state_dict(), hf / "score_module.pt")
-    if kind == "qwen2":
+    if kind in ("qwen2", "gpt_oss"):
         save_tokenizer(hf)
     # Llama differs from Qwen2 only by the QKV bias and tied embeddings (both exercised by the other two):
     # it gets the conversion round trip, not the four-layout verification (which costs a minute per arch).
@@ -34,7 +34,7 @@ def converted(request, tmp_path_factory):
     return kind, root, hf
 
 
-VERIFIED = ["qwen2", "qwen3", "qwen3_moe"]
+VERIFIED = ["qwen2", "qwen3", "qwen3_moe", "gpt_oss"]
 
 
 @pytest.mark.multirank
@@ -45,7 +45,9 @@ def test_verify_all_layouts(converted):
         for pp in (1, 2):
             report = json.loads((root / "verify" / f"verify_tp{tp}_pp{pp}.json").read_text())
             assert report["steps"] > 0
-            assert report["max_abs_logit_diff"] <= 1e-4, (kind, tp, pp, report)
+            # GPT-OSS (fp32 throughout, the sinks and windows exact) meets the tighter bar its issue sets.
+            assert report["max_abs_logit_diff"] <= (1e-5 if kind == "gpt_oss" else 1e-4), (kind, tp, pp, report)
+            assert report["seq_length"] > (report["sliding_window"] or 0)  # every window is passed
             assert report["max_abs_head_diff"] <= 1e-5, (kind, tp, pp, report)
 
 
@@ -110,6 +112,32 @@ def test_verify_passes_a_scaled_rope_and_fails_without_it(converted, tmp_path):
 
 
 @pytest.mark.multirank
+@pytest.mark.parametrize("converted", ["gpt_oss"], indirect=True)
+@pytest.mark.parametrize("fault", ["no windows", "no yarn", "one sink moved"])
+def test_verify_fails_on_gpt_oss_with_a_planted_fault(converted, tmp_path, fault):
+    """What a conversion that dropped a window or the YaRN scaling, or changed one tensor, would compute: verify
+    must exit non-zero on it, naming the difference."""
+    from safetensors.torch import load_file, save_file
+
+    _, root, hf = converted
+    faulty = tmp_path / "faulty"
+    shutil.copytree(hf, faulty)
+    config = json.loads((faulty / "config.json").read_text())
+    if fault == "no windows":
+        config["layer_types"] = ["full_attention"] * config["num_hidden_layers"]
+    elif fault == "no yarn":
+        config["rope_parameters"] = {"rope_type": "default", "rope_theta": config["rope_parameters"]["rope_theta"]}
+    else:
+        tensors = load_file(faulty / "model.safetensors")
+        tensors["model.layers.2.self_attn.sinks"][1] += 1.0
+        save_file(tensors, faulty / "model.safetensors", metadata={"format": "pt"})
+    (faulty / "config.json").write_text(json.dumps(config))
+    proc = convert("verify", "--hf-path", str(faulty), "--mcore-path", str(root / "mcore"), check=False)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "is above the float32 tolerance" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.multirank
 def test_linear_rope_scaling_converts_and_verifies(tmp_path):
     hf = make_hf("llama", tmp_path / "hf", rope_scaling={"rope_type": "linear", "factor": 4.0})
     convert("hf-to-mcore", "--hf-path", str(hf), "--output", str(tmp_path / "mcore"))
@@ -119,7 +147,7 @@ def test_linear_rope_scaling_converts_and_verifies(tmp_path):
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("converted", ["qwen2"], indirect=True)  # the fixture with a tokenizer
+@pytest.mark.parametrize("converted", ["qwen2", "gpt_oss"], indirect=True)  # the fixtures with a tokenizer
 def test_scorer_equals_megatron_head(converted, tmp_path):
     kind, root, hf = converted
     out = root / "hf_scorer"
@@ -143,13 +171,15 @@ json.dump({{"scores": r.step_scores, "agg": r.aggregate, "ids": ids[0].tolist(),
 
 
 @pytest.mark.multirank
-def test_qwen3_moe_converts_and_verifies_with_its_experts_over_two_ranks(tmp_path):
+@pytest.mark.parametrize("kind, tp", [("qwen3_moe", "1"), ("gpt_oss", "2")])
+def test_moe_converts_and_verifies_with_its_experts_over_two_ranks(tmp_path, kind, tp):
     """hf-to-mcore --ep 2: each rank writes its own 2 of the 4 experts (named by their index over all experts);
-    the export of that checkpoint is the HF model bit for bit, and verify at EP=2 and at EP=1 (a reshard) holds."""
+    the export of that checkpoint is the HF model bit for bit, and verify at EP=2 and at EP=1 (a reshard) holds.
+    GPT-OSS's experts (biased: expert tensor parallelism 1) sit beside TP=2 attention, on 4 ranks."""
     from safetensors import safe_open
 
-    hf = make_hf("qwen3_moe", tmp_path / "hf")
-    convert("hf-to-mcore", "--hf-path", str(hf), "--output", str(tmp_path / "mcore"), "--ep", "2")
+    hf = make_hf(kind, tmp_path / "hf")
+    convert("hf-to-mcore", "--hf-path", str(hf), "--output", str(tmp_path / "mcore"), "--ep", "2", "--tp", tp)
     convert("mcore-to-hf", "--mcore-path", str(tmp_path / "mcore"), "--output", str(tmp_path / "back"))
     index = json.loads((tmp_path / "back" / "model.safetensors.index.json").read_text())["weight_map"]
     original = safe_open(str(hf / "model.safetensors"), "pt")
@@ -159,8 +189,8 @@ def test_qwen3_moe_converts_and_verifies_with_its_experts_over_two_ranks(tmp_pat
         assert torch.equal(back, original.get_tensor(name)), name
     for ep in ("2", "1"):
         report = tmp_path / f"verify_ep{ep}.json"
-        convert("verify", "--hf-path", str(hf), "--mcore-path", str(tmp_path / "mcore"), "--ep", ep, "--json",
-                str(report))
+        convert("verify", "--hf-path", str(hf), "--mcore-path", str(tmp_path / "mcore"), "--ep", ep, "--tp", tp,
+                "--json", str(report))
         got = json.loads(report.read_text())
         assert got["ep"] == int(ep) and got["max_abs_logit_diff"] <= 1e-4 and got["max_abs_head_diff"] <= 1e-5, got
 

@@ -124,7 +124,12 @@ def test_mcore_to_hf_bad_paths(tmp_path):
      "layer_types with 2 'sliding_attention' layers"),
     # transformers 5 writes RoPE scaling as rope_parameters (rope_scaling null): both are read.
     (dict(rope_scaling=None, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}),
-     "RoPE scaling rope_type='yarn' (converted: linear and llama3)"),
+     "YaRN RoPE without original_max_position_embeddings"),
+    (dict(rope_scaling=None, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
+                                              "original_max_position_embeddings": 64, "attention_factor": 2.0}),
+     "YaRN attention_factor=2.0 (converted: the one the factor and mscales give)"),
+    (dict(rope_scaling=None, rope_parameters={"rope_type": "longrope", "factor": 4.0, "rope_theta": 1e4}),
+     "rope_type='longrope' (converted: linear, llama3 and yarn)"),
     (dict(rope_scaling={"type": "dynamic", "factor": 2.0}), "rope_type='dynamic'"),
     (dict(rope_scaling={**LLAMA31_ROPE, "original_max_position_embeddings": 4096}),
      "llama3 RoPE scaling with {'original_max_position_embeddings': 4096}"),
@@ -150,3 +155,35 @@ def test_rope_scalings_that_convert_and_windows_that_are_off():
     for off in ({"use_sliding_window": False, "sliding_window": 4096}, {"sliding_window": None},
                 {"layer_types": ["full_attention"] * 2}):
         assert not HFArch.from_config({**base, **off}).model_config().use_rope_scaling
+
+
+@pytest.fixture(scope="module")
+def gpt_oss_dir(tmp_path_factory):
+    return make_hf("gpt_oss", tmp_path_factory.mktemp("bad_oss") / "hf")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (dict(quantization_config={"quant_method": "mxfp4"}), "quantization_config 'mxfp4'"),
+    (dict(swiglu_alpha=1.5), "swiglu_alpha=1.5 (megatron-core's quick_gelu has 1.702)"),
+    (dict(layer_types=["sliding_attention", "full_attention", "full_attention", "sliding_attention"]),
+     "(converted: every layer windowed, or every K-th layer full)"),
+    (dict(layer_types=["sliding_attention", "chunked_attention", "sliding_attention", "full_attention"]),
+     "layer_types ['chunked_attention']"),
+    (dict(attention_bias=False), "attention_bias=false"),
+])
+def test_gpt_oss_features_the_conversion_does_not_carry_are_refused(gpt_oss_dir, tmp_path, edit, message):
+    bad = copy_with(gpt_oss_dir, tmp_path / "hf", config_edit=lambda c: c.update(edit))
+    expect_error(bad, tmp_path / "out", message)
+
+
+def test_gpt_oss_windows_every_other_layer_convert(gpt_oss_dir):
+    """The hub's pattern, windowed layers 0, 2, ... (1-based 1, 3, ...): megatron-core's skip frequency 2."""
+    from megatron_rgm.convert.mapping import HFArch
+
+    cfg = json.loads((gpt_oss_dir / "config.json").read_text())
+    model = HFArch.from_config(cfg).model_config()
+    assert (model.sliding_window, model.window_attn_skip_freq, model.softmax_type) == (8, 2, "learnable")
+    assert (model.position_embedding_type, model.rotary_scaling_factor, model.yarn_correction_range_round_to_int,
+            model.yarn_original_max_position_embeddings) == ("yarn", 4.0, False, 64)
+    every = HFArch.from_config({**cfg, "layer_types": ["sliding_attention"] * 4}).model_config()
+    assert (every.sliding_window, every.window_attn_skip_freq) == (8, None)

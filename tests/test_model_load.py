@@ -48,7 +48,7 @@ def test_megatron_lm_args_translate_into_the_same_transformer_config():
 def test_rope_scalings_translate_and_export_as_the_hf_config_transformers_reads():
     import transformers
 
-    from megatron_rgm.convert.mapping import hf_config_from_args
+    from megatron_rgm.convert.hf_config import hf_config_from_args
 
     for change, rope in ((dict(use_rope_scaling=True, rope_scaling_factor=32.0), ("llama3", 32.0)),
                          (dict(rotary_seq_len_interpolation_factor=4), ("linear", 4.0))):
@@ -60,6 +60,23 @@ def test_rope_scalings_translate_and_export_as_the_hf_config_transformers_reads(
         assert (hf.rope_parameters["rope_type"], hf.rope_parameters["factor"]) == rope
     with pytest.raises(ConfigError, match="does not record rope_scaling_factor"):
         megatron_lm_model(_pretrain_gpt_args(use_rope_scaling=True), "ckpt")
+
+
+def test_megatron_lm_gpt_oss_args_translate():
+    """Megatron-LM's GPT-OSS flags (the names our flags share): windows, sinks, YaRN, the clamped quick-GELU."""
+    model, _, notes = megatron_lm_model(_pretrain_gpt_args(
+        **MOE, add_bias_linear=True, swiglu=False, quick_geglu=True, glu_linear_offset=1.0,
+        activation_func_clamp_value=7.0, softmax_type="learnable", window_size=(127, 0), window_attn_skip_freq=2,
+        position_embedding_type="yarn", rotary_scaling_factor=32.0, yarn_original_max_position_embeddings=None,
+        yarn_beta_fast=32.0, yarn_beta_slow=1.0, yarn_correction_range_round_to_int=False, mscale=1.0,
+        mscale_all_dim=0.0), "ckpt")
+    t = build_args(model).transformer
+    assert (t.window_size, t.window_attn_skip_freq, t.softmax_type) == ((127, 0), 2, "learnable")
+    assert (t.glu_linear_offset, t.activation_func_clamp_value, t.add_bias_linear) == (1.0, 7.0, True)
+    assert t.activation_func.__name__ == "quick_gelu" and t.gated_linear_unit
+    # Megatron-LM builds 4096 original positions where the flag was not given.
+    assert (t.yarn_rotary_scaling_factor, t.yarn_original_max_position_embeddings,
+            t.yarn_correction_range_round_to_int) == (32.0, 4096, False)
 
 
 def test_megatron_lm_without_group_query_attention_has_one_kv_head_per_head():
@@ -93,8 +110,9 @@ def test_megatron_lm_moe_args_translate_into_rgms_moe_layers():
     (dict(**MOE, moe_apply_probs_on_input=True), "moe_apply_probs_on_input=True"),
     (dict(MOE, moe_aux_loss_coeff=[0.01, 0.001]), "moe_aux_loss_coeff=[0.01, 0.001]"),
     (dict(multi_latent_attention=True), "multi_latent_attention=True"),
-    (dict(window_size=(128, 0)), "window_size=(128, 0)"),
-    (dict(position_embedding_type="yarn"), "position_embedding_type='yarn'"),
+    (dict(window_size=(128, 64)), "window_size=(128, 64)"),
+    (dict(window_size=(127, 0), window_attn_skip_freq=[1, 0, 0, 1]), "window_attn_skip_freq=[1, 0, 0, 1]"),
+    (dict(position_embedding_type="mrope"), "position_embedding_type='mrope'"),
     (dict(normalization="L2Norm"), "normalization='L2Norm'"),
 ])
 def test_a_feature_rgm_does_not_build_is_refused_by_name(change, named):

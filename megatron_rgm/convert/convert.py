@@ -31,12 +31,9 @@ from megatron_rgm.arguments import rebuild_args
 from megatron_rgm.checkpoint import ASSETS, TE_NORM_KEYS, publish, save_checkpoint
 from megatron_rgm.config import PROMPT_TEMPLATE, ConfigError, RGMConfig, check_template
 from megatron_rgm.convert.hf_io import HFCheckpoint, ShardWriter, copy_tokenizer_files
-from megatron_rgm.convert.mapping import (
-    HFArch,
-    as_llama,
-    hf_config_from_args,
-    hf_tensors,
-)
+from megatron_rgm.convert.gpt_oss import ExpertStacker
+from megatron_rgm.convert.hf_config import as_llama, hf_config_from_args
+from megatron_rgm.convert.mapping import HFArch, hf_tensors
 from megatron_rgm.convert.serving import chat_template, complete_export
 from megatron_rgm.convert.slices import megatron_shard
 from megatron_rgm.convert.stream_save import (
@@ -194,9 +191,13 @@ def _mcore_to_hf_rank(mcore_path: str, output: str, dtype: str | None, vocab_siz
                                              replica_id=0)
         return dist_checkpointing.load({key: st}, str(ckpt))[key]
 
+    stacker = ExpertStacker(arch.num_experts or 0)  # GPT-OSS keeps a layer's experts in one tensor
+
     def emit(name: str, t: torch.Tensor) -> None:
-        for hf_name, tensor in hf_tensors(name, t, arch).items():
-            writer.add(hf_name, tensor.to(to_dtype) if to_dtype else tensor)
+        for hf_name, value in hf_tensors(name, t, arch).items():
+            tensor = stacker.add(hf_name, value)
+            if tensor is not None:
+                writer.add(hf_name, tensor.to(to_dtype) if to_dtype else tensor)
 
     # One checkpoint tensor at a time (a stacked layer tensor holds that weight for every
     # layer): peak memory is the largest such tensor plus one output shard, not the model.
@@ -217,6 +218,7 @@ def _mcore_to_hf_rank(mcore_path: str, output: str, dtype: str | None, vocab_siz
         else:
             emit(key, t)
         del t
+    stacker.close()
     writer.close()
     cfg = dict(arch.config)
     if to_dtype:

@@ -1,4 +1,4 @@
-"""HF (Qwen2, Qwen3, Qwen3-MoE, Llama) <-> Megatron tensor names and layouts, one full tensor at a time.
+"""HF (Qwen2, Qwen3, Qwen3-MoE, Llama, GPT-OSS: :mod:`.gpt_oss`) <-> Megatron tensor names and layouts, one full tensor at a time.
 
 Megatron-side names are RGMModel's full (TP=1, PP=1) parameter names, e.g.
 ``decoder.layers.3.self_attention.linear_qkv.weight``. Layouts that differ:
@@ -19,9 +19,10 @@ from typing import Callable
 import torch
 
 from megatron_rgm.config import ConfigError, ModelConfig
+from megatron_rgm.convert import gpt_oss
 
 SUPPORTED = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe",
-             "LlamaForCausalLM": "llama", "MistralForCausalLM": "llama"}
+             "LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "GptOssForCausalLM": "gpt_oss"}
 
 
 # megatron-core's Llama 3.x RoPE scaling takes the factor; these three it fixes (RotaryEmbedding._apply_scaling).
@@ -38,7 +39,7 @@ def rope_scaling(cfg: dict) -> dict | None:
     :func:`refuse_unconverted_features`)."""
     rope = _rope_config(cfg)
     kind = rope.get("rope_type", rope.get("type")) or "default"
-    return None if kind == "default" else {"rope_type": kind, "factor": float(rope["factor"])}
+    return None if kind in ("default", "yarn") else {"rope_type": kind, "factor": float(rope["factor"])}
 
 
 def rope_flags(scaling: dict | None) -> dict:
@@ -50,13 +51,25 @@ def rope_flags(scaling: dict | None) -> dict:
     return {"rotary_seq_len_interpolation_factor": scaling["factor"]}
 
 
+def attention_features(cfg: dict, problems: list[str]) -> dict:
+    """The :class:`ModelConfig` fields of a config's YaRN RoPE and (GPT-OSS's) sliding windows; what they cannot
+    carry is appended to ``problems``."""
+    rope = _rope_config(cfg)
+    out = gpt_oss.yarn_flags(rope, cfg, problems) if rope.get("rope_type", rope.get("type")) == "yarn" else {}
+    if "GptOssForCausalLM" in (cfg.get("architectures") or []):
+        out.update(gpt_oss.window_flags(cfg, problems))
+    return out
+
+
 def refuse_unconverted_features(cfg: dict, source: str) -> None:
     """Raise, naming each one, for the features of an HF config that change what the model computes and that the
-    conversion does not carry over (converted: RoPE theta, Llama 3.x and linear RoPE scaling, QKV bias, QK norm,
-    tied embeddings; anything else is refused here, never dropped)."""
-    problems = []
+    conversion does not carry over (converted: RoPE theta, Llama 3.x, linear and YaRN RoPE scaling, QKV bias, QK
+    norm, tied embeddings, GPT-OSS's windows, sinks and biases; anything else is refused here, never dropped)."""
+    oss = "GptOssForCausalLM" in (cfg.get("architectures") or [])
+    problems = gpt_oss.gpt_oss_problems(cfg) if oss else []
+    attention_features(cfg, problems)
     act = cfg.get("hidden_act", "silu")
-    if act != "silu":
+    if act != "silu" and not oss:  # GPT-OSS's MLP is its own (swiglu_alpha, swiglu_limit), whatever hidden_act says
         problems.append(f"hidden_act={act!r} (the MLP converts as SwiGLU: silu)")
     rope = _rope_config(cfg)
     kind = rope.get("rope_type", rope.get("type")) or "default"
@@ -64,15 +77,17 @@ def refuse_unconverted_features(cfg: dict, source: str) -> None:
         off = {k: rope.get(k) for k, v in LLAMA3_FIXED.items() if rope.get(k) != v}
         if off:
             problems.append(f"llama3 RoPE scaling with {off} (megatron-core's Llama 3.x scaling fixes {LLAMA3_FIXED})")
-    elif kind not in ("default", "linear"):
-        problems.append(f"RoPE scaling rope_type={kind!r} (converted: linear and llama3)")
-    if kind != "default" and "factor" not in rope:
+    elif kind not in ("default", "linear", "yarn"):
+        problems.append(f"RoPE scaling rope_type={kind!r} (converted: linear, llama3 and yarn)")
+    if kind not in ("default", "yarn") and "factor" not in rope:
         problems.append(f"RoPE scaling {kind!r} without a factor")
     if cfg.get("partial_rotary_factor", 1.0) != 1.0:
         problems.append(f"partial_rotary_factor={cfg['partial_rotary_factor']} (RoPE on part of each head)")
     # A sliding window: Mistral's sliding_window; Qwen's use_sliding_window; transformers 5's per-layer types.
     windowed = [t for t in cfg.get("layer_types") or [] if t != "full_attention"]
-    if windowed:
+    if oss:
+        pass  # its windows: attention_features
+    elif windowed:
         problems.append(f"layer_types with {len(windowed)} {windowed[0]!r} layers (sliding-window attention)")
     elif cfg.get("use_sliding_window") or (cfg.get("model_type") == "mistral" and cfg.get("sliding_window")):
         problems.append(f"sliding_window={cfg.get('sliding_window')} (sliding-window attention)")
@@ -115,6 +130,10 @@ class HFArch:
     moe_topk: int = 2
     moe_norm_topk: bool = True  # HF's norm_topk_prob: the top k weights renormalised (megatron: no pre-softmax)
     moe_aux_loss_coeff: float = 0.0
+    linear_bias: bool = False  # every linear biased (GPT-OSS): o_proj, the router, the experts
+    sinks: bool = False  # a learned sink logit per head (GPT-OSS's self_attn.sinks)
+    swiglu_limit: float | None = None  # GPT-OSS's MLP: quick_geglu, linear offset 1, this clamp
+    features: dict | None = None  # ModelConfig fields of YaRN and sliding windows (attention_features)
 
     @classmethod
     def from_config(cls, cfg: dict, source: str = "config.json") -> "HFArch":
@@ -125,6 +144,7 @@ class HFArch:
                               f"supported: {', '.join(SUPPORTED)}")
         refuse_unconverted_features(cfg, source)
         heads = cfg["num_attention_heads"]
+        moe = _moe_fields(cfg) if kind == "qwen3_moe" else gpt_oss.gpt_oss_fields(cfg) if kind == "gpt_oss" else {}
         rope = cfg.get("rope_theta")
         if rope is None:  # transformers 5 keeps it under rope_parameters
             rope = (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
@@ -139,15 +159,15 @@ class HFArch:
             vocab_size=cfg["vocab_size"],
             rope_theta=float(rope),
             norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            qkv_bias=kind == "qwen2" or bool(cfg.get("attention_bias", False)),
+            qkv_bias=kind in ("qwen2", "gpt_oss") or bool(cfg.get("attention_bias", False)),
             qk_norm=kind in ("qwen3", "qwen3_moe"),
             o_bias=kind == "llama" and bool(cfg.get("attention_bias", False)),
             tied=bool(cfg.get("tie_word_embeddings", False)),
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
             rope_scaling=rope_scaling(cfg),
-            config=cfg,
-            **(_moe_fields(cfg) if kind == "qwen3_moe" else {}),
+            config=cfg, features=attention_features(cfg, []),
+            **moe,
         )
 
     def model_config(self, divisible_by: int = 128) -> ModelConfig:
@@ -157,12 +177,19 @@ class HFArch:
             num_attention_heads=self.num_heads, num_query_groups=self.num_kv_heads, kv_channels=self.head_dim,
             vocab_size=self.vocab_size, make_vocab_size_divisible_by=divisible_by,
             seq_length=min(self.max_position_embeddings, 4096), max_position_embeddings=self.max_position_embeddings,
-            normalization="RMSNorm", norm_epsilon=self.norm_eps, position_embedding_type="rope",
-            rotary_base=int(self.rope_theta), swiglu=True, disable_bias_linear=True, add_qkv_bias=self.qkv_bias,
-            qk_layernorm=self.qk_norm, untie_embeddings_and_output_weights=not self.tied,
+            normalization="RMSNorm", norm_epsilon=self.norm_eps,
+            rotary_base=int(self.rope_theta), disable_bias_linear=not self.linear_bias, add_qkv_bias=self.qkv_bias,
+            qk_layernorm=self.qk_norm, untie_embeddings_and_output_weights=not self.tied, **self._gpt_oss_flags(),
             bf16=self.dtype == "bfloat16", fp16=self.dtype == "float16", **rope_flags(self.rope_scaling),
             num_experts=self.num_experts, moe_ffn_hidden_size=self.moe_ffn_hidden_size, moe_router_topk=self.moe_topk,
-            moe_router_pre_softmax=not self.moe_norm_topk, moe_aux_loss_coeff=self.moe_aux_loss_coeff)
+            moe_router_pre_softmax=not self.moe_norm_topk, moe_aux_loss_coeff=self.moe_aux_loss_coeff,
+            **{"position_embedding_type": "rope", **(self.features or {})})
+
+    def _gpt_oss_flags(self) -> dict:
+        if self.swiglu_limit is None:
+            return {"swiglu": True}
+        return {"quick_geglu": True, "glu_linear_offset": 1.0, "activation_func_clamp_value": self.swiglu_limit,
+                "softmax_type": "learnable" if self.sinks else "vanilla"}
 
     def hf_names(self) -> dict[str, tuple[int, ...]]:
         """Every tensor an HF checkpoint of this architecture holds, with its shape."""
@@ -179,7 +206,9 @@ class HFArch:
                 p + "self_attn.v_proj.weight": (self.num_kv_heads * hd, h),
                 p + "self_attn.o_proj.weight": (h, self.num_heads * hd),
             })
-            if self.num_experts:
+            if self.kind == "gpt_oss":
+                names.update(gpt_oss.hf_names(self, p))
+            elif self.num_experts:
                 f = self.moe_ffn_hidden_size
                 names[p + "mlp.gate.weight"] = (self.num_experts, h)
                 for e in range(self.num_experts):
@@ -190,7 +219,7 @@ class HFArch:
                 names.update({p + "mlp.gate_proj.weight": (self.ffn_hidden_size, h),
                               p + "mlp.up_proj.weight": (self.ffn_hidden_size, h),
                               p + "mlp.down_proj.weight": (h, self.ffn_hidden_size)})
-            if self.qkv_bias:
+            if self.qkv_bias and self.kind != "gpt_oss":
                 names.update({p + "self_attn.q_proj.bias": (self.num_heads * hd,),
                               p + "self_attn.k_proj.bias": (self.num_kv_heads * hd,),
                               p + "self_attn.v_proj.bias": (self.num_kv_heads * hd,)})
@@ -211,7 +240,7 @@ def _moe_fields(cfg: dict) -> dict:
 
 LAYER_NAME = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc1|linear_fc2)\.weight$")
-STACKED_EXPERTS = re.compile(r"^mlp\.experts\.experts\.(linear_fc1|linear_fc2)\.weight$")
+STACKED_EXPERTS = re.compile(r"^mlp\.experts\.experts\.(linear_fc1|linear_fc2)\.(weight|bias)$")
 
 # Megatron per-layer name -> HF per-layer name, where the layout is the same.
 SAME_NAMES = {
@@ -257,8 +286,10 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
 
 
-def megatron_tensor(name: str, get: Callable[[str], torch.Tensor], arch: HFArch, padded_vocab: int) -> torch.Tensor:
-    """The full Megatron tensor ``name`` built from HF tensors (``get(hf_name)``)."""
+def megatron_tensor(name: str, get: Callable[[str], torch.Tensor], arch: HFArch, padded_vocab: int,
+                    expert: Callable[[str, int], torch.Tensor] | None = None) -> torch.Tensor:
+    """The full Megatron tensor ``name`` built from HF tensors (``get(hf_name)``; ``expert(hf_name, e)``: expert
+    e's slice of a fused expert tensor, default ``get(hf_name)[e]``)."""
     if name == "embedding.word_embeddings.weight":
         return _pad_rows(get("model.embed_tokens.weight"), padded_vocab)
     if name == "output_layer.weight":
@@ -269,6 +300,10 @@ def megatron_tensor(name: str, get: Callable[[str], torch.Tensor], arch: HFArch,
     if not m:
         raise KeyError(f"no HF source for Megatron tensor {name}")
     p, rest = f"model.layers.{m.group(1)}.", m.group(2)
+    if arch.kind == "gpt_oss":
+        t = gpt_oss.megatron_tensor(rest, p, get, expert or (lambda n, e: get(n)[e]))
+        if t is not None:
+            return t
     if rest in SAME_NAMES:
         return get(p + SAME_NAMES[rest])
     if rest in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
@@ -297,6 +332,8 @@ def hf_tensors(name: str, tensor: torch.Tensor, arch: HFArch) -> dict[str, torch
     if not m:
         raise KeyError(f"no HF name for Megatron tensor {name}")
     p, rest = f"model.layers.{m.group(1)}.", m.group(2)
+    if arch.kind == "gpt_oss" and (out := gpt_oss.hf_tensors(rest, p, tensor)) is not None:
+        return out  # an expert's pieces come as {name: (e, piece)}: convert's ExpertStacker joins them
     if rest == "self_attention.linear_proj.weight" and arch.o_bias:
         return {p + "self_attn.o_proj.weight": tensor, p + "self_attn.o_proj.bias": tensor.new_zeros(tensor.shape[0])}
     if rest in SAME_NAMES:
@@ -309,9 +346,11 @@ def hf_tensors(name: str, tensor: torch.Tensor, arch: HFArch) -> dict[str, torch
         return {p + "mlp.gate.weight": tensor}
     stacked = STACKED_EXPERTS.match(rest)
     if stacked:  # a checkpoint keeps a layer's experts as one [experts, ...] tensor
-        return {k: v for e in range(tensor.shape[0]) for k, v in
-                hf_tensors(f"decoder.layers.{m.group(1)}.mlp.experts.local_experts.{e}.{stacked.group(1)}.weight",
-                           tensor[e], arch).items()}
+        per = [hf_tensors(f"decoder.layers.{m.group(1)}.mlp.experts.local_experts.{e}.{stacked.group(1)}."
+                          f"{stacked.group(2)}", tensor[e], arch) for e in range(tensor.shape[0])]
+        if arch.kind == "gpt_oss":  # so does GPT-OSS: each expert's (e, piece) in place
+            return {k: torch.stack([p[k][1] for p in per]).contiguous() for k in per[0]}
+        return {k: v for p in per for k, v in p.items()}
     mlp = _hf_mlp(rest, p)
     if mlp:
         q, fc = mlp
@@ -320,67 +359,3 @@ def hf_tensors(name: str, tensor: torch.Tensor, arch: HFArch) -> dict[str, torch
         gate, up = tensor.chunk(2)
         return {q + "gate_proj.weight": gate.contiguous(), q + "up_proj.weight": up.contiguous()}
     raise KeyError(f"no HF name for Megatron tensor {name}")
-
-
-def as_llama(config: dict) -> dict:
-    """A Qwen2 ``config.json`` as the equal Llama: ``attention_bias`` (q/k/v and o_proj), the o_proj bias zero
-    (:func:`hf_tensors` writes it). How a Qwen2-geometry model with a tokenizer other than Qwen2's byte-level BPE
-    is exported: transformers 5 loads every ``qwen2`` model's tokenizer as ``Qwen2Tokenizer``, which rebuilds a
-    byte-level pipeline whatever ``tokenizer.json`` says, while a Llama's ``tokenizer.json`` is read as written."""
-    out = {**config, "architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": True,
-           "mlp_bias": False}
-    return out
-
-
-def hf_config_from_args(args, vocab_size: int) -> dict | None:
-    """The HF ``config.json`` of a model built from megatron_rgm flags, or None when no HF class matches.
-
-    Qwen2 (QKV bias), Qwen3 (QK norm) and Llama map: RMSNorm, SwiGLU, RoPE, no
-    linear biases. Used when a natively trained checkpoint is saved, so that
-    ``mcore-to-hf`` can export it.
-
-    Args:
-        args: :class:`megatron_rgm.arguments.Args`.
-        vocab_size: the tokenizer's vocabulary (the unpadded rows are exported).
-    """
-    t = args.transformer
-    if (t.normalization != "RMSNorm" or not t.gated_linear_unit or t.add_bias_linear
-            or args.position_embedding_type != "rope"):
-        return None
-    qk_norm = bool(t.qk_layernorm)
-    if qk_norm and t.add_qkv_bias:
-        return None
-    if t.num_moe_experts and not qk_norm:
-        return None  # experts without QK norm match no HF class converted here (Qwen3-MoE has it)
-    kind = "Qwen3ForCausalLM" if qk_norm else "Qwen2ForCausalLM" if t.add_qkv_bias else "LlamaForCausalLM"
-    kind = "Qwen3MoeForCausalLM" if t.num_moe_experts else kind
-    model_type = {"Qwen3ForCausalLM": "qwen3", "Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama",
-                  "Qwen3MoeForCausalLM": "qwen3_moe"}[kind]
-    dtype = "bfloat16" if t.bf16 else "float16" if t.fp16 else "float32"
-    return {
-        "architectures": [kind], "model_type": model_type, "vocab_size": vocab_size, "hidden_size": t.hidden_size,
-        "intermediate_size": t.ffn_hidden_size, "num_hidden_layers": t.num_layers,
-        "num_attention_heads": t.num_attention_heads, "num_key_value_heads": t.num_query_groups,
-        "head_dim": t.kv_channels, "max_position_embeddings": args.max_position_embeddings,
-        "rope_theta": float(args.rotary_base), "rms_norm_eps": t.layernorm_epsilon, "hidden_act": "silu",
-        "tie_word_embeddings": args.share_embeddings_and_output_weights, "attention_bias": bool(t.add_qkv_bias),
-        "torch_dtype": dtype, **hf_rope_scaling(args.model), **_hf_moe(t),
-    }
-
-
-def _hf_moe(t) -> dict:
-    """``config.json``'s Qwen3-MoE fields of a TransformerConfig with experts (none for a dense one)."""
-    if not t.num_moe_experts:
-        return {}
-    return {"num_experts": t.num_moe_experts, "moe_intermediate_size": t.moe_ffn_hidden_size,
-            "num_experts_per_tok": t.moe_router_topk, "norm_topk_prob": not t.moe_router_pre_softmax,
-            "router_aux_loss_coef": t.moe_aux_loss_coeff, "decoder_sparse_step": 1, "mlp_only_layers": []}
-
-
-def hf_rope_scaling(model: ModelConfig) -> dict:
-    """``config.json``'s ``rope_scaling`` for a model's RoPE scaling (read by transformers 4 and 5), else nothing."""
-    if model.use_rope_scaling:
-        return {"rope_scaling": {"rope_type": "llama3", "factor": model.rope_scaling_factor, **LLAMA3_FIXED}}
-    if model.rotary_seq_len_interpolation_factor not in (None, 1):
-        return {"rope_scaling": {"rope_type": "linear", "factor": float(model.rotary_seq_len_interpolation_factor)}}
-    return {}

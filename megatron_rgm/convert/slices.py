@@ -97,4 +97,7 @@ def megatron_shard(name: str, hf: HFCheckpoint, arch: HFArch, padded_vocab: int,
             hf.read_into(up, out[b - a:], rows=(a, b))
             return out
 
-    return shard(megatron_tensor(name, hf.get, arch, padded_vocab), dim, gated, rank, size).clone()
+    def expert(src: str, e: int) -> torch.Tensor:  # one expert of a fused [experts, ...] tensor
+        return _rows(hf, src, e, e + 1)[0]
+
+    return shard(megatron_tensor(name, hf.get, arch, padded_vocab, expert), dim, gated, rank, size).clone()

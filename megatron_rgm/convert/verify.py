@@ -72,7 +72,8 @@ def verify_layout(hf_path: str, mcore_path: str, tp: int, pp: int, batches: int 
     last = ps.is_pipeline_last_stage()
     seq, bsz = min(SEQ_LENGTH, arch.max_position_embeddings), 2
     report = {"max_abs_logit_diff": 0.0, "max_abs_head_diff": 0.0, "max_abs_hf_logit": 0.0, "steps": 0, "tp": tp,
-              "pp": pp, "ep": ep, "seq_length": seq, "dtype": arch.dtype, "tolerance": TOLERANCE.get(arch.dtype, 1e-4)}
+              "pp": pp, "ep": ep, "seq_length": seq, "sliding_window": args.model.sliding_window,
+              "dtype": arch.dtype, "tolerance": TOLERANCE.get(arch.dtype, 1e-4)}
     first_logits = None
     if last:
         hf = load_causal_lm(hf_path, torch.float32).eval()

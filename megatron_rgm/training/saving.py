@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from megatron_rgm.arguments import lr_schedule
 from megatron_rgm.checkpoint import ASSETS, publish, save_checkpoint
-from megatron_rgm.convert.mapping import hf_config_from_args
+from megatron_rgm.convert.hf_config import hf_config_from_args
 from megatron_rgm.model.load import HEAD_TRAINED, PROMPT_KEY
 
 
