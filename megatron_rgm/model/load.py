@@ -45,14 +45,14 @@ _UNSUPPORTED = {
     "multi_latent_attention": bool,
     "rotary_percent": lambda v: v not in (None, 1.0),
     "rotary_interleaved": bool,
-    "window_size": lambda v: v is not None,
+    "window_size": lambda v: v is not None and (len(v) != 2 or v[1] != 0),  # (left, 0) converts
+    "window_attn_skip_freq": lambda v: isinstance(v, (list, tuple)) and set(v) != {1},
     "mtp_num_layers": lambda v: v not in (None, 0),
     "apply_layernorm_1p": bool,
     "squared_relu": bool,
     "apply_residual_connection_post_layernorm": bool,
     "qk_l2_norm": bool,
     "attention_output_gate": bool,
-    "softmax_type": lambda v: v not in (None, "vanilla"),
     "heterogeneous_layers_config_path": lambda v: v is not None,
 }
 # What RGM's MoE layers (megatron-core's, as Qwen3-MoE converts: every layer routed by softmax, no shared
@@ -85,13 +85,17 @@ def _single(value):
 
 # Megatron-LM's MoE args that are ModelConfig fields of the same name.
 _MOE_VALUES = ("num_experts", "moe_ffn_hidden_size", "moe_router_topk", "moe_aux_loss_coeff")
-_EMBEDDINGS = ("rope", "learned_absolute")
+_EMBEDDINGS = ("rope", "yarn", "learned_absolute")
 _NORMS = ("LayerNorm", "RMSNorm")
 # Megatron-LM args attributes that are ModelConfig fields of the same name and meaning.
 _VALUES = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "kv_channels", "seq_length",
            "max_position_embeddings", "normalization", "norm_epsilon", "position_embedding_type", "rotary_base",
-           "rope_scaling_factor", "rotary_seq_len_interpolation_factor")
-_BOOLS = ("add_qkv_bias", "qk_layernorm", "swiglu", "untie_embeddings_and_output_weights", "use_rope_scaling")
+           "rope_scaling_factor", "rotary_seq_len_interpolation_factor", "rotary_scaling_factor",
+           "yarn_original_max_position_embeddings", "yarn_beta_fast", "yarn_beta_slow",
+           "yarn_correction_range_round_to_int", "mscale", "mscale_all_dim", "softmax_type", "glu_linear_offset",
+           "activation_func_clamp_value")
+_BOOLS = ("add_qkv_bias", "qk_layernorm", "swiglu", "quick_geglu", "untie_embeddings_and_output_weights",
+          "use_rope_scaling")
 # The common-state key that says whether the head in a checkpoint was trained (a trained head is never calibrated
 # again unless asked: ``--sprm-recalibrate-head``).
 HEAD_TRAINED = "sprm_head_trained"
@@ -163,6 +167,21 @@ class CheckpointModel:
         return replace(self, vocab_size=vocab_size)
 
 
+def _window_and_yarn(args: argparse.Namespace) -> dict:
+    """ModelConfig fields of Megatron-LM's ``--window-size (left, 0)`` (HF's window: left + 1 tokens) with its
+    ``--window-attn-skip-freq``, and of ``--position-embedding-type yarn`` where a flag was left at Megatron-LM's
+    default (it builds 4096 original positions then)."""
+    out = {}
+    window, freq = getattr(args, "window_size", None), getattr(args, "window_attn_skip_freq", None)
+    if window is not None:
+        out["sliding_window"] = int(window[0]) + 1
+        out["window_attn_skip_freq"] = freq if isinstance(freq, int) else None  # a list of ones: every layer
+    if getattr(args, "position_embedding_type", None) == "yarn":
+        out.setdefault("yarn_original_max_position_embeddings",
+                       getattr(args, "yarn_original_max_position_embeddings", None) or 4096)
+    return out
+
+
 def megatron_lm_model(args: argparse.Namespace, where: str) -> tuple[ModelConfig, RGMConfig, list[str]]:
     """The model (and head) a Megatron-LM ``args`` Namespace describes, and what was left out (named).
 
@@ -189,6 +208,7 @@ def megatron_lm_model(args: argparse.Namespace, where: str) -> tuple[ModelConfig
                           "it cannot be rebuilt; save it with a current Megatron-LM")
     values = {name: getattr(args, name) for name in _VALUES if getattr(args, name, None) is not None}
     values.update({name: bool(getattr(args, name, False)) for name in _BOOLS})
+    values.update(_window_and_yarn(args))
     if moe:
         values.update({name: _single(getattr(args, name)) for name in _MOE_VALUES
                        if getattr(args, name, None) is not None})
