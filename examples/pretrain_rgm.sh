@@ -38,8 +38,9 @@ if [ "$PRESET" = tiny ]; then
 fi
 
 # The paper's hyper-parameters: policy lr 1e-6, head lr 1e-5, k=8 at T=0.6, clip 0.2, KL 0.001 (low-var),
-# entropy 0.001; the preset sets the response length (8k tokens, 32k for the 32B policies).
-PRESET_FLAGS=(--preset "$PRESET" --lr 1e-6 --sprm-lr 1e-5 --grpo-group-size 8 --rollout-temperature 0.6
+# entropy 0.001; the preset sets the response length (8k tokens, 32k for the 32B and MoE policies) and, for
+# gpt-oss-20b, T=1.0.
+PRESET_FLAGS=(--preset "$PRESET" --lr 1e-6 --sprm-lr 1e-5 --grpo-group-size 8
               --rollout-top-p 0.95 --grpo-clip-low 0.2 --grpo-clip-high 0.2 --grpo-kl-coef 0.001
               --grpo-entropy-coef 0.001 --sprm-backbone-grad-scale 1e-4)
 

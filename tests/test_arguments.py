@@ -92,3 +92,37 @@ def test_rgm_config_defaults_are_the_papers():
 def test_expert_parallelism_that_fits_no_experts_is_refused_for_training_as_for_conversion(flags, named):
     with pytest.raises(ConfigError, match=named):
         parse_args(["--preset", "tiny", *flags])
+
+
+def _published(name: str) -> dict:
+    """The config.json values of the hub's model behind a mixture-of-experts preset."""
+    import transformers
+
+    if name == "gpt-oss-20b":
+        cfg = transformers.GptOssConfig(num_hidden_layers=24, num_local_experts=32, num_experts_per_tok=4,
+                                        vocab_size=201088, router_aux_loss_coef=0.9, tie_word_embeddings=False)
+        return {**cfg.to_dict(), "architectures": ["GptOssForCausalLM"]}
+    cfg = transformers.Qwen3MoeConfig(num_hidden_layers=48, hidden_size=2048, intermediate_size=6144,
+                                      moe_intermediate_size=768, num_attention_heads=32, num_key_value_heads=4,
+                                      head_dim=128, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+                                      vocab_size=151936, max_position_embeddings=40960, rope_theta=1000000.0,
+                                      rms_norm_eps=1e-6, router_aux_loss_coef=0.001, tie_word_embeddings=False,
+                                      decoder_sparse_step=1, mlp_only_layers=[])
+    return {**cfg.to_dict(), "architectures": ["Qwen3MoeForCausalLM"]}
+
+
+@pytest.mark.parametrize("name", ["gpt-oss-20b", "qwen3-30b-a3b"])
+def test_moe_presets_are_their_published_configs_converted(name):
+    """Training from a preset builds what converting the hub's checkpoint builds (the context length aside)."""
+    from dataclasses import fields
+
+    from megatron_rgm.config import ModelConfig
+    from megatron_rgm.convert.mapping import HFArch
+    from megatron_rgm.model.presets import preset
+
+    converted = HFArch.from_config(_published(name)).model_config()
+    ours = parse_args(["--preset", name]).model
+    differ = {f.name: (getattr(ours, f.name), getattr(converted, f.name)) for f in fields(ModelConfig)
+              if f.name not in ("seq_length",) and getattr(ours, f.name) != getattr(converted, f.name)}
+    assert differ == {}
+    assert preset(name)["seq_length"] == 32768

@@ -42,6 +42,38 @@ def test_model_head_matches_formula(single_rank):
     assert sum(p.numel() for p in model.sprm_head.parameters()) == _head_params(c)
 
 
+GPT_OSS_LIKE = ["--num-experts", "4", "--moe-ffn-hidden-size", "96", "--no-swiglu", "--quick-geglu",
+                "--glu-linear-offset", "1", "--activation-func-clamp-value", "7", "--no-disable-bias-linear",
+                "--softmax-type", "learnable", "--sliding-window", "8", "--window-attn-skip-freq", "2"]
+
+
+@pytest.mark.parametrize("flags", [[], ["--qk-layernorm", "--num-experts", "4"], GPT_OSS_LIKE],
+                         ids=["tiny", "moe", "gpt-oss-like"])
+def test_preset_sizes_count_a_built_models_parameters(single_rank, flags):
+    """``python -m megatron_rgm.model.presets`` prints each preset's sizes from this count."""
+    from dataclasses import asdict
+
+    from megatron_rgm.model.presets import sizes
+
+    model, args = _model(single_rank, extra=flags)
+    n = sizes(asdict(args.model))
+    head = sum(p.numel() for p in model.sprm_head.parameters())
+    backbone = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("sprm_head."))
+    assert round(n["head"] * 1e6) == head == SPRMHead.num_parameters(args.model.hidden_size)
+    assert round(n["backbone"] * 1e6) == backbone, [(k, p.numel()) for k, p in model.named_parameters()][:12]
+    experts = args.model.num_experts or 0
+    assert (n["active"] < n["backbone"]) == bool(experts)
+
+
+def test_the_moe_presets_print_their_published_sizes():
+    from megatron_rgm.model.presets import preset, sizes
+
+    oss, qwen = sizes(preset("gpt-oss-20b")), sizes(preset("qwen3-30b-a3b"))
+    assert round(oss["backbone"] / 1e3, 1) == 20.9 and round(qwen["backbone"] / 1e3, 1) == 30.5  # 21B, 30.5B
+    assert 3.3 <= qwen["active"] / 1e3 < 3.4  # Qwen3-30B-A3B: 3.3B activated
+    assert round(oss["head"]) == 17 and round(qwen["head"]) == 8
+
+
 def _by_hand(model, ids, pos, upto: int) -> torch.Tensor:
     """Run embedding and layers 0..upto outside the model's forward."""
     hidden = model.embedding(input_ids=ids, position_ids=pos)
