@@ -126,6 +126,8 @@ ARCHS = {
     # Experts in every layer (4, two per token, the top two renormalised as Qwen3-30B-A3B does), QK norm.
     "qwen3_moe": ("Qwen3MoeConfig", dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                          norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[]), False),
+    # Mistral: a window of 8 on every layer (transformers 5 writes no layer_types for it).
+    "mistral": ("MistralConfig", dict(head_dim=16, sliding_window=8, rope_theta=10000.0), False),
     # GPT-OSS: biases everywhere, a sink per head, windows of 8 on layers 0 and 2, YaRN over 64 original positions
     # (its correction range not rounded, as the hub's), 4 experts with the interleaved gate/up and an MLP clamp
     # that a random model's activations reach (7 on the hub).

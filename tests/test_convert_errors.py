@@ -117,8 +117,6 @@ def test_mcore_to_hf_bad_paths(tmp_path):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (dict(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=16),
-     "sliding_window=16 (sliding-window attention)"),
     (dict(use_sliding_window=True, sliding_window=16), "sliding_window=16 (sliding-window attention)"),
     (dict(layer_types=["full_attention", "sliding_attention"] * 2),
      "layer_types with 2 'sliding_attention' layers"),

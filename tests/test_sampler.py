@@ -116,9 +116,10 @@ def test_step_scores_equal_a_separate_forward(results, tp):
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("kind", ["qwen2", "gpt_oss"])
+@pytest.mark.parametrize("kind", ["qwen2", "mistral", "gpt_oss"])
 def test_greedy_equals_transformers_on_the_converted_model(tmp_path, kind):
-    """25 tokens: past GPT-OSS's window of 8, its sinks and YaRN in every KV-cache decode step."""
+    """25 tokens: past Mistral's and GPT-OSS's windows of 8, GPT-OSS's sinks and YaRN in every KV-cache decode
+    step."""
     import transformers
 
     if kind == "qwen2":

@@ -1,4 +1,5 @@
-"""HF (Qwen2, Qwen3, Qwen3-MoE, Llama, GPT-OSS: :mod:`.gpt_oss`) <-> Megatron tensor names and layouts, one full tensor at a time.
+"""HF (Qwen2, Qwen3, Qwen3-MoE, Llama, Mistral, GPT-OSS: :mod:`.gpt_oss`) <-> Megatron tensor names and layouts,
+one full tensor at a time.
 
 Megatron-side names are RGMModel's full (TP=1, PP=1) parameter names, e.g.
 ``decoder.layers.3.self_attention.linear_qkv.weight``. Layouts that differ:
@@ -52,13 +53,20 @@ def rope_flags(scaling: dict | None) -> dict:
 
 
 def attention_features(cfg: dict, problems: list[str]) -> dict:
-    """The :class:`ModelConfig` fields of a config's YaRN RoPE and (GPT-OSS's) sliding windows; what they cannot
-    carry is appended to ``problems``."""
+    """The :class:`ModelConfig` fields of a config's YaRN RoPE and sliding windows (GPT-OSS's on some layers,
+    Mistral's on all); what they cannot carry is appended to ``problems``."""
     rope = _rope_config(cfg)
     out = gpt_oss.yarn_flags(rope, cfg, problems) if rope.get("rope_type", rope.get("type")) == "yarn" else {}
     if "GptOssForCausalLM" in (cfg.get("architectures") or []):
         out.update(gpt_oss.window_flags(cfg, problems))
+    elif _mistral_window(cfg):
+        out["sliding_window"] = int(cfg["sliding_window"])
     return out
+
+
+def _mistral_window(cfg: dict) -> bool:
+    """A Mistral config whose window transformers applies to every layer (no per-layer types)."""
+    return cfg.get("model_type") == "mistral" and bool(cfg.get("sliding_window")) and not cfg.get("layer_types")
 
 
 def refuse_unconverted_features(cfg: dict, source: str) -> None:
@@ -83,13 +91,14 @@ def refuse_unconverted_features(cfg: dict, source: str) -> None:
         problems.append(f"RoPE scaling {kind!r} without a factor")
     if cfg.get("partial_rotary_factor", 1.0) != 1.0:
         problems.append(f"partial_rotary_factor={cfg['partial_rotary_factor']} (RoPE on part of each head)")
-    # A sliding window: Mistral's sliding_window; Qwen's use_sliding_window; transformers 5's per-layer types.
+    # A sliding window: Qwen's use_sliding_window (from max_window_layers on); transformers 5's per-layer types.
+    # GPT-OSS's and Mistral's convert (attention_features).
     windowed = [t for t in cfg.get("layer_types") or [] if t != "full_attention"]
-    if oss:
-        pass  # its windows: attention_features
+    if oss or _mistral_window(cfg):
+        pass
     elif windowed:
         problems.append(f"layer_types with {len(windowed)} {windowed[0]!r} layers (sliding-window attention)")
-    elif cfg.get("use_sliding_window") or (cfg.get("model_type") == "mistral" and cfg.get("sliding_window")):
+    elif cfg.get("use_sliding_window"):
         problems.append(f"sliding_window={cfg.get('sliding_window')} (sliding-window attention)")
     if cfg.get("mlp_bias"):
         problems.append("mlp_bias=true (the MLP converts without biases)")
