@@ -298,11 +298,12 @@ def build_args(model: ModelConfig, parallel: ParallelConfig | None = None, rgm: 
 
 
 def rebuild_args(model: ModelConfig, tp: int = 1, pp: int = 1, rgm: RGMConfig | None = None,
-                 seed: int = 1234, ep: int = 1) -> Args:
-    """Args of ``model`` at ``tp`` x ``pp`` (x ``ep`` for the experts, within as many data-parallel ranks) whose
-    weights a load or a conversion overwrites (no initialisation)."""
+                 seed: int = 1234, ep: int = 1, etp: int | None = None) -> Args:
+    """Args of ``model`` at ``tp`` x ``pp`` (x ``ep`` for the experts, within as many data-parallel ranks; each
+    expert over ``etp`` of the tensor-parallel ranks, default :func:`build_args`'s) whose weights a load or a
+    conversion overwrites (no initialisation)."""
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, seed=seed,
-                              expert_model_parallel_size=ep)
+                              expert_model_parallel_size=ep, expert_tensor_parallel_size=etp)
     args = build_args(model, parallel, rgm)
     args.transformer.perform_initialization = False
     return args

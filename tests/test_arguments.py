@@ -88,8 +88,17 @@ def test_rgm_config_defaults_are_the_papers():
 @pytest.mark.parametrize("flags, named", [
     (["--expert-model-parallel-size", "2"], "this model is dense"),
     (["--num-experts", "4", "--expert-model-parallel-size", "3"], "does not divide the model's 4 experts"),
+    (["--num-experts", "4", "--tensor-model-parallel-size", "2", "--expert-tensor-parallel-size", "3"],
+     "--expert-tensor-parallel-size 3: use 1 or the tensor-parallel size 2"),
+    (["--num-experts", "4", "--no-disable-bias-linear", "--tensor-model-parallel-size", "2",
+      "--expert-tensor-parallel-size", "2"], "(1 for experts with biases)"),
+    (["--sliding-window", "0"], "--sliding-window must be >= 1"),
+    (["--window-attn-skip-freq", "2"], "needs --sliding-window"),
+    (["--quick-geglu"], "--quick-geglu and --swiglu are two gated MLPs"),
+    (["--no-swiglu", "--glu-linear-offset", "1"], "shape a gated MLP"),
+    (["--position-embedding-type", "yarn"], "needs --yarn-original-max-position-embeddings"),
 ])
-def test_expert_parallelism_that_fits_no_experts_is_refused_for_training_as_for_conversion(flags, named):
+def test_bad_expert_layouts_and_attention_flags_are_refused_by_name(flags, named):
     with pytest.raises(ConfigError, match=named):
         parse_args(["--preset", "tiny", *flags])
 

@@ -175,15 +175,17 @@ json.dump({{"scores": r.step_scores, "agg": r.aggregate, "ids": ids[0].tolist(),
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("kind, tp", [("qwen3_moe", "1"), ("gpt_oss", "2")])
-def test_moe_converts_and_verifies_with_its_experts_over_two_ranks(tmp_path, kind, tp):
-    """hf-to-mcore --ep 2: each rank writes its own 2 of the 4 experts (named by their index over all experts);
-    the export of that checkpoint is the HF model bit for bit, and verify at EP=2 and at EP=1 (a reshard) holds.
-    GPT-OSS's experts (biased: expert tensor parallelism 1) sit beside TP=2 attention, on 4 ranks."""
+@pytest.mark.parametrize("kind, tp, etp", [("qwen3_moe", "1", "1"), ("qwen3_moe", "2", "1"), ("gpt_oss", "2", "1")])
+def test_moe_converts_and_verifies_with_its_experts_over_two_ranks(tmp_path, kind, tp, etp):
+    """hf-to-mcore --ep 2 --etp 1: each rank writes its own 2 of the 4 experts (named by their index over all
+    experts), whole; the export of that checkpoint is the HF model bit for bit, and verify holds there and at
+    EP=1 with the default expert TP (a reshard: Qwen3-MoE's experts then split over TP=2 too). GPT-OSS's experts
+    (biased: expert tensor parallelism 1 always) sit beside TP=2 attention, on 4 ranks."""
     from safetensors import safe_open
 
     hf = make_hf(kind, tmp_path / "hf")
-    convert("hf-to-mcore", "--hf-path", str(hf), "--output", str(tmp_path / "mcore"), "--ep", "2", "--tp", tp)
+    convert("hf-to-mcore", "--hf-path", str(hf), "--output", str(tmp_path / "mcore"), "--ep", "2", "--tp", tp,
+            "--etp", etp)
     convert("mcore-to-hf", "--mcore-path", str(tmp_path / "mcore"), "--output", str(tmp_path / "back"))
     index = json.loads((tmp_path / "back" / "model.safetensors.index.json").read_text())["weight_map"]
     original = safe_open(str(hf / "model.safetensors"), "pt")
@@ -191,12 +193,13 @@ def test_moe_converts_and_verifies_with_its_experts_over_two_ranks(tmp_path, kin
     for name in original.keys():
         back = safe_open(str(tmp_path / "back" / index[name]), "pt").get_tensor(name)
         assert torch.equal(back, original.get_tensor(name)), name
-    for ep in ("2", "1"):
+    for ep, flags in (("2", ["--etp", etp]), ("1", [])):
         report = tmp_path / f"verify_ep{ep}.json"
         convert("verify", "--hf-path", str(hf), "--mcore-path", str(tmp_path / "mcore"), "--ep", ep, "--tp", tp,
-                "--json", str(report))
+                *flags, "--json", str(report))
         got = json.loads(report.read_text())
         assert got["ep"] == int(ep) and got["max_abs_logit_diff"] <= 1e-4 and got["max_abs_head_diff"] <= 1e-5, got
+        assert got["etp"] == (1 if flags or kind == "gpt_oss" else int(tp)), got
 
 
 @pytest.mark.parametrize("kind, ep, named", [("qwen2", "2", "this model is dense"),

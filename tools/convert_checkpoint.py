@@ -1,8 +1,9 @@
 """HF <-> Megatron checkpoints with the SPRM head.
 
-    python tools/convert_checkpoint.py hf-to-mcore --hf-path DIR --output DIR --tp N --pp M [--ep E] [--sprm-head FILE]
+    python tools/convert_checkpoint.py hf-to-mcore --hf-path DIR --output DIR --tp N --pp M [--ep E] [--etp T]
+        [--sprm-head FILE]
     python tools/convert_checkpoint.py mcore-to-hf --mcore-path DIR --output DIR [--dtype bfloat16]
-    python tools/convert_checkpoint.py verify --hf-path DIR --mcore-path DIR --tp N --pp M [--ep E]
+    python tools/convert_checkpoint.py verify --hf-path DIR --mcore-path DIR --tp N --pp M [--ep E] [--etp T]
 """
 
 import argparse
@@ -12,6 +13,8 @@ from megatron_rgm.config import decode_escapes, run_tool
 
 EP_HELP = ("expert-parallel ranks of a mixture-of-experts model: each holds num_experts / EP experts (tp x pp x ep "
            "ranks in all); the checkpoint loads at any EP")
+ETP_HELP = ("tensor-parallel ranks each expert is split over: 1 or --tp (default: --tp, or 1 for experts with biases, "
+            "GPT-OSS's); the checkpoint loads at either")
 
 
 def main(argv=None) -> int:
@@ -23,6 +26,7 @@ def main(argv=None) -> int:
     a.add_argument("--tp", type=int, default=1)
     a.add_argument("--pp", type=int, default=1)
     a.add_argument("--ep", type=int, default=1, help=EP_HELP)
+    a.add_argument("--etp", type=int, help=ETP_HELP)
     a.add_argument("--sprm-head", help="score_module.pt or sprm_head.safetensors; default: a fresh, seeded head")
     a.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     a.add_argument("--seed", type=int, default=1234)
@@ -43,6 +47,7 @@ def main(argv=None) -> int:
     c.add_argument("--tp", type=int, default=1)
     c.add_argument("--pp", type=int, default=1)
     c.add_argument("--ep", type=int, default=1, help=EP_HELP)
+    c.add_argument("--etp", type=int, help=ETP_HELP)
     c.add_argument("--batches", type=int, default=2)
     c.add_argument("--json", help="also write the report here")
     args = p.parse_args(argv)
@@ -52,11 +57,11 @@ def main(argv=None) -> int:
     def body():
         if args.cmd == "hf-to-mcore":
             convert.hf_to_mcore(args.hf_path, args.output, args.tp, args.pp, args.sprm_head,
-                                args.make_vocab_size_divisible_by, args.seed, args.ep)
+                                args.make_vocab_size_divisible_by, args.seed, args.ep, args.etp)
         elif args.cmd == "mcore-to-hf":
             convert.mcore_to_hf(args.mcore_path, args.output, args.dtype, args.vocab_size, args.prompt_template)
         else:
-            verify(args.hf_path, args.mcore_path, args.tp, args.pp, args.batches, args.json, args.ep)
+            verify(args.hf_path, args.mcore_path, args.tp, args.pp, args.batches, args.json, args.ep, args.etp)
 
     try:
         return run_tool(body)

@@ -55,11 +55,11 @@ def _say(msg: str) -> None:
 
 
 def _hf_to_mcore_rank(hf_path: str, output: str, tp: int, pp: int, head_file: str | None, head: RGMConfig,
-                      divisible_by: int, seed: int, ep: int = 1) -> None:
+                      divisible_by: int, seed: int, ep: int = 1, etp: int | None = None) -> None:
     return_freed_memory()
     hf = HFCheckpoint(hf_path)
     arch = hf.arch
-    args = rebuild_args(arch.model_config(divisible_by), tp, pp, head, seed=seed, ep=ep)
+    args = rebuild_args(arch.model_config(divisible_by), tp, pp, head, seed=seed, ep=ep, etp=etp)
     distributed.initialize(args.parallel)
 
     # The model gives the checkpoint's layout (its sharded_state_dict); its backbone parameters are never
@@ -105,9 +105,10 @@ def _save_streaming(output: str, model, produce, extra: dict, progress: str | No
 
 
 def hf_to_mcore(hf_path: str, output: str, tp: int = 1, pp: int = 1, head_file: str | None = None,
-                divisible_by: int = 128, seed: int = 1234, ep: int = 1) -> None:
+                divisible_by: int = 128, seed: int = 1234, ep: int = 1, etp: int | None = None) -> None:
     """Convert an HF directory to a Megatron dist checkpoint with the SPRM head, on ``tp x pp x ep`` ranks (``ep``
-    spreads a mixture-of-experts model's experts: each rank reads and writes its own experts only)."""
+    spreads a mixture-of-experts model's experts: each rank reads and writes its own experts only; ``etp`` splits
+    each expert over that many tensor-parallel ranks)."""
     hf = HFCheckpoint(hf_path)
     hf.validate()
     if hf.arch.o_bias:  # RGMModel biases q/k/v only: a Llama's o_proj bias converts when it is zero
@@ -123,14 +124,14 @@ def hf_to_mcore(hf_path: str, output: str, tp: int = 1, pp: int = 1, head_file: 
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        rebuild_args(hf.arch.model_config(divisible_by), tp, pp, ep=ep)  # layout errors before any rank starts
+        rebuild_args(hf.arch.model_config(divisible_by), tp, pp, ep=ep, etp=etp)  # layout errors before any rank
         if not head_file:
             print(f"no --sprm-head given: the SPRM head is freshly initialised (seed {seed})", flush=True)
         else:
             print(f"SPRM head {head_file}: layer {head.sprm_layer}, step rule {head.sprm_step_rule} over "
                   f"{head.sprm_step_tokens}", flush=True)
         run_ranks(_hf_to_mcore_rank, tp * pp * ep, str(hf_path), str(out), tp, pp, head_file, head, divisible_by,
-                  seed, ep, skip_teardown=True)
+                  seed, ep, etp, skip_teardown=True)
         (out / ASSETS).mkdir()
         copied = copy_tokenizer_files(Path(hf_path), out / ASSETS)
         (out / ASSETS / "config.json").write_text(json.dumps(hf.arch.config, indent=2))

@@ -53,26 +53,26 @@ def check_report(report: dict) -> None:
 
 
 def _verify_rank(hf_path: str, mcore_path: str, tp: int, pp: int, batches: int, report_file: str | None,
-                 ep: int = 1) -> None:
-    verify_layout(hf_path, mcore_path, tp, pp, batches, report_file, ep)
+                 ep: int = 1, etp: int | None = None) -> None:
+    verify_layout(hf_path, mcore_path, tp, pp, batches, report_file, ep, etp)
     distributed.shutdown()
 
 
 def verify_layout(hf_path: str, mcore_path: str, tp: int, pp: int, batches: int = 2,
-                  report_file: str | None = None, ep: int = 1) -> dict | None:
+                  report_file: str | None = None, ep: int = 1, etp: int | None = None) -> dict | None:
     """Run the comparison at one layout on this rank (the process group may already be up).
 
     Returns:
         The report (with the Megatron logits of the first batch under
         ``"logits"``) on the rank that reports, else None.
     """
-    loaded = load_model(mcore_path, tp, pp, ep=ep)
+    loaded = load_model(mcore_path, tp, pp, ep=ep, etp=etp)
     model, args = loaded.model, loaded.args
     arch = HFCheckpoint(hf_path).arch  # what is compared: the HF side's own architecture
     last = ps.is_pipeline_last_stage()
     seq, bsz = min(SEQ_LENGTH, arch.max_position_embeddings), 2
     report = {"max_abs_logit_diff": 0.0, "max_abs_head_diff": 0.0, "max_abs_hf_logit": 0.0, "steps": 0, "tp": tp,
-              "pp": pp, "ep": ep, "seq_length": seq, "sliding_window": args.model.sliding_window,
+              "pp": pp, "ep": ep, "etp": args.parallel.expert_tensor_parallel_size, "seq_length": seq, "sliding_window": args.model.sliding_window,
               "dtype": arch.dtype, "tolerance": TOLERANCE.get(arch.dtype, 1e-4)}
     first_logits = None
     if last:
@@ -124,7 +124,7 @@ def verify_layout(hf_path: str, mcore_path: str, tp: int, pp: int, batches: int 
 
 
 def verify(hf_path: str, mcore_path: str, tp: int = 1, pp: int = 1, batches: int = 2,
-           report_file: str | None = None, ep: int = 1) -> dict:
+           report_file: str | None = None, ep: int = 1, etp: int | None = None) -> dict:
     """Compare an HF directory with a Megatron checkpoint run at ``tp`` x ``pp`` (x ``ep``); returns the report.
 
     Raises:
@@ -133,7 +133,7 @@ def verify(hf_path: str, mcore_path: str, tp: int = 1, pp: int = 1, batches: int
     HFCheckpoint(hf_path)  # path / config errors before any rank starts
     with tempfile.TemporaryDirectory() as tmp:
         out = report_file or str(Path(tmp) / "verify.json")
-        run_ranks(_verify_rank, tp * pp * ep, str(hf_path), str(mcore_path), tp, pp, batches, out, ep)
+        run_ranks(_verify_rank, tp * pp * ep, str(hf_path), str(mcore_path), tp, pp, batches, out, ep, etp)
         report = json.loads(Path(out).read_text())
     check_report(report)
     return report

@@ -122,11 +122,11 @@ class CheckpointModel:
     head_trained: bool = False  # the head was trained (or imported trained), not freshly initialised
     prompt_template: str | None = None  # how the run rendered a problem, when recorded
 
-    def args(self, tp: int = 1, pp: int = 1, ep: int = 1):
+    def args(self, tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None):
         """:class:`megatron_rgm.arguments.Args` that rebuild the model at ``tp`` x ``pp`` (x ``ep`` for the experts;
         the same padded rows)."""
         return rebuild_args(at_layout(self.model, self.padded_vocab_size), tp, pp,
-                            replace(self.sprm, sprm_dropout=0.0), ep=ep)
+                            replace(self.sprm, sprm_dropout=0.0), ep=ep, etp=etp)
 
     def sampling_vocab(self, tokenizer) -> int:
         """The vocabulary rows sampling may draw: the recorded size, else the tokenizer's."""
@@ -333,16 +333,17 @@ class LoadedModel:
 
 
 def load_model(path: str | Path, tp: int = 1, pp: int = 1, checkpoint: CheckpointModel | None = None,
-               ep: int = 1) -> LoadedModel:
+               ep: int = 1, etp: int | None = None) -> LoadedModel:
     """Start the layout, build the checkpoint's model at ``tp`` x ``pp`` and load its weights. Collective.
 
     Args:
         path: what :func:`describe_checkpoint` takes.
         checkpoint: its description, when the caller has read it already.
-        ep: expert-parallel ranks of a mixture-of-experts model (the world is ``tp x pp x ep``).
+        ep: expert-parallel ranks of a mixture-of-experts model (the world is ``tp x pp x ep``); ``etp``: the
+            tensor-parallel ranks each expert is split over (default: ``tp``, 1 for biased experts).
     """
     checkpoint = checkpoint or describe_checkpoint(path)
-    args = checkpoint.args(tp, pp, ep)
+    args = checkpoint.args(tp, pp, ep, etp)
     distributed.initialize(args.parallel)
     model = build_model(args)[0]
     result = load_checkpoint(checkpoint.directory, [model])
