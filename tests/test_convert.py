@@ -20,8 +20,7 @@ def converted(request, tmp_path_factory):
     hf = make_hf(kind, root / "hf")
     head = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Dropout(0.5), torch.nn.Linear(128, 1))
     torch.save(head.state_dict(), hf / "score_module.pt")
-    if kind in ("qwen2", "gpt_oss"):
-        save_tokenizer(hf)
+    save_tokenizer(hf)
     # Llama differs from Qwen2 only by the QKV bias and tied embeddings (both exercised by the other two):
     # it gets the conversion round trip, not the four-layout verification (which costs a minute per arch).
     layout = ["--tp", "1", "--pp", "1"] if kind == "llama" else ["--tp", "2", "--pp", "2"]
@@ -151,7 +150,6 @@ def test_linear_rope_scaling_converts_and_verifies(tmp_path):
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("converted", ["qwen2", "gpt_oss"], indirect=True)  # the fixtures with a tokenizer
 def test_scorer_equals_megatron_head(converted, tmp_path):
     kind, root, hf = converted
     out = root / "hf_scorer"
