@@ -87,13 +87,24 @@ def test_overlapped_bucketed_gradient_reduction_trains_the_same_weights(task, tm
 MOE = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "96", "--moe-aux-loss-coeff", "0.01"]
 
 
+# GPT-OSS's layer on the tiny geometry: biased linears (the experts' too), quick-GELU gates clamped and offset,
+# windows of 8 on every other layer, a learned sink per head, YaRN.
+GPT_OSS_LIKE = ["--no-swiglu", "--quick-geglu", "--glu-linear-offset", "1", "--activation-func-clamp-value", "7",
+                "--no-disable-bias-linear", "--sliding-window", "8", "--window-attn-skip-freq", "2",
+                "--softmax-type", "learnable", "--position-embedding-type", "yarn", "--rotary-scaling-factor", "4",
+                "--yarn-original-max-position-embeddings", "64", "--no-yarn-correction-range-round-to-int"]
+
+
 @pytest.mark.multirank
 @pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2", "--sequence-parallel"],
-                                    ["--expert-model-parallel-size", "2"]], ids=["tp2", "ep2"])
+                                    ["--expert-model-parallel-size", "2"],
+                                    ["--tensor-model-parallel-size", "2", "--sequence-parallel", *GPT_OSS_LIKE]],
+                         ids=["tp2", "ep2", "gpt-oss-like-tp2"])
 def test_the_head_trains_on_a_mixture_of_experts_backbone(task, tmp_path, layout):
     """Every layer's MLP four experts (two per token): GRPO + SPR run at TP=2 (with sequence parallelism, which
-    megatron-core's MoE layers need there) and with the experts split over two data-parallel ranks (EP=2); the
-    routers' load-balancing loss is logged apart from the GRPO and SPR losses."""
+    megatron-core's MoE layers need there; GPT-OSS's biased experts whole on each rank) and with the experts split
+    over two data-parallel ranks (EP=2); the routers' load-balancing loss is logged apart from the GRPO and SPR
+    losses."""
     store = make_store(tmp_path / "store", task, n_groups=2)
     rows = pretrain(2, [*TINY, *MOE, *layout, "--train-iters", "2", "--rollouts", str(store), "--tokenizer",
                         str(task["tokenizer"]), "--sprm-dropout", "0"], tmp_path / "m.jsonl")
@@ -104,14 +115,6 @@ def test_the_head_trains_on_a_mixture_of_experts_backbone(task, tmp_path, layout
         # Balanced routing gives 1 (top-k probabilities against the share of tokens, times the experts).
         assert 0.5 < r["moe load balancing loss"] < 4, r
     assert rows[1]["kl"] > 0, "the policy moved"
-
-
-# GPT-OSS's layer on the tiny geometry: biased linears (the experts' too), quick-GELU gates clamped and offset,
-# windows of 8 on every other layer, a learned sink per head, YaRN.
-GPT_OSS_LIKE = ["--no-swiglu", "--quick-geglu", "--glu-linear-offset", "1", "--activation-func-clamp-value", "7",
-                "--no-disable-bias-linear", "--sliding-window", "8", "--window-attn-skip-freq", "2",
-                "--softmax-type", "learnable", "--position-embedding-type", "yarn", "--rotary-scaling-factor", "4",
-                "--yarn-original-max-position-embeddings", "64", "--no-yarn-correction-range-round-to-int"]
 
 
 @pytest.mark.multirank

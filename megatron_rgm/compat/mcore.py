@@ -115,22 +115,24 @@ def biased_experts_train() -> None:
     """An expert's MLP with biases adds the probability-weighted fc2 bias in place (``output += ...`` in
     ``MLP.forward``) to what ``RowParallelLinear`` returns. Over a tensor-parallel group of one (experts with
     biases run at expert tensor parallelism 1) that is the matmul's output passed through a custom autograd
-    Function as is, which autograd refuses to modify in place: the first backward of such a model failed. Over a
-    group of one the reduction is the identity both ways; here it returns its input without the Function."""
+    Function as is (the all-reduce, or the reduce-scatter under sequence parallelism), which autograd refuses to
+    modify in place: the first backward of such a model failed. Over a group of one either is the identity both
+    ways; here it returns its input without the Function."""
     from megatron.core.tensor_parallel import layers, mappings
 
-    if getattr(layers.reduce_from_tensor_model_parallel_region, "_rgm_identity_over_one", False):
-        return
-    original = layers.reduce_from_tensor_model_parallel_region
+    for name in ("reduce_from_tensor_model_parallel_region", "reduce_scatter_to_sequence_parallel_region"):
+        original = getattr(layers, name)
+        if getattr(original, "_rgm_identity_over_one", False):
+            continue
 
-    def reduce_from_tensor_model_parallel_region(input_, group=None):
-        group = mappings.get_tensor_model_parallel_group_if_none(group)
-        if group.size() == 1:
-            return input_
-        return original(input_, group=group)
+        def over_one_is_identity(input_, group=None, *args, _original=original, **kwargs):
+            group = mappings.get_tensor_model_parallel_group_if_none(group)
+            if group.size() == 1:
+                return input_
+            return _original(input_, group, *args, **kwargs)
 
-    reduce_from_tensor_model_parallel_region._rgm_identity_over_one = True
-    layers.reduce_from_tensor_model_parallel_region = reduce_from_tensor_model_parallel_region
+        over_one_is_identity._rgm_identity_over_one = True
+        setattr(layers, name, over_one_is_identity)
 
 
 def take_moe_router_losses() -> dict[str, torch.Tensor]:
