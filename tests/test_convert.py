@@ -137,6 +137,10 @@ def test_verify_fails_with_a_planted_fault(converted, tmp_path, fault):
     proc = convert("verify", "--hf-path", str(faulty), "--mcore-path", str(root / "mcore"), check=False)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "is above the float32 tolerance" in proc.stderr, proc.stderr[-2000:]
+    assert "the largest at position" in proc.stderr, proc.stderr[-2000:]
+    if fault == "no windows":  # a window of 8: every position up to 7 sees the same keys either way
+        first = int(proc.stderr.split("over the tolerance from position ")[1].split(" ")[0])
+        assert first >= 8, proc.stderr[-2000:]
 
 
 @pytest.mark.multirank

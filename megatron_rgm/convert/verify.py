@@ -49,7 +49,19 @@ def check_report(report: dict) -> None:
     if over:
         raise VerifyFailed(f"verify tp={report['tp']} pp={report['pp']}: max |diff| of {' and '.join(over)} is above "
                            f"the {report['dtype']} tolerance {bound:.1e} ({report['tolerance']:.0e} x the largest HF "
-                           "logit, at least 1): the converted model does not compute what the HF model does")
+                           f"logit, at least 1){_where(report)}: the converted model does not compute what the HF "
+                           "model does")
+
+
+def _where(report: dict) -> str:
+    """Where the largest logit difference is, and from which position on the logits differ (a dropped sliding
+    window shows from the window's length on; a dropped RoPE scaling grows with the position)."""
+    at = report.get("where")
+    if not at:
+        return ""
+    first = at["first_position_over"]
+    return (f"; the largest at position {at['position']} of row {at['row']}"
+            + (f", over the tolerance from position {first} on" if first is not None else ""))
 
 
 def _verify_rank(hf_path: str, mcore_path: str, tp: int, pp: int, batches: int, report_file: str | None,
@@ -108,9 +120,14 @@ def verify_layout(hf_path: str, mcore_path: str, tp: int, pp: int, batches: int 
                 ref_head = head_logits(hf_head, feature.value, mask)
                 if first_logits is None:
                     first_logits = seen["logits"][..., : arch.vocab_size].clone()
-                diff = (seen["logits"][..., : arch.vocab_size] - ref).abs().max().item()
-                report["max_abs_logit_diff"] = max(report["max_abs_logit_diff"], diff)
+                gap = (seen["logits"][..., : arch.vocab_size] - ref).abs().amax(-1)  # [b, s]
                 report["max_abs_hf_logit"] = max(report["max_abs_hf_logit"], ref.abs().max().item())
+                if gap.max().item() > report["max_abs_logit_diff"]:
+                    report["max_abs_logit_diff"] = gap.max().item()
+                    row, position = divmod(int(gap.argmax()), seq)
+                    over = (gap > report["tolerance"] * max(1.0, report["max_abs_hf_logit"])).any(0).nonzero()
+                    report["where"] = {"row": row, "position": position,
+                                       "first_position_over": int(over[0]) if len(over) else None}
                 report["max_abs_head_diff"] = max(report["max_abs_head_diff"],
                                                   (seen["head"] - ref_head).abs().max().item() if mask.any() else 0.0)
                 report["steps"] += int(mask.sum())
