@@ -79,6 +79,43 @@ def test_megatron_lm_gpt_oss_args_translate():
             t.yarn_correction_range_round_to_int) == (32.0, 4096, False)
 
 
+GPT_OSS_FLAGS = ["--num-experts", "4", "--moe-ffn-hidden-size", "96", "--no-swiglu", "--quick-geglu",
+                 "--glu-linear-offset", "1", "--activation-func-clamp-value", "7", "--no-disable-bias-linear",
+                 "--add-qkv-bias", "--softmax-type", "learnable", "--sliding-window", "8", "--window-attn-skip-freq",
+                 "2", "--position-embedding-type", "yarn", "--rotary-scaling-factor", "4",
+                 "--yarn-original-max-position-embeddings", "128", "--no-yarn-correction-range-round-to-int"]
+MISTRAL_FLAGS = ["--no-add-qkv-bias", "--sliding-window", "8"]
+YARN_QWEN3_FLAGS = ["--no-add-qkv-bias", "--qk-layernorm", "--position-embedding-type", "yarn",
+                    "--rotary-scaling-factor", "4", "--yarn-original-max-position-embeddings", "128"]  # 512 / 128
+
+
+@pytest.mark.parametrize("flags, cls", [(GPT_OSS_FLAGS, "GptOssConfig"), (MISTRAL_FLAGS, "MistralConfig"),
+                                        (YARN_QWEN3_FLAGS, "Qwen3Config")], ids=["gpt-oss", "mistral", "yarn"])
+def test_a_natively_trained_model_records_the_hf_config_it_converts_from(flags, cls):
+    """What a training checkpoint records for mcore-to-hf: transformers builds it, and converting it back gives
+    the model the flags built (every attention, positional and MLP feature)."""
+    from dataclasses import fields
+
+    import transformers
+
+    from megatron_rgm.config import ModelConfig
+    from megatron_rgm.convert.hf_config import hf_config_from_args
+    from megatron_rgm.convert.mapping import HFArch
+
+    args = parse_args(["--preset", "tiny", *flags])
+    hf = hf_config_from_args(args, 500)
+    assert hf is not None and getattr(transformers, cls)(**hf).model_type == hf["model_type"]
+    def resolved(m: ModelConfig) -> ModelConfig:  # the head dim as built; no dense MLP where every layer is MoE
+        return replace(m, kv_channels=m.kv_channels or m.hidden_size // m.num_attention_heads,
+                       ffn_hidden_size=None if m.num_experts else m.ffn_hidden_size)
+
+    ours, back = resolved(args.model), resolved(HFArch.from_config(hf).model_config())
+    skip = {"seq_length", "vocab_size", "make_vocab_size_divisible_by", "init_method_std"}
+    differ = {f.name: (getattr(ours, f.name), getattr(back, f.name)) for f in fields(ModelConfig)
+              if f.name not in skip and getattr(ours, f.name) != getattr(back, f.name)}
+    assert differ == {}
+
+
 def test_megatron_lm_without_group_query_attention_has_one_kv_head_per_head():
     # Megatron-LM leaves --num-query-groups at its default 1 when --group-query-attention is not given.
     model, _, _ = megatron_lm_model(_pretrain_gpt_args(group_query_attention=False, num_query_groups=1), "ckpt")
