@@ -69,7 +69,13 @@ def load_causal_lm(path: str, dtype: torch.dtype = torch.float32, trust_remote_c
     """
     transformers = lazy.load("transformers", "loading an HF model")
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+        config = transformers.AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        quantized = getattr(config, "quantization_config", None) or {}
+        # The hub's GPT-OSS (MXFP4 experts): its kernels need a GPU and the `kernels` package; dequantized it runs.
+        extra = ({"quantization_config": transformers.Mxfp4Config(dequantize=True)}
+                 if (quantized.get("quant_method") if isinstance(quantized, dict) else None) == "mxfp4" else {})
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype,
+                                                                  trust_remote_code=trust_remote_code, **extra)
     except (OSError, ValueError) as e:  # what transformers raises for a directory it cannot load
         if "trust_remote_code" in str(e):
             raise ConfigError(f"{path} needs its own Python code to load (config.json auto_map), which is not "

@@ -162,6 +162,34 @@ def make_hf(kind: str, out: Path, vocab: int = VOCAB, **config) -> Path:
     return out
 
 
+def to_mxfp4(hf: Path, out: Path) -> Path:
+    """``hf`` (a GPT-OSS directory) as the hub ships GPT-OSS: each expert weight as MXFP4 blocks and scales, the
+    config's quantization_config saying so. Written here from the format's definition (values to the nearest
+    4-bit E2M1 code times a power of two per 32), independently of the converter's reader."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(hf, out)
+    codes = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    tensors = load_file(str(out / "model.safetensors"))
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        w = tensors.pop(name).transpose(1, 2)  # [experts, out, in]: blocks run along the input
+        blocks = w.reshape(*w.shape[:2], -1, 32)
+        exponent = torch.ceil(torch.log2(blocks.abs().amax(-1).clamp_min(1e-30) / 6.0)).clamp(-127, 127)
+        scaled = blocks / torch.exp2(exponent)[..., None]
+        index = (scaled.abs()[..., None] - codes).abs().argmin(-1) + 8 * (scaled < 0)
+        packed = (index[..., 0::2] | (index[..., 1::2] << 4)).to(torch.uint8)
+        tensors[name + "_blocks"] = packed.contiguous()
+        tensors[name + "_scales"] = (exponent + 127).to(torch.uint8).contiguous()
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
 def save_tokenizer(out: Path, text: str = TEXT, step_token: bool = True) -> None:
     """A byte-level BPE trained on ``text``; ``step_token`` adds ".\n\n" as one token."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers

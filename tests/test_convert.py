@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from helpers import ARCHS, TEXT, clean_env, convert, make_hf, save_tokenizer, torchrun
+from helpers import ARCHS, TEXT, clean_env, convert, make_hf, save_tokenizer, to_mxfp4, torchrun
 
 
 @pytest.fixture(scope="module", params=sorted(ARCHS))
@@ -201,6 +201,33 @@ def test_moe_converts_and_verifies_with_its_experts_over_two_ranks(tmp_path, kin
         got = json.loads(report.read_text())
         assert got["ep"] == int(ep) and got["max_abs_logit_diff"] <= 1e-5 and got["max_abs_head_diff"] <= 1e-5, got
         assert got["etp"] == (1 if flags or kind == "gpt_oss" else int(tp)), got
+
+
+@pytest.mark.multirank
+def test_gpt_oss_in_the_hubs_mxfp4_layout_converts(tmp_path):
+    """The hub's GPT-OSS files (MXFP4 experts) convert as they are: the experts read equal transformers' own
+    dequantizer's bit for bit, verify against transformers' (dequantized) model holds at TP=2, and the export is
+    the unquantized layout."""
+    from safetensors import safe_open
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    hub = to_mxfp4(make_hf("gpt_oss", tmp_path / "hf"), tmp_path / "hub")
+    convert("hf-to-mcore", "--hf-path", str(hub), "--output", str(tmp_path / "mcore"), "--tp", "2")
+    convert("verify", "--hf-path", str(hub), "--mcore-path", str(tmp_path / "mcore"), "--tp", "2", "--json",
+            str(tmp_path / "verify.json"))
+    assert json.loads((tmp_path / "verify.json").read_text())["max_abs_logit_diff"] <= 1e-5
+    convert("mcore-to-hf", "--mcore-path", str(tmp_path / "mcore"), "--output", str(tmp_path / "back"))
+    assert "quantization_config" not in json.loads((tmp_path / "back" / "config.json").read_text())
+    index = json.loads((tmp_path / "back" / "model.safetensors.index.json").read_text())["weight_map"]
+    quantized = safe_open(str(hub / "model.safetensors"), "pt")
+    for name, file in index.items():
+        back = safe_open(str(tmp_path / "back" / file), "pt").get_tensor(name)
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            want = convert_moe_packed_tensors(quantized.get_tensor(name + "_blocks"),
+                                              quantized.get_tensor(name + "_scales"), dtype=torch.float32)
+        else:
+            want = quantized.get_tensor(name)
+        assert torch.equal(back, want), name
 
 
 @pytest.mark.parametrize("kind, ep, named", [("qwen2", "2", "this model is dense"),

@@ -161,7 +161,7 @@ def gpt_oss_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (dict(quantization_config={"quant_method": "mxfp4"}), "quantization_config 'mxfp4'"),
+    (dict(quantization_config={"quant_method": "fp8"}), "quantization_config 'fp8' (converted: the hub's mxfp4"),
     (dict(swiglu_alpha=1.5), "swiglu_alpha=1.5 (megatron-core's quick_gelu has 1.702)"),
     (dict(layer_types=["sliding_attention", "full_attention", "full_attention", "sliding_attention"]),
      "(converted: every layer windowed, or every K-th layer full)"),

@@ -222,6 +222,7 @@ def _mcore_to_hf_rank(mcore_path: str, output: str, dtype: str | None, vocab_siz
     stacker.close()
     writer.close()
     cfg = dict(arch.config)
+    cfg.pop("quantization_config", None)  # GPT-OSS's MXFP4 experts export dequantized (the bf16 layout)
     if to_dtype:
         cfg["torch_dtype"] = dtype
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2))

@@ -14,7 +14,11 @@ What GPT-OSS adds to a Qwen3-MoE-like layer, and how each maps onto megatron-cor
   gate and up (gate at even columns), ``x @ W`` rather than ``W @ x``; the activation is
   ``(clamp(up, -7, 7) + 1) * quick_gelu(clamp(gate, max=7))``: ``quick_geglu`` with ``glu_linear_offset=1`` and
   ``activation_func_clamp_value=7``;
-* the router is ``mlp.router`` (weight and bias); top-k of its logits, softmax over those k (megatron's default).
+* the router is ``mlp.router`` (weight and bias); top-k of its logits, softmax over those k (megatron's default);
+* the hub's checkpoints keep the experts' two weights in MXFP4 (``quantization_config.quant_method: mxfp4``):
+  ``{name}_blocks`` ``[experts, out, in / 32, 16]`` (two 4-bit E2M1 values a byte, the low nibble first) and
+  ``{name}_scales`` ``[experts, out, in / 32]`` (a power of two per 32 values, biased by 127). They are read
+  dequantized (exactly: every value is a small float times a power of two); the export writes the bf16 layout.
 """
 
 from __future__ import annotations
@@ -33,7 +37,9 @@ FUSED = {("linear_fc1", "weight"): "gate_up_proj", ("linear_fc1", "bias"): "gate
 SAME_LAYOUT = {"self_attention.core_attention.softmax_offset": "self_attn.sinks",
                "self_attention.linear_proj.bias": "self_attn.o_proj.bias",
                "mlp.router.weight": "mlp.router.weight", "mlp.router.bias": "mlp.router.bias"}
-QUICK_GELU_ALPHA = 1.702  # megatron-core's quick_gelu: x * sigmoid(1.702 x)
+QUICK_GELU_ALPHA = 1.702
+# The 16 values of a 4-bit E2M1 code (its high bit the sign).
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)  # megatron-core's quick_gelu: x * sigmoid(1.702 x)
 
 
 def yarn_flags(rope: dict, cfg: dict, problems: list[str]) -> dict:
@@ -92,9 +98,11 @@ def gpt_oss_problems(cfg: dict) -> list[str]:
     problems = []
     if cfg.get("swiglu_alpha", QUICK_GELU_ALPHA) != QUICK_GELU_ALPHA:
         problems.append(f"swiglu_alpha={cfg['swiglu_alpha']} (megatron-core's quick_gelu has {QUICK_GELU_ALPHA})")
-    if cfg.get("quantization_config"):
-        problems.append(f"quantization_config {cfg['quantization_config'].get('quant_method', '?')!r} (the hub's "
-                        "MXFP4 weights: dequantize to bf16 first, e.g. load with transformers and save_pretrained)")
+    method = (cfg.get("quantization_config") or {}).get("quant_method")
+    if cfg.get("quantization_config") and method != "mxfp4":
+        problems.append(f"quantization_config {method!r} (converted: the hub's mxfp4 experts, or none)")
+    if method == "mxfp4" and (cfg["hidden_size"] % 32 or cfg["intermediate_size"] % 32):
+        problems.append("mxfp4 experts whose widths are not multiples of its 32-value blocks")
     if not cfg.get("attention_bias", True):
         problems.append("attention_bias=false (GPT-OSS converts with biased attention)")
     return problems
@@ -105,18 +113,44 @@ def gpt_oss_fields(cfg: dict) -> dict:
     return {"num_experts": cfg["num_local_experts"], "moe_ffn_hidden_size": cfg["intermediate_size"],
             "moe_topk": cfg.get("num_experts_per_tok", 4), "moe_norm_topk": True,
             "moe_aux_loss_coeff": float(cfg.get("router_aux_loss_coef", 0.0)), "linear_bias": True, "sinks": True,
-            "swiglu_limit": float(cfg.get("swiglu_limit", 7.0))}
+            "swiglu_limit": float(cfg.get("swiglu_limit", 7.0)),
+            "mxfp4": (cfg.get("quantization_config") or {}).get("quant_method") == "mxfp4"}
 
 
 def hf_names(arch, p: str) -> dict[str, tuple[int, ...]]:
     """GPT-OSS's per-layer tensors beyond the attention weights and norms (prefix ``p``), with shapes."""
     h, hd, e, f = arch.hidden_size, arch.head_dim, arch.num_experts, arch.moe_ffn_hidden_size
-    return {p + "self_attn.sinks": (arch.num_heads,), p + "self_attn.o_proj.bias": (h,),
-            p + "self_attn.q_proj.bias": (arch.num_heads * hd,), p + "self_attn.k_proj.bias": (arch.num_kv_heads * hd,),
-            p + "self_attn.v_proj.bias": (arch.num_kv_heads * hd,),
-            p + "mlp.router.weight": (e, h), p + "mlp.router.bias": (e,),
-            p + "mlp.experts.gate_up_proj": (e, h, 2 * f), p + "mlp.experts.gate_up_proj_bias": (e, 2 * f),
-            p + "mlp.experts.down_proj": (e, f, h), p + "mlp.experts.down_proj_bias": (e, h)}
+    names = {p + "self_attn.sinks": (arch.num_heads,), p + "self_attn.o_proj.bias": (h,),
+             p + "self_attn.q_proj.bias": (arch.num_heads * hd,), p + "self_attn.k_proj.bias": (arch.num_kv_heads * hd,),
+             p + "self_attn.v_proj.bias": (arch.num_kv_heads * hd,),
+             p + "mlp.router.weight": (e, h), p + "mlp.router.bias": (e,),
+             p + "mlp.experts.gate_up_proj_bias": (e, 2 * f), p + "mlp.experts.down_proj_bias": (e, h)}
+    for name, (rows, cols) in (("gate_up_proj", (h, 2 * f)), ("down_proj", (f, h))):
+        if arch.mxfp4:  # stored [out, in]: the values of a block run along the input
+            names[f"{p}mlp.experts.{name}_blocks"] = (e, cols, rows // 32, 16)
+            names[f"{p}mlp.experts.{name}_scales"] = (e, cols, rows // 32)
+        else:
+            names[f"{p}mlp.experts.{name}"] = (e, rows, cols)
+    return names
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One expert's MXFP4 weight, ``blocks [out, in / 32, 16]`` and ``scales [out, in / 32]``, as the unquantized
+    checkpoint holds it: ``[in, out]``."""
+    lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
+    values = torch.stack([lut[(blocks & 0x0F).long()], lut[(blocks >> 4).long()]], dim=-1)  # low nibble first
+    values = torch.ldexp(values.reshape(*blocks.shape[:-1], 32), scales.to(torch.int32)[..., None] - 127)
+    return values.reshape(blocks.shape[0], -1).t().to(dtype).contiguous()
+
+
+def mxfp4_expert(expert: Callable[[str, int], torch.Tensor], dtype: torch.dtype) -> Callable[[str, int], torch.Tensor]:
+    """``expert(hf_name, e)`` for a checkpoint whose expert weights are MXFP4 (their biases are not)."""
+    def read(name: str, e: int) -> torch.Tensor:
+        if name.endswith("_bias"):
+            return expert(name, e)
+        return dequantize_mxfp4(expert(f"{name}_blocks", e), expert(f"{name}_scales", e), dtype)
+
+    return read
 
 
 def megatron_tensor(rest: str, p: str, get: Callable[[str], torch.Tensor],

@@ -143,6 +143,7 @@ class HFArch:
     sinks: bool = False  # a learned sink logit per head (GPT-OSS's self_attn.sinks)
     swiglu_limit: float | None = None  # GPT-OSS's MLP: quick_geglu, linear offset 1, this clamp
     features: dict | None = None  # ModelConfig fields of YaRN and sliding windows (attention_features)
+    mxfp4: bool = False  # GPT-OSS's experts stored in MXFP4 (the hub's files), read dequantized
 
     @classmethod
     def from_config(cls, cfg: dict, source: str = "config.json") -> "HFArch":
@@ -310,7 +311,11 @@ def megatron_tensor(name: str, get: Callable[[str], torch.Tensor], arch: HFArch,
         raise KeyError(f"no HF source for Megatron tensor {name}")
     p, rest = f"model.layers.{m.group(1)}.", m.group(2)
     if arch.kind == "gpt_oss":
-        t = gpt_oss.megatron_tensor(rest, p, get, expert or (lambda n, e: get(n)[e]))
+        expert = expert or (lambda n, e: get(n)[e])
+        if arch.mxfp4:
+            expert = gpt_oss.mxfp4_expert(expert, {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+                arch.dtype, torch.float32))
+        t = gpt_oss.megatron_tensor(rest, p, get, expert)
         if t is not None:
             return t
     if rest in SAME_NAMES:
