@@ -19,8 +19,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_rgm import cli, lazy
 from megatron_rgm.checkpoint import latest_iteration
 from megatron_rgm.head import HEAD_FIELDS
-from megatron_rgm.config import (ConfigError, DataConfig, GRPOConfig, ModelConfig, OptimConfig, ParallelConfig,
-                                 RGMConfig, RunConfig)
+from megatron_rgm.config import (GEOMETRY, ConfigError, DataConfig, GRPOConfig, ModelConfig, OptimConfig,
+                                 ParallelConfig, RGMConfig, RunConfig)
 from megatron_rgm.model.presets import PRESETS, preset
 
 # The parser's groups, in --help order.
@@ -105,12 +105,6 @@ class Args:
 
 # What a checkpoint's weights are shaped by and mean: --use-checkpoint-args takes these from the checkpoint.
 # Everything else (sequence length, precision, recompute, dropout, FP8) stays the run's own choice.
-GEOMETRY = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-            "kv_channels", "vocab_size", "make_vocab_size_divisible_by", "max_position_embeddings", "normalization",
-            "norm_epsilon", "position_embedding_type", "rotary_base", "use_rope_scaling", "rope_scaling_factor",
-            "rotary_seq_len_interpolation_factor", "add_qkv_bias", "qk_layernorm", "swiglu",
-            "disable_bias_linear", "untie_embeddings_and_output_weights", "num_experts", "moe_ffn_hidden_size",
-            "moe_router_topk", "moe_router_pre_softmax")
 HEAD_GEOMETRY = (*HEAD_FIELDS, "sprm_hidden_mult")  # its layer, width and step rule
 _UNSET = object()
 
@@ -255,7 +249,8 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig):
             # Fused kernels are GPU-only; on the CPU the unfused paths are used.
             # The fused masked softmax is Megatron-LM's scaled_masked_softmax_cuda (or apex's), not in the
             # megatron-core wheel: where it does not import, megatron-core would fail at the first forward.
-            bias_activation_fusion=on_gpu and model.swiglu and not model.activation_func_clamp_value,
+            bias_activation_fusion=on_gpu and model.swiglu and not (model.activation_func_clamp_value
+                                                                    or model.glu_linear_offset),
             masked_softmax_fusion=on_gpu and importlib.util.find_spec("scaled_masked_softmax_cuda") is not None,
             bias_dropout_fusion=on_gpu, apply_rope_fusion=False, gradient_accumulation_fusion=False,
             persist_layer_norm=False, **fp8)
@@ -356,6 +351,9 @@ def _check_token_budget(args: Args) -> None:
                           "with Transformer Engine's thd kernels is not built yet: use --transformer-impl local")
     if run.pack_sequences and par.context_parallel_size > 1:
         raise ConfigError("--pack-sequences does not run with context parallelism: drop one of them")
+    if run.pack_sequences and args.model.position_embedding_type == "yarn":
+        raise ConfigError("--pack-sequences rotates each sample by its own positions with plain RoPE only; with "
+                          "--position-embedding-type yarn drop --pack-sequences")
 
 
 def check_stage(args: Args) -> None:

@@ -97,6 +97,7 @@ def test_rgm_config_defaults_are_the_papers():
     (["--quick-geglu"], "--quick-geglu and --swiglu are two gated MLPs"),
     (["--no-swiglu", "--glu-linear-offset", "1"], "shape a gated MLP"),
     (["--position-embedding-type", "yarn"], "needs --yarn-original-max-position-embeddings"),
+    (["--rotary-scaling-factor", "4"], "shapes YaRN RoPE: add --position-embedding-type yarn"),
 ])
 def test_bad_expert_layouts_and_attention_flags_are_refused_by_name(flags, named):
     with pytest.raises(ConfigError, match=named):
@@ -135,3 +136,14 @@ def test_moe_presets_are_their_published_configs_converted(name):
               if f.name not in ("seq_length",) and getattr(ours, f.name) != getattr(converted, f.name)}
     assert differ == {}
     assert preset(name)["seq_length"] == 32768
+
+
+def test_packing_with_yarn_is_refused_before_the_run():
+    """A packed row rotates each sample by its own positions with plain RoPE only (refused, not dropped)."""
+    from megatron_rgm.arguments import check_stage
+
+    args = parse_args(["--preset", "tiny", "--position-embedding-type", "yarn",
+                       "--yarn-original-max-position-embeddings", "64", "--max-tokens-per-microbatch", "1024",
+                       "--pack-sequences"])
+    with pytest.raises(ConfigError, match="with --position-embedding-type yarn drop --pack-sequences"):
+        check_stage(args)

@@ -136,3 +136,20 @@ def test_a_logger_that_cannot_start_is_refused_before_the_run():
     with pytest.raises(ConfigError, match=r"--wandb-project needs wandb, which does not import here .*pip install "
                                           r"wandb, or drop --wandb-project"):
         check_stage(args)
+
+
+# ModelConfig's fields that are choices of a run, not of the model: --use-checkpoint-args leaves them to the flags.
+RUN_CHOICES = {"seq_length", "hidden_dropout", "attention_dropout", "init_method_std", "transformer_impl",
+               "recompute_granularity", "recompute_method", "recompute_num_layers", "bf16", "fp16", "fp8_format",
+               "fp8_recipe", "fp8_margin", "fp8_amax_history_len", "fp8_amax_compute_algo", "fp8_param_gather",
+               "moe_aux_loss_coeff"}
+
+
+def test_every_model_field_is_geometry_or_a_run_choice():
+    """A new ModelConfig field must be placed: in GEOMETRY (--use-checkpoint-args carries it; a checkpoint's
+    model is rebuilt with it), or a run's choice. (Windows, sinks, YaRN and the quick-GELU gate were once left
+    out, and a converted Mistral trained without its window.)"""
+    from megatron_rgm.config import GEOMETRY
+
+    assert {f.name for f in fields(ModelConfig)} == set(GEOMETRY) | RUN_CHOICES
+    assert not set(GEOMETRY) & RUN_CHOICES

@@ -121,8 +121,6 @@ def test_mcore_to_hf_bad_paths(tmp_path):
     (dict(layer_types=["full_attention", "sliding_attention"] * 2),
      "layer_types with 2 'sliding_attention' layers"),
     # transformers 5 writes RoPE scaling as rope_parameters (rope_scaling null): both are read.
-    (dict(rope_scaling=None, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}),
-     "YaRN RoPE without original_max_position_embeddings"),
     (dict(rope_scaling=None, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
                                               "original_max_position_embeddings": 64, "attention_factor": 2.0}),
      "YaRN attention_factor=2.0 (converted: the one the factor and mscales give)"),
@@ -168,6 +166,8 @@ def gpt_oss_dir(tmp_path_factory):
     (dict(layer_types=["sliding_attention", "chunked_attention", "sliding_attention", "full_attention"]),
      "layer_types ['chunked_attention']"),
     (dict(attention_bias=False), "attention_bias=false"),
+    (dict(layer_types=None), "no layer_types in the config (transformers would take GPT-OSS's defaults)"),
+    (dict(rope_parameters=None, rope_scaling=None), "no rope_parameters in the config"),
 ])
 def test_gpt_oss_features_the_conversion_does_not_carry_are_refused(gpt_oss_dir, tmp_path, edit, message):
     bad = copy_with(gpt_oss_dir, tmp_path / "hf", config_edit=lambda c: c.update(edit))
@@ -185,3 +185,6 @@ def test_gpt_oss_windows_every_other_layer_convert(gpt_oss_dir):
             model.yarn_original_max_position_embeddings) == ("yarn", 4.0, False, 64)
     every = HFArch.from_config({**cfg, "layer_types": ["sliding_attention"] * 4}).model_config()
     assert (every.sliding_window, every.window_attn_skip_freq) == (8, None)
+    # YaRN's original length: a top-level value first (as transformers reads it), else the RoPE dict's.
+    top = HFArch.from_config({**cfg, "original_max_position_embeddings": 32}).model_config()
+    assert top.yarn_original_max_position_embeddings == 32

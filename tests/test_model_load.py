@@ -89,11 +89,16 @@ YARN_QWEN3_FLAGS = ["--no-add-qkv-bias", "--qk-layernorm", "--position-embedding
                     "--rotary-scaling-factor", "4", "--yarn-original-max-position-embeddings", "128"]  # 512 / 128
 
 
-@pytest.mark.parametrize("flags, cls", [(GPT_OSS_FLAGS, "GptOssConfig"), (MISTRAL_FLAGS, "MistralConfig"),
-                                        (YARN_QWEN3_FLAGS, "Qwen3Config")], ids=["gpt-oss", "mistral", "yarn"])
+GPT_OSS_PLAIN_ROPE = GPT_OSS_FLAGS[:GPT_OSS_FLAGS.index("--position-embedding-type")]
+
+
+@pytest.mark.parametrize("flags, cls", [(GPT_OSS_FLAGS, "GptOssConfig"), (GPT_OSS_PLAIN_ROPE, "GptOssConfig"),
+                                        (MISTRAL_FLAGS, "MistralConfig"), (YARN_QWEN3_FLAGS, "Qwen3Config")],
+                         ids=["gpt-oss", "gpt-oss-plain-rope", "mistral", "yarn"])
 def test_a_natively_trained_model_records_the_hf_config_it_converts_from(flags, cls):
-    """What a training checkpoint records for mcore-to-hf: transformers builds it, and converting it back gives
-    the model the flags built (every attention, positional and MLP feature)."""
+    """What a training checkpoint records for mcore-to-hf, as transformers reads it (its defaults filled in, so
+    GPT-OSS's default YaRN cannot sneak in), converts back to the model the flags built (every attention,
+    positional and MLP feature)."""
     from dataclasses import fields
 
     import transformers
@@ -104,7 +109,8 @@ def test_a_natively_trained_model_records_the_hf_config_it_converts_from(flags, 
 
     args = parse_args(["--preset", "tiny", *flags])
     hf = hf_config_from_args(args, 500)
-    assert hf is not None and getattr(transformers, cls)(**hf).model_type == hf["model_type"]
+    assert hf is not None
+    hf = {**getattr(transformers, cls)(**hf).to_dict(), "architectures": hf["architectures"]}  # as saved
     def resolved(m: ModelConfig) -> ModelConfig:  # the head dim as built; no dense MLP where every layer is MoE
         return replace(m, kv_channels=m.kv_channels or m.hidden_size // m.num_attention_heads,
                        ffn_hidden_size=None if m.num_experts else m.ffn_hidden_size)
@@ -114,6 +120,21 @@ def test_a_natively_trained_model_records_the_hf_config_it_converts_from(flags, 
     differ = {f.name: (getattr(ours, f.name), getattr(back, f.name)) for f in fields(ModelConfig)
               if f.name not in skip and getattr(ours, f.name) != getattr(back, f.name)}
     assert differ == {}
+
+
+def test_our_megatron_lm_args_describe_a_gpt_oss_like_model(single_rank):
+    """The ``args`` our saves write for Megatron-LM's loader rebuild the same model (they rebuild a checkpoint
+    written from a Megatron-LM script, whose common state records no model config)."""
+    from megatron_rgm.checkpoint import megatron_lm_args
+
+    args = parse_args(["--preset", "tiny", *GPT_OSS_FLAGS])
+    single_rank.initialize(args.parallel)
+    model = build_model(args)[0]
+    rebuilt, _, _ = megatron_lm_model(megatron_lm_args([model], 1), "ckpt")
+    skip = {"vocab_size", "make_vocab_size_divisible_by", "ffn_hidden_size", "kv_channels"}  # the padded rows;
+    assert {k: getattr(rebuilt, k) for k in GEOMETRY if k not in skip} == \
+        {k: getattr(args.model, k) for k in GEOMETRY if k not in skip}  # no dense MLP; the head dim as built:
+    assert rebuilt.kv_channels == args.transformer.kv_channels
 
 
 def test_megatron_lm_without_group_query_attention_has_one_kv_head_per_head():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 
+import torch
 import torch.distributed as dist
 
 from megatron_rgm.checkpoint.files import CheckpointError
@@ -24,6 +25,10 @@ from megatron_rgm.checkpoint.state import inner_module
 
 
 MEGATRON_LM_CHECKPOINT_VERSION = 3.0
+_YARN_ARGS = {"rotary_scaling_factor": "yarn_rotary_scaling_factor", "mscale": "yarn_mscale",
+              "mscale_all_dim": "yarn_mscale_all_dim", **{name: name for name in (
+                  "yarn_original_max_position_embeddings", "yarn_beta_fast", "yarn_beta_slow",
+                  "yarn_correction_range_round_to_int")}}
 
 
 def megatron_lm_args(chunks, iteration: int, *, optimizer=None, global_batch_size: int | None = None,
@@ -65,7 +70,11 @@ def megatron_lm_args(chunks, iteration: int, *, optimizer=None, global_batch_siz
         skipped_train_samples=0, consumed_valid_samples=0, ckpt_format="torch_dist", use_dist_ckpt=True,
         saved_by="megatron_rgm",
         normalization=config.normalization, norm_epsilon=config.layernorm_epsilon,
-        swiglu=bool(config.gated_linear_unit), add_bias_linear=bool(config.add_bias_linear),
+        swiglu=bool(config.gated_linear_unit) and config.activation_func is torch.nn.functional.silu,
+        quick_geglu=bool(config.gated_linear_unit) and config.activation_func.__name__ == "quick_gelu",
+        glu_linear_offset=config.glu_linear_offset, activation_func_clamp_value=config.activation_func_clamp_value,
+        softmax_type=config.softmax_type, window_size=config.window_size,
+        window_attn_skip_freq=config.window_attn_skip_freq, add_bias_linear=bool(config.add_bias_linear),
         add_qkv_bias=bool(config.add_qkv_bias), qk_layernorm=bool(config.qk_layernorm),
         group_query_attention=config.num_query_groups not in (None, config.num_attention_heads),
         rotary_base=getattr(model, "rotary_base", None), rotary_percent=getattr(model, "rotary_percent", 1.0),
@@ -73,6 +82,10 @@ def megatron_lm_args(chunks, iteration: int, *, optimizer=None, global_batch_siz
         rotary_seq_len_interpolation_factor=getattr(getattr(model, "rotary_pos_emb", None),
                                                     "seq_len_interpolation_factor", None),
         bf16=bool(config.bf16), fp16=bool(config.fp16), num_experts=config.num_moe_experts,
+        moe_ffn_hidden_size=config.moe_ffn_hidden_size, moe_router_topk=config.moe_router_topk,
+        moe_router_pre_softmax=config.moe_router_pre_softmax, moe_aux_loss_coeff=config.moe_aux_loss_coeff,
+        # YaRN under Megatron-LM's flag names (megatron-core keeps them on the config as yarn_*)
+        **{flag: getattr(config, attr) for flag, attr in _YARN_ARGS.items() if hasattr(config, attr)},
     )
     if hasattr(model, "rope_scaling_factor"):  # RGMModel's; a plain GPTModel does not keep it
         ns.rope_scaling_factor = model.rope_scaling_factor

@@ -11,13 +11,13 @@ TransformerConfig) in :mod:`megatron_rgm.arguments`. Checkpoints record ``model`
 dicts (:func:`dataclasses.asdict`).
 """
 
-from megatron_rgm.config.model import ModelConfig, ParallelConfig, RGMConfig
+from megatron_rgm.config.model import GEOMETRY, ModelConfig, ParallelConfig, RGMConfig
 from megatron_rgm.config.options import (AGGREGATIONS, CHAT, DECAY_STYLES, PROMPT_TEMPLATE, SPRM_LOSSES, STAGES,
                                          STEP_RULES, VERIFIERS, ConfigError, at_least, check_template,
                                          decode_escapes, option, run_tool, template_option, verifier_option)
 from megatron_rgm.config.train import DataConfig, GRPOConfig, OptimConfig, RunConfig
 
-__all__ = ["AGGREGATIONS", "CHAT", "DECAY_STYLES", "PROMPT_TEMPLATE", "SPRM_LOSSES", "STAGES", "STEP_RULES",
+__all__ = ["GEOMETRY", "AGGREGATIONS", "CHAT", "DECAY_STYLES", "PROMPT_TEMPLATE", "SPRM_LOSSES", "STAGES", "STEP_RULES",
            "VERIFIERS", "ConfigError", "DataConfig", "GRPOConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
            "RGMConfig", "RunConfig", "at_least", "check_template", "decode_escapes", "option", "run_tool",
            "template_option", "verifier_option"]

@@ -127,6 +127,13 @@ class ModelConfig:
                               "--quick-geglu or --swiglu")
         if self.activation_func_clamp_value is not None and self.activation_func_clamp_value <= 0:
             raise ConfigError(f"--activation-func-clamp-value must be > 0, got {self.activation_func_clamp_value}")
+        yarn_flags = {"rotary_scaling_factor": 1.0, "yarn_original_max_position_embeddings": None,
+                      "yarn_beta_fast": 32.0, "yarn_beta_slow": 1.0, "yarn_correction_range_round_to_int": True,
+                      "mscale": 1.0, "mscale_all_dim": 0.0}
+        given = [name for name, default in yarn_flags.items() if getattr(self, name) != default]
+        if given and self.position_embedding_type != "yarn":
+            raise ConfigError(f"--{given[0].replace('_', '-')} shapes YaRN RoPE: add --position-embedding-type yarn "
+                              "(or drop it)")
         if self.position_embedding_type == "yarn":
             if self.rotary_scaling_factor < 1:
                 raise ConfigError(f"--rotary-scaling-factor {self.rotary_scaling_factor}: YaRN extends the context "
@@ -143,6 +150,18 @@ class ModelConfig:
                 "yarn_mscale_all_dim": self.mscale_all_dim,
                 **{name: getattr(self, name) for name in ("yarn_original_max_position_embeddings", "yarn_beta_fast",
                                                           "yarn_beta_slow", "yarn_correction_range_round_to_int")}}
+
+
+# What shapes the weights or what they compute: the fields --use-checkpoint-args takes from a checkpoint.
+GEOMETRY = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+            "kv_channels", "vocab_size", "make_vocab_size_divisible_by", "max_position_embeddings", "normalization",
+            "norm_epsilon", "position_embedding_type", "rotary_base", "use_rope_scaling", "rope_scaling_factor",
+            "rotary_seq_len_interpolation_factor", "add_qkv_bias", "qk_layernorm", "swiglu",
+            "disable_bias_linear", "untie_embeddings_and_output_weights", "num_experts", "moe_ffn_hidden_size",
+            "moe_router_topk", "moe_router_pre_softmax", "sliding_window", "window_attn_skip_freq", "softmax_type",
+            "quick_geglu", "glu_linear_offset", "activation_func_clamp_value", "rotary_scaling_factor",
+            "yarn_original_max_position_embeddings", "yarn_beta_fast", "yarn_beta_slow",
+            "yarn_correction_range_round_to_int", "mscale", "mscale_all_dim")
 
 
 @dataclass

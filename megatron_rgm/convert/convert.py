@@ -165,8 +165,8 @@ def export_config(checkpoint: CheckpointModel) -> dict:
                           "saves only the padded one): pass --vocab-size with the tokenizer's size")
     config = hf_config_from_args(checkpoint.args(), checkpoint.vocab_size)
     if config is None:
-        raise ConfigError(f"checkpoint {checkpoint.directory} holds a model no HF class matches (the export needs "
-                          "RMSNorm, SwiGLU, RoPE and no linear biases: Qwen2, Qwen3 or Llama)")
+        raise ConfigError(f"checkpoint {checkpoint.directory} holds a model no HF class matches (exported: Qwen2, "
+                          "Qwen3, Qwen3-MoE, Llama, Mistral and GPT-OSS layers; megatron_rgm.convert.hf_config)")
     return config
 
 

@@ -9,7 +9,7 @@ What GPT-OSS adds to a Qwen3-MoE-like layer, and how each maps onto megatron-cor
   token see itself and the N - 1 before it, megatron-core's ``window_size=(N - 1, 0)`` on the layers
   ``window_attn_skip_freq=2`` leaves windowed (layer 1, 3, ... counted from 1);
 * YaRN RoPE (``rope_type: yarn``, ``truncate: false``): megatron-core's ``YarnRotaryEmbedding`` with
-  ``correction_range_round_to_int`` false, and the attention factor in the softmax scale (:mod:`arguments`);
+  ``correction_range_round_to_int`` false; its attention factor scales cos and sin (of q and k), as in HF;
 * the experts' gate and up projections are one ``[experts, hidden, 2 x ffn]`` tensor whose columns interleave
   gate and up (gate at even columns), ``x @ W`` rather than ``W @ x``; the activation is
   ``(clamp(up, -7, 7) + 1) * quick_gelu(clamp(gate, max=7))``: ``quick_geglu`` with ``glu_linear_offset=1`` and
@@ -29,6 +29,8 @@ from typing import Callable
 
 import torch
 
+from megatron_rgm.config import ConfigError
+
 EXPERTS = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc1|linear_fc2)\.(weight|bias)$")
 # HF's fused expert tensors: which Megatron tensor each comes from, and how (transposed, interleaved).
 FUSED = {("linear_fc1", "weight"): "gate_up_proj", ("linear_fc1", "bias"): "gate_up_proj_bias",
@@ -37,7 +39,7 @@ FUSED = {("linear_fc1", "weight"): "gate_up_proj", ("linear_fc1", "bias"): "gate
 SAME_LAYOUT = {"self_attention.core_attention.softmax_offset": "self_attn.sinks",
                "self_attention.linear_proj.bias": "self_attn.o_proj.bias",
                "mlp.router.weight": "mlp.router.weight", "mlp.router.bias": "mlp.router.bias"}
-QUICK_GELU_ALPHA = 1.702
+QUICK_GELU_ALPHA = 1.702  # megatron-core's quick_gelu: x * sigmoid(1.702 x)
 # The 16 values of a 4-bit E2M1 code (its high bit the sign).
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)  # megatron-core's quick_gelu: x * sigmoid(1.702 x)
 
@@ -46,12 +48,14 @@ def yarn_flags(rope: dict, cfg: dict, problems: list[str]) -> dict:
     """The :class:`ModelConfig` fields of an HF YaRN ``rope_parameters`` (any family); what they cannot carry is
     appended to ``problems``."""
     factor = rope.get("factor")
-    original = rope.get("original_max_position_embeddings")
+    # transformers' order: a top-level original_max_position_embeddings (Phi-3's), the RoPE dict's, the positions
+    original = (cfg.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
+                or cfg.get("max_position_embeddings"))
     if original is None:
-        problems.append("YaRN RoPE without original_max_position_embeddings")
+        problems.append("YaRN RoPE without original_max_position_embeddings or max_position_embeddings")
         return {}
     if factor is None:
-        factor = cfg["max_position_embeddings"] / original
+        factor = (cfg.get("max_position_embeddings") or original) / original
     mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
     if not (mscale and mscale_all_dim):  # HF then takes the attention factor from the factor alone
         mscale, mscale_all_dim = 1.0, 0.0
@@ -95,13 +99,19 @@ def window_flags(cfg: dict, problems: list[str]) -> dict:
 
 def gpt_oss_problems(cfg: dict) -> list[str]:
     """What a GPT-OSS config holds that the conversion does not carry."""
-    problems = []
+    # transformers fills these in when config.json leaves them out (YaRN x32, alternating windows): written out,
+    # what the file says is what converts.
+    problems = [f"no {name} in the config (transformers would take GPT-OSS's defaults): write it out"
+                for name, keys in (("layer_types", ("layer_types",)),
+                                   ("rope_parameters", ("rope_parameters", "rope_scaling")),
+                                   ("num_local_experts", ("num_local_experts",)))
+                if not any(cfg.get(k) for k in keys)]
     if cfg.get("swiglu_alpha", QUICK_GELU_ALPHA) != QUICK_GELU_ALPHA:
         problems.append(f"swiglu_alpha={cfg['swiglu_alpha']} (megatron-core's quick_gelu has {QUICK_GELU_ALPHA})")
     method = (cfg.get("quantization_config") or {}).get("quant_method")
     if cfg.get("quantization_config") and method != "mxfp4":
         problems.append(f"quantization_config {method!r} (converted: the hub's mxfp4 experts, or none)")
-    if method == "mxfp4" and (cfg["hidden_size"] % 32 or cfg["intermediate_size"] % 32):
+    if method == "mxfp4" and (cfg.get("hidden_size", 0) % 32 or cfg.get("intermediate_size", 0) % 32):
         problems.append("mxfp4 experts whose widths are not multiples of its 32-value blocks")
     if not cfg.get("attention_bias", True):
         problems.append("attention_bias=false (GPT-OSS converts with biased attention)")
@@ -209,4 +219,5 @@ class ExpertStacker:
     def close(self) -> None:
         if self.pending:
             name, parts = next(iter(self.pending.items()))
-            raise ValueError(f"the checkpoint holds {len(parts)} of {self.num_experts} experts of {name}")
+            raise ConfigError(f"the checkpoint holds {len(parts)} of {self.num_experts} experts of {name}: it is "
+                              "incomplete, re-save it")

@@ -70,7 +70,10 @@ def _gpt_oss(m: ModelConfig, t, common: dict) -> dict | None:
     skip = m.window_attn_skip_freq
     types = ["sliding_attention" if m.sliding_window and (not skip or (i + 1) % skip) else "full_attention"
              for i in range(t.num_layers)]
-    return {"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", **common,
+    # GPT-OSS's config defaults to YaRN: plain RoPE is written out.
+    rope = {} if "rope_scaling" in common else {"rope_parameters": {"rope_type": "default",
+                                                                    "rope_theta": common["rope_theta"]}}
+    return {"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", **common, **rope,
             "intermediate_size": t.moe_ffn_hidden_size, "attention_bias": True, "layer_types": types,
             "sliding_window": m.sliding_window or 128, "num_local_experts": t.num_moe_experts,
             "num_experts_per_tok": t.moe_router_topk, "router_aux_loss_coef": t.moe_aux_loss_coeff,

@@ -82,7 +82,8 @@ def verify_layout(hf_path: str, mcore_path: str, tp: int, pp: int, batches: int 
     model, args = loaded.model, loaded.args
     arch = HFCheckpoint(hf_path).arch  # what is compared: the HF side's own architecture
     last = ps.is_pipeline_last_stage()
-    seq, bsz = min(SEQ_LENGTH, arch.max_position_embeddings), 2
+    # Past any window (a dropped one shows from its length on), as far as the positions allow.
+    seq, bsz = min(max(SEQ_LENGTH, (args.model.sliding_window or 0) + 256), arch.max_position_embeddings), 2
     report = {"max_abs_logit_diff": 0.0, "max_abs_head_diff": 0.0, "max_abs_hf_logit": 0.0, "steps": 0, "tp": tp,
               "pp": pp, "ep": ep, "etp": args.parallel.expert_tensor_parallel_size, "seq_length": seq, "sliding_window": args.model.sliding_window,
               "dtype": arch.dtype, "tolerance": TOLERANCE.get(arch.dtype, 1e-4)}
