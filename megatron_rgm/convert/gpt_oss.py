@@ -41,7 +41,7 @@ SAME_LAYOUT = {"self_attention.core_attention.softmax_offset": "self_attn.sinks"
                "mlp.router.weight": "mlp.router.weight", "mlp.router.bias": "mlp.router.bias"}
 QUICK_GELU_ALPHA = 1.702  # megatron-core's quick_gelu: x * sigmoid(1.702 x)
 # The 16 values of a 4-bit E2M1 code (its high bit the sign).
-FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)  # megatron-core's quick_gelu: x * sigmoid(1.702 x)
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
 def yarn_flags(rope: dict, cfg: dict, problems: list[str]) -> dict:
