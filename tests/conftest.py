@@ -6,7 +6,7 @@ import concurrent.futures
 
 import pytest
 
-from helpers import QWEN2_KINDS, convert, free_port, qwen2_conversions, qwen2_hf
+from helpers import QWEN2_KINDS, convert, free_port, qwen2_conversions, qwen2_hf, torchrun
 
 
 @pytest.fixture(scope="session")
@@ -45,3 +45,24 @@ def qwen2_checkpoints(request, tmp_path_factory):
     with concurrent.futures.ThreadPoolExecutor(len(kinds)) as pool:
         futures = {kind: pool.submit(chain, kind) for kind in kinds}
         yield {kind: (roots[kind], futures[kind].result) for kind in kinds}
+
+
+@pytest.fixture(scope="session")
+def tiny_task(tmp_path_factory):
+    """The arithmetic task's files (sentencepiece tokenizer, SFT texts, prompts), small."""
+    from megatron_rgm.tasks.prepare import prepare
+
+    return prepare(tmp_path_factory.mktemp("task"), seed=0, n_train=100, n_eval=20, n_sft=400)
+
+
+@pytest.fixture(scope="session")
+def tiny_sft(tiny_task, tmp_path_factory):
+    """A short SFT run of the tiny preset (two layers): it learns the format and the EOS after the answer.
+    Shared by the serving and vLLM tests."""
+    out = tmp_path_factory.mktemp("sft") / "sft"
+    torchrun("-m megatron_rgm.pretrain", 1, [
+        "--preset", "tiny", "--num-layers", "2", "--stage", "sft", "--sft-data", str(tiny_task["sft"]),
+        "--tokenizer", str(tiny_task["tokenizer"]), "--train-iters", "150", "--global-batch-size", "16",
+        "--micro-batch-size", "16", "--lr", "2e-3", "--lr-warmup-iters", "10", "--log-interval", "50",
+        "--save", str(out)])
+    return out

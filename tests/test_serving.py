@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from helpers import REPO, clean_env, convert, torchrun
+from helpers import REPO, clean_env, convert
 
 # Characters of the task's texts and its format symbols, plus ones the tokenizer has never seen (byte fallback).
 # Without U+2581, which sentencepiece reads as a space (its own decode does not give it back either).
@@ -22,10 +22,8 @@ ALPHABET = list("ab c.\n\n<think></think>\\boxed{}0123456789+=,AdnoeéΩ漢😀\
 
 
 @pytest.fixture(scope="module")
-def task(tmp_path_factory):
-    from megatron_rgm.tasks.prepare import prepare
-
-    return prepare(tmp_path_factory.mktemp("task"), seed=0, n_train=100, n_eval=20, n_sft=400)
+def task(tiny_task):
+    return tiny_task
 
 
 def task_texts(task) -> list[str]:
@@ -121,15 +119,11 @@ VLLM_PYTHON = os.environ.get("MEGATRON_RGM_VLLM_PYTHON", "")
 
 
 @pytest.fixture(scope="module")
-def tiny_export(task, tmp_path_factory):
-    """A short SFT run (it learns the format and the EOS after the answer) exported by mcore-to-hf."""
-    root = tmp_path_factory.mktemp("export")
-    torchrun("-m megatron_rgm.pretrain", 1, [
-        "--preset", "tiny", "--num-layers", "2", "--stage", "sft", "--sft-data", str(task["sft"]), "--tokenizer",
-        str(task["tokenizer"]), "--train-iters", "150", "--global-batch-size", "16", "--micro-batch-size", "16",
-        "--lr", "2e-3", "--lr-warmup-iters", "10", "--log-interval", "50", "--save", str(root / "sft")])
-    convert("mcore-to-hf", "--mcore-path", str(root / "sft"), "--output", str(root / "hf"))
-    return root / "hf"
+def tiny_export(tiny_sft, tmp_path_factory):
+    """The short SFT run exported by mcore-to-hf."""
+    out = tmp_path_factory.mktemp("export") / "hf"
+    convert("mcore-to-hf", "--mcore-path", str(tiny_sft), "--output", str(out))
+    return out
 
 
 def serve(export, task, python: str = sys.executable, engine: str = "transformers") -> list[dict]:

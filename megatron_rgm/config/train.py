@@ -88,6 +88,14 @@ class DataConfig:
     rollout_max_batch: int | None = option(None, "sequences a rank decodes at once in colocated rollouts (KV-cache "
                                            "slots; a finished one's slot is refilled); default: every sample of "
                                            "the rank's prompts")
+    rollout_backend: str = option("native", "who samples colocated rollouts: native (the policy's own forwards, "
+                                  "step scores from them) or vllm (a vLLM engine per replica, the weights pushed "
+                                  "before each iteration's rollouts; log-probs and step scores then from one "
+                                  "forward of the policy)", choices=("native", "vllm"))
+    vllm_python: str | None = option(None, "with --rollout-backend vllm: an interpreter that has vLLM (vLLM pins "
+                                     "its own torch; default: this one)")
+    vllm_kv_cache_gb: float | None = option(None, "with --rollout-backend vllm: the engine's KV cache in GiB "
+                                            "(default: vLLM's)")
 
     def __post_init__(self) -> None:
         check_template(self.prompt_template)
@@ -96,6 +104,11 @@ class DataConfig:
                             "--rollout-max-batch": self.rollout_max_batch or 1}.items():
             if value < 1:
                 raise ConfigError(f"{flag} must be >= 1, got {value}")
+        if self.rollout_backend != "vllm" and (self.vllm_python or self.vllm_kv_cache_gb):
+            raise ConfigError("--vllm-python and --vllm-kv-cache-gb configure --rollout-backend vllm: add it, or "
+                              "drop them")
+        if self.vllm_kv_cache_gb is not None and self.vllm_kv_cache_gb <= 0:
+            raise ConfigError(f"--vllm-kv-cache-gb must be > 0, got {self.vllm_kv_cache_gb}")
         if self.temperature < 0:
             raise ConfigError(f"--rollout-temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

@@ -10,7 +10,7 @@ from megatron_rgm import lazy
 
 # Printed in this order on the iteration line; everything else goes to tensorboard / wandb / the file only.
 _LINE_KEYS = ("lr", "sprm lr", "grpo loss", "lm loss", "spr loss", "kl", "entropy", "grad norm", "sprm grad norm",
-              "reward", "accuracy", "response length", "score correct", "score incorrect", "tokens/s")
+              "reward", "accuracy", "response length", "score correct", "score incorrect", "rollout kl", "tokens/s")
 
 
 def _fmt(key: str, value) -> str:

@@ -65,6 +65,7 @@ from megatron_rgm.training.optimizer import (
     set_learning_rates,
 )
 from megatron_rgm.training.saving import save_run
+from megatron_rgm.training.vllm_rollouts import VLLMRollouts
 from megatron_rgm.training.step import (
     add_reference_log_probs,
     forward_backward,
@@ -87,6 +88,7 @@ class Trainer:
         self.args, self.run = args, args.run
         self.nonfinite_in_a_row = 0
         self.iteration_now = 0
+        self.rollout_extra: dict[str, float] = {}  # what a rollout backend adds to an iteration's metrics
         self.info = distributed.initialize(args.parallel)
         self.ps = ps
         self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -127,6 +129,9 @@ class Trainer:
         needs_reference = self.run.stage == "rgm" and not self.run.sprm_only and args.grpo.kl_coef > 0
         self.ref = reference_model(args, self.model) if needs_reference else None
         self.start_iteration = self._load()
+        self.vllm = None
+        if self.run.stage == "rgm" and not args.data.rollouts and args.data.rollout_backend == "vllm":
+            self.vllm = VLLMRollouts(args, self.model, self.tokenizer, self.vocab)
         if self.ref is not None and self.start_iteration > 1 and not self.run.pretrained_checkpoint:
             raise ConfigError("the KL reference is the starting policy, but this run resumes without "
                               "--pretrained-checkpoint: pass the checkpoint it started from, or --grpo-kl-coef 0")
@@ -225,8 +230,13 @@ class Trainer:
         if isinstance(self.source, StoreSource):
             return self.source.for_iteration(iteration, self.dp_rank, self.dp)
         prompts = self.source.for_iteration(iteration, self.dp_rank, self.dp)
-        groups = sample_groups(unwrap(self.model[0]), self.vocab, self.tokenizer, self.segmenter, self.args.data,
-                               prompts, self.args.parallel.seed, iteration)
+        if self.vllm is not None:
+            groups = self.vllm.sample(prompts, self.args.parallel.seed, iteration, self.segmenter)
+            samples = [s for g in groups for s in g]
+            self.rollout_extra = self.vllm.score(groups, self._length(samples), self.run.micro_batch_size)
+        else:
+            groups = sample_groups(unwrap(self.model[0]), self.vocab, self.tokenizer, self.segmenter,
+                                   self.args.data, prompts, self.args.parallel.seed, iteration)
         for m in self.model:
             m.train()
         if self.recorder is not None:
@@ -341,7 +351,7 @@ class Trainer:
             samples = [s for g in groups for s in g]
             advantages = torch.cat([group_advantages(torch.tensor([s.reward for s in g]), len(g),
                                                      self.args.grpo.advantage_eps) for g in groups])
-            metrics = rollout_metrics(self.ps, samples, self.args.rgm.sprm_aggregation)
+            metrics = {**rollout_metrics(self.ps, samples, self.args.rgm.sprm_aggregation), **self.rollout_extra}
             if it == 1 and self.calibrates_head():
                 metrics.update(self.calibrate_head(samples))
             self.head_trained = True  # it is trained from this iteration's step on
@@ -373,6 +383,8 @@ class Trainer:
             if self.run.save and (it == self.run.train_iters or
                                   (self.run.save_interval and it % self.run.save_interval == 0)):
                 self.save(it)
+        if self.vllm is not None:
+            self.vllm.close()
         self.logger.close()
         return history
 

