@@ -116,16 +116,22 @@ class PromptFileConfig:
 class ModelSource:
     """Which model a tool runs: a Megatron checkpoint at a layout, or an HF export."""
 
-    backend: str = option("megatron", choices=("megatron", "hf"))
+    backend: str = option("megatron", "megatron: a checkpoint at a TP x PP layout; hf: an export on transformers; "
+                          "vllm: an export sampled by vLLM and scored by transformers (the same weights)",
+                          choices=("megatron", "hf", "vllm"))
     mcore_path: str | None = option(None, "Megatron checkpoint (hf-to-mcore, --save, or Megatron-LM's)")
     hf_path: str | None = option(None, "HF export with score_module.pt (mcore-to-hf)")
     tokenizer: str | None = option(None, "sentencepiece .model or HF tokenizer directory (default: the checkpoint's)")
     tp: int = option(1, "tensor-parallel size (megatron backend)")
     pp: int = option(1, "pipeline-parallel size (megatron backend)")
+    vllm_python: str | None = option(None, "vllm backend: an interpreter that has vLLM (vLLM pins its own torch, "
+                                     "so it may live in a venv of its own; default: this one)")
 
     def __post_init__(self) -> None:
-        if self.backend == "hf" and not self.hf_path:
-            raise ConfigError("--backend hf needs --hf-path (an export written by mcore-to-hf)")
+        if self.backend in ("hf", "vllm") and not self.hf_path:
+            raise ConfigError(f"--backend {self.backend} needs --hf-path (an export written by mcore-to-hf)")
+        if self.vllm_python and self.backend != "vllm":
+            raise ConfigError("--vllm-python sets the vllm backend's interpreter: add --backend vllm, or drop it")
         if self.backend == "megatron" and not self.mcore_path:
             raise ConfigError("--backend megatron needs --mcore-path (a checkpoint written by hf-to-mcore or --save)")
         if self.tp < 1 or self.pp < 1:

@@ -66,3 +66,11 @@ def tiny_sft(tiny_task, tmp_path_factory):
         "--micro-batch-size", "16", "--lr", "2e-3", "--lr-warmup-iters", "10", "--log-interval", "50",
         "--save", str(out)])
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_sft, tmp_path_factory):
+    """The short SFT run exported by mcore-to-hf."""
+    out = tmp_path_factory.mktemp("export") / "hf"
+    convert("mcore-to-hf", "--mcore-path", str(tiny_sft), "--output", str(out))
+    return out

@@ -118,14 +118,6 @@ def test_the_chat_template_renders_the_prompt_template(task, template):
 VLLM_PYTHON = os.environ.get("MEGATRON_RGM_VLLM_PYTHON", "")
 
 
-@pytest.fixture(scope="module")
-def tiny_export(tiny_sft, tmp_path_factory):
-    """The short SFT run exported by mcore-to-hf."""
-    out = tmp_path_factory.mktemp("export") / "hf"
-    convert("mcore-to-hf", "--mcore-path", str(tiny_sft), "--output", str(out))
-    return out
-
-
 def serve(export, task, python: str = sys.executable, engine: str = "transformers") -> list[dict]:
     """``tools/serve_check.py`` on 5 evaluation prompts: its JSON lines (the last one the summary)."""
     proc = subprocess.run([python, str(REPO / "tools" / "serve_check.py"), "--hf-path", str(export), "--prompts",

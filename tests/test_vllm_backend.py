@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from helpers import torchrun
+from helpers import tool, torchrun
 
 VLLM_PYTHON = os.environ.get("MEGATRON_RGM_VLLM_PYTHON", "")
 needs_vllm = pytest.mark.skipif(not VLLM_PYTHON, reason="MEGATRON_RGM_VLLM_PYTHON (an interpreter with vLLM's CPU "
@@ -61,3 +61,65 @@ def test_grpo_trains_on_vllm_rollouts_with_the_trainers_log_probs(tiny_task, tin
         assert abs(r["rollout kl"]) < 1e-3, r
         assert r["response length"] > 0 and 0 <= r["accuracy"] <= 1
     assert rows[0]["grad norm"] > 0
+
+
+@pytest.mark.multirank
+@needs_vllm
+def test_offline_rollouts_by_vllm_carry_the_exports_log_probs_and_step_scores(tiny_task, tiny_export, tmp_path,
+                                                                              capsys):
+    """``generate_rollouts --backend vllm``: vLLM's samples, each scored as the export scores it alone (the batched
+    scoring pass pads k samples together; padding must change nothing)."""
+    import numpy as np
+    import torch
+
+    from megatron_rgm.data.store import RolloutStore
+    from megatron_rgm.hf import RGMScorer
+
+    store = tmp_path / "store"
+    assert tool("generate_rollouts").main([
+        "--prompts", str(tiny_task["eval"]), "--limit", "3", "--output", str(store), "--backend", "vllm",
+        "--hf-path", str(tiny_export), "--vllm-python", VLLM_PYTHON, "--k", "4", "--temperature", "0.6",
+        "--max-new-tokens", "48"]) == 0
+    assert "scoring them took" in capsys.readouterr().out
+    scorer = RGMScorer.from_pretrained(str(tiny_export))
+    rows = RolloutStore(store, "r")
+    assert len(rows) == 12
+    lengths = set()
+    for i in range(len(rows)):
+        t = rows[i]
+        ids = t.tokens.tolist()
+        alone = scorer.score_ids([ids])[0]
+        np.testing.assert_allclose(t.step_scores, alone.step_scores, atol=1e-5)
+        assert t.step_positions.tolist() == list(alone.step_positions)
+        with torch.no_grad():
+            logits = scorer.model(input_ids=torch.tensor([ids])).logits[0, :-1].float() / 0.6
+        expected = logits.log_softmax(-1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].numpy()
+        response = np.asarray(t.response_mask)
+        np.testing.assert_allclose(t.log_probs[1:][response[1:]], expected[response[1:]], atol=1e-4)
+        lengths.add(int(response.sum()))
+    assert len(lengths) > 1  # samples of several lengths were padded together
+
+
+@pytest.mark.multirank
+@needs_vllm
+def test_best_of_n_on_vllm_candidates_scored_by_the_same_weights(tiny_task, tiny_export, tmp_path, capsys):
+    out = tmp_path / "bon.jsonl"
+    assert tool("best_of_n").main([
+        "--prompts", str(tiny_task["eval"]), "--limit", "3", "--output", str(out), "--backend", "vllm",
+        "--hf-path", str(tiny_export), "--vllm-python", VLLM_PYTHON, "--k", "4", "--max-new-tokens", "48",
+        "--complete-all"]) == 0
+    printed = capsys.readouterr().out
+    assert "scoring them took" in printed and "3 problems" in printed
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 3
+    for r in records:
+        aggregates = [c["aggregate"] for c in r["candidates"]]
+        assert r["chosen"] == aggregates.index(max(aggregates))
+        assert all(0 < s < 1 for c in r["candidates"] for s in c["step_scores"])
+        assert all("response" in c and c["correct"] in (True, False) for c in r["candidates"])
+    # One candidate, an early-stopping rule: refused by name (the rule reads the head while decoding).
+    assert tool("best_of_n").main([
+        "--prompts", str(tiny_task["eval"]), "--limit", "1", "--output", str(tmp_path / "x.jsonl"), "--backend",
+        "vllm", "--hf-path", str(tiny_export), "--bon-prune-margin", "0.2"]) != 0
+    captured = capsys.readouterr()
+    assert "--bon-prune-margin" in captured.out + captured.err

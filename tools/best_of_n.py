@@ -6,6 +6,7 @@ With --bon-mode complete (the reference's), the k candidates are whole responses
         [--tp 2 --pp 1] --k 8 [--aggregation geometric] [--complete-all]
     torchrun --nproc-per-node 4 tools/best_of_n.py ... --backend megatron --tp 2 --pp 2
     python tools/best_of_n.py --prompts PROMPTS.jsonl --output BON.jsonl --backend hf --hf-path EXPORT --k 8
+    python tools/best_of_n.py ... --backend vllm --hf-path EXPORT [--vllm-python VENV/bin/python]
     python tools/evaluate.py BON.jsonl --k 1 2 8 --table eval.md --plot eval.png   # needs --complete-all
 
 The output (one line per problem: candidates with step scores and aggregates, the choice, its answer and
@@ -43,11 +44,12 @@ def main(argv=None) -> int:
         cfg = cli.from_namespace(BestOfNConfig, a, sampling=cli.from_namespace(SamplingParams, a),
                                  verifier=inputs.verifier, template=inputs.prompt_template)
         problems = load_problems(inputs.prompts, inputs.problem_key, inputs.answer_key, inputs.limit)
-        if source.backend == "hf":
+        if source.backend in ("hf", "vllm"):
             if not Path(source.hf_path).is_dir():
                 raise ConfigError(f"--hf-path {source.hf_path} is not a directory: pass an export written by "
                                   "mcore-to-hf")
-            run_hf(source.hf_path, source.tokenizer, problems, a.output, cfg)
+            run_hf(source.hf_path, source.tokenizer, problems, a.output, cfg, vllm=source.backend == "vllm",
+                   vllm_python=source.vllm_python)
             return
         from megatron_rgm.launch import run_ranks
         from megatron_rgm.model.load import describe_checkpoint

@@ -3,6 +3,7 @@
     python tools/generate_rollouts.py --prompts PROMPTS.jsonl --output STORE --backend megatron \\
         --mcore-path CKPT [--tokenizer DIR] [--tp 2 --pp 1 --dp 1] --k 8 --temperature 0.6 --top-p 0.95
     python tools/generate_rollouts.py --prompts PROMPTS.jsonl --output STORE --backend hf --hf-path EXPORT --k 8
+    python tools/generate_rollouts.py ... --backend vllm --hf-path EXPORT [--vllm-python VENV/bin/python]
 
 Prompts: a known benchmark file or any jsonl with --problem-key/--answer-key. Re-running resumes.
 """
@@ -39,9 +40,9 @@ def main(argv=None) -> int:
             if value < 1:
                 raise ConfigError(f"{flag} must be >= 1, got {value}")
         prompts = load_prompts(inputs.prompts, inputs.problem_key, inputs.answer_key, inputs.limit)
-        if source.backend == "hf":
+        if source.backend in ("hf", "vllm"):
             generate_hf(source.hf_path, prompts, a.output, a.k, params, inputs.verifier, inputs.prompt_template,
-                        a.max_batch)
+                        a.max_batch, source.vllm_python, vllm=source.backend == "vllm")
         else:
             if a.dp < 1:
                 raise ConfigError(f"--dp must be >= 1, got {a.dp}")

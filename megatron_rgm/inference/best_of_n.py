@@ -49,9 +49,10 @@ from megatron_rgm.rollout.generate import (
     PROMPT_TEMPLATE,
     check_prompt_lengths,
     load_prompts,
+    open_sampler,
+    report_vllm_times,
 )
 from megatron_rgm.rollout.rewards import CORRECT, VERIFIERS, last_boxed, make_verifier
-from megatron_rgm.rollout.hf_sampler import HFSampler
 from megatron_rgm.rollout.sampler import Rollout, Sampler, SamplingParams
 from megatron_rgm.rollout.sampling import BEST_OF_N_PENALTY, RESPONSE_BUDGET, derive_seed, room
 from megatron_rgm.steps import StepSegmenter
@@ -166,7 +167,8 @@ def _seed(base: int, problem: int, candidate: int = -1) -> int:
 
 class BestOfN:
     """Runs Best-of-N with a sampler: a :class:`Sampler` (Megatron, every rank calls in step) or
-    :class:`HFSampler`.
+    :class:`~megatron_rgm.rollout.hf_sampler.HFSampler` or
+    :class:`~megatron_rgm.rollout.vllm_sampler.VLLMSampler`.
 
     Args:
         sampler: has ``generate(prompt_ids, k, params) -> Rollout`` and ``position_limit`` or
@@ -344,16 +346,24 @@ def run_megatron(mcore_path: str, tokenizer_path: str | None, problems: list[dic
         distributed.shutdown()
 
 
-def run_hf(hf_path: str, tokenizer_path: str | None, problems: list[dict], output: str, cfg: BestOfNConfig) -> dict:
-    """Best-of-N with an HF export (transformers + its ``score_module.pt``), in this process."""
+def run_hf(hf_path: str, tokenizer_path: str | None, problems: list[dict], output: str, cfg: BestOfNConfig,
+           vllm: bool = False, vllm_python: str | None = None) -> dict:
+    """Best-of-N with an HF export (transformers + its ``score_module.pt``), in this process; with ``vllm``, vLLM
+    samples the candidates and the export's forward scores them."""
     if cfg.prune_margin is not None:
         raise ConfigError("--bon-prune-margin stops candidates inside continuous batching, which the megatron "
                           "backend runs: use --backend megatron (hf-to-mcore converts an export)")
     scorer = RGMScorer.from_pretrained(hf_path)
     tokenizer = load_tokenizer(tokenizer_path or hf_path)
-    sampler = HFSampler(scorer, tokenizer, StepSegmenter.from_tokenizer(tokenizer, scorer.step_strings,
-                                                                         scorer.step_rule))
-    summary = BestOfN(sampler, tokenizer, cfg).run(problems, output)
+    scorer.segmenter = StepSegmenter.from_tokenizer(tokenizer, scorer.step_strings, scorer.step_rule)
+    sampler = open_sampler(hf_path, scorer, tokenizer, vllm, vllm_python, cfg.max_batch)
+    try:
+        summary = BestOfN(sampler, tokenizer, cfg).run(problems, output)
+        if vllm:
+            report_vllm_times(sampler)
+    finally:
+        if vllm:
+            sampler.close()
     _report(summary, cfg.k, output)
     return summary
 

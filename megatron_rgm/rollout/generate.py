@@ -26,6 +26,8 @@ from megatron_rgm.rollout.rewards import CORRECT, make_verifier
 from megatron_rgm.rollout.hf_sampler import HFSampler
 from megatron_rgm.rollout.sampler import Sampler, SamplingParams
 from megatron_rgm.rollout.sampling import derive_seed
+from megatron_rgm.rollout.vllm_engine import VLLMEngine
+from megatron_rgm.rollout.vllm_sampler import VLLMSampler
 from megatron_rgm.steps import StepSegmenter
 from megatron_rgm.tokenizer import load_tokenizer, prompt_ids
 
@@ -130,19 +132,48 @@ def generate_megatron(mcore_path: str, tokenizer_path: str | None, prompts: list
 
 @torch.no_grad()
 def generate_hf(hf_path: str, prompts: list[dict], output: str, k: int, params: SamplingParams,
-                verifier: str = "math", template: str = PROMPT_TEMPLATE, max_batch: int = MAX_BATCH) -> None:
-    """The same rollouts from an HF export, in this process: the native sampler over transformers' forward."""
+                verifier: str = "math", template: str = PROMPT_TEMPLATE, max_batch: int = MAX_BATCH,
+                vllm_python: str | None = None, vllm: bool = False) -> None:
+    """The same rollouts from an HF export, in this process: the native sampler over transformers' forward, or
+    (``vllm``) vLLM's samples scored by that forward."""
     scorer = RGMScorer.from_pretrained(hf_path)
     tokenizer = scorer.tokenizer
-    sampler = HFSampler(scorer, tokenizer, scorer.segmenter)
     params = _with_eos(params, tokenizer)
-    check_prompt_lengths(tokenizer, prompts, template, params.max_new_tokens, sampler.position_limit)
-    store = RolloutStore(output, "a", tokenizer=tokenizer_fingerprint(tokenizer),
-                         attrs={"model": str(hf_path), "k": k, "sampling": asdict(params), "backend": "hf"})
-    done = store.prompt_ids()
-    todo = [(i, p) for i, p in enumerate(prompts) if i not in done]
-    _sample_prompts(sampler, tokenizer, todo, k, params, template, verifier, lambda group: store.append(0, group),
-                    "rollouts (hf)", quiet=False, max_batch=max_batch)
+    if vllm and params.repetition_penalty != 1.0:
+        raise ConfigError("--repetition-penalty with --backend vllm: the store's log-probs come from a forward of "
+                          "the export, without the penalty vLLM sampled with; drop it, or use --backend hf")
+    sampler = open_sampler(hf_path, scorer, tokenizer, vllm, vllm_python, max_batch)
+    try:
+        check_prompt_lengths(tokenizer, prompts, template, params.max_new_tokens, sampler.position_limit)
+        store = RolloutStore(output, "a", tokenizer=tokenizer_fingerprint(tokenizer),
+                             attrs={"model": str(hf_path), "k": k, "sampling": asdict(params),
+                                    "backend": "vllm" if vllm else "hf"})
+        done = store.prompt_ids()
+        todo = [(i, p) for i, p in enumerate(prompts) if i not in done]
+        _sample_prompts(sampler, tokenizer, todo, k, params, template, verifier, lambda group: store.append(0, group),
+                        f"rollouts ({'vllm' if vllm else 'hf'})", quiet=False, max_batch=max_batch)
+        if vllm:
+            report_vllm_times(sampler)
+    finally:
+        if vllm:
+            sampler.close()
+
+
+def open_sampler(hf_path: str, scorer, tokenizer, vllm: bool, vllm_python: str | None, max_batch: int):
+    """The sampler over an export: :class:`HFSampler`, or a :class:`VLLMSampler` with its engine started."""
+    segmenter = scorer.segmenter
+    if not vllm:
+        return HFSampler(scorer, tokenizer, segmenter)
+    engine = VLLMEngine(str(hf_path), python=vllm_python, max_num_seqs=max_batch,
+                        threads=torch.get_num_threads())
+    return VLLMSampler(scorer, segmenter, engine)
+
+
+def report_vllm_times(sampler: VLLMSampler) -> None:
+    """What vLLM's generation and the scoring pass of its samples took."""
+    gen, score = sampler.times["generate"], sampler.times["score"]
+    print(f"vLLM generated {sampler.tokens['generated']} tokens in {gen:.1f} s; scoring them took {score:.1f} s "
+          f"({score / gen if gen else float('nan'):.2f}x the generation)", flush=True)
 
 
 def load_prompts(path: str, problem_key: str | None, answer_key: str | None, limit: int | None) -> list[dict]:
