@@ -385,8 +385,10 @@ def check_stage(args: Args) -> None:
         if data.prompts and args.parallel.virtual_pipeline_model_parallel_size:
             raise ConfigError("colocated rollouts do not support --virtual-pipeline-model-parallel-size: generate "
                               "them with tools/generate_rollouts.py and train with --rollouts")
-    if data.save_rollouts and not (run.stage == "rgm" and data.prompts):
-        raise ConfigError("--save-rollouts records colocated rollouts: use it with --stage rgm --prompts")
+    for flag, used in (("--save-rollouts records", data.save_rollouts), ("--rollout-backend vllm samples",
+                                                                         data.rollout_backend == "vllm")):
+        if used and not (run.stage == "rgm" and data.prompts):
+            raise ConfigError(f"{flag} colocated rollouts: use it with --stage rgm --prompts")
     if run.stage == "sft" and not (data.sft_data and data.tokenizer):
         raise ConfigError("--stage sft needs --sft-data FILE (jsonl of {text} or {prompt, response}) and --tokenizer")
     if run.sprm_only and run.stage != "rgm":

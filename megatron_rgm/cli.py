@@ -126,10 +126,13 @@ class ModelSource:
     pp: int = option(1, "pipeline-parallel size (megatron backend)")
     vllm_python: str | None = option(None, "vllm backend: an interpreter that has vLLM (vLLM pins its own torch, "
                                      "so it may live in a venv of its own; default: this one)")
+    vllm_kv_cache_gb: float = option(2.0, "vllm backend: the engine's KV cache in GiB")
 
     def __post_init__(self) -> None:
         if self.backend in ("hf", "vllm") and not self.hf_path:
             raise ConfigError(f"--backend {self.backend} needs --hf-path (an export written by mcore-to-hf)")
+        if self.vllm_kv_cache_gb <= 0:
+            raise ConfigError(f"--vllm-kv-cache-gb must be > 0, got {self.vllm_kv_cache_gb}")
         if self.vllm_python and self.backend != "vllm":
             raise ConfigError("--vllm-python sets the vllm backend's interpreter: add --backend vllm, or drop it")
         if self.backend == "megatron" and not self.mcore_path:

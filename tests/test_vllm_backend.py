@@ -34,7 +34,6 @@ def test_weights_pushed_from_megatron_give_the_native_greedy_tokens(tiny_task, t
     assert r["tp"] == tp
     # Every HF tensor of the model came (the names its HF class loads), the head did not.
     assert r["hf_names"] == r["expected_names"]
-    assert r["trained"]["pushed"] == r["changed"]["pushed"] == len(r["hf_names"])
     for phase in ("trained", "changed"):
         compared = sum(agreed(*x) for x in zip(r[phase]["native"], r[phase]["vllm"], r[phase]["margins"]))
         assert compared >= 100, f"{phase}: only {compared} tokens away from a near-tie: the check says little"
@@ -46,10 +45,12 @@ def test_weights_pushed_from_megatron_give_the_native_greedy_tokens(tiny_task, t
 @pytest.mark.multirank
 @needs_vllm
 def test_grpo_trains_on_vllm_rollouts_with_the_trainers_log_probs(tiny_task, tiny_sft, tmp_path):
-    """Two iterations sampled by vLLM: the weights pushed before each iteration, the engine's log-probs within
-    rounding of the trainer's (``rollout kl``) even after an optimizer step moved the weights."""
+    """Three iterations sampled by vLLM, the policy on two pipeline stages (the push gathers them, the first stage
+    drives the engine, the last one's log-probs and step scores reach both): the weights pushed before each
+    iteration, the engine's log-probs within rounding of the trainer's (``rollout kl``) even after optimizer steps
+    at a large learning rate moved the weights."""
     metrics = tmp_path / "metrics.jsonl"
-    torchrun("-m megatron_rgm.pretrain", 1, [
+    torchrun("-m megatron_rgm.pretrain", 2, ["--pipeline-model-parallel-size", "2",
         "--preset", "tiny", "--num-layers", "2", "--pretrained-checkpoint", str(tiny_sft), "--tokenizer",
         str(tiny_task["tokenizer"]), "--prompts", str(tiny_task["train"]), "--train-iters", "3",
         "--prompts-per-iter", "2", "--grpo-group-size", "4", "--micro-batch-size", "4", "--max-response-length",
@@ -58,7 +59,7 @@ def test_grpo_trains_on_vllm_rollouts_with_the_trainers_log_probs(tiny_task, tin
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [1, 2, 3]
     for r in rows:
-        assert abs(r["rollout kl"]) < 1e-3, r
+        assert abs(r["rollout kl"]) < 1e-4, r
         assert r["response length"] > 0 and 0 <= r["accuracy"] <= 1
     assert rows[0]["grad norm"] > 0
 
@@ -78,7 +79,8 @@ def test_offline_rollouts_by_vllm_carry_the_exports_log_probs_and_step_scores(ti
     store = tmp_path / "store"
     assert tool("generate_rollouts").main([
         "--prompts", str(tiny_task["eval"]), "--limit", "3", "--output", str(store), "--backend", "vllm",
-        "--hf-path", str(tiny_export), "--vllm-python", VLLM_PYTHON, "--k", "4", "--temperature", "0.6",
+        "--hf-path", str(tiny_export), "--vllm-python", VLLM_PYTHON, "--vllm-kv-cache-gb", "0.25", "--k", "4",
+        "--temperature", "0.6",
         "--max-new-tokens", "48"]) == 0
     assert "scoring them took" in capsys.readouterr().out
     scorer = RGMScorer.from_pretrained(str(tiny_export))
@@ -106,7 +108,8 @@ def test_best_of_n_on_vllm_candidates_scored_by_the_same_weights(tiny_task, tiny
     out = tmp_path / "bon.jsonl"
     assert tool("best_of_n").main([
         "--prompts", str(tiny_task["eval"]), "--limit", "3", "--output", str(out), "--backend", "vllm",
-        "--hf-path", str(tiny_export), "--vllm-python", VLLM_PYTHON, "--k", "4", "--max-new-tokens", "48",
+        "--hf-path", str(tiny_export), "--vllm-python", VLLM_PYTHON, "--vllm-kv-cache-gb", "0.25", "--k", "4",
+        "--max-new-tokens", "48",
         "--complete-all"]) == 0
     printed = capsys.readouterr().out
     assert "scoring them took" in printed and "3 problems" in printed

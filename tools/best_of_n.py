@@ -49,7 +49,7 @@ def main(argv=None) -> int:
                 raise ConfigError(f"--hf-path {source.hf_path} is not a directory: pass an export written by "
                                   "mcore-to-hf")
             run_hf(source.hf_path, source.tokenizer, problems, a.output, cfg, vllm=source.backend == "vllm",
-                   vllm_python=source.vllm_python)
+                   vllm_python=source.vllm_python, kv_cache_gb=source.vllm_kv_cache_gb)
             return
         from megatron_rgm.launch import run_ranks
         from megatron_rgm.model.load import describe_checkpoint

@@ -42,7 +42,8 @@ def main(argv=None) -> int:
         prompts = load_prompts(inputs.prompts, inputs.problem_key, inputs.answer_key, inputs.limit)
         if source.backend in ("hf", "vllm"):
             generate_hf(source.hf_path, prompts, a.output, a.k, params, inputs.verifier, inputs.prompt_template,
-                        a.max_batch, source.vllm_python, vllm=source.backend == "vllm")
+                        a.max_batch, source.vllm_python, vllm=source.backend == "vllm",
+                        kv_cache_gb=source.vllm_kv_cache_gb)
         else:
             if a.dp < 1:
                 raise ConfigError(f"--dp must be >= 1, got {a.dp}")

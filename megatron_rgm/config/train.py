@@ -94,8 +94,9 @@ class DataConfig:
                                   "forward of the policy)", choices=("native", "vllm"))
     vllm_python: str | None = option(None, "with --rollout-backend vllm: an interpreter that has vLLM (vLLM pins "
                                      "its own torch; default: this one)")
-    vllm_kv_cache_gb: float | None = option(None, "with --rollout-backend vllm: the engine's KV cache in GiB "
-                                            "(default: vLLM's)")
+    vllm_kv_cache_gb: float = option(2.0, "with --rollout-backend vllm: the engine's KV cache in GiB")
+    vllm_gpu_memory: float = option(0.3, "with --rollout-backend vllm on a GPU: the share of its memory the engine "
+                                    "may take (weights and cache; the trainer keeps the rest)")
 
     def __post_init__(self) -> None:
         check_template(self.prompt_template)
@@ -104,11 +105,14 @@ class DataConfig:
                             "--rollout-max-batch": self.rollout_max_batch or 1}.items():
             if value < 1:
                 raise ConfigError(f"{flag} must be >= 1, got {value}")
-        if self.rollout_backend != "vllm" and (self.vllm_python or self.vllm_kv_cache_gb):
-            raise ConfigError("--vllm-python and --vllm-kv-cache-gb configure --rollout-backend vllm: add it, or "
-                              "drop them")
-        if self.vllm_kv_cache_gb is not None and self.vllm_kv_cache_gb <= 0:
-            raise ConfigError(f"--vllm-kv-cache-gb must be > 0, got {self.vllm_kv_cache_gb}")
+        if self.rollout_backend != "vllm" and self.vllm_python:
+            raise ConfigError("--vllm-python configures --rollout-backend vllm: add it, or drop it")
+        if self.vllm_kv_cache_gb <= 0 or not 0 < self.vllm_gpu_memory < 1:
+            raise ConfigError(f"--vllm-kv-cache-gb must be > 0 and --vllm-gpu-memory in (0, 1), got "
+                              f"{self.vllm_kv_cache_gb} and {self.vllm_gpu_memory}")
+        if self.rollout_backend == "vllm" and self.temperature > 2:
+            raise ConfigError(f"--rollout-temperature {self.temperature}: vLLM samples at 2 at most; lower it, or "
+                              "use --rollout-backend native")
         if self.temperature < 0:
             raise ConfigError(f"--rollout-temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

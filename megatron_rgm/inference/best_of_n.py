@@ -347,7 +347,7 @@ def run_megatron(mcore_path: str, tokenizer_path: str | None, problems: list[dic
 
 
 def run_hf(hf_path: str, tokenizer_path: str | None, problems: list[dict], output: str, cfg: BestOfNConfig,
-           vllm: bool = False, vllm_python: str | None = None) -> dict:
+           vllm: bool = False, vllm_python: str | None = None, kv_cache_gb: float = 2.0) -> dict:
     """Best-of-N with an HF export (transformers + its ``score_module.pt``), in this process; with ``vllm``, vLLM
     samples the candidates and the export's forward scores them."""
     if cfg.prune_margin is not None:
@@ -356,7 +356,7 @@ def run_hf(hf_path: str, tokenizer_path: str | None, problems: list[dict], outpu
     scorer = RGMScorer.from_pretrained(hf_path)
     tokenizer = load_tokenizer(tokenizer_path or hf_path)
     scorer.segmenter = StepSegmenter.from_tokenizer(tokenizer, scorer.step_strings, scorer.step_rule)
-    sampler = open_sampler(hf_path, scorer, tokenizer, vllm, vllm_python, cfg.max_batch)
+    sampler = open_sampler(hf_path, scorer, tokenizer, vllm, vllm_python, cfg.max_batch, kv_cache_gb)
     try:
         summary = BestOfN(sampler, tokenizer, cfg).run(problems, output)
         if vllm:

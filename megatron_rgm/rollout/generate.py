@@ -133,7 +133,7 @@ def generate_megatron(mcore_path: str, tokenizer_path: str | None, prompts: list
 @torch.no_grad()
 def generate_hf(hf_path: str, prompts: list[dict], output: str, k: int, params: SamplingParams,
                 verifier: str = "math", template: str = PROMPT_TEMPLATE, max_batch: int = MAX_BATCH,
-                vllm_python: str | None = None, vllm: bool = False) -> None:
+                vllm_python: str | None = None, vllm: bool = False, kv_cache_gb: float = 2.0) -> None:
     """The same rollouts from an HF export, in this process: the native sampler over transformers' forward, or
     (``vllm``) vLLM's samples scored by that forward."""
     scorer = RGMScorer.from_pretrained(hf_path)
@@ -142,9 +142,11 @@ def generate_hf(hf_path: str, prompts: list[dict], output: str, k: int, params: 
     if vllm and params.repetition_penalty != 1.0:
         raise ConfigError("--repetition-penalty with --backend vllm: the store's log-probs come from a forward of "
                           "the export, without the penalty vLLM sampled with; drop it, or use --backend hf")
-    sampler = open_sampler(hf_path, scorer, tokenizer, vllm, vllm_python, max_batch)
+    # Before the engine's slow start: a prompt that cannot fit is named now.
+    check_prompt_lengths(tokenizer, prompts, template, params.max_new_tokens,
+                         scorer.model.config.max_position_embeddings)
+    sampler = open_sampler(hf_path, scorer, tokenizer, vllm, vllm_python, max_batch, kv_cache_gb)
     try:
-        check_prompt_lengths(tokenizer, prompts, template, params.max_new_tokens, sampler.position_limit)
         store = RolloutStore(output, "a", tokenizer=tokenizer_fingerprint(tokenizer),
                              attrs={"model": str(hf_path), "k": k, "sampling": asdict(params),
                                     "backend": "vllm" if vllm else "hf"})
@@ -159,13 +161,14 @@ def generate_hf(hf_path: str, prompts: list[dict], output: str, k: int, params: 
             sampler.close()
 
 
-def open_sampler(hf_path: str, scorer, tokenizer, vllm: bool, vllm_python: str | None, max_batch: int):
+def open_sampler(hf_path: str, scorer, tokenizer, vllm: bool, vllm_python: str | None, max_batch: int,
+                 kv_cache_gb: float = 2.0):
     """The sampler over an export: :class:`HFSampler`, or a :class:`VLLMSampler` with its engine started."""
     segmenter = scorer.segmenter
     if not vllm:
         return HFSampler(scorer, tokenizer, segmenter)
-    engine = VLLMEngine(str(hf_path), python=vllm_python, max_num_seqs=max_batch,
-                        threads=torch.get_num_threads())
+    engine = VLLMEngine(str(hf_path), python=vllm_python, max_num_seqs=max_batch, threads=torch.get_num_threads(),
+                        kv_cache_bytes=int(kv_cache_gb * 2**30))
     return VLLMSampler(scorer, segmenter, engine)
 
 

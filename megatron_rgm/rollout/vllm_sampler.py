@@ -47,6 +47,9 @@ class VLLMSampler:
                               "pass one per prompt")
         budgets = []
         for ids, p in zip(prompts, params):
+            if p.temperature > 2:
+                raise ConfigError(f"--temperature {p.temperature}: vLLM samples at 2 at most; lower it, or use "
+                                  "--backend hf")
             budget = p.budget(len(ids), self.position_limit)
             if budget < 1 or len(ids) + budget > self.position_limit:
                 raise ConfigError(f"a prompt of {len(ids)} tokens with {budget} new tokens does not fit the model's "
@@ -78,10 +81,11 @@ class VLLMSampler:
         model = self.scorer.model
         device = next(model.parameters()).device
         out = model(input_ids=tokens.to(device), attention_mask=valid.long().to(device))
-        logits = out.logits.float()[:, :-1, : model.config.vocab_size] / (params.temperature or 1.0)
-        picked = logits.log_softmax(-1).gather(-1, tokens[:, 1:, None].to(device))[..., 0].cpu()
         log_probs = torch.zeros(tokens.shape)
-        log_probs[:, 1:] = picked
+        for i in range(len(samples)):  # a row at a time: one [s, V] float32 copy, not k of them
+            logits = out.logits[i, :-1, : model.config.vocab_size].float() / (params.temperature or 1.0)
+            log_probs[i, 1:] = (logits.gather(-1, tokens[i, 1:, None].to(device))[:, 0]
+                                - torch.logsumexp(logits, -1)).cpu()
         log_probs *= response
         steps = head_logits(self.scorer.head, self.scorer.feature.value, layout.mask.to(device)).float().cpu()
         return Rollout(tokens, p0, lengths, log_probs, torch.zeros(tokens.shape), steps, layout.cu_steps.cpu(),

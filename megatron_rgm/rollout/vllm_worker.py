@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from multiprocessing import shared_memory
+from multiprocessing import resource_tracker, shared_memory
 from multiprocessing.connection import Client
 
 import torch
@@ -37,7 +37,7 @@ def start(spec: dict) -> LLM:
     options = dict(model=spec["model"], dtype=spec["dtype"], enforce_eager=True, seed=spec["seed"],
                    logprobs_mode="raw_logprobs", max_num_seqs=spec["max_num_seqs"],
                    load_format="dummy" if spec["dummy"] else "auto")
-    for key in ("kv_cache_memory_bytes", "max_model_len"):
+    for key in ("kv_cache_memory_bytes", "max_model_len", "gpu_memory_utilization"):
         if spec.get(key):
             options[key] = spec[key]
     return LLM(**options)
@@ -51,7 +51,9 @@ def generate(llm: LLM, msg: dict) -> dict:
             repetition_penalty=p["repetition_penalty"], max_tokens=p["max_tokens"], seed=p["seed"],
             # The caller's stop ids only (the sampler's contract), whatever generation_config.json says.
             ignore_eos=True, stop_token_ids=p["stop_token_ids"], stop=p["stop"] or None,
-            include_stop_str_in_output=True, detokenize=bool(p["stop"]), logprobs=0))
+            include_stop_str_in_output=True, detokenize=bool(p["stop"]), logprobs=0,
+            # A stop string may be a special token (</think>): the text it is matched in keeps them, as written.
+            skip_special_tokens=False, spaces_between_special_tokens=False))
     outs = llm.generate([{"prompt_token_ids": ids} for ids in msg["prompts"]], params, use_tqdm=False)
     replies = []
     for out, one in zip(outs, greedy):
@@ -62,8 +64,18 @@ def generate(llm: LLM, msg: dict) -> dict:
     return {"outputs": replies}
 
 
+def attach(name: str) -> shared_memory.SharedMemory:
+    """The sender's block, not tracked here: the sender unlinks it (before Python 3.13 an attach registers the
+    block with this process's resource tracker, which would unlink it again, with a warning, at exit)."""
+    if sys.version_info >= (3, 13):
+        return shared_memory.SharedMemory(name=name, track=False)
+    block = shared_memory.SharedMemory(name=name)
+    resource_tracker.unregister(block._name, "shared_memory")  # noqa: SLF001 - the name it registered
+    return block
+
+
 def load_weights(llm: LLM, msg: dict) -> dict:
-    block = shared_memory.SharedMemory(name=msg["shm"])
+    block = attach(msg["shm"])
     try:  # copied out at once: the sender may unlink the block as soon as this replies
         data = torch.empty(msg["bytes"], dtype=torch.uint8)
         data.numpy()[:] = block.buf[:msg["bytes"]]

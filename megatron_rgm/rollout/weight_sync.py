@@ -22,7 +22,7 @@ from megatron_rgm.convert.gpt_oss import ExpertStacker
 from megatron_rgm.convert.hf_config import as_llama, hf_config_from_args
 from megatron_rgm.convert.mapping import HFArch, hf_tensors
 from megatron_rgm.convert.serving import complete_export
-from megatron_rgm.model.state import full_state
+from megatron_rgm.model.state import gather_full
 from megatron_rgm.tokenizer import is_sentencepiece_dir
 
 _LAYER = re.compile(r"^(decoder\.layers\.\d+\.)(.*)$")
@@ -52,13 +52,27 @@ def engine_dir(out: Path, config: dict, tokenizer, prompt_template: str) -> Path
 
 @torch.no_grad()
 def hf_state(model, arch: HFArch) -> dict[str, torch.Tensor]:
-    """Every weight of ``model`` (an unwrapped chunk) as full HF-named tensors, on every rank of its model-parallel
-    group (collective over it). The SPRM head stays out: the engine samples, the trainer scores."""
-    full = full_state(model)
-    if ps.get_expert_model_parallel_world_size() > 1:  # each rank holds its own experts: everyone takes all
+    """Every weight of ``model`` (an unwrapped chunk) as full HF-named tensors on the host, on the replica's first
+    model-parallel rank (TP rank 0 of the first stage); empty elsewhere. Collective over the tensor-parallel and
+    expert-parallel groups, and the pipeline group of TP rank 0. The SPRM head stays out: the engine samples,
+    the trainer scores."""
+    full = {k: v.cpu() for k, v in gather_full(model).items()}
+    if ps.get_expert_model_parallel_world_size() > 1:  # each rank holds its own experts: the others' too
         parts: list[dict | None] = [None] * ps.get_expert_model_parallel_world_size()
         experts = {k: v for k, v in full.items() if ".mlp.experts." in k}
         dist.all_gather_object(parts, experts, group=ps.get_expert_model_parallel_group())
+        for part in parts:
+            full.update(part)
+    if ps.get_tensor_model_parallel_rank() != 0:
+        return {}
+    stages = ps.get_pipeline_model_parallel_world_size()
+    if stages > 1:  # the first stage takes the others' layers
+        group = ps.get_pipeline_model_parallel_group()
+        first = ps.get_pipeline_model_parallel_rank() == 0
+        parts = [None] * stages if first else None
+        dist.gather_object(full, parts, dst=dist.get_global_rank(group, 0), group=group)
+        if not first:
+            return {}
         for part in parts:
             full.update(part)
     stacker = ExpertStacker(arch.num_experts or 0)  # GPT-OSS keeps a layer's experts in one tensor

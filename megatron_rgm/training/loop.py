@@ -129,9 +129,9 @@ class Trainer:
         needs_reference = self.run.stage == "rgm" and not self.run.sprm_only and args.grpo.kl_coef > 0
         self.ref = reference_model(args, self.model) if needs_reference else None
         self.start_iteration = self._load()
-        self.vllm = None
-        if self.run.stage == "rgm" and not args.data.rollouts and args.data.rollout_backend == "vllm":
-            self.vllm = VLLMRollouts(args, self.model, self.tokenizer, self.vocab)
+        # The engine samples colocated rollouts (arguments.check_stage refuses it elsewhere).
+        self.vllm = VLLMRollouts(args, self.model, self.tokenizer, self.vocab) \
+            if args.data.rollout_backend == "vllm" else None
         if self.ref is not None and self.start_iteration > 1 and not self.run.pretrained_checkpoint:
             raise ConfigError("the KL reference is the starting policy, but this run resumes without "
                               "--pretrained-checkpoint: pass the checkpoint it started from, or --grpo-kl-coef 0")
@@ -370,6 +370,13 @@ class Trainer:
                  self.head_trained)
 
     def train(self) -> list[dict]:
+        try:
+            return self._train()
+        finally:
+            if self.vllm is not None:  # the engine's process goes with the run, however it ends
+                self.vllm.close()
+
+    def _train(self) -> list[dict]:
         history = []
         plan = self.head_plan()
         if plan and self.logging_rank:
@@ -383,8 +390,6 @@ class Trainer:
             if self.run.save and (it == self.run.train_iters or
                                   (self.run.save_interval and it % self.run.save_interval == 0)):
                 self.save(it)
-        if self.vllm is not None:
-            self.vllm.close()
         self.logger.close()
         return history
 

@@ -4,10 +4,11 @@ Each data-parallel replica has one engine, started by its first model-parallel r
 Before every iteration's rollouts the policy's weights are gathered from the ranks (TP shards, pipeline stages,
 experts) under HF names and pushed into it (:mod:`megatron_rgm.rollout.weight_sync`); nothing is written to
 disk. The engine returns tokens and its own log-probs; one forward of the policy then gives the old log-probs GRPO
-uses and the head's step scores, so the ratio starts from the trainer's numbers. ``rollout kl``, the mean of
+uses and the head's step scores, so the ratio starts from the trainer's numbers. ``rollout kl`` is the mean of
 vLLM's minus the trainer's log-prob of the sampled tokens, both of the unscaled logits (vLLM reports its
-temperature-scaled log-probs only after top-p has cut the distribution), estimates KL(engine || trainer): how far
-the engine's model is from the trainer's, which a faulty push or a kernel's error shows as a jump.
+temperature-scaled log-probs only after top-p has cut the distribution). It is 0 up to rounding when the engine
+runs the trainer's model, and moves when a push is stale or faulty or a kernel errs. It is a KL estimate only for
+samples drawn at temperature 1 without filtering; at other settings read it as a mean log-ratio (either sign).
 """
 
 from __future__ import annotations
@@ -61,8 +62,9 @@ class VLLMRollouts:
             dtype = "bfloat16" if args.transformer.bf16 else "float16" if args.transformer.fp16 else "float32"
             self.engine = VLLMEngine(str(directory), python=data.vllm_python, dtype=dtype, seed=args.parallel.seed,
                                      threads=torch.get_num_threads(), max_model_len=args.max_position_embeddings,
-                                     kv_cache_bytes=int(data.vllm_kv_cache_gb * 2**30) if data.vllm_kv_cache_gb
-                                     else None, max_num_seqs=data.rollout_max_batch or 256, dummy=True)
+                                     kv_cache_bytes=int(data.vllm_kv_cache_gb * 2**30),
+                                     max_num_seqs=data.rollout_max_batch or 256, dummy=True,
+                                     gpu_memory=data.vllm_gpu_memory)
 
     def push(self) -> None:
         """The policy's current weights into the engine (collective over the replica's model-parallel group)."""
