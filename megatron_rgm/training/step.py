@@ -107,36 +107,17 @@ def add_reference_log_probs(ref: list, batches: list[dict], length: int, micro_b
     forward_backward(ref, batches, length, micro_batch_size, step, forward_only=True)
 
 
-@torch.no_grad()
 def head_step_logits(model: list, batches: list[dict], length: int, micro_batch_size: int):
     """The head's step logits ``[S]`` (last stage; empty elsewhere) and each trajectory's step count, in eval mode."""
-    collected, counts = [], []
-
-    def step(data_iterator, chunk):
-        batch = next(data_iterator)
-        tokens, positions, attention_mask, kwargs = batch_inputs(batch)
-        out = chunk(tokens, positions, attention_mask, step_mask=batch["step_mask"], **kwargs)
-        counts.append(batch["step_mask"].sum(1).cpu())
-
-        def loss(output):
-            collected.append(output[1].detach().float().cpu())
-            return torch.zeros((), device=output[1].device), {}
-        return out, loss
-
-    for m in model:
-        m.eval()
-    forward_backward(model, batches, length, micro_batch_size, step, forward_only=True)
-    for m in model:
-        m.train()
-    return (torch.cat(collected) if collected else torch.zeros(0),
-            torch.cat(counts) if counts else torch.zeros(0, dtype=torch.long))
+    _, logits, counts = policy_log_probs_and_step_logits(model, batches, length, micro_batch_size, (), 0)
+    return logits, counts
 
 
 @torch.no_grad()
 def policy_log_probs_and_step_logits(model: list, batches: list[dict], length: int, micro_batch_size: int,
                                      temperatures: tuple[float, ...], vocab: int):
     """One eval-mode forward of the policy over ``batches``: per micro-batch the log-probs ``[t, b, s]`` of its
-    labels under ``logits / T`` for each of ``temperatures``, and the head's step logits ``[S]`` with each row's
+    labels under ``logits / T`` for each of ``temperatures`` (none: no log-probs), and the head's step logits ``[S]`` with each row's
     step count (last stage; empty elsewhere). What a sampler's own passes give, for samples drawn elsewhere."""
     log_probs, collected, counts = [], [], []
 
@@ -147,9 +128,10 @@ def policy_log_probs_and_step_logits(model: list, batches: list[dict], length: i
         counts.append(batch["step_mask"].sum(1).cpu())
 
         def loss(output):
-            log_probs.append(torch.stack([chunked_log_probs_and_entropy(output[0], batch["labels"], vocab, t,
-                                                                        entropy=False)[0].float().cpu()
-                                          for t in temperatures]))
+            if temperatures:
+                log_probs.append(torch.stack([chunked_log_probs_and_entropy(output[0], batch["labels"], vocab, t,
+                                                                            entropy=False)[0].float().cpu()
+                                              for t in temperatures]))
             collected.append(output[1].detach().float().cpu())
             return torch.zeros((), device=output[1].device), {}
         return out, loss
