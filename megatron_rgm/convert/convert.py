@@ -32,7 +32,7 @@ from megatron_rgm.checkpoint import ASSETS, TE_NORM_KEYS, publish, save_checkpoi
 from megatron_rgm.config import PROMPT_TEMPLATE, ConfigError, RGMConfig, check_template
 from megatron_rgm.convert.hf_io import HFCheckpoint, ShardWriter, copy_tokenizer_files
 from megatron_rgm.convert.gpt_oss import ExpertStacker
-from megatron_rgm.convert.hf_config import as_llama, hf_config_from_args
+from megatron_rgm.convert.hf_config import hf_config_from_args, served_config
 from megatron_rgm.convert.mapping import HFArch, hf_tensors
 from megatron_rgm.convert.serving import chat_template, complete_export
 from megatron_rgm.convert.slices import megatron_shard
@@ -177,8 +177,7 @@ def _mcore_to_hf_rank(mcore_path: str, output: str, dtype: str | None, vocab_siz
     ckpt = source.directory
     config = export_config(source)
     assets = source.tokenizer_dir()
-    if assets is not None and is_sentencepiece_dir(assets) and HFArch.from_config(config).kind == "qwen2":
-        config = as_llama(config)
+    config = served_config(config, assets is not None and is_sentencepiece_dir(assets))
     arch = HFArch.from_config(config)
     meta = dist_checkpointing.load_tensors_metadata(str(ckpt))
     out = Path(output)

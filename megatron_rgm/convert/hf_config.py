@@ -4,7 +4,7 @@ a Qwen2 config rewritten as the equal Llama."""
 from __future__ import annotations
 
 from megatron_rgm.config import ModelConfig
-from megatron_rgm.convert.mapping import LLAMA3_FIXED
+from megatron_rgm.convert.mapping import LLAMA3_FIXED, HFArch
 
 
 def as_llama(config: dict) -> dict:
@@ -15,6 +15,12 @@ def as_llama(config: dict) -> dict:
     out = {**config, "architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": True,
            "mlp_bias": False}
     return out
+
+
+def served_config(config: dict, sentencepiece: bool) -> dict:
+    """The config a model is served under: a Qwen2 geometry with a sentencepiece vocabulary as the equal Llama
+    (:func:`as_llama` says why), any other as it is. The export and the vLLM push both name tensors by it."""
+    return as_llama(config) if sentencepiece and HFArch.from_config(config).kind == "qwen2" else config
 
 
 def hf_config_from_args(args, vocab_size: int) -> dict | None:

@@ -355,8 +355,8 @@ def run_hf(hf_path: str, tokenizer_path: str | None, problems: list[dict], outpu
                           "backend runs: use --backend megatron (hf-to-mcore converts an export)")
     scorer = RGMScorer.from_pretrained(hf_path)
     tokenizer = load_tokenizer(tokenizer_path or hf_path)
-    scorer.segmenter = StepSegmenter.from_tokenizer(tokenizer, scorer.step_strings, scorer.step_rule)
-    sampler = open_sampler(hf_path, scorer, tokenizer, vllm, vllm_python, cfg.max_batch, kv_cache_gb)
+    segmenter = StepSegmenter.from_tokenizer(tokenizer, scorer.step_strings, scorer.step_rule)
+    sampler = open_sampler(hf_path, scorer, tokenizer, segmenter, vllm, vllm_python, cfg.max_batch, kv_cache_gb)
     try:
         summary = BestOfN(sampler, tokenizer, cfg).run(problems, output)
         if vllm:

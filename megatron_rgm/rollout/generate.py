@@ -145,7 +145,7 @@ def generate_hf(hf_path: str, prompts: list[dict], output: str, k: int, params: 
     # Before the engine's slow start: a prompt that cannot fit is named now.
     check_prompt_lengths(tokenizer, prompts, template, params.max_new_tokens,
                          scorer.model.config.max_position_embeddings)
-    sampler = open_sampler(hf_path, scorer, tokenizer, vllm, vllm_python, max_batch, kv_cache_gb)
+    sampler = open_sampler(hf_path, scorer, tokenizer, scorer.segmenter, vllm, vllm_python, max_batch, kv_cache_gb)
     try:
         store = RolloutStore(output, "a", tokenizer=tokenizer_fingerprint(tokenizer),
                              attrs={"model": str(hf_path), "k": k, "sampling": asdict(params),
@@ -161,10 +161,9 @@ def generate_hf(hf_path: str, prompts: list[dict], output: str, k: int, params: 
             sampler.close()
 
 
-def open_sampler(hf_path: str, scorer, tokenizer, vllm: bool, vllm_python: str | None, max_batch: int,
-                 kv_cache_gb: float = 2.0):
+def open_sampler(hf_path: str, scorer, tokenizer, segmenter: StepSegmenter, vllm: bool, vllm_python: str | None,
+                 max_batch: int, kv_cache_gb: float = 2.0):
     """The sampler over an export: :class:`HFSampler`, or a :class:`VLLMSampler` with its engine started."""
-    segmenter = scorer.segmenter
     if not vllm:
         return HFSampler(scorer, tokenizer, segmenter)
     engine = VLLMEngine(str(hf_path), python=vllm_python, max_num_seqs=max_batch, threads=torch.get_num_threads(),

@@ -17,6 +17,7 @@ An exception in a request is replied as ``{"error": text}``; the process goes on
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import traceback
@@ -84,11 +85,8 @@ def load_weights(llm: LLM, msg: dict) -> dict:
 
     def tensors():
         for name, dtype, shape, offset in msg["tensors"]:
-            size = DTYPES[dtype].itemsize
-            count = 1
-            for d in shape:
-                count *= d
-            yield name, data[offset:offset + count * size].view(DTYPES[dtype]).view(shape)
+            size = math.prod(shape) * DTYPES[dtype].itemsize
+            yield name, data[offset:offset + size].view(DTYPES[dtype]).view(shape)
 
     # reload_weights, not the model's load_weights: on a CPU, vLLM's linear layers run on packed copies of
     # their weights, which only the reload path rebuilds.

@@ -19,7 +19,7 @@ from megatron.core import parallel_state as ps
 from megatron_rgm.checkpoint import TE_NORM_KEYS
 from megatron_rgm.config import ConfigError
 from megatron_rgm.convert.gpt_oss import ExpertStacker
-from megatron_rgm.convert.hf_config import as_llama, hf_config_from_args
+from megatron_rgm.convert.hf_config import hf_config_from_args, served_config
 from megatron_rgm.convert.mapping import HFArch, hf_tensors
 from megatron_rgm.convert.serving import complete_export
 from megatron_rgm.model.state import gather_full
@@ -35,8 +35,7 @@ def hf_config(args, vocab_size: int, sentencepiece: bool) -> dict:
         raise ConfigError("--rollout-backend vllm serves the policy as an HF model, and no HF class matches this "
                           "one (served: Qwen2, Qwen3, Qwen3-MoE, Llama, Mistral and GPT-OSS layers): use "
                           "--rollout-backend native")
-    # A sentencepiece vocabulary is served as Llama's (the export's choice, megatron_rgm.convert.serving).
-    return as_llama(config) if sentencepiece and HFArch.from_config(config).kind == "qwen2" else config
+    return served_config(config, sentencepiece)  # what mcore-to-hf would export it as
 
 
 def engine_dir(out: Path, config: dict, tokenizer, prompt_template: str) -> Path:

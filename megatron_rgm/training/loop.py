@@ -88,7 +88,6 @@ class Trainer:
         self.args, self.run = args, args.run
         self.nonfinite_in_a_row = 0
         self.iteration_now = 0
-        self.rollout_extra: dict[str, float] = {}  # what a rollout backend adds to an iteration's metrics
         self.info = distributed.initialize(args.parallel)
         self.ps = ps
         self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -225,16 +224,18 @@ class Trainer:
 
     # --- one iteration ---------------------------------------------------------------------------------
 
-    def rollouts(self, iteration: int) -> list[list[Trajectory]]:
-        """This replica's groups of k samples for ``iteration``: read from the store, or sampled now."""
+    def rollouts(self, iteration: int) -> tuple[list[list[Trajectory]], dict[str, float]]:
+        """This replica's groups of k samples for ``iteration`` (read from the store, or sampled now), and what the
+        rollout backend adds to the iteration's metrics."""
         if isinstance(self.source, StoreSource):
-            return self.source.for_iteration(iteration, self.dp_rank, self.dp)
+            return self.source.for_iteration(iteration, self.dp_rank, self.dp), {}
         prompts = self.source.for_iteration(iteration, self.dp_rank, self.dp)
         if self.vllm is not None:
             groups = self.vllm.sample(prompts, self.args.parallel.seed, iteration, self.segmenter)
             samples = [s for g in groups for s in g]
-            self.rollout_extra = self.vllm.score(groups, self._length(samples), self.run.micro_batch_size)
+            extra = self.vllm.score(groups, self._length(samples), self.run.micro_batch_size)
         else:
+            extra = {}
             groups = sample_groups(unwrap(self.model[0]), self.vocab, self.tokenizer, self.segmenter,
                                    self.args.data, prompts, self.args.parallel.seed, iteration)
         for m in self.model:
@@ -242,7 +243,7 @@ class Trainer:
         if self.recorder is not None:
             writer = self.ps.get_tensor_model_parallel_rank() == 0 and self.last_stage
             self.recorder.append(iteration, groups, self.dp_rank, writer)
-        return groups
+        return groups, extra
 
     @torch.no_grad()
     def calibrate_head(self, samples: list[Trajectory]) -> dict[str, float]:
@@ -346,12 +347,12 @@ class Trainer:
             samples = [sft_sample(*x) for x in self.source.for_iteration(it, self.dp_rank, self.dp)]
             advantages, metrics = None, {}
         else:
-            groups = self.rollouts(it)
+            groups, extra = self.rollouts(it)
             times["generate"] = time.time() - t0
             samples = [s for g in groups for s in g]
             advantages = torch.cat([group_advantages(torch.tensor([s.reward for s in g]), len(g),
                                                      self.args.grpo.advantage_eps) for g in groups])
-            metrics = {**rollout_metrics(self.ps, samples, self.args.rgm.sprm_aggregation), **self.rollout_extra}
+            metrics = {**rollout_metrics(self.ps, samples, self.args.rgm.sprm_aggregation), **extra}
             if it == 1 and self.calibrates_head():
                 metrics.update(self.calibrate_head(samples))
             self.head_trained = True  # it is trained from this iteration's step on

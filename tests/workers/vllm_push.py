@@ -6,6 +6,7 @@ model changed and was pushed once more.
 """
 
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -49,7 +50,7 @@ def native(sampler, prompts, params) -> list[list[int]]:
 
 def main() -> None:
     ckpt, prompts_file, out, python = sys.argv[1:5]
-    tp = int(__import__("os").environ["WORLD_SIZE"])
+    tp = int(os.environ["WORLD_SIZE"])
     checkpoint = describe_checkpoint(ckpt)
     tokenizer = load_tokenizer(checkpoint.tokenizer_path(None))
     loaded = load_model(ckpt, tp, 1, checkpoint=checkpoint)
