@@ -65,6 +65,8 @@ def test_shrunken_pipeline_writes_every_artefact_and_a_consistent_table(tmp_path
     assert scorer["candidates"] == 24 and scorer["pass@1"] == pytest.approx(metrics["pass@1"])
     assert scorer["sprm"]["bon@4"] == pytest.approx(metrics["bon@4/geometric"])
     assert scorer["probe"] is None or 0 <= scorer["probe"]["bon@4"] <= 1
+    # ... and the training rollouts' lucky share (the store's correct rollouts with parseable steps)
+    assert 0 <= scorer["rollouts"]["total"]["correct"] <= 2 * 2 * 4
 
 
 def test_pipeline_refuses_a_non_empty_output(tmp_path, capsys):

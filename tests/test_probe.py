@@ -84,4 +84,51 @@ def test_first_error_f1_and_lucky_share_by_hand():
              _cand("a", 0, True, [0.9, 0.8], [True, True]), _cand("a", 0, False, [0.1], [False])]
     m = scorer_metrics(cands, [c.step_scores for c in cands], k=2)
     assert m["lucky"] == pytest.approx(0.5)
+    assert m["lucky_wrong_steps"] == 1 and m["lucky_masked"] == 1.0  # its wrong step is scored 0.2: masked out
+    cands[0] = _cand("a", 0, True, [0.9, 0.6], [True, False])  # the head lets the wrong step through
+    m = scorer_metrics(cands, [c.step_scores for c in cands], k=2)
+    assert m["lucky_masked"] == 0.0
     assert m["first_error_f1"] == 1.0
+
+
+def test_lucky_rollouts_and_what_the_mask_leaves_out_by_hand(tmp_path):
+    """Training rollouts read back from a real store and a real tokenizer, labelled by hand."""
+    import numpy as np
+
+    from megatron_rgm.config import PROMPT_TEMPLATE
+    from megatron_rgm.data.store import RolloutStore, Trajectory, tokenizer_fingerprint
+    from megatron_rgm.tasks.arithmetic import train_tokenizer
+    from megatron_rgm.tasks.probe import rollout_lucky
+    from megatron_rgm.tokenizer import load_tokenizer
+
+    prompt = PROMPT_TEMPLATE.format(problem="Add 4, 2, 9 and 1.")  # true totals 6, 15, 16
+    responses = {  # text, correct, step scores
+        "clean": ("4 + 2 = 6.\n\n6 + 9 = 15.\n\n15 + 1 = 16.\n\n</think>\n\\boxed{16}", True, [0.9, 0.8, 0.9]),
+        "lucky": ("4 + 2 = 7.\n\n7 + 9 = 15.\n\n15 + 1 = 16.\n\n</think>\n\\boxed{16}", True, [0.2, 0.7, 0.9]),
+        "wrong": ("4 + 2 = 7.\n\n7 + 9 = 16.\n\n16 + 1 = 17.\n\n</think>\n\\boxed{17}", False, [0.2, 0.3, 0.3]),
+        "lucky, unmasked": ("4 + 2 = 5.\n\n5 + 9 = 15.\n\n15 + 1 = 16.\n\n</think>\n\\boxed{16}", True,
+                            [0.6, 0.1, 0.9]),
+        "unparsed": ("4 + 2 = 6.\n\n</think>\n\\boxed{16}", True, [0.9, 0.9]),  # 1 step, 2 scores: skipped
+    }
+    tok = load_tokenizer(str(train_tokenizer([prompt + r for r, _, _ in responses.values()], tmp_path / "tok",
+                                             vocab_size=512, max_number=40)))
+    store = RolloutStore(tmp_path / "rollouts", "a", tokenizer=tokenizer_fingerprint(tok))
+    p_ids = tok.encode(prompt)
+
+    def traj(name, iteration):
+        text, correct, scores = responses[name]
+        ids = p_ids + tok.encode(text)
+        n = len(ids)
+        return Trajectory(tokens=np.array(ids), response_mask=np.arange(n) >= len(p_ids), log_probs=np.zeros(n),
+                          step_positions=np.arange(len(scores)), reward=float(correct), correct=correct,
+                          prompt_id=0, group_id=iteration * 1_000_000, step_scores=np.array(scores))
+
+    store.append(0, [traj("clean", 0), traj("lucky", 0), traj("wrong", 0), traj("unparsed", 0),
+                     traj("lucky, unmasked", 1), traj("clean", 1)])
+    r = rollout_lucky(tmp_path / "rollouts", tmp_path / "tok" / "tokenizer.model")
+    first, second = r["iterations"]
+    # iteration 0: 2 correct parsed (clean, lucky); lucky's wrong steps 0.2 and 0.7: one masked out
+    assert first == {"iteration": 0, "correct": 2, "lucky": 0.5, "lucky_wrong_steps": 2, "lucky_masked": 0.5}
+    # iteration 1: the lucky one's wrong steps 0.6 and 0.1
+    assert second == {"iteration": 1, "correct": 2, "lucky": 0.5, "lucky_wrong_steps": 2, "lucky_masked": 0.5}
+    assert r["total"] == {"correct": 4, "lucky": 0.5, "lucky_wrong_steps": 4, "lucky_masked": 0.5}

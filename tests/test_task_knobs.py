@@ -41,6 +41,10 @@ def test_hand_checked_labels_of_cancelling_slips():
     assert labels == [StepLabel(False, False), StepLabel(True, False), StepLabel(False, True)]
     assert correct, "two slips that cancel give the right answer: a lucky trajectory"
     assert first_error(labels) == 0
+    # the generator's lucky slip: the very next step writes the true total (7 + 9 = 15)
+    steps = [Step(4, 2, 7), Step(7, 9, 15), Step(15, 1, 16)]
+    labels, correct = label_response(p, render(steps))
+    assert correct and labels == [StepLabel(False, False), StepLabel(False, True), StepLabel(True, True)]
 
 
 def test_a_clean_trace_is_all_right_and_has_no_first_error():
@@ -65,8 +69,9 @@ def test_the_generator_writes_the_slip_the_knobs_ask_for():
         if bad[0] == len(steps) - 1:  # a slip at the last step has no later step to cancel it
             assert not correct and bad == [3]
         else:
-            assert correct and len(bad) == 2, (steps, labels)
-            assert all(not l.on_track for l in labels[bad[0]:bad[1]]) and labels[bad[1]].on_track
+            assert correct and bad == [bad[0], bad[0] + 1], (steps, labels)  # the next step slips back
+            assert not labels[bad[0]].on_track and all(l.on_track for l in labels[bad[1]:])
+            assert steps[bad[1]].result == sum(p.numbers[:bad[1] + 2]), "it writes the true running total"
 
 
 def test_in_bulk_lucky_share_long_lengths_and_agreeing_wrong_answers():

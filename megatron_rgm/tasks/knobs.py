@@ -4,9 +4,12 @@ The plain task (:mod:`megatron_rgm.tasks.arithmetic`) gives SPR little to do: a 
 answer, so outcome labels are nearly clean step labels; traces are 2-5 steps, too short for a length bias;
 and slips of +-1..3 scatter the wrong answers, so majority voting is hard to beat. Here:
 
-* ``lucky``: the fraction of slipped traces that slip a second time, later, by the opposite amount. The answer
-  comes out right, but the steps between the two slips are off track: an outcome label of 1 on wrong steps,
-  the noise SPR's mask is meant to filter.
+* ``lucky``: the fraction of slipped traces whose next step slips back by the opposite amount (it writes the true
+  running total instead of the written one plus the addend). The answer comes out right from two wrong steps:
+  an outcome label of 1 on wrong steps, the noise SPR's mask is meant to filter. The second slip is the next
+  step's, not a random later one's, so a policy can learn it (it keeps the true total anyway): with a random
+  later step, a warm-started policy wrote a lucky trajectory in only 6.4% of its correct samples
+  (docs/RESULTS.md).
 * ``long``: 5-31 addends (4-30 steps), so trajectories differ in length as much as the paper's do.
 * ``systematic``: the fraction of slips that are one common mistake, the dropped carry (``7 + 5 = 2``: the
   first step whose units carry loses its ten). Wrong answers then agree (the answer minus 10), and a majority
@@ -88,8 +91,8 @@ def knob_steps(problem: Problem, rng: random.Random, knobs: Knobs, error: bool =
     """The steps of one trace, in the statement's order; with ``error`` a slip as the knobs draw it.
 
     A slip is the dropped carry with probability ``knobs.systematic`` (where some step carries; otherwise, and
-    for the other slips, a result off by 1..3 at a random step). With probability ``knobs.lucky`` a later step
-    (where there is one) slips back by the opposite amount, so the final answer is right. ``fixed``: the slip is
+    for the other slips, a result off by 1..3 at a random step). With probability ``knobs.lucky`` the next step
+    (where there is one) slips back by the opposite amount: its result and the final answer are the true totals. ``fixed``: the slip is
     taken back within its step instead (``7 + 5 = 2, no, 12.``), and the trace stays right.
     """
     numbers = problem.numbers
@@ -109,7 +112,7 @@ def knob_steps(problem: Problem, rng: random.Random, knobs: Knobs, error: bool =
         else:
             offsets[bad] = delta
             if bad < n_steps - 1 and rng.random() < knobs.lucky:
-                offsets[rng.randrange(bad + 1, n_steps)] -= delta
+                offsets[bad + 1] -= delta
     steps, total = [], numbers[0]
     for i in range(n_steps):
         a, b = total, numbers[i + 1]

@@ -116,7 +116,7 @@ def prepare(out_dir: str | Path, seed: int = 0, n_train: int = 2000, n_eval: int
 
 def add_knob_args(p: argparse.ArgumentParser) -> None:
     """``--lucky``, ``--long``, ``--systematic``: the knobbed task (any of them given selects it)."""
-    p.add_argument("--lucky", type=float, help="knobbed task: fraction of slipped traces whose slip a later step "
+    p.add_argument("--lucky", type=float, help="knobbed task: fraction of slipped traces whose slip the next step "
                    "cancels (right answer, wrong steps)")
     p.add_argument("--long", action="store_true", help="knobbed task: 4-30 steps per problem")
     p.add_argument("--systematic", type=float, help="knobbed task: fraction of slips that are the dropped carry")

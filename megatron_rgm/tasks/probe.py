@@ -15,7 +15,8 @@ bound of what any step scorer reading these features can do), it reports:
 * ``step_auc``: AUC of the step score between right and wrong steps (a step is
   wrong when its sum is wrong or it adds a number that is not the next one);
 * ``first_error_f1``: ProcessBench's F1 of the first step scored below a threshold against the first
-  wrong step, at the best threshold; ``lucky``: the share of correct candidates with a wrong step;
+  wrong step, at the best threshold; ``lucky``: the share of correct candidates with a wrong step, and
+  ``lucky_masked``: the share of their wrong steps that SPR's mask leaves out (scored below 0.5);
 * ``bon@k``: Best-of-N with the geometric mean, as :mod:`megatron_rgm.evaluation.metrics` counts it.
 
 The probe is cross-fitted: problems are split into ``folds`` parts by index,
@@ -37,12 +38,14 @@ import torch
 
 from megatron_rgm.config import PROMPT_TEMPLATE, ConfigError, run_tool
 from megatron_rgm.data.benchmarks import read_jsonl
+from megatron_rgm.data.store import RolloutStore
 from megatron_rgm.evaluation.metrics import Problem, evaluate, pairwise_accuracy
 from megatron_rgm.evaluation.processbench import first_error, processbench_metrics
 from megatron_rgm.evaluation.report import aggregate_scores
 from megatron_rgm.head import SPRMHead
 from megatron_rgm.hf import HFFeature, RGMScorer
 from megatron_rgm.tasks.arithmetic import Step, parse_steps
+from megatron_rgm.tokenizer import load_tokenizer
 
 
 class NoProbeData(ValueError):
@@ -139,7 +142,8 @@ def first_error_f1(scores: Sequence[Sequence[float]], labels: Sequence[int]) -> 
 
 def scorer_metrics(cands: Sequence[Candidate], scores: Sequence[Sequence[float]], k: int = 8) -> dict[str, float]:
     """pairwise, margin, step_auc, first-error F1 and bon@k (geometric) of per-candidate step probabilities
-    ``scores``, and ``lucky``: the fraction of correct candidates (with step labels) that have a wrong step."""
+    ``scores``; ``lucky``: the fraction of correct candidates (with step labels) that have a wrong step; and
+    ``lucky_masked``: the fraction of those candidates' wrong steps scored below 0.5, which SPR's mask leaves out."""
     agg = aggregate_scores(scores)["geometric"]  # as tools/evaluate.py computes it, so bon@k matches eval.json
     by_problem: dict[str, list[int]] = {}
     for i, c in enumerate(cands):
@@ -149,6 +153,9 @@ def scorer_metrics(cands: Sequence[Candidate], scores: Sequence[Sequence[float]]
     f1, threshold = first_error_f1([s for s, _, _ in labelled],
                                    [next((i for i, o in enumerate(ok) if not o), -1) for _, ok, _ in labelled])
     lucky = [not all(ok) for _, ok, correct in labelled if correct]
+    # SPR's mask keeps a step of a correct trajectory only where the head already scores it above 0.5: the share of
+    # the lucky trajectories' wrong steps it leaves out is how much of BCE's label noise it filters.
+    lucky_wrong = [p for s, ok, correct in labelled if correct for p, o in zip(s, ok) if not o]
     right = [p for s, ok, _ in labelled for p, o in zip(s, ok) if o]
     wrong = [p for s, ok, _ in labelled for p, o in zip(s, ok) if not o]
     good = [a for a, c in zip(agg, cands) if c.correct]
@@ -160,6 +167,8 @@ def scorer_metrics(cands: Sequence[Candidate], scores: Sequence[Sequence[float]]
             "step_auc": _auc(right, wrong), "right_steps": len(right), "wrong_steps": len(wrong),
             "first_error_f1": f1, "first_error_threshold": threshold,
             "lucky": sum(lucky) / len(lucky) if lucky else float("nan"),
+            "lucky_wrong_steps": len(lucky_wrong),
+            "lucky_masked": sum(p < 0.5 for p in lucky_wrong) / len(lucky_wrong) if lucky_wrong else float("nan"),
             f"bon@{k}": evaluate(problems, [k])[f"bon@{k}/geometric"]}
 
 
@@ -246,6 +255,40 @@ def supervised_scores(cands: Sequence[Candidate], feats: Sequence[torch.Tensor],
     return out
 
 
+def rollout_lucky(store_dir: str | Path, tokenizer_path: str | Path) -> dict:
+    """Lucky trajectories among the training rollouts of a run (``--save-rollouts``), iteration by iteration.
+
+    For each iteration: ``correct`` rollouts with one-to-one parsed steps, ``lucky``: the share of them with a
+    wrong step, and ``lucky_masked``: the share of those wrong steps the head scored below 0.5 when they were
+    sampled, which SPR's mask leaves out of the loss (the mask reads the training forward's logits, the same
+    weights but with the head's dropout on). ``total`` sums every iteration.
+    """
+    store, tok = RolloutStore(store_dir, "r"), load_tokenizer(str(tokenizer_path))
+    tally: dict[int, list[int]] = {}  # iteration -> [correct, lucky, lucky wrong steps, masked]
+    for i in range(len(store)):
+        t = store[i]
+        if not t.correct or t.step_scores is None:
+            continue
+        statement = re.search(r"Add ([^.]*)\.", tok.decode(t.tokens[~t.response_mask].tolist()))
+        steps = parse_steps(tok.decode(t.tokens[t.response_mask].tolist()))
+        if statement is None or len(steps) != len(t.step_scores):
+            continue
+        ok = step_labels([int(x) for x in re.findall(r"\d+", statement.group(1))], steps)
+        wrong = [float(p) for p, o in zip(t.step_scores, ok) if not o]
+        row = tally.setdefault(int(t.group_id) // 1_000_000, [0, 0, 0, 0])
+        row[0] += 1
+        row[1] += bool(wrong)
+        row[2] += len(wrong)
+        row[3] += sum(p < 0.5 for p in wrong)
+
+    def shares(c: list[int]) -> dict:
+        return {"correct": c[0], "lucky": c[1] / c[0] if c[0] else float("nan"), "lucky_wrong_steps": c[2],
+                "lucky_masked": c[3] / c[2] if c[2] else float("nan")}
+
+    total = [sum(col) for col in zip(*tally.values())] if tally else [0, 0, 0, 0]
+    return {"iterations": [{"iteration": it, **shares(c)} for it, c in sorted(tally.items())], "total": shares(total)}
+
+
 def report(run_dir: str | Path, k: int = 8, folds: int = 2, all_layers: bool = False) -> dict:
     """SPRM-head and supervised-probe metrics of a tiny-preset run directory.
 
@@ -264,6 +307,8 @@ def report(run_dir: str | Path, k: int = 8, folds: int = 2, all_layers: bool = F
               "parsed": sum(c.step_ok is not None for c in cands) / len(cands),
               "export_vs_sampled_max_diff": worst, "retokenised_step_mismatch": mismatched,
               "sprm": scorer_metrics(cands, [c.step_scores for c in cands], k)}
+    if (run / "rollouts").is_dir() and (run / "task" / "tokenizer" / "tokenizer.model").is_file():
+        result["rollouts"] = rollout_lucky(run / "rollouts", run / "task" / "tokenizer" / "tokenizer.model")
     try:
         result["probe"] = scorer_metrics(cands, supervised_scores(cands, feats, folds), k)
     except NoProbeData as e:  # e.g. a policy too undertrained to write parseable steps
@@ -290,11 +335,18 @@ def format_report(r: dict, k: int = 8) -> str:
     if "layers" in r:
         rows += ["", "| decoder layer | probe step AUC | probe BoN@%d |" % k, "|---|---:|---:|"]
         rows += [f"| {layer} | {m['step_auc']:.3f} | {100 * m[f'bon@{k}']:.1f} |" for layer, m in r["layers"].items()]
-    return "\n".join(rows) + f"\n\npass@1 {100 * r['pass@1']:.1f} over {r['candidates']} candidates of " \
-                             f"{r['problems']} problems; {r['sprm']['wrong_steps']} wrong of " \
-                             f"{r['sprm']['wrong_steps'] + r['sprm']['right_steps']} parsed steps; " \
-                             f"{100 * r['sprm'].get('lucky', float('nan')):.1f}% of the correct candidates have a " \
-                             "wrong step (lucky)"
+    h = r["sprm"]
+    rows += ["", f"pass@1 {100 * r['pass@1']:.1f} over {r['candidates']} candidates of {r['problems']} problems; "
+             f"{h['wrong_steps']} wrong of {h['wrong_steps'] + h['right_steps']} parsed steps; "
+             f"{100 * h.get('lucky', float('nan')):.1f}% of the correct candidates have a wrong step (lucky); the head "
+             f"scores {100 * h.get('lucky_masked', float('nan')):.1f}% of their {h.get('lucky_wrong_steps', 0)} wrong "
+             "steps below 0.5 (what SPR's mask leaves out)"]
+    if "rollouts" in r:
+        t = r["rollouts"]["total"]
+        rows.append(f"training rollouts: {100 * t['lucky']:.1f}% of the {t['correct']} correct ones are lucky; the head "
+                    f"scored {100 * t['lucky_masked']:.1f}% of their {t['lucky_wrong_steps']} wrong steps below 0.5 "
+                    "when they were sampled")
+    return "\n".join(rows)
 
 
 def main(argv=None) -> int:
