@@ -40,6 +40,7 @@ from megatron_rgm.tasks.arithmetic import (
 
 LONG_TERMS = (5, 31)  # addends with ``long``: 4-30 steps
 SHORT_TERMS = (3, 6)
+LONG_RESPONSE = 200  # tokens a long trace may need: 30 steps of 6 tokens, a taken-back slip's 2 and the answer
 
 
 @dataclass(frozen=True)

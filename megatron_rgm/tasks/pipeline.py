@@ -40,7 +40,7 @@ from megatron_rgm.evaluation.report import run as evaluate
 from megatron_rgm.inference.best_of_n import BestOfNConfig, load_problems, run_megatron
 from megatron_rgm.launch import free_port, run_ranks
 from megatron_rgm.rollout.sampler import SamplingParams
-from megatron_rgm.tasks.knobs import Knobs
+from megatron_rgm.tasks.knobs import LONG_RESPONSE, Knobs
 from megatron_rgm.tasks.prepare import add_knob_args, knobs_from_args, prepare, task_paths
 from megatron_rgm.tasks.probe import format_report as format_probe
 from megatron_rgm.tasks.probe import report as probe_report
@@ -71,7 +71,7 @@ class PipelineConfig:
     prompts_per_iter: int = 8
     k: int = 8
     temperature: float = 0.8
-    max_response: int = 48
+    max_response: int | None = None  # tokens per response; None: 48, or knobs.LONG_RESPONSE with the long knob
     rgm_lr: float = 2e-5
     sprm_lr: float = 1e-3
     eval_k: int = 8
@@ -145,6 +145,7 @@ def run(cfg: PipelineConfig) -> dict:
         task = prepare(out / "task", seed=cfg.seed, n_train=cfg.n_train, n_eval=cfg.n_eval, n_sft=cfg.n_sft,
                        max_value=cfg.max_value, max_terms=cfg.max_terms, error_rate=cfg.error_rate,
                        fix_rate=cfg.fix_rate, order=cfg.order, vocab_size=cfg.vocab_size, knobs=cfg.knobs)
+    max_response = cfg.max_response or (LONG_RESPONSE if cfg.knobs and cfg.knobs.long else 48)
     common = ["--preset", "tiny", "--num-layers", str(cfg.num_layers), "--tokenizer", str(task["tokenizer"]),
               "--seed", str(cfg.seed)]
 
@@ -163,7 +164,7 @@ def run(cfg: PipelineConfig) -> dict:
                           "--pretrained-checkpoint", str(out / "sft"), "--train-iters", str(cfg.rgm_iters),
                           "--prompts-per-iter", str(cfg.prompts_per_iter), "--grpo-group-size", str(cfg.k),
                           "--rollout-temperature", str(cfg.temperature), "--max-response-length",
-                          str(cfg.max_response), "--micro-batch-size", str(cfg.prompts_per_iter * cfg.k // 4),
+                          str(max_response), "--micro-batch-size", str(cfg.prompts_per_iter * cfg.k // 4),
                           "--lr", str(cfg.rgm_lr), "--sprm-lr", str(cfg.sprm_lr), "--sprm-layer",
                           str(cfg.sprm_layer), "--save", str(out / "rgm"), "--save-rollouts", str(out / "rollouts"),
                           "--metrics-file", str(out / "train_metrics.jsonl"), "--tensorboard-dir",
@@ -173,7 +174,7 @@ def run(cfg: PipelineConfig) -> dict:
     _say(f"4/6 Best-of-N on {cfg.n_eval} eval problems: k={cfg.eval_k}, every candidate answered")
     problems = load_problems(str(task["eval"]), None, None, None)
     bon = BestOfNConfig(k=cfg.eval_k, sampling=SamplingParams(temperature=cfg.temperature, top_p=0.95,
-                                                               max_new_tokens=cfg.max_response, seed=cfg.seed),
+                                                               max_new_tokens=max_response, seed=cfg.seed),
                         complete_all=True, verifier="exact", answer_max_new_tokens=16)
     run_ranks(run_megatron, 1, str(out / "rgm"), None, problems, str(out / "samples.jsonl"), bon, 1, 1)
 
