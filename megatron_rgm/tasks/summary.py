@@ -1,0 +1,98 @@
+"""One table of several tiny-task runs (seeds of one setting), with their mean: what docs/RESULTS.md reports.
+
+    python -m megatron_rgm.tasks.summary RUN [RUN ...] [--k 8] [--json OUT.json]
+
+Reads each run directory's ``eval.json`` (tools/evaluate.py's metrics) and ``scorer.json``
+(:mod:`megatron_rgm.tasks.probe`): accuracy by method at k, the head's step AUC, first-error F1, pairwise
+accuracy and margin, and the lucky shares (of the evaluation candidates and of the training rollouts) with the
+share of their wrong steps that SPR's mask leaves out. Accuracies are in %, the mean row is over the runs given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from megatron_rgm.config import ConfigError, run_tool
+
+AGGREGATIONS = ("geometric", "arithmetic", "product")
+
+
+def columns(k: int) -> list[tuple[str, str, str]]:
+    """(header, source file, key) of each column; ``%`` keys are shown in percent."""
+    acc = [("pass@1", "eval", "pass@1"), (f"maj@{k}", "eval", f"maj@{k}"), (f"wmaj@{k}", "eval", f"wmaj@{k}")]
+    acc += [(f"BoN@{k} {a[:5]}", "eval", f"bon@{k}/{a}") for a in AGGREGATIONS]
+    acc += [(f"oracle@{k}", "eval", f"oracle@{k}")]
+    head = [("step AUC", "sprm", "step_auc"), ("first-error F1", "sprm", "first_error_f1"),
+            ("pairwise", "sprm", "pairwise"), ("margin", "sprm", "margin"), ("lucky %", "sprm", "lucky"),
+            ("lucky masked %", "sprm", "lucky_masked"), ("rollouts lucky %", "rollouts", "lucky"),
+            ("rollouts masked %", "rollouts", "lucky_masked")]
+    return acc + head
+
+
+def run_row(run: str | Path, k: int) -> dict[str, float]:
+    """A run's values by column header (nan where the run has no such value)."""
+    run = Path(run)
+    files = {}
+    for name in ("eval.json", "scorer.json"):
+        if not (run / name).is_file():
+            raise ConfigError(f"{run / name} does not exist: pass the output directory of a finished tiny run "
+                              "(python -m megatron_rgm.tasks.pipeline)")
+        files[name] = json.loads((run / name).read_text())
+    scorer = files["scorer.json"]
+    sources = {"eval": files["eval.json"], "sprm": scorer["sprm"],
+               "rollouts": scorer.get("rollouts", {}).get("total", {})}
+    if f"maj@{k}" not in sources["eval"]:
+        raise ConfigError(f"{run / 'eval.json'} has no maj@{k}: pass a --k the run evaluated "
+                          f"({', '.join(key[4:] for key in sources['eval'] if key.startswith('maj@'))})")
+    return {h: float(sources[src].get(key, math.nan)) for h, src, key in columns(k)}
+
+
+def _mean(values: list[float]) -> float:
+    kept = [v for v in values if not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else math.nan
+
+
+def table(runs: list[str | Path], k: int = 8) -> tuple[str, dict[str, dict[str, float]]]:
+    """The markdown table (a row per run, then their mean) and the values by run name and ``"mean"``."""
+    rows = {Path(r).name: run_row(r, k) for r in runs}
+    if len(rows) < len(runs):
+        raise ConfigError("two runs share a directory name: give each seed its own name (runs/lucky-s0, ...)")
+    heads = [h for h, _, _ in columns(k)]
+    rows["mean"] = {h: _mean([r[h] for r in rows.values()]) for h in heads}
+
+    def cell(h: str, v: float) -> str:
+        if math.isnan(v):
+            return ""
+        if h == "margin":
+            return f"{v:+.3f}"
+        return f"{100 * v:.1f}" if h.endswith("%") or "@" in h else f"{v:.3f}"
+
+    lines = ["| run | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(heads)]
+    for name, r in rows.items():
+        label = f"**{name}**" if name == "mean" else name
+        lines.append(f"| {label} | " + " | ".join(cell(h, r[h]) for h in heads) + " |")
+    return "\n".join(lines), rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", help="output directories of finished tiny runs")
+    p.add_argument("--k", type=int, default=8, help="the k of maj@k, wmaj@k, BoN@k and oracle@k")
+    p.add_argument("--json", default=None, help="also write the values, by run and mean, to this file")
+    a = p.parse_args(argv)
+
+    def body():
+        text, rows = table(a.runs, a.k)
+        print(text)
+        if a.json:
+            Path(a.json).write_text(json.dumps(rows, indent=1) + "\n")
+
+    return run_tool(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

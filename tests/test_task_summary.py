@@ -1,0 +1,54 @@
+"""The grid summary of several tiny-task runs: every value from the run's own files, the mean over runs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from megatron_rgm.config import ConfigError
+from megatron_rgm.tasks.summary import main, table
+
+
+def _run(path, pass1, bon, auc, lucky=None, rollouts=None):
+    path.mkdir()
+    metrics = {"pass@1": pass1, "maj@8": 0.5, "wmaj@8": 0.6, "oracle@8": 0.9, "bon@8/geometric": bon,
+               "bon@8/arithmetic": bon - 0.1, "bon@8/product": bon, "maj@2": 0.4}
+    (path / "eval.json").write_text(json.dumps(metrics))
+    sprm = {"step_auc": auc, "first_error_f1": 0.5, "pairwise": 0.8, "margin": -0.25}
+    if lucky is not None:
+        sprm.update(lucky=lucky, lucky_masked=0.75)
+    scorer = {"sprm": sprm, **({"rollouts": {"total": rollouts}} if rollouts else {})}
+    (path / "scorer.json").write_text(json.dumps(scorer))
+    return path
+
+
+def test_rows_and_their_mean_by_hand(tmp_path):
+    a = _run(tmp_path / "lucky-s0", 0.4, 0.7, 0.8, lucky=0.2, rollouts={"lucky": 0.3, "lucky_masked": 0.5})
+    b = _run(tmp_path / "lucky-s1", 0.6, 0.9, 0.9)  # an older run: no lucky shares, left out of their mean
+    text, rows = table([a, b], k=8)
+    mean = rows["mean"]
+    assert mean["pass@1"] == pytest.approx(0.5) and mean["BoN@8 geome"] == pytest.approx(0.8)
+    assert mean["BoN@8 arith"] == pytest.approx(0.7) and mean["step AUC"] == pytest.approx(0.85)
+    assert mean["lucky %"] == pytest.approx(0.2) and mean["rollouts masked %"] == pytest.approx(0.5)
+    assert math.isnan(rows["lucky-s1"]["lucky %"])
+    lines = text.splitlines()
+    assert lines[0].startswith("| run | pass@1 | maj@8 | wmaj@8 | BoN@8 geome")
+    assert lines[2].startswith("| lucky-s0 | 40.0 | 50.0 | 60.0 | 70.0 | 60.0 | 70.0 | 90.0 | 0.800 | 0.500 | "
+                               "0.800 | -0.250 | 20.0 | 75.0 | 30.0 | 50.0 |")
+    assert lines[4].startswith("| **mean** | 50.0 |") and lines[3].endswith("| 0.800 | -0.250 |  |  |  |  |")
+    _, rows = table([a], k=2)  # k=2: maj@2 read, the k=8 columns not
+    assert rows["lucky-s0"]["maj@2"] == pytest.approx(0.4) and math.isnan(rows["lucky-s0"]["BoN@2 geome"])
+
+
+def test_unusable_inputs_are_refused_by_name(tmp_path, capsys):
+    a = _run(tmp_path / "s0", 0.4, 0.7, 0.8)
+    with pytest.raises(ConfigError, match="no maj@32: pass a --k the run evaluated \\(8, 2\\)"):
+        table([a], k=32)
+    (tmp_path / "half").mkdir()
+    assert main([str(a), str(tmp_path / "half")]) != 0
+    assert "half/eval.json does not exist" in capsys.readouterr().err
+    out = tmp_path / "grid.json"
+    assert main([str(a), "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["mean"]["pass@1"] == pytest.approx(0.4)
