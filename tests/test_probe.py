@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -85,6 +86,10 @@ def test_first_error_f1_and_lucky_share_by_hand():
     m = scorer_metrics(cands, [c.step_scores for c in cands], k=2)
     assert m["lucky"] == pytest.approx(0.5)
     assert m["lucky_wrong_steps"] == 1 and m["lucky_masked"] == 1.0  # its wrong step is scored 0.2: masked out
+    kinds = dict(m["mean_score"])
+    assert math.isnan(kinds.pop("right step, incorrect"))  # the incorrect candidate has no right step
+    assert kinds == {"right step, correct": pytest.approx((0.9 + 0.9 + 0.8) / 3),
+                     "wrong step, correct": pytest.approx(0.2), "wrong step, incorrect": pytest.approx(0.1)}
     cands[0] = _cand("a", 0, True, [0.9, 0.6], [True, False])  # the head lets the wrong step through
     m = scorer_metrics(cands, [c.step_scores for c in cands], k=2)
     assert m["lucky_masked"] == 0.0

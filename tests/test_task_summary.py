@@ -16,7 +16,9 @@ def _run(path, pass1, bon, auc, lucky=None, rollouts=None):
     metrics = {"pass@1": pass1, "maj@8": 0.5, "wmaj@8": 0.6, "oracle@8": 0.9, "bon@8/geometric": bon,
                "bon@8/arithmetic": bon - 0.1, "bon@8/product": bon, "maj@2": 0.4}
     (path / "eval.json").write_text(json.dumps(metrics))
-    sprm = {"step_auc": auc, "first_error_f1": 0.5, "pairwise": 0.8, "margin": -0.25}
+    sprm = {"step_auc": auc, "first_error_f1": 0.5, "pairwise": 0.8, "margin": -0.25,
+            "mean_score": {"right step, correct": 0.75, "right step, incorrect": pass1, "wrong step, correct": math.nan,
+                           "wrong step, incorrect": 0.125}}
     if lucky is not None:
         sprm.update(lucky=lucky, lucky_masked=0.75)
     scorer = {"sprm": sprm, **({"rollouts": {"total": rollouts}} if rollouts else {})}
@@ -38,6 +40,9 @@ def test_rows_and_their_mean_by_hand(tmp_path):
     assert lines[2].startswith("| lucky-s0 | 40.0 | 50.0 | 60.0 | 70.0 | 60.0 | 70.0 | 90.0 | 0.800 | 0.500 | "
                                "0.800 | -0.250 | 20.0 | 75.0 | 30.0 | 50.0 |")
     assert lines[4].startswith("| **mean** | 50.0 |") and lines[3].endswith("| 0.800 | -0.250 |  |  |  |  |")
+    # the second table: the head's mean score by kind of step, nan (a kind with no step) left blank
+    assert lines[6] == "| run | right step, correct | right step, incorrect | wrong step, correct | wrong step, incorrect |"
+    assert lines[8] == "| lucky-s0 | 0.750 | 0.400 |  | 0.125 |" and lines[10].startswith("| **mean** | 0.750 | 0.500 |")
     _, rows = table([a], k=2)  # k=2: maj@2 read, the k=8 columns not
     assert rows["lucky-s0"]["maj@2"] == pytest.approx(0.4) and math.isnan(rows["lucky-s0"]["BoN@2 geome"])
 

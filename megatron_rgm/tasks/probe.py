@@ -158,6 +158,13 @@ def scorer_metrics(cands: Sequence[Candidate], scores: Sequence[Sequence[float]]
     lucky_wrong = [p for s, ok, correct in labelled if correct for p, o in zip(s, ok) if not o]
     right = [p for s, ok, _ in labelled for p, o in zip(s, ok) if o]
     wrong = [p for s, ok, _ in labelled for p, o in zip(s, ok) if not o]
+    # the mean score of right and wrong steps in correct and incorrect candidates: what outcome labels get wrong
+    # (right steps of incorrect candidates, wrong steps of correct ones) and how the head scores them
+    kinds = {f"{'right' if o else 'wrong'} step, {'correct' if correct else 'incorrect'}": [] for o in (True, False)
+             for correct in (True, False)}
+    for s, ok, correct in labelled:
+        for p, o in zip(s, ok):
+            kinds[f"{'right' if o else 'wrong'} step, {'correct' if correct else 'incorrect'}"].append(p)
     good = [a for a, c in zip(agg, cands) if c.correct]
     bad = [a for a, c in zip(agg, cands) if not c.correct]
     problems = [Problem(pid, [cands[i].correct for i in m], [None] * len(m), {"geometric": [agg[i] for i in m]})
@@ -168,6 +175,7 @@ def scorer_metrics(cands: Sequence[Candidate], scores: Sequence[Sequence[float]]
             "first_error_f1": f1, "first_error_threshold": threshold,
             "lucky": sum(lucky) / len(lucky) if lucky else float("nan"),
             "lucky_wrong_steps": len(lucky_wrong),
+            "mean_score": {kind: sum(v) / len(v) if v else float("nan") for kind, v in kinds.items()},
             "lucky_masked": sum(p < 0.5 for p in lucky_wrong) / len(lucky_wrong) if lucky_wrong else float("nan"),
             f"bon@{k}": evaluate(problems, [k])[f"bon@{k}/geometric"]}
 

@@ -5,7 +5,8 @@
 Reads each run directory's ``eval.json`` (tools/evaluate.py's metrics) and ``scorer.json``
 (:mod:`megatron_rgm.tasks.probe`): accuracy by method at k, the head's step AUC, first-error F1, pairwise
 accuracy and margin, and the lucky shares (of the evaluation candidates and of the training rollouts) with the
-share of their wrong steps that SPR's mask leaves out. Accuracies are in %, the mean row is over the runs given.
+share of their wrong steps that SPR's mask leaves out; then the head's mean score of right and wrong steps in correct
+and incorrect candidates. Accuracies are in %, the mean row is over the runs given.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from megatron_rgm.config import ConfigError, run_tool
 
 AGGREGATIONS = ("geometric", "arithmetic", "product")
+KINDS = ("right step, correct", "right step, incorrect", "wrong step, correct", "wrong step, incorrect")
 
 
 def columns(k: int) -> list[tuple[str, str, str]]:
@@ -33,6 +35,11 @@ def columns(k: int) -> list[tuple[str, str, str]]:
     return acc + head
 
 
+def kind_columns() -> list[tuple[str, str, str]]:
+    """The head's mean score of right and wrong steps in correct and incorrect candidates."""
+    return [(kind, "kinds", kind) for kind in KINDS]
+
+
 def run_row(run: str | Path, k: int) -> dict[str, float]:
     """A run's values by column header (nan where the run has no such value)."""
     run = Path(run)
@@ -44,11 +51,11 @@ def run_row(run: str | Path, k: int) -> dict[str, float]:
         files[name] = json.loads((run / name).read_text())
     scorer = files["scorer.json"]
     sources = {"eval": files["eval.json"], "sprm": scorer["sprm"],
-               "rollouts": scorer.get("rollouts", {}).get("total", {})}
+               "rollouts": scorer.get("rollouts", {}).get("total", {}), "kinds": scorer["sprm"].get("mean_score", {})}
     if f"maj@{k}" not in sources["eval"]:
         raise ConfigError(f"{run / 'eval.json'} has no maj@{k}: pass a --k the run evaluated "
                           f"({', '.join(key[4:] for key in sources['eval'] if key.startswith('maj@'))})")
-    return {h: float(sources[src].get(key, math.nan)) for h, src, key in columns(k)}
+    return {h: float(sources[src].get(key, math.nan)) for h, src, key in columns(k) + kind_columns()}
 
 
 def _mean(values: list[float]) -> float:
@@ -61,8 +68,8 @@ def table(runs: list[str | Path], k: int = 8) -> tuple[str, dict[str, dict[str, 
     rows = {Path(r).name: run_row(r, k) for r in runs}
     if len(rows) < len(runs):
         raise ConfigError("two runs share a directory name: give each seed its own name (runs/lucky-s0, ...)")
-    heads = [h for h, _, _ in columns(k)]
-    rows["mean"] = {h: _mean([r[h] for r in rows.values()]) for h in heads}
+    parts = [[h for h, _, _ in columns(k)], [h for h, _, _ in kind_columns()]]
+    rows["mean"] = {h: _mean([r[h] for r in rows.values()]) for part in parts for h in part}
 
     def cell(h: str, v: float) -> str:
         if math.isnan(v):
@@ -71,11 +78,14 @@ def table(runs: list[str | Path], k: int = 8) -> tuple[str, dict[str, dict[str, 
             return f"{v:+.3f}"
         return f"{100 * v:.1f}" if h.endswith("%") or "@" in h else f"{v:.3f}"
 
-    lines = ["| run | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(heads)]
-    for name, r in rows.items():
-        label = f"**{name}**" if name == "mean" else name
-        lines.append(f"| {label} | " + " | ".join(cell(h, r[h]) for h in heads) + " |")
-    return "\n".join(lines), rows
+    tables = []
+    for part in parts:  # the accuracies and the head's metrics; then its mean score by kind of step
+        lines = ["| run | " + " | ".join(part) + " |", "|---|" + "---:|" * len(part)]
+        for name, r in rows.items():
+            label = f"**{name}**" if name == "mean" else name
+            lines.append(f"| {label} | " + " | ".join(cell(h, r[h]) for h in part) + " |")
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables), rows
 
 
 def main(argv=None) -> int:
