@@ -81,7 +81,8 @@ def test_rgm_flags_alone_on_a_foreign_parser():
     assert flags and all(f.startswith(("--sprm-", "--no-sprm-", "--grpo-")) for f in flags)
     assert {"--sprm-lr", "--sprm-weight-decay", "--grpo-kl-coef"} <= flags
     # ... and not the flags only megatron_rgm.pretrain acts on: refused there rather than ignored.
-    assert not {"--sprm-clip-grad", "--sprm-calibrate-head", "--sprm-orient-head", "--sprm-only"} & flags
+    assert not {"--sprm-clip-grad", "--sprm-calibrate-head", "--sprm-orient-head", "--sprm-only",
+                "--sprm-mask-warmup-iters"} & flags
     with pytest.raises(SystemExit):
         parser.parse_args(["--sprm-clip-grad", "0.5"])
     ns = parser.parse_args(["--sprm-step-tokens", "\\n\\n", "--sprm-layer", "-3"])
@@ -91,6 +92,8 @@ def test_rgm_flags_alone_on_a_foreign_parser():
 @pytest.mark.parametrize("cls, change, message", [
     (OptimConfig, dict(lr=-1.0), "--lr must be >= 0"),
     (RunConfig, dict(train_iters=0), "--train-iters must be >= 1"),
+    (RunConfig, dict(sprm_mask_warmup_iters=-1), "--sprm-mask-warmup-iters must be >= 0"),
+    (RunConfig, dict(stage="sft", sprm_mask_warmup_iters=2), "use it with --stage rgm"),
     (DataConfig, dict(top_p=0.0), "--rollout-top-p must be in (0, 1]"),
     (DataConfig, dict(group_size=0), "--grpo-group-size must be >= 1"),
     (GRPOConfig, dict(kl_coef=-0.1), "--grpo-kl-coef must be >= 0"),

@@ -153,6 +153,21 @@ def test_spr_loss_decreases_on_a_fixed_batch(task, tmp_path):
 
 
 @pytest.mark.multirank
+def test_mask_warmup_trains_the_head_with_plain_bce_first(task, tmp_path):
+    store = make_store(tmp_path / "store", task, n_groups=1, k=8)
+    common = [*TINY, "--rollouts", str(store), "--tokenizer", str(task["tokenizer"]), "--prompts-per-iter", "1",
+              "--grpo-group-size", "8", "--sprm-dropout", "0", "--sprm-lr", "3e-3"]
+    warm = pretrain(1, [*common, "--train-iters", "3", "--sprm-mask-warmup-iters", "2"], tmp_path / "warm.jsonl")
+    bce = pretrain(1, [*common, "--train-iters", "2", "--sprm-loss", "bce"], tmp_path / "bce.jsonl")
+    # Iterations 1 and 2 are those of a plain-BCE run: the same losses, so the same head after them ...
+    for w, b in zip(warm, bce):
+        assert w["spr loss"] == pytest.approx(b["spr loss"], rel=1e-6) and "spr positives" not in w
+    assert warm[0]["spr loss"] != pytest.approx(warm[1]["spr loss"], rel=1e-3), "the head learned"
+    # ... and iteration 3 trains it with the SPR loss, its mask and class counts.
+    assert warm[2]["spr positives"] + warm[2]["spr negatives"] > 0
+
+
+@pytest.mark.multirank
 def test_calibration_changes_a_fresh_head_only(task, tmp_path):
     store = make_store(tmp_path / "store", task, n_groups=2)
     common = [*TINY, "--train-iters", "1", "--rollouts", str(store), "--tokenizer", str(task["tokenizer"])]

@@ -166,6 +166,10 @@ class RunConfig:
         "only a fresh head is calibrated and a trained one is left exactly as it is")
     sprm_only: bool = option(False, "freeze the policy and train only the head on rollouts (adding an SPRM to a "
                                     "policy)")
+    sprm_mask_warmup_iters: int = option(
+        0, "train the head with plain BCE (every step labelled with its trajectory's outcome, no mask) on iterations "
+        "1..N, and with the SPR loss from N+1: the SPR mask trains only steps the head already agrees with, so it "
+        "starts from a head the data has oriented (docs/RESULTS.md, the knobbed task)")
 
     def __post_init__(self) -> None:
         for name in ("micro_batch_size", "train_iters", "log_interval", "max_consecutive_nonfinite",
@@ -175,5 +179,9 @@ class RunConfig:
                 continue
             if value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.sprm_mask_warmup_iters < 0:
+            raise ConfigError(f"--sprm-mask-warmup-iters must be >= 0, got {self.sprm_mask_warmup_iters}")
+        if self.sprm_mask_warmup_iters and self.stage != "rgm":
+            raise ConfigError("--sprm-mask-warmup-iters schedules the head's loss: use it with --stage rgm")
         if self.stage not in STAGES:
             raise ConfigError(f"--stage must be one of {', '.join(STAGES)}, got {self.stage!r}")

@@ -308,7 +308,7 @@ class Trainer:
             times["reference"] = time.time() - t
         t = time.time()
         reports, norms = [], []
-        step_func = training_step_func(self.args, self.vocab)
+        step_func = training_step_func(self.args, self.vocab, self.iteration_now)
         for batches in steps:
             for m in self.model:
                 m.zero_grad_buffer()

@@ -7,6 +7,7 @@ step itself is :func:`megatron_rgm.integration.forward_step`. Here also the froz
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 import torch
@@ -28,10 +29,13 @@ def forward_backward(model: list, batches: list[dict], length: int, micro_batch_
         forward_only=forward_only)
 
 
-def training_step_func(args, vocab: int):
-    """The GRPO + SPR step (``--sprm-only``: the SPR term alone)."""
-    return partial(forward_step, rgm_config=args.rgm, grpo=args.grpo, vocab_size=vocab,
-                   policy_loss=not args.run.sprm_only)
+def training_step_func(args, vocab: int, iteration: int | None = None):
+    """The GRPO + SPR step of ``iteration`` (``--sprm-only``: the SPR term alone; with ``--sprm-mask-warmup-iters
+    N``, plain BCE for the head on iterations 1..N)."""
+    rgm = args.rgm
+    if iteration is not None and iteration <= args.run.sprm_mask_warmup_iters:
+        rgm = replace(rgm, sprm_loss="bce")
+    return partial(forward_step, rgm_config=rgm, grpo=args.grpo, vocab_size=vocab, policy_loss=not args.run.sprm_only)
 
 
 TRAINING_HOOKS = ("grad_scale_func", "finalize_model_grads_func", "no_sync_func", "grad_sync_func", "param_sync_func")
