@@ -137,3 +137,19 @@ def test_lucky_rollouts_and_what_the_mask_leaves_out_by_hand(tmp_path):
     # iteration 1: the lucky one's wrong steps 0.6 and 0.1
     assert second == {"iteration": 1, "correct": 2, "lucky": 0.5, "lucky_wrong_steps": 2, "lucky_masked": 0.5}
     assert r["total"] == {"correct": 4, "lucky": 0.5, "lucky_wrong_steps": 4, "lucky_masked": 0.5}
+
+
+def test_wrong_agreement_by_hand(tmp_path):
+    from megatron_rgm.tasks.probe import wrong_agreement
+
+    def row(*answers):  # "ok" is a correct candidate, anything else a wrong answer
+        return {"candidates": [{"prediction": a, "correct": a == "ok"} for a in answers]}
+
+    path = tmp_path / "samples.jsonl"
+    rows = [row("18", "18", "18", "17", "ok"),  # 3 of its 4 wrong answers agree
+            row("ok", "ok", "ok", "9"),  # one wrong candidate: no agreement to count
+            row("5", "6", "ok", "ok")]  # 1 of 2
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert wrong_agreement(path) == pytest.approx((3 + 1) / (4 + 2))
+    path.write_text(json.dumps(row("ok", "1")) + "\n")
+    assert math.isnan(wrong_agreement(path))

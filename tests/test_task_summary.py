@@ -21,7 +21,7 @@ def _run(path, pass1, bon, auc, lucky=None, rollouts=None):
                            "wrong step, incorrect": 0.125}}
     if lucky is not None:
         sprm.update(lucky=lucky, lucky_masked=0.75)
-    scorer = {"sprm": sprm, **({"rollouts": {"total": rollouts}} if rollouts else {})}
+    scorer = {"sprm": sprm, "wrong_agreement": 0.25, **({"rollouts": {"total": rollouts}} if rollouts else {})}
     (path / "scorer.json").write_text(json.dumps(scorer))
     return path
 
@@ -37,7 +37,7 @@ def test_rows_and_their_mean_by_hand(tmp_path):
     assert math.isnan(rows["lucky-s1"]["lucky %"])
     lines = text.splitlines()
     assert lines[0].startswith("| run | pass@1 | maj@8 | wmaj@8 | BoN@8 geome")
-    assert lines[2].startswith("| lucky-s0 | 40.0 | 50.0 | 60.0 | 70.0 | 60.0 | 70.0 | 90.0 | 0.800 | 0.500 | "
+    assert lines[2].startswith("| lucky-s0 | 40.0 | 50.0 | 60.0 | 70.0 | 60.0 | 70.0 | 90.0 | 25.0 | 0.800 | 0.500 | "
                                "0.800 | -0.250 | 20.0 | 75.0 | 30.0 | 50.0 |")
     assert lines[4].startswith("| **mean** | 50.0 |") and lines[3].endswith("| 0.800 | -0.250 |  |  |  |  |")
     # the second table: the head's mean score by kind of step, nan (a kind with no step) left blank

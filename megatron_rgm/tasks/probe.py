@@ -263,6 +263,19 @@ def supervised_scores(cands: Sequence[Candidate], feats: Sequence[torch.Tensor],
     return out
 
 
+def wrong_agreement(path: str | Path) -> float:
+    """How systematic the errors of a samples file are: over problems with at least two incorrect candidates, the
+    share of their incorrect candidates that give the problem's most common wrong answer (1: every wrong answer
+    agrees, as a majority vote fooled by one common slip sees them); nan without such problems."""
+    agree = total = 0
+    for row in read_jsonl(path):
+        wrong = Counter(str(c.get("prediction")) for c in row.get("candidates", []) if c.get("correct") is False)
+        n = sum(wrong.values())
+        if n >= 2:
+            agree, total = agree + wrong.most_common(1)[0][1], total + n
+    return agree / total if total else float("nan")
+
+
 def rollout_lucky(store_dir: str | Path, tokenizer_path: str | Path) -> dict:
     """Lucky trajectories among the training rollouts of a run (``--save-rollouts``), iteration by iteration.
 
@@ -314,6 +327,7 @@ def report(run_dir: str | Path, k: int = 8, folds: int = 2, all_layers: bool = F
               "pass@1": sum(c.correct for c in cands) / len(cands),
               "parsed": sum(c.step_ok is not None for c in cands) / len(cands),
               "export_vs_sampled_max_diff": worst, "retokenised_step_mismatch": mismatched,
+              "wrong_agreement": wrong_agreement(run / "samples.jsonl"),
               "sprm": scorer_metrics(cands, [c.step_scores for c in cands], k)}
     if (run / "rollouts").is_dir() and (run / "task" / "tokenizer" / "tokenizer.model").is_file():
         result["rollouts"] = rollout_lucky(run / "rollouts", run / "task" / "tokenizer" / "tokenizer.model")

@@ -4,7 +4,8 @@
 
 Reads each run directory's ``eval.json`` (tools/evaluate.py's metrics) and ``scorer.json``
 (:mod:`megatron_rgm.tasks.probe`): accuracy by method at k, the head's step AUC, first-error F1, pairwise
-accuracy and margin, and the lucky shares (of the evaluation candidates and of the training rollouts) with the
+accuracy and margin, how far wrong answers agree (the share of a problem's wrong candidates that give its most
+common wrong answer), and the lucky shares (of the evaluation candidates and of the training rollouts) with the
 share of their wrong steps that SPR's mask leaves out; then the head's mean score of right and wrong steps in correct
 and incorrect candidates. Accuracies are in %, the mean row is over the runs given.
 """
@@ -27,7 +28,7 @@ def columns(k: int) -> list[tuple[str, str, str]]:
     """(header, source file, key) of each column; ``%`` keys are shown in percent."""
     acc = [("pass@1", "eval", "pass@1"), (f"maj@{k}", "eval", f"maj@{k}"), (f"wmaj@{k}", "eval", f"wmaj@{k}")]
     acc += [(f"BoN@{k} {a[:5]}", "eval", f"bon@{k}/{a}") for a in AGGREGATIONS]
-    acc += [(f"oracle@{k}", "eval", f"oracle@{k}")]
+    acc += [(f"oracle@{k}", "eval", f"oracle@{k}"), ("wrong answers agreeing %", "scorer", "wrong_agreement")]
     head = [("step AUC", "sprm", "step_auc"), ("first-error F1", "sprm", "first_error_f1"),
             ("pairwise", "sprm", "pairwise"), ("margin", "sprm", "margin"), ("lucky %", "sprm", "lucky"),
             ("lucky masked %", "sprm", "lucky_masked"), ("rollouts lucky %", "rollouts", "lucky"),
@@ -50,7 +51,7 @@ def run_row(run: str | Path, k: int) -> dict[str, float]:
                               "(python -m megatron_rgm.tasks.pipeline)")
         files[name] = json.loads((run / name).read_text())
     scorer = files["scorer.json"]
-    sources = {"eval": files["eval.json"], "sprm": scorer["sprm"],
+    sources = {"eval": files["eval.json"], "scorer": scorer, "sprm": scorer["sprm"],
                "rollouts": scorer.get("rollouts", {}).get("total", {}), "kinds": scorer["sprm"].get("mean_score", {})}
     if f"maj@{k}" not in sources["eval"]:
         raise ConfigError(f"{run / 'eval.json'} has no maj@{k}: pass a --k the run evaluated "
