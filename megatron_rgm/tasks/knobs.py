@@ -93,8 +93,8 @@ def knob_steps(problem: Problem, rng: random.Random, knobs: Knobs, error: bool =
 
     A slip is the dropped carry with probability ``knobs.systematic`` (where some step carries; otherwise, and
     for the other slips, a result off by 1..3 at a random step). With probability ``knobs.lucky`` the next step
-    (where there is one) slips back by the opposite amount: its result and the final answer are the true totals. ``fixed``: the slip is
-    taken back within its step instead (``7 + 5 = 2, no, 12.``), and the trace stays right.
+    (where there is one) slips back by the opposite amount: its result and the final answer are the true totals.
+    ``fixed``: the slip is taken back within its step instead (``7 + 5 = 2, no, 12.``), and the trace stays right.
     """
     numbers = problem.numbers
     n_steps = len(numbers) - 1

@@ -140,6 +140,10 @@ def first_error_f1(scores: Sequence[Sequence[float]], labels: Sequence[int]) -> 
     return best
 
 
+def _kind(step_ok: bool, correct: bool) -> str:
+    return f"{'right' if step_ok else 'wrong'} step, {'correct' if correct else 'incorrect'}"
+
+
 def scorer_metrics(cands: Sequence[Candidate], scores: Sequence[Sequence[float]], k: int = 8) -> dict[str, float]:
     """pairwise, margin, step_auc, first-error F1 and bon@k (geometric) of per-candidate step probabilities
     ``scores``; ``lucky``: the fraction of correct candidates (with step labels) that have a wrong step; and
@@ -160,11 +164,10 @@ def scorer_metrics(cands: Sequence[Candidate], scores: Sequence[Sequence[float]]
     wrong = [p for s, ok, _ in labelled for p, o in zip(s, ok) if not o]
     # the mean score of right and wrong steps in correct and incorrect candidates: what outcome labels get wrong
     # (right steps of incorrect candidates, wrong steps of correct ones) and how the head scores them
-    kinds = {f"{'right' if o else 'wrong'} step, {'correct' if correct else 'incorrect'}": [] for o in (True, False)
-             for correct in (True, False)}
+    kinds: dict[str, list[float]] = {_kind(o, c): [] for o in (True, False) for c in (True, False)}
     for s, ok, correct in labelled:
         for p, o in zip(s, ok):
-            kinds[f"{'right' if o else 'wrong'} step, {'correct' if correct else 'incorrect'}"].append(p)
+            kinds[_kind(o, correct)].append(p)
     good = [a for a, c in zip(agg, cands) if c.correct]
     bad = [a for a, c in zip(agg, cands) if not c.correct]
     problems = [Problem(pid, [cands[i].correct for i in m], [None] * len(m), {"geometric": [agg[i] for i in m]})
