@@ -156,3 +156,16 @@ def test_every_model_field_is_geometry_or_a_run_choice():
 
     assert {f.name for f in fields(ModelConfig)} == set(GEOMETRY) | RUN_CHOICES
     assert not set(GEOMETRY) & RUN_CHOICES
+
+
+def test_mask_warmup_picks_the_head_loss_by_iteration():
+    from megatron_rgm.training.step import training_step_func
+
+    def loss(argv, iteration):
+        return training_step_func(parse_args(argv), 512, iteration).keywords["rgm_config"].sprm_loss
+
+    warm = ["--sprm-mask-warmup-iters", "2"]
+    assert [loss(warm, it) for it in (1, 2, 3)] == ["bce", "bce", "spr"]
+    # iteration 0 (a step outside a run's iterations, as tools/bench_train.py takes) and no warm-up: SPR
+    assert loss(warm, 0) == loss([], 0) == loss([], 1) == loss(warm, None) == "spr"
+    assert loss(["--sprm-loss", "bce"], 5) == "bce"

@@ -148,7 +148,8 @@ def test_wrong_agreement_by_hand(tmp_path):
     path = tmp_path / "samples.jsonl"
     rows = [row("18", "18", "18", "17", "ok"),  # 3 of its 4 wrong answers agree
             row("ok", "ok", "ok", "9"),  # one wrong candidate: no agreement to count
-            row("5", "6", "ok", "ok")]  # 1 of 2
+            row("5", "6", "ok", "ok"),  # 1 of 2
+            row(None, None, None, "7", "ok")]  # no answer is no vote: one wrong answer left, not counted
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert wrong_agreement(path) == pytest.approx((3 + 1) / (4 + 2))
     path.write_text(json.dumps(row("ok", "1")) + "\n")

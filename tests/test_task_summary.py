@@ -57,3 +57,28 @@ def test_unusable_inputs_are_refused_by_name(tmp_path, capsys):
     out = tmp_path / "grid.json"
     assert main([str(a), "--json", str(out)]) == 0
     assert json.loads(out.read_text())["mean"]["pass@1"] == pytest.approx(0.4)
+
+
+def test_broken_files_and_names_are_refused_by_name(tmp_path):
+    a = _run(tmp_path / "s0", 0.4, 0.7, 0.8)
+    (a / "scorer.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="s0/scorer.json is not readable JSON .*python -m megatron_rgm.tasks.probe"):
+        table([a])
+    (a / "scorer.json").write_text("{}")
+    with pytest.raises(ConfigError, match="has no 'sprm' metrics"):
+        table([a])
+    (tmp_path / "x").mkdir()
+    b, c = _run(tmp_path / "mean", 0.4, 0.7, 0.8), _run(tmp_path / "x" / "s1", 0.4, 0.7, 0.8)
+    with pytest.raises(ConfigError, match="'mean' is the mean row"):
+        table([b])
+    d = _run(tmp_path / "s1", 0.5, 0.7, 0.8)
+    with pytest.raises(ConfigError, match="'s1' is given twice"):
+        table([c, d])
+
+
+def test_json_output_is_strict_and_its_folder_made(tmp_path):
+    a = _run(tmp_path / "s0", 0.4, 0.7, 0.8)  # no lucky shares: nan in the table, null in the file
+    out = tmp_path / "new" / "grid.json"
+    assert main([str(a), "--json", str(out)]) == 0
+    rows = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    assert rows["s0"]["lucky %"] is None and rows["mean"]["pass@1"] == pytest.approx(0.4)

@@ -119,6 +119,14 @@ def plot_divergence(metrics_file: Path, png: Path) -> None:
     plt.close(fig)
 
 
+def response_budget(max_response: int | None, meta: dict) -> int:
+    """Tokens per response: ``max_response`` if given, else 48, or ``LONG_RESPONSE`` for a task (its ``task.json``
+    ``meta``, also an ``--sft-from`` run's) made with the long knob."""
+    if max_response is not None:
+        return max_response
+    return LONG_RESPONSE if (meta.get("knobs") or {}).get("long") else 48
+
+
 def run(cfg: PipelineConfig) -> dict:
     """Run every stage; returns the evaluation metrics."""
     from megatron_rgm.convert import mcore_to_hf
@@ -136,6 +144,10 @@ def run(cfg: PipelineConfig) -> dict:
         if not done:
             raise ConfigError(f"--sft-from {src} is not a finished tiny run (no task/task.json or sft/ checkpoint): "
                               "pass the output directory of an earlier run")
+        source_knobs = json.loads((src / "task" / "task.json").read_text()).get("knobs")
+        if cfg.knobs is not None and vars(cfg.knobs) != source_knobs:
+            raise ConfigError(f"--sft-from {src} was made with knobs {source_knobs}, not {vars(cfg.knobs)}: its task "
+                              "is reused as it is, so drop --lucky/--long/--systematic or pass that run's values")
         _say(f"1-2/6 task and SFT warm start copied from {src}")
         shutil.copytree(src / "task", out / "task")
         shutil.copytree(src / "sft", out / "sft")
@@ -145,7 +157,7 @@ def run(cfg: PipelineConfig) -> dict:
         task = prepare(out / "task", seed=cfg.seed, n_train=cfg.n_train, n_eval=cfg.n_eval, n_sft=cfg.n_sft,
                        max_value=cfg.max_value, max_terms=cfg.max_terms, error_rate=cfg.error_rate,
                        fix_rate=cfg.fix_rate, order=cfg.order, vocab_size=cfg.vocab_size, knobs=cfg.knobs)
-    max_response = cfg.max_response or (LONG_RESPONSE if cfg.knobs and cfg.knobs.long else 48)
+    max_response = response_budget(cfg.max_response, json.loads(task["meta"].read_text()))
     common = ["--preset", "tiny", "--num-layers", str(cfg.num_layers), "--tokenizer", str(task["tokenizer"]),
               "--seed", str(cfg.seed)]
 

@@ -269,10 +269,12 @@ def supervised_scores(cands: Sequence[Candidate], feats: Sequence[torch.Tensor],
 def wrong_agreement(path: str | Path) -> float:
     """How systematic the errors of a samples file are: over problems with at least two incorrect candidates, the
     share of their incorrect candidates that give the problem's most common wrong answer (1: every wrong answer
-    agrees, as a majority vote fooled by one common slip sees them); nan without such problems."""
+    agrees, as a majority vote fooled by one common slip sees them); candidates without an answer are left out;
+    nan without such problems."""
     agree = total = 0
     for row in read_jsonl(path):
-        wrong = Counter(str(c.get("prediction")) for c in row.get("candidates", []) if c.get("correct") is False)
+        wrong = Counter(str(c["prediction"]) for c in row.get("candidates", [])
+                        if c.get("correct") is False and c.get("prediction") is not None)  # no answer: no vote
         n = sum(wrong.values())
         if n >= 2:
             agree, total = agree + wrong.most_common(1)[0][1], total + n
@@ -285,7 +287,8 @@ def rollout_lucky(store_dir: str | Path, tokenizer_path: str | Path) -> dict:
     For each iteration: ``correct`` rollouts with one-to-one parsed steps, ``lucky``: the share of them with a
     wrong step, and ``lucky_masked``: the share of those wrong steps the head scored below 0.5 when they were
     sampled, which SPR's mask leaves out of the loss (the mask reads the training forward's logits, the same
-    weights but with the head's dropout on). ``total`` sums every iteration.
+    weights but with the head's dropout on; on ``--sprm-mask-warmup-iters`` iterations no mask is applied, and the
+    share says what it would have left out). ``total`` sums every iteration.
     """
     store, tok = RolloutStore(store_dir, "r"), load_tokenizer(str(tokenizer_path))
     tally: dict[int, list[int]] = {}  # iteration -> [correct, lucky, lucky wrong steps, masked]

@@ -45,12 +45,19 @@ def run_row(run: str | Path, k: int) -> dict[str, float]:
     """A run's values by column header (nan where the run has no such value)."""
     run = Path(run)
     files = {}
-    for name in ("eval.json", "scorer.json"):
+    for name, fix in (("eval.json", "python tools/evaluate.py RUN/samples.jsonl --k 1 2 8 --json RUN/eval.json"),
+                      ("scorer.json", "python -m megatron_rgm.tasks.probe RUN")):
         if not (run / name).is_file():
             raise ConfigError(f"{run / name} does not exist: pass the output directory of a finished tiny run "
                               "(python -m megatron_rgm.tasks.pipeline)")
-        files[name] = json.loads((run / name).read_text())
+        try:
+            files[name] = json.loads((run / name).read_text())
+        except ValueError as e:
+            raise ConfigError(f"{run / name} is not readable JSON ({e}): write it again with {fix}") from None
     scorer = files["scorer.json"]
+    if not isinstance(scorer, dict) or "sprm" not in scorer:
+        raise ConfigError(f"{run / 'scorer.json'} has no 'sprm' metrics: write it again with "
+                          "python -m megatron_rgm.tasks.probe RUN")
     sources = {"eval": files["eval.json"], "scorer": scorer, "sprm": scorer["sprm"],
                "rollouts": scorer.get("rollouts", {}).get("total", {}), "kinds": scorer["sprm"].get("mean_score", {})}
     if f"maj@{k}" not in sources["eval"]:
@@ -66,9 +73,12 @@ def _mean(values: list[float]) -> float:
 
 def table(runs: list[str | Path], k: int = 8) -> tuple[str, dict[str, dict[str, float]]]:
     """The markdown table (a row per run, then their mean) and the values by run name and ``"mean"``."""
-    rows = {Path(r).name: run_row(r, k) for r in runs}
-    if len(rows) < len(runs):
-        raise ConfigError("two runs share a directory name: give each seed its own name (runs/lucky-s0, ...)")
+    names = [Path(r).name for r in runs]
+    for name in names:
+        if name == "mean" or names.count(name) > 1:
+            raise ConfigError(f"run directory name {name!r} is {'the mean row' if name == 'mean' else 'given twice'}:"
+                              " rows are named by directory, so give each run its own name (runs/lucky-s0, ...)")
+    rows = {name: run_row(r, k) for name, r in zip(names, runs)}
     parts = [[h for h, _, _ in columns(k)], [h for h, _, _ in kind_columns()]]
     rows["mean"] = {h: _mean([r[h] for r in rows.values()]) for part in parts for h in part}
 
@@ -99,8 +109,11 @@ def main(argv=None) -> int:
     def body():
         text, rows = table(a.runs, a.k)
         print(text)
-        if a.json:
-            Path(a.json).write_text(json.dumps(rows, indent=1) + "\n")
+        if a.json:  # strict JSON: a value a run does not have is null
+            out = Path(a.json)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            clean = {n: {h: None if math.isnan(v) else v for h, v in r.items()} for n, r in rows.items()}
+            out.write_text(json.dumps(clean, indent=1, allow_nan=False) + "\n")
 
     return run_tool(body)
 

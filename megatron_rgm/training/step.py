@@ -33,7 +33,7 @@ def training_step_func(args, vocab: int, iteration: int | None = None):
     """The GRPO + SPR step of ``iteration`` (``--sprm-only``: the SPR term alone; with ``--sprm-mask-warmup-iters
     N``, plain BCE for the head on iterations 1..N)."""
     rgm = args.rgm
-    if iteration is not None and iteration <= args.run.sprm_mask_warmup_iters:
+    if iteration and iteration <= args.run.sprm_mask_warmup_iters:  # iterations count from 1 (0: outside a run)
         rgm = replace(rgm, sprm_loss="bce")
     return partial(forward_step, rgm_config=rgm, grpo=args.grpo, vocab_size=vocab, policy_loss=not args.run.sprm_only)
 
