@@ -140,6 +140,11 @@ def first_error_f1(scores: Sequence[Sequence[float]], labels: Sequence[int]) -> 
     return best
 
 
+def _masked(wrong_in_correct: Sequence[float]) -> int:
+    """How many of a correct trajectory's step probabilities SPR's mask leaves out (below 0.5: logit < 0)."""
+    return sum(p < 0.5 for p in wrong_in_correct)
+
+
 def _kind(step_ok: bool, correct: bool) -> str:
     return f"{'right' if step_ok else 'wrong'} step, {'correct' if correct else 'incorrect'}"
 
@@ -157,17 +162,15 @@ def scorer_metrics(cands: Sequence[Candidate], scores: Sequence[Sequence[float]]
     f1, threshold = first_error_f1([s for s, _, _ in labelled],
                                    [next((i for i, o in enumerate(ok) if not o), -1) for _, ok, _ in labelled])
     lucky = [not all(ok) for _, ok, correct in labelled if correct]
-    # SPR's mask keeps a step of a correct trajectory only where the head already scores it above 0.5: the share of
-    # the lucky trajectories' wrong steps it leaves out is how much of BCE's label noise it filters.
-    lucky_wrong = [p for s, ok, correct in labelled if correct for p, o in zip(s, ok) if not o]
     right = [p for s, ok, _ in labelled for p, o in zip(s, ok) if o]
     wrong = [p for s, ok, _ in labelled for p, o in zip(s, ok) if not o]
-    # the mean score of right and wrong steps in correct and incorrect candidates: what outcome labels get wrong
-    # (right steps of incorrect candidates, wrong steps of correct ones) and how the head scores them
+    # the mean score of right and wrong steps in correct and incorrect candidates: where outcome labels are wrong
     kinds: dict[str, list[float]] = {_kind(o, c): [] for o in (True, False) for c in (True, False)}
     for s, ok, correct in labelled:
         for p, o in zip(s, ok):
             kinds[_kind(o, correct)].append(p)
+    # the share of lucky trajectories' wrong steps SPR's mask leaves out: how much of BCE's label noise it filters
+    lucky_wrong = kinds[_kind(False, True)]
     good = [a for a, c in zip(agg, cands) if c.correct]
     bad = [a for a, c in zip(agg, cands) if not c.correct]
     problems = [Problem(pid, [cands[i].correct for i in m], [None] * len(m), {"geometric": [agg[i] for i in m]})
@@ -179,7 +182,7 @@ def scorer_metrics(cands: Sequence[Candidate], scores: Sequence[Sequence[float]]
             "lucky": sum(lucky) / len(lucky) if lucky else float("nan"),
             "lucky_wrong_steps": len(lucky_wrong),
             "mean_score": {kind: sum(v) / len(v) if v else float("nan") for kind, v in kinds.items()},
-            "lucky_masked": sum(p < 0.5 for p in lucky_wrong) / len(lucky_wrong) if lucky_wrong else float("nan"),
+            "lucky_masked": _masked(lucky_wrong) / len(lucky_wrong) if lucky_wrong else float("nan"),
             f"bon@{k}": evaluate(problems, [k])[f"bon@{k}/geometric"]}
 
 
@@ -302,11 +305,8 @@ def rollout_lucky(store_dir: str | Path, tokenizer_path: str | Path) -> dict:
             continue
         ok = step_labels([int(x) for x in re.findall(r"\d+", statement.group(1))], steps)
         wrong = [float(p) for p, o in zip(t.step_scores, ok) if not o]
-        row = tally.setdefault(int(t.group_id) // 1_000_000, [0, 0, 0, 0])
-        row[0] += 1
-        row[1] += bool(wrong)
-        row[2] += len(wrong)
-        row[3] += sum(p < 0.5 for p in wrong)
+        it = int(t.group_id) // 1_000_000
+        tally[it] = [a + b for a, b in zip(tally.get(it, [0, 0, 0, 0]), (1, bool(wrong), len(wrong), _masked(wrong)))]
 
     def shares(c: list[int]) -> dict:
         return {"correct": c[0], "lucky": c[1] / c[0] if c[0] else float("nan"), "lucky_wrong_steps": c[2],
