@@ -81,7 +81,7 @@ def test_pipeline_refuses_a_non_empty_output(tmp_path, capsys):
 
 def test_sft_from_a_run_with_other_knobs_is_refused(tmp_path, capsys):
     from megatron_rgm.tasks.knobs import LONG_RESPONSE, Knobs
-    from megatron_rgm.tasks.pipeline import main, response_budget
+    from megatron_rgm.tasks.pipeline import LONG_MICROBATCH_TOKENS, main, response_budget, task_flags
     from megatron_rgm.tasks.prepare import prepare
 
     src = tmp_path / "lucky"
@@ -98,3 +98,8 @@ def test_sft_from_a_run_with_other_knobs_is_refused(tmp_path, capsys):
     assert response_budget(None, meta) == 48 and response_budget(None, {"knobs": None}) == 48
     assert response_budget(None, {**meta, "knobs": {**meta["knobs"], "long": True}}) == LONG_RESPONSE
     assert response_budget(64, {"knobs": {"long": True}}) == 64
+    # the long task's tokenizer outgrows the preset's 512 rows, and its micro-batches go by a token budget
+    assert task_flags(None, meta) == [] and task_flags(2048, meta) == ["--max-tokens-per-microbatch", "2048"]
+    long = {"vocab_size": 585, "knobs": {"long": True}}
+    assert task_flags(None, long) == ["--vocab-size", "585", "--max-tokens-per-microbatch",
+                                      str(LONG_MICROBATCH_TOKENS)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter
 
 import pytest
@@ -10,6 +11,8 @@ import pytest
 from megatron_rgm.config import ConfigError
 from megatron_rgm.tasks.arithmetic import Problem, Step, parse_steps, render, statement
 from megatron_rgm.tasks.knobs import (
+    LETTERS,
+    LONG_VOCAB,
     Knobs,
     StepLabel,
     first_error,
@@ -17,6 +20,7 @@ from megatron_rgm.tasks.knobs import (
     knob_sft_texts,
     knob_steps,
     label_response,
+    marked_statement,
     step_truth,
 )
 
@@ -74,11 +78,54 @@ def test_the_generator_writes_the_slip_the_knobs_ask_for():
             assert steps[bad[1]].result == sum(p.numbers[:bad[1] + 2]), "it writes the true running total"
 
 
+def test_hand_checked_long_trace_with_letters_and_two_addends_per_step():
+    p = Problem("p", marked_statement([6, 7, 1, 5, 9]), "28", [6, 7, 1, 5, 9])
+    assert p.problem == "Add a6, b7, c1, d5 and e9."
+    # the addends first, named as the statement names them, then the running total; the last step slips by +1
+    text = "b7 + c1 + 6 = 14.\n\nd5 + e9 + 14 = 29.\n\n</think>\n\\boxed{29}"
+    steps = parse_steps(text)
+    assert steps == [Step(6, 7, 14, more=(1,), letters=("b", "c")), Step(14, 5, 29, more=(9,), letters=("d", "e"))]
+    assert render(steps) == text
+    labels, correct = label_response(p, text)
+    assert labels == [StepLabel(True, True), StepLabel(False, False)] and not correct
+    assert parse_steps("b7 + 6 = 13, no, 13.\n\n") == [Step(6, 7, 13, retracted=13, letters=("b",))]
+    # one addend per step is four steps; a step that adds three addends is counted as far as its operands go
+    assert step_truth(p, [Step(6, 7, 13), Step(13, 1, 19, more=(5,)), Step(19, 9, 28)]) == \
+        [StepLabel(True, True), StepLabel(True, True), StepLabel(True, True)]
+    with pytest.raises(ConfigError, match="letters"):
+        marked_statement(list(range(40)))
+
+
+def test_long_traces_vary_in_length_within_a_problem():
+    p = knob_problems(1, seed=0, knobs=Knobs(long=True))[0]
+    rng = random.Random(0)
+    traces = [knob_steps(p, rng, Knobs(long=True)) for _ in range(40)]
+    n = len(p.numbers) - 1
+    assert {len(t) for t in traces} == {n, (n + 1) // 2}, "one or two addends per step, drawn per trace"
+    for t in traces:
+        labels, correct = label_response(p, render(t))
+        assert correct and all(l.local_ok and l.on_track for l in labels)
+        named = [(x, v) for s in t for x, v in zip(s.letters, (s.b, *s.more))]
+        assert named == list(zip(LETTERS[1:], p.numbers[1:])), "each addend once, by its letter, in order"
+    # the slips of the other knobs on a two-addends-per-step trace: the dropped carry loses 10 where it carries
+    p = Problem("p", marked_statement([7, 5, 6, 8, 2]), "28", [7, 5, 6, 8, 2])
+    rng, seen = random.Random(3), set()
+    for _ in range(30):
+        steps = knob_steps(p, rng, Knobs(long=True, systematic=1.0), error=True)
+        labels, correct = label_response(p, render(steps))
+        first = steps[0]
+        assert first.result == sum(p.numbers[:2 + len(first.more)]) - 10  # 7 + 5 (+ 6) carries: 2 or 8
+        assert not correct and not labels[0].local_ok and all(l.local_ok for l in labels[1:])
+        seen.add(len(first.more))
+    assert seen == {0, 1}
+
+
 def test_in_bulk_lucky_share_long_lengths_and_agreeing_wrong_answers():
     rng = random.Random(2)
     long = knob_problems(200, seed=0, knobs=Knobs(long=True))
     lengths = [len(p.numbers) - 1 for p in long]
     assert min(lengths) >= 4 and max(lengths) <= 30 and max(lengths) - min(lengths) >= 20
+    assert all(p.problem == marked_statement(p.numbers) for p in long)
 
     problems = knob_problems(100, seed=1, knobs=Knobs())
     lucky = [label_response(p, render(knob_steps(p, rng, Knobs(lucky=0.5), error=True))) for p in problems]
@@ -108,7 +155,7 @@ def test_sft_texts_parse_back_and_knobs_are_checked():
     problems = knob_problems(10, seed=3, knobs=Knobs(long=True))
     texts = knob_sft_texts(problems, seed=0, knobs=Knobs(lucky=0.5, long=True, systematic=0.5), error_rate=0.5)
     assert len(texts) == 40
-    assert all(len(parse_steps(t.split("<think>\n", 1)[1])) >= 4 for t in texts)
+    assert all(len(parse_steps(t.split("<think>\n", 1)[1])) >= 2 for t in texts)
     with pytest.raises(ConfigError, match="lucky knob"):
         Knobs(lucky=1.5)
     with pytest.raises(ConfigError, match="error_rate"):
@@ -121,7 +168,7 @@ def test_prepare_writes_the_knobbed_task(tmp_path):
     from megatron_rgm.tasks.prepare import prepare
     from megatron_rgm.tokenizer import load_tokenizer
 
-    paths = prepare(tmp_path, n_train=40, n_eval=8, n_sft=160, error_rate=0.5, vocab_size=640,
+    paths = prepare(tmp_path, n_train=40, n_eval=8, n_sft=160, error_rate=0.5, vocab_size=LONG_VOCAB,
                     knobs=Knobs(lucky=1.0, long=True, systematic=0.0))
     meta = json.loads(paths["meta"].read_text())
     assert meta["knobs"] == {"lucky": 1.0, "long": True, "systematic": 0.0} and meta["order"] == "given"
@@ -132,11 +179,14 @@ def test_prepare_writes_the_knobbed_task(tmp_path):
         text = json.loads(line)["text"]
         statement_, response = text.split("\n<think>\n", 1)
         row = problems[statement_]
-        p = Problem(row["id"], row["problem"], row["answer"], [int(x) for x in
-                    statement_[4:-1].replace(" and ", ", ").split(", ")])
+        p = Problem(row["id"], row["problem"], row["answer"], [int(x) for x in re.findall(r"\d+", statement_)])
         labels, correct = label_response(p, response)
-        assert 4 <= len(labels) <= 30
+        assert 2 <= len(labels) <= 30 and statement_ == marked_statement(p.numbers)
         assert tok.decode(tok.encode(text)) == text
+        pieces = [tok.decode([i]) for i in tok.encode(text)]  # a letter is one token, and so is a number
+        for name in re.findall(r"[a-zA-Z]\d", statement_[4:])[1:]:  # in the statement and again in a step
+            assert pieces.count(name) == text.count(name) == 2, (name, pieces)
+        assert text.rsplit("{", 1)[1][:-1] in pieces
         if first_error(labels) >= 0:
             slipped += 1
             lucky += correct

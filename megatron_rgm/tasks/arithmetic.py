@@ -63,7 +63,11 @@ FORMAT_SYMBOLS = (STEP, "\n", "<think>", THINK_END, BOX, "}", ".", ",▁", "▁a
 SP_FILE = "tokenizer.model"
 LEARNED_PIECES = 32  # vocabulary kept for pieces sentencepiece learns beside the fixed symbols
 
-_STEP_RE = re.compile(r"(\d+) \+ (\d+) = (?:(\d+), no, )?(\d+)\.\n\n")
+# A plain step ``a + b = c.`` or a named one ``b7 + c2 + 8 = 17.`` (the knobbed task's long traces: its addends
+# first, each named as the statement names it, then the running total).
+_STEP_RE = re.compile(r"(?:(?P<named>(?:[A-Za-z]\d+ \+ )+)(?P<total>\d+)|(?P<a>\d+) \+ (?P<b>\d+))"
+                      r" = (?:(?P<retracted>\d+), no, )?(?P<result>\d+)\.\n\n")
+_NAMED_RE = re.compile(r"([A-Za-z])(\d+)")
 
 
 @dataclass
@@ -95,20 +99,30 @@ class Step:
         a, b: the operands.
         result: the value the step ends with (what later steps use).
         retracted: a wrong first result the step took back, or None.
+        more: addends after ``b`` (the knobbed task's long traces add up to two per step).
+        letters: the letters naming the addends ``b, *more`` in the statement, or ``()``. A named step writes its
+            addends first, each as the statement does (letter and value), then the running total ``a``:
+            ``"b7 + c2 + 8 = 17."``.
     """
 
     a: int
     b: int
     result: int
     retracted: int | None = None
+    more: tuple[int, ...] = ()
+    letters: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
-        return self.a + self.b == self.result
+        return self.a + self.b + sum(self.more) == self.result
 
     def text(self) -> str:
+        if self.letters:
+            operands = " + ".join([f"{m}{x}" for m, x in zip(self.letters, (self.b, *self.more))] + [str(self.a)])
+        else:
+            operands = " + ".join(map(str, (self.a, self.b, *self.more)))
         fix = "" if self.retracted is None else f"{self.retracted}{RETRACT}"
-        return f"{self.a} + {self.b} = {fix}{self.result}{STEP}"
+        return f"{operands} = {fix}{self.result}{STEP}"
 
 
 def statement(numbers: Sequence[int]) -> str:
@@ -233,8 +247,12 @@ def parse_steps(response: str) -> list[Step]:
     """The ``a + b = c.\\n\\n`` steps written before ``</think>`` (malformed lines are skipped)."""
     steps = []
     for m in _STEP_RE.finditer(response.split(THINK_END, 1)[0]):
-        a, b, retracted, result = m.groups()
-        steps.append(Step(int(a), int(b), int(result), None if retracted is None else int(retracted)))
+        retracted = None if m["retracted"] is None else int(m["retracted"])
+        if m["named"]:
+            letters, addends = zip(*((x, int(v)) for x, v in _NAMED_RE.findall(m["named"])))
+            steps.append(Step(int(m["total"]), addends[0], int(m["result"]), retracted, addends[1:], letters))
+        else:
+            steps.append(Step(int(m["a"]), int(m["b"]), int(m["result"]), retracted))
     return steps
 
 
@@ -281,7 +299,7 @@ def sft_texts(problems: Sequence[Problem], seed: int, *, error_rate: float = 0.3
 
 
 def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 512,
-                    max_number: int | None = 100, model_type: str = "bpe") -> Path:
+                    max_number: int | None = 100, model_type: str = "bpe", extra_symbols: Sequence[str] = ()) -> Path:
     """Train a sentencepiece tokenizer on task texts, in-process and deterministically.
 
     The format pieces (:data:`FORMAT_SYMBOLS`: the step delimiter ``".\\n\\n"``,
@@ -298,6 +316,7 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
             ``vocab_size`` leaves room for beside :data:`LEARNED_PIECES` learned pieces
             (None: none; the trainer learns pieces of the numbers it sees).
         model_type: ``bpe`` or ``unigram``.
+        extra_symbols: more pieces to keep whole, after the format symbols (the knobbed task's named addends).
 
     Returns:
         The path of ``tokenizer.model`` (load it with :func:`megatron_rgm.tokenizer.load_tokenizer`).
@@ -305,13 +324,14 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
     Raises:
         ConfigError: ``vocab_size`` cannot hold the bytes and the fixed symbols.
     """
-    base = 4 + 256 + len(FORMAT_SYMBOLS)  # unk/bos/eos/pad, byte fallback, format symbols
+    fixed = list(FORMAT_SYMBOLS) + list(extra_symbols)
+    base = 4 + 256 + len(fixed)  # unk/bos/eos/pad, byte fallback, format symbols
     if vocab_size < base + LEARNED_PIECES:
         raise ConfigError(f"vocab_size {vocab_size} cannot hold the 256 byte pieces, 4 special and "
-                          f"{len(FORMAT_SYMBOLS)} format symbols plus {LEARNED_PIECES} learned pieces: use "
+                          f"{len(fixed)} format symbols plus {LEARNED_PIECES} learned pieces: use "
                           f"vocab_size >= {base + LEARNED_PIECES}")
     n_numbers = 0 if max_number is None else min(max_number + 1, vocab_size - base - LEARNED_PIECES)
-    symbols = list(FORMAT_SYMBOLS) + [str(i) for i in range(n_numbers)]
+    symbols = fixed + [str(i) for i in range(n_numbers)]
     buf = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(

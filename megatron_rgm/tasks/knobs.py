@@ -10,7 +10,16 @@ and slips of +-1..3 scatter the wrong answers, so majority voting is hard to bea
   step's, not a random later one's, so a policy can learn it (it keeps the true total anyway): with a random
   later step, a warm-started policy wrote a lucky trajectory in only 6.4% of its correct samples
   (docs/RESULTS.md).
-* ``long``: 5-31 addends (4-30 steps), so trajectories differ in length as much as the paper's do.
+* ``long``: 5-31 addends, and a trace adds one or two of them per step (its choice, for the whole trace), so
+  trajectories are 2-30 steps long and the candidates of one problem differ in length by up to 2x, as the paper's
+  do. Without that, every candidate of a problem would have the same number of steps, the product of the step
+  scores would rank them exactly as their geometric mean does, and no length bias could show. Each addend is
+  named by a letter in the statement, letter and value in one token (``Add a6, b7 and c1.``), and a step writes
+  the addends it adds as the statement does, then the running total (``b7 + c1 + 6 = 14.``). Copying the next
+  addend is then one lookup by letter, the letter being the one after the previous step's. A tiny policy did
+  not learn to find the next addend of a long list in a short warm start otherwise: 13% of its steps copied the
+  right one without letters (chance among 1..9), 4-12% with a letter before the value (``b: 7``), which takes an
+  induction circuit (docs/RESULTS.md).
 * ``systematic``: the fraction of slips that are one common mistake, the dropped carry (``7 + 5 = 2``: the
   first step whose units carry loses its ten). Wrong answers then agree (the answer minus 10), and a majority
   vote can be fooled by them.
@@ -38,9 +47,17 @@ from megatron_rgm.tasks.arithmetic import (
     render,
 )
 
-LONG_TERMS = (5, 31)  # addends with ``long``: 4-30 steps
+LONG_TERMS = (5, 31)  # addends with ``long``: 2-30 steps
 SHORT_TERMS = (3, 6)
-LONG_RESPONSE = 200  # tokens a long trace may need: 30 steps of 6 tokens, a taken-back slip's 2 and the answer
+LONG_GROUPS = (1, 2)  # addends a long trace adds per step
+LETTERS = "abcdefghijklmnopqrstuvwxyzABCDE"  # one per addend of a long problem
+LONG_RESPONSE = 176  # tokens a long trace may need: 30 steps of 5, a taken-back slip's 2 and the answer's 5
+LONG_VOCAB = 1024  # the named addends (31 letters x 9 values) and every sum up to 279 as one token each
+
+
+def named_symbols(max_value: int) -> tuple[str, ...]:
+    """The tokenizer pieces of the long task's named addends, ``"a1" .. "E{max_value}"``, each one token."""
+    return tuple(f"{m}{x}" for m in LETTERS for x in range(1, max_value + 1))
 
 
 @dataclass(frozen=True)
@@ -76,33 +93,52 @@ class StepLabel:
     on_track: bool
 
 
+def marked_statement(numbers: Sequence[int]) -> str:
+    """``"Add a1, b2 and c3."`` for ``[1, 2, 3]``: the long task's statement, a letter per addend."""
+    if len(numbers) > len(LETTERS):
+        raise ConfigError(f"{len(numbers)} addends, but the long task has {len(LETTERS)} letters to name them: "
+                          f"ask for at most {len(LETTERS)}")
+    named = [f"{m}{x}" for m, x in zip(LETTERS, numbers)]
+    return f"Add {', '.join(named[:-1])} and {named[-1]}."
+
+
 def knob_problems(n: int, seed: int, knobs: Knobs, max_value: int = 9,
                   exclude: Sequence[Sequence[int]] = ()) -> list[Problem]:
-    """``n`` distinct problems with as many addends as ``knobs`` asks for (:func:`make_problems`)."""
+    """``n`` distinct problems with as many addends as ``knobs`` asks for (:func:`make_problems`); with
+    ``knobs.long`` their statements name each addend by a letter (:func:`marked_statement`)."""
     low, high = knobs.terms
-    return make_problems(n, seed, min_terms=low, max_terms=high, max_value=max_value, exclude=exclude)
+    problems = make_problems(n, seed, min_terms=low, max_terms=high, max_value=max_value, exclude=exclude)
+    if knobs.long:
+        problems = [Problem(p.id, marked_statement(p.numbers), p.answer, p.numbers) for p in problems]
+    return problems
 
 
-def _carries(a: int, b: int) -> bool:
-    return a % 10 + b % 10 >= 10
+def _carries(total: int, group: Sequence[int]) -> bool:
+    """Whether adding ``group`` to ``total`` carries out of the units."""
+    return total % 10 + sum(x % 10 for x in group) >= 10
 
 
 def knob_steps(problem: Problem, rng: random.Random, knobs: Knobs, error: bool = False,
                fixed: bool = False) -> list[Step]:
     """The steps of one trace, in the statement's order; with ``error`` a slip as the knobs draw it.
 
-    A slip is the dropped carry with probability ``knobs.systematic`` (where some step carries; otherwise, and
-    for the other slips, a result off by 1..3 at a random step). With probability ``knobs.lucky`` the next step
-    (where there is one) slips back by the opposite amount: its result and the final answer are the true totals.
-    ``fixed``: the slip is taken back within its step instead (``7 + 5 = 2, no, 12.``), and the trace stays right.
+    With ``knobs.long`` the trace adds one or two addends per step (drawn once for the trace), each named by its
+    letter. A slip is the dropped carry with probability
+    ``knobs.systematic`` (where some step carries; otherwise, and for the other slips, a result off by 1..3 at a
+    random step). With probability ``knobs.lucky`` the next step (where there is one) slips back by the opposite
+    amount: its result and the final answer are the true totals. ``fixed``: the slip is taken back within its
+    step instead (``7 + 5 = 2, no, 12.``), and the trace stays right.
     """
     numbers = problem.numbers
-    n_steps = len(numbers) - 1
+    per_step = rng.choice(LONG_GROUPS) if knobs.long else 1
+    starts = list(range(1, len(numbers), per_step))  # index of each step's first addend
+    groups = [numbers[i:i + per_step] for i in starts]
+    n_steps = len(groups)
     offsets = [0] * n_steps  # what each step's written result adds to its true result
     retracted: dict[int, int] = {}  # a slip taken back within its step
     if error:
-        truth = [sum(numbers[:i + 2]) for i in range(n_steps)]
-        carries = [i for i in range(n_steps) if _carries(truth[i] - numbers[i + 1], numbers[i + 1])]
+        truth = [sum(numbers[:i + len(g)]) for i, g in zip(starts, groups)]
+        carries = [i for i in range(n_steps) if _carries(truth[i] - sum(groups[i]), groups[i])]
         if carries and rng.random() < knobs.systematic:
             bad, delta = carries[0], -10
         else:
@@ -115,18 +151,21 @@ def knob_steps(problem: Problem, rng: random.Random, knobs: Knobs, error: bool =
             if bad < n_steps - 1 and rng.random() < knobs.lucky:
                 offsets[bad + 1] -= delta
     steps, total = [], numbers[0]
-    for i in range(n_steps):
-        a, b = total, numbers[i + 1]
-        total = a + b + offsets[i]
-        steps.append(Step(a, b, total, retracted.get(i)))
+    for i, (start, group) in enumerate(zip(starts, groups)):
+        a = total
+        total = a + sum(group) + offsets[i]
+        steps.append(Step(a, group[0], total, retracted.get(i), tuple(group[1:]),
+                          tuple(LETTERS[start:start + len(group)]) if knobs.long else ()))
     return steps
 
 
 def step_truth(problem: Problem, steps: Sequence[Step]) -> list[StepLabel]:
-    """Each step's :class:`StepLabel` (a step beyond the addends is never on track)."""
-    out = []
-    for i, s in enumerate(steps):
-        on_track = i + 2 <= len(problem.numbers) and s.result == sum(problem.numbers[:i + 2])
+    """Each step's :class:`StepLabel`: a step that adds ``n`` operands after the running total is on track when
+    its result is the true total of the addends so far, counted by operands (a step beyond them never is)."""
+    out, used = [], 1
+    for s in steps:
+        used += 1 + len(s.more)
+        on_track = used <= len(problem.numbers) and s.result == sum(problem.numbers[:used])
         out.append(StepLabel(local_ok=s.ok, on_track=on_track))
     return out
 

@@ -40,7 +40,9 @@ from megatron_rgm.evaluation.report import run as evaluate
 from megatron_rgm.inference.best_of_n import BestOfNConfig, load_problems, run_megatron
 from megatron_rgm.launch import free_port, run_ranks
 from megatron_rgm.rollout.sampler import SamplingParams
-from megatron_rgm.tasks.knobs import LONG_RESPONSE, Knobs
+from megatron_rgm.tasks.knobs import LONG_RESPONSE, LONG_VOCAB, Knobs
+
+LONG_MICROBATCH_TOKENS = 1024  # 1.8x the tokens/s of padded SFT micro-batches on the long task (docs/RESULTS.md)
 from megatron_rgm.tasks.prepare import add_knob_args, knobs_from_args, prepare, task_paths
 from megatron_rgm.tasks.probe import format_report as format_probe
 from megatron_rgm.tasks.probe import report as probe_report
@@ -79,7 +81,10 @@ class PipelineConfig:
     extra: list[str] = field(default_factory=list)
     sft_from: str | None = None
     knobs: Knobs | None = None  # the knobbed task (tasks/knobs.py) instead of the plain one
-    vocab_size: int = 512
+    vocab_size: int | None = None  # the tokenizer's upper bound; None: 512, or knobs.LONG_VOCAB with the long knob
+    # micro-batches of SFT and RGM grouped by length under this many tokens (--max-tokens-per-microbatch); None:
+    # LONG_MICROBATCH_TOKENS with the long knob (its texts are 60-320 tokens long), else --micro-batch-size samples
+    max_tokens_per_microbatch: int | None = None
 
 
 def _say(msg: str) -> None:
@@ -127,6 +132,15 @@ def response_budget(max_response: int | None, meta: dict) -> int:
     return LONG_RESPONSE if (meta.get("knobs") or {}).get("long") else 48
 
 
+def task_flags(max_tokens_per_microbatch: int | None, meta: dict) -> list[str]:
+    """Flags both training stages take from the task (its ``task.json`` ``meta``): ``--vocab-size`` where its
+    tokenizer outgrows the tiny preset's 512 rows, and the micro-batches' token budget (``max_tokens_per_microbatch``
+    if given, else ``LONG_MICROBATCH_TOKENS`` for a task made with the long knob, else none)."""
+    flags = ["--vocab-size", str(meta["vocab_size"])] if meta["vocab_size"] > 512 else []
+    budget = max_tokens_per_microbatch or (LONG_MICROBATCH_TOKENS if (meta.get("knobs") or {}).get("long") else None)
+    return flags + (["--max-tokens-per-microbatch", str(budget)] if budget else [])
+
+
 def run(cfg: PipelineConfig) -> dict:
     """Run every stage; returns the evaluation metrics."""
     from megatron_rgm.convert import mcore_to_hf
@@ -156,10 +170,13 @@ def run(cfg: PipelineConfig) -> dict:
         _say(f"1/6 task: {cfg.n_train} train / {cfg.n_eval} eval problems, {cfg.n_sft} SFT traces, tokenizer")
         task = prepare(out / "task", seed=cfg.seed, n_train=cfg.n_train, n_eval=cfg.n_eval, n_sft=cfg.n_sft,
                        max_value=cfg.max_value, max_terms=cfg.max_terms, error_rate=cfg.error_rate,
-                       fix_rate=cfg.fix_rate, order=cfg.order, vocab_size=cfg.vocab_size, knobs=cfg.knobs)
-    max_response = response_budget(cfg.max_response, json.loads(task["meta"].read_text()))
+                       fix_rate=cfg.fix_rate, order=cfg.order, vocab_size=cfg.vocab_size or
+                       (LONG_VOCAB if cfg.knobs is not None and cfg.knobs.long else 512), knobs=cfg.knobs)
+    meta = json.loads(task["meta"].read_text())
+    max_response = response_budget(cfg.max_response, meta)
     common = ["--preset", "tiny", "--num-layers", str(cfg.num_layers), "--tokenizer", str(task["tokenizer"]),
               "--seed", str(cfg.seed)]
+    common += task_flags(cfg.max_tokens_per_microbatch, meta)
 
     if not cfg.sft_from:
         _say(f"2/6 SFT warm start: {cfg.sft_iters} iterations x {cfg.sft_batch} texts on {cfg.nproc} "
@@ -214,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nproc", type=int, default=d.nproc)
     p.add_argument("--seed", type=int, default=d.seed)
     for name in ("n_train", "n_eval", "n_sft", "max_value", "max_terms", "num_layers", "sft_iters", "sft_batch",
-                 "rgm_iters", "prompts_per_iter", "k", "max_response", "eval_k", "vocab_size"):
+                 "rgm_iters", "prompts_per_iter", "k", "max_response", "eval_k", "vocab_size",
+                 "max_tokens_per_microbatch"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     for name in ("error_rate", "fix_rate", "sft_lr", "rgm_lr", "sprm_lr", "temperature"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))

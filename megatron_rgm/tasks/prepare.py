@@ -28,7 +28,7 @@ from megatron_rgm.tasks.arithmetic import (
     sft_texts,
     train_tokenizer,
 )
-from megatron_rgm.tasks.knobs import Knobs, knob_sft_texts
+from megatron_rgm.tasks.knobs import Knobs, knob_problems, knob_sft_texts, named_symbols
 from megatron_rgm.tokenizer import load_tokenizer
 
 
@@ -65,8 +65,8 @@ def prepare(out_dir: str | Path, seed: int = 0, n_train: int = 2000, n_eval: int
         order: ``shuffled`` (addends in a random order) or ``given`` (the statement's order).
         vocab_size: upper bound of the tokenizer's vocabulary.
         knobs: the knobbed task (:mod:`megatron_rgm.tasks.knobs`): its slips, always in the statement's order
-            (no ``tree_fraction``), and with ``knobs.long`` its 4-30 steps instead of ``min_terms`` /
-            ``max_terms``.
+            (no ``tree_fraction``), and with ``knobs.long`` its 5-31 addends instead of ``min_terms`` /
+            ``max_terms``, named by letters in the statement and the steps (letter and value one token).
 
     Returns:
         Paths by name: ``tokenizer`` (the .model file), ``train``, ``eval``, ``sft``, ``meta``.
@@ -87,7 +87,12 @@ def prepare(out_dir: str | Path, seed: int = 0, n_train: int = 2000, n_eval: int
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # One draw, then a split: the eval set does not change with n_train.
-    problems = make_problems(n_eval + n_train, seed, min_terms=min_terms, max_terms=max_terms, max_value=max_value)
+    long = knobs is not None and knobs.long
+    if long:  # the knob's 5-31 addends, named by letters
+        problems = knob_problems(n_eval + n_train, seed, knobs, max_value)
+    else:
+        problems = make_problems(n_eval + n_train, seed, min_terms=min_terms, max_terms=max_terms,
+                                 max_value=max_value)
     eval_set, train_set = problems[:n_eval], problems[n_eval:]
     per_problem = max(1, ceil(n_sft / max(n_train, 1)))
     if knobs is None:
@@ -98,7 +103,7 @@ def prepare(out_dir: str | Path, seed: int = 0, n_train: int = 2000, n_eval: int
                                traces_per_problem=per_problem)[:n_sft]
     # Prompts join the SFT texts so the tokenizer also sees numbers only eval problems use.
     tok_path = train_tokenizer(texts + [prompt_text(p) for p in problems], out / "tokenizer", vocab_size=vocab_size,
-                               max_number=max_terms * max_value)
+                               max_number=max_terms * max_value, extra_symbols=named_symbols(max_value) if long else ())
     paths = task_paths(out)
     _write_jsonl(paths["train"], (p.to_json() for p in train_set))
     _write_jsonl(paths["eval"], (p.to_json() for p in eval_set))
@@ -118,7 +123,8 @@ def add_knob_args(p: argparse.ArgumentParser) -> None:
     """``--lucky``, ``--long``, ``--systematic``: the knobbed task (any of them given selects it)."""
     p.add_argument("--lucky", type=float, help="knobbed task: fraction of slipped traces whose slip the next step "
                    "cancels (right answer, wrong steps)")
-    p.add_argument("--long", action="store_true", help="knobbed task: 4-30 steps per problem")
+    p.add_argument("--long", action="store_true", help="knobbed task: 5-31 addends, one or two per step (2-30 "
+                   "steps)")
     p.add_argument("--systematic", type=float, help="knobbed task: fraction of slips that are the dropped carry")
 
 

@@ -75,11 +75,11 @@ class Candidate:
 
 
 def step_labels(numbers: Sequence[int], steps: Sequence[Step]) -> list[bool]:
-    """Whether each written step is right: its own sum, and an operand that is still to be added.
+    """Whether each written step is right: its own sum, and operands that are still to be added.
 
-    A chain step adds one addend not used yet to the previous result (the first
-    step adds two); a step that adds a number already used up, or starts from
-    anything but the previous result, is wrong even if its sum is right.
+    A chain step adds addends not used yet (one, or more on the long task) to the previous result (the first
+    step starts from an addend); a step that adds a number already used up, or starts from anything but the
+    previous result, is wrong even if its sum is right.
     """
     left = Counter(numbers)
     ok, previous = [], None
@@ -89,9 +89,10 @@ def step_labels(numbers: Sequence[int], steps: Sequence[Step]) -> list[bool]:
             left[s.a] -= 1
         else:
             good = s.a == previous
-        good = good and left[s.b] > 0 and s.ok
-        left[s.b] -= 1
-        ok.append(bool(good))
+        for x in (s.b, *s.more):
+            good = good and left[x] > 0
+            left[x] -= 1
+        ok.append(bool(good and s.ok))
         previous = s.result
     return ok
 
