@@ -82,3 +82,37 @@ def test_json_output_is_strict_and_its_folder_made(tmp_path):
     assert main([str(a), "--json", str(out)]) == 0
     rows = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
     assert rows["s0"]["lucky %"] is None and rows["mean"]["pass@1"] == pytest.approx(0.4)
+
+
+def _samples(path, problems):
+    """A samples.jsonl of ``problems``: per problem, candidates as (step scores, correct)."""
+    with open(path / "samples.jsonl", "w") as f:
+        for i, cands in enumerate(problems):
+            rows = [{"step_scores": s, "correct": c} for s, c in cands]
+            f.write(json.dumps({"id": f"p{i}", "candidates": rows}) + "\n")
+
+
+def test_the_length_table_by_hand(tmp_path, capsys):
+    a = _run(tmp_path / "long-s0", 0.5, 0.5, 0.8)
+    # problem 0: a long correct candidate of mid-range steps and a short wrong one: the product picks the short
+    # one (0.8^3 * 0.3 = 0.154 > 0.8^10 = 0.107), the geometric mean (0.8 vs 0.589) and the arithmetic the long one
+    # problem 1: equal lengths, every aggregation picks the same correct candidate
+    _samples(a, [[([0.8] * 10, True), ([0.8] * 3 + [0.3], False)],
+                 [([0.9, 0.9], True), ([0.9, 0.2], False)]])
+    from megatron_rgm.tasks.summary import length_row
+    row = length_row(a, k=8)
+    assert row["steps, correct"] == pytest.approx(6) and row["steps, incorrect"] == pytest.approx(3)
+    assert row["lengths differ %"] == pytest.approx(0.5)
+    assert row["BoN@8 geometric %"] == pytest.approx(1.0) and row["BoN@8 arithmetic %"] == pytest.approx(1.0)
+    assert row["BoN@8 product %"] == pytest.approx(0.5)
+    assert row["product: pick steps"] == pytest.approx(3) and row["geometric: pick steps"] == pytest.approx(6)
+    assert row["product: picks shortest %"] == pytest.approx(1.0)
+    assert row["geometric: picks shortest %"] == pytest.approx(0.5)
+    assert length_row(a, k=1)["lengths differ %"] == 0.0  # only the first candidate of each problem
+    out = tmp_path / "grid.json"
+    assert main([str(a), "--lengths", "--json", str(out)]) == 0
+    assert "| long-s0 | 6.0 | 3.0 | 50.0 | 100.0 | 6.0 | 50.0 |" in capsys.readouterr().out
+    assert json.loads(out.read_text())["mean"]["BoN@8 product %"] == pytest.approx(0.5)
+    b = _run(tmp_path / "no-samples", 0.5, 0.5, 0.8)
+    assert main([str(b), "--lengths"]) != 0
+    assert "no-samples/samples.jsonl does not exist" in capsys.readouterr().err

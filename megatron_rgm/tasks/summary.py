@@ -8,6 +8,11 @@ accuracy and margin, how far wrong answers agree (the share of a problem's wrong
 common wrong answer), and the lucky shares (of the evaluation candidates and of the training rollouts) with the
 share of their wrong steps that SPR's mask leaves out; then the head's mean score of right and wrong steps in correct
 and incorrect candidates. Accuracies are in %, the mean row is over the runs given.
+
+``--lengths`` adds a third table from each run's ``samples.jsonl``, the one the long knob is judged by: how long
+the correct and the incorrect candidates are (in steps, the head's scores per candidate), how often a problem's
+candidates differ in length, and for each aggregation the length of its picks and how often it picks the
+problem's shortest candidate.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import sys
 from pathlib import Path
 
 from megatron_rgm.config import ConfigError, run_tool
+from megatron_rgm.data.benchmarks import read_jsonl
+from megatron_rgm.evaluation.report import aggregate_scores
 
 AGGREGATIONS = ("geometric", "arithmetic", "product")
 KINDS = ("right step, correct", "right step, incorrect", "wrong step, correct", "wrong step, incorrect")
@@ -99,15 +106,68 @@ def table(runs: list[str | Path], k: int = 8) -> tuple[str, dict[str, dict[str, 
     return "\n\n".join(tables), rows
 
 
+def length_row(run: str | Path, k: int) -> dict[str, float]:
+    """The length table's values of one run: its first ``k`` candidates per problem, by the head's scores."""
+    path = Path(run) / "samples.jsonl"
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist: pass the output directory of a finished tiny run")
+    steps = {True: [], False: []}
+    varied = problems = 0
+    picks = {a: [0, 0, 0] for a in AGGREGATIONS}  # correct picks, steps of the picks, shortest picks
+    for n, row in enumerate(read_jsonl(path), 1):
+        cands = [c for c in row.get("candidates", [])[:k] if c.get("step_scores")]
+        if any(c.get("correct") is None for c in cands):
+            raise ConfigError(f"{path}: record {n} has an ungraded candidate: run best_of_n with --complete-all")
+        if not cands:
+            continue
+        problems += 1
+        lens = [len(c["step_scores"]) for c in cands]
+        varied += len(set(lens)) > 1
+        for c, length in zip(cands, lens):
+            steps[bool(c["correct"])].append(length)
+        scores = aggregate_scores([c["step_scores"] for c in cands])
+        for a in AGGREGATIONS:
+            values = scores[a]
+            best = max(range(len(cands)), key=values.__getitem__)  # the first of equal scores, as Best-of-N
+            picks[a] = [x + y for x, y in zip(picks[a], (bool(cands[best]["correct"]), lens[best],
+                                                         lens[best] == min(lens)))]
+    if not problems:
+        raise ConfigError(f"{path} has no candidates with step scores: run best_of_n with --complete-all")
+    out = {"steps, correct": _mean(steps[True]), "steps, incorrect": _mean(steps[False]),
+           "lengths differ %": varied / problems}
+    for a, (right, length, shortest) in picks.items():
+        out |= {f"BoN@{k} {a} %": right / problems, f"{a}: pick steps": length / problems,
+                f"{a}: picks shortest %": shortest / problems}
+    return out
+
+
+def lengths_table(runs: list[str | Path], k: int = 8) -> tuple[str, dict[str, dict[str, float]]]:
+    """The length table (a row per run, then their mean) and its values by run name and ``"mean"``."""
+    rows = {Path(r).name: length_row(r, k) for r in runs}
+    heads = list(next(iter(rows.values())))
+    rows["mean"] = {h: _mean([r[h] for r in rows.values()]) for h in heads}
+    lines = ["| run | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(heads)]
+    for name, r in rows.items():
+        cells = [f"{100 * r[h]:.1f}" if h.endswith("%") else f"{r[h]:.1f}" for h in heads]
+        lines.append(f"| {'**mean**' if name == 'mean' else name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines), rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", help="output directories of finished tiny runs")
     p.add_argument("--k", type=int, default=8, help="the k of maj@k, wmaj@k, BoN@k and oracle@k")
     p.add_argument("--json", default=None, help="also write the values, by run and mean, to this file")
+    p.add_argument("--lengths", action="store_true",
+                   help="add the table of candidate lengths and of each aggregation's picks (samples.jsonl)")
     a = p.parse_args(argv)
 
     def body():
         text, rows = table(a.runs, a.k)
+        if a.lengths:
+            more, extra = lengths_table(a.runs, a.k)
+            text += "\n\n" + more
+            rows = {name: {**r, **extra[name]} for name, r in rows.items()}
         print(text)
         if a.json:  # strict JSON: a value a run does not have is null
             out = Path(a.json)
