@@ -77,6 +77,10 @@ def test_pipeline_refuses_a_non_empty_output(tmp_path, capsys):
     assert main(["--output", str(tmp_path)]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
     assert (tmp_path / "x").read_text() == "keep me"
+    fresh = tmp_path / "fresh"
+    assert main(["--output", str(fresh), "--long", "--max-tokens-per-microbatch", "100"]) == 2
+    assert "--max-tokens-per-microbatch 100 cannot hold one sequence" in capsys.readouterr().err
+    assert not fresh.exists()
 
 
 def test_sft_from_a_run_with_other_knobs_is_refused(tmp_path, capsys):

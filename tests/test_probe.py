@@ -28,7 +28,7 @@ def test_step_labels_catch_wrong_sums_and_wrong_operands():
     # A taken-back slip ends right: the step is right.
     assert step_labels([8, 4], parse_steps("8 + 4 = 13, no, 12.\n\n</think>")) == [True]
     # The long task's steps: letters, two addends at a time; every operand must still be there to add.
-    long = parse_steps("b2 + c9 + 4 = 15.\n\nd7 + 15 = 22.\n\n</think>")
+    long = parse_steps("b2 + c9 + 4 = 15.\n\nd7 + 15 = 22.\n\n</think>", named=True)
     assert [s.letters for s in long] == [("b", "c"), ("d",)] and long[0].more == (9,)
     assert step_labels(numbers, long) == [True, True]
     assert step_labels(numbers, [Step(4, 2, 15, more=(9,)), Step(15, 9, 24)]) == [True, False]  # 9 used up

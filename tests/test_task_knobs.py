@@ -9,10 +9,9 @@ from collections import Counter
 import pytest
 
 from megatron_rgm.config import ConfigError
-from megatron_rgm.tasks.arithmetic import Problem, Step, parse_steps, render, statement
+from megatron_rgm.tasks.arithmetic import Problem, Step, names_addends, parse_steps, render, statement
 from megatron_rgm.tasks.knobs import (
     LETTERS,
-    LONG_VOCAB,
     Knobs,
     StepLabel,
     first_error,
@@ -83,12 +82,16 @@ def test_hand_checked_long_trace_with_letters_and_two_addends_per_step():
     assert p.problem == "Add a6, b7, c1, d5 and e9."
     # the addends first, named as the statement names them, then the running total; the last step slips by +1
     text = "b7 + c1 + 6 = 14.\n\nd5 + e9 + 14 = 29.\n\n</think>\n\\boxed{29}"
-    steps = parse_steps(text)
+    steps = parse_steps(text, named=True)
     assert steps == [Step(6, 7, 14, more=(1,), letters=("b", "c")), Step(14, 5, 29, more=(9,), letters=("d", "e"))]
+    assert names_addends(p.problem) and not names_addends("Add 6, 7 and 1.")
     assert render(steps) == text
     labels, correct = label_response(p, text)
     assert labels == [StepLabel(True, True), StepLabel(False, False)] and not correct
-    assert parse_steps("b7 + 6 = 13, no, 13.\n\n") == [Step(6, 7, 13, retracted=13, letters=("b",))]
+    assert parse_steps("b7 + 6 = 12, no, 13.\n\nE9 + 270 = 279.\n\n", named=True) == \
+        [Step(6, 7, 13, retracted=12, letters=("b",)), Step(270, 9, 279, letters=("E",))]
+    # a line that is not a named step in full is skipped, not read as the plain step inside it
+    assert parse_steps("b7 + 3 + 6 = 16.\n\nx1 + 13 = 14.\n\n", named=True) == [Step(13, 1, 14, letters=("x",))]
     # one addend per step is four steps; a step that adds three addends is counted as far as its operands go
     assert step_truth(p, [Step(6, 7, 13), Step(13, 1, 19, more=(5,)), Step(19, 9, 28)]) == \
         [StepLabel(True, True), StepLabel(True, True), StepLabel(True, True)]
@@ -155,7 +158,7 @@ def test_sft_texts_parse_back_and_knobs_are_checked():
     problems = knob_problems(10, seed=3, knobs=Knobs(long=True))
     texts = knob_sft_texts(problems, seed=0, knobs=Knobs(lucky=0.5, long=True, systematic=0.5), error_rate=0.5)
     assert len(texts) == 40
-    assert all(len(parse_steps(t.split("<think>\n", 1)[1])) >= 2 for t in texts)
+    assert all(len(parse_steps(t.split("<think>\n", 1)[1], named=True)) >= 2 for t in texts)
     with pytest.raises(ConfigError, match="lucky knob"):
         Knobs(lucky=1.5)
     with pytest.raises(ConfigError, match="error_rate"):
@@ -168,7 +171,7 @@ def test_prepare_writes_the_knobbed_task(tmp_path):
     from megatron_rgm.tasks.prepare import prepare
     from megatron_rgm.tokenizer import load_tokenizer
 
-    paths = prepare(tmp_path, n_train=40, n_eval=8, n_sft=160, error_rate=0.5, vocab_size=LONG_VOCAB,
+    paths = prepare(tmp_path, n_train=40, n_eval=8, n_sft=160, error_rate=0.5,  # vocabulary: LONG_VOCAB
                     knobs=Knobs(lucky=1.0, long=True, systematic=0.0))
     meta = json.loads(paths["meta"].read_text())
     assert meta["knobs"] == {"lucky": 1.0, "long": True, "systematic": 0.0} and meta["order"] == "given"

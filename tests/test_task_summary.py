@@ -95,24 +95,35 @@ def _samples(path, problems):
 def test_the_length_table_by_hand(tmp_path, capsys):
     a = _run(tmp_path / "long-s0", 0.5, 0.5, 0.8)
     # problem 0: a long correct candidate of mid-range steps and a short wrong one: the product picks the short
-    # one (0.8^3 * 0.3 = 0.154 > 0.8^10 = 0.107), the geometric mean (0.8 vs 0.589) and the arithmetic the long one
+    # one (0.8^3 * 0.3 = 0.154 > 0.8^10 = 0.107), the geometric mean (0.8 vs 0.626) and the arithmetic the long one
     # problem 1: equal lengths, every aggregation picks the same correct candidate
     _samples(a, [[([0.8] * 10, True), ([0.8] * 3 + [0.3], False)],
                  [([0.9, 0.9], True), ([0.9, 0.2], False)]])
     from megatron_rgm.tasks.summary import length_row
-    row = length_row(a, k=8)
+    row = length_row(a, k=2)
     assert row["steps, correct"] == pytest.approx(6) and row["steps, incorrect"] == pytest.approx(3)
     assert row["lengths differ %"] == pytest.approx(0.5)
-    assert row["BoN@8 geometric %"] == pytest.approx(1.0) and row["BoN@8 arithmetic %"] == pytest.approx(1.0)
-    assert row["BoN@8 product %"] == pytest.approx(0.5)
+    assert row["BoN@2 geometric %"] == pytest.approx(1.0) and row["BoN@2 arithmetic %"] == pytest.approx(1.0)
+    assert row["BoN@2 product %"] == pytest.approx(0.5)
     assert row["product: pick steps"] == pytest.approx(3) and row["geometric: pick steps"] == pytest.approx(6)
     assert row["product: picks shortest %"] == pytest.approx(1.0)
     assert row["geometric: picks shortest %"] == pytest.approx(0.5)
-    assert length_row(a, k=1)["lengths differ %"] == 0.0  # only the first candidate of each problem
+    one = length_row(a, k=1)  # groups of one: nothing differs, every pick is its group's shortest
+    assert one["lengths differ %"] == 0.0 and one["product: picks shortest %"] == 1.0
+    assert one["BoN@1 geometric %"] == pytest.approx(0.5)  # the mean over each problem's two groups, then problems
+    # a candidate without steps scores 0 and stays in (2 steps vs 0: lengths differ); a stopped one is picked last
+    _samples(a, [[([], True), ([0.1], False)], [([0.9], True), ([0.2], False)]])
+    (a / "samples.jsonl").write_text((a / "samples.jsonl").read_text().replace(
+        '"id": "p1",', '"id": "p1", "stopped": [true, false],'))
+    row = length_row(a, k=2)
+    assert row["lengths differ %"] == 0.5 and row["BoN@2 geometric %"] == 0.0 and row["steps, correct"] == 0.5
+    with pytest.raises(ConfigError, match="fewer than k=4"):
+        length_row(a, k=4)
+    _samples(a, [[([0.8] * 10, True), ([0.8] * 3 + [0.3], False)], [([0.9, 0.9], True), ([0.9, 0.2], False)]])
     out = tmp_path / "grid.json"
-    assert main([str(a), "--lengths", "--json", str(out)]) == 0
+    assert main([str(a), "--lengths", "--k", "2", "--json", str(out)]) == 0
     assert "| long-s0 | 6.0 | 3.0 | 50.0 | 100.0 | 6.0 | 50.0 |" in capsys.readouterr().out
-    assert json.loads(out.read_text())["mean"]["BoN@8 product %"] == pytest.approx(0.5)
+    assert json.loads(out.read_text())["mean"]["BoN@2 product %"] == pytest.approx(0.5)
     b = _run(tmp_path / "no-samples", 0.5, 0.5, 0.8)
-    assert main([str(b), "--lengths"]) != 0
+    assert main([str(b), "--lengths", "--k", "2"]) != 0
     assert "no-samples/samples.jsonl does not exist" in capsys.readouterr().err

@@ -63,11 +63,12 @@ FORMAT_SYMBOLS = (STEP, "\n", "<think>", THINK_END, BOX, "}", ".", ",▁", "▁a
 SP_FILE = "tokenizer.model"
 LEARNED_PIECES = 32  # vocabulary kept for pieces sentencepiece learns beside the fixed symbols
 
-# A plain step ``a + b = c.`` or a named one ``b7 + c2 + 8 = 17.`` (the knobbed task's long traces: its addends
-# first, each named as the statement names it, then the running total).
-_STEP_RE = re.compile(r"(?:(?P<named>(?:[A-Za-z]\d+ \+ )+)(?P<total>\d+)|(?P<a>\d+) \+ (?P<b>\d+))"
-                      r" = (?:(?P<retracted>\d+), no, )?(?P<result>\d+)\.\n\n")
+_STEP_RE = re.compile(r"(\d+) \+ (\d+) = (?:(\d+), no, )?(\d+)\.\n\n")
+# The knobbed task's long traces: a line that names its addends as the statement does, then the running total
+# (``b7 + c2 + 8 = 17.``).
+_NAMED_STEP_RE = re.compile(r"^((?:[A-Za-z]\d+ \+ )+)(\d+) = (?:(\d+), no, )?(\d+)\.\n\n", re.M)
 _NAMED_RE = re.compile(r"([A-Za-z])(\d+)")
+_NAMED_STATEMENT_RE = re.compile(r"Add [A-Za-z]\d")
 
 
 @dataclass
@@ -243,16 +244,26 @@ def make_trace(problem: Problem, rng: random.Random, error: bool = False, route:
     return render(make_steps(problem, rng, error, route, fixed, order))
 
 
-def parse_steps(response: str) -> list[Step]:
-    """The ``a + b = c.\\n\\n`` steps written before ``</think>`` (malformed lines are skipped)."""
+def names_addends(problem: str) -> bool:
+    """Whether a problem statement names its addends (``"Add a6, b7 and c1."``, the knobbed task's long one)."""
+    return _NAMED_STATEMENT_RE.match(problem) is not None
+
+
+def parse_steps(response: str, named: bool = False) -> list[Step]:
+    """The ``a + b = c.\\n\\n`` steps written before ``</think>`` (malformed lines are skipped); with ``named``
+    (a statement that :func:`names_addends`), the lines ``b7 + c2 + 8 = 17.\\n\\n`` instead."""
+    head = response.split(THINK_END, 1)[0]
     steps = []
-    for m in _STEP_RE.finditer(response.split(THINK_END, 1)[0]):
-        retracted = None if m["retracted"] is None else int(m["retracted"])
-        if m["named"]:
-            letters, addends = zip(*((x, int(v)) for x, v in _NAMED_RE.findall(m["named"])))
-            steps.append(Step(int(m["total"]), addends[0], int(m["result"]), retracted, addends[1:], letters))
-        else:
-            steps.append(Step(int(m["a"]), int(m["b"]), int(m["result"]), retracted))
+    if named:
+        for m in _NAMED_STEP_RE.finditer(head):
+            names, total, retracted, result = m.groups()
+            letters, addends = zip(*((x, int(v)) for x, v in _NAMED_RE.findall(names)))
+            steps.append(Step(int(total), addends[0], int(result), None if retracted is None else int(retracted),
+                              addends[1:], letters))
+        return steps
+    for m in _STEP_RE.finditer(head):
+        a, b, retracted, result = m.groups()
+        steps.append(Step(int(a), int(b), int(result), None if retracted is None else int(retracted)))
     return steps
 
 
@@ -327,9 +338,10 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
     fixed = list(FORMAT_SYMBOLS) + list(extra_symbols)
     base = 4 + 256 + len(fixed)  # unk/bos/eos/pad, byte fallback, format symbols
     if vocab_size < base + LEARNED_PIECES:
+        extra = f", {len(extra_symbols)} task symbols" if extra_symbols else ""
         raise ConfigError(f"vocab_size {vocab_size} cannot hold the 256 byte pieces, 4 special and "
-                          f"{len(fixed)} format symbols plus {LEARNED_PIECES} learned pieces: use "
-                          f"vocab_size >= {base + LEARNED_PIECES}")
+                          f"{len(FORMAT_SYMBOLS)} format symbols{extra} plus {LEARNED_PIECES} learned pieces: use "
+                          f"vocab_size >= {base + LEARNED_PIECES} (more keeps more numbers whole)")
     n_numbers = 0 if max_number is None else min(max_number + 1, vocab_size - base - LEARNED_PIECES)
     symbols = fixed + [str(i) for i in range(n_numbers)]
     buf = io.BytesIO()

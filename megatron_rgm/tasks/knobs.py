@@ -16,10 +16,9 @@ and slips of +-1..3 scatter the wrong answers, so majority voting is hard to bea
   scores would rank them exactly as their geometric mean does, and no length bias could show. Each addend is
   named by a letter in the statement, letter and value in one token (``Add a6, b7 and c1.``), and a step writes
   the addends it adds as the statement does, then the running total (``b7 + c1 + 6 = 14.``). Copying the next
-  addend is then one lookup by letter, the letter being the one after the previous step's. A tiny policy did
-  not learn to find the next addend of a long list in a short warm start otherwise: 13% of its steps copied the
-  right one without letters (chance among 1..9), 4-12% with a letter before the value (``b: 7``), which takes an
-  induction circuit (docs/RESULTS.md).
+  addend is then one lookup by letter, the letter being the one after the previous step's. It is still slow to
+  learn: after 2000 SFT iterations the tiny policy copies 58% of the addends right; without letters, 13% after
+  600 iterations, chance among 1..9 (docs/RESULTS.md).
 * ``systematic``: the fraction of slips that are one common mistake, the dropped carry (``7 + 5 = 2``: the
   first step whose units carry loses its ten). Wrong answers then agree (the answer minus 10), and a majority
   vote can be fooled by them.
@@ -42,6 +41,7 @@ from megatron_rgm.tasks.arithmetic import (
     Step,
     check_sft_args,
     make_problems,
+    names_addends,
     parse_steps,
     prompt_text,
     render,
@@ -51,7 +51,7 @@ LONG_TERMS = (5, 31)  # addends with ``long``: 2-30 steps
 SHORT_TERMS = (3, 6)
 LONG_GROUPS = (1, 2)  # addends a long trace adds per step
 LETTERS = "abcdefghijklmnopqrstuvwxyzABCDE"  # one per addend of a long problem
-LONG_RESPONSE = 176  # tokens a long trace may need: 30 steps of 5, a taken-back slip's 2 and the answer's 5
+LONG_RESPONSE = 188  # tokens a long trace may need: 30 steps of 6, a taken-back slip's 3 and the answer's 5
 LONG_VOCAB = 1024  # the named addends (31 letters x 9 values) and every sum up to 279 as one token each
 
 
@@ -85,7 +85,7 @@ class StepLabel:
     """The truth about one written step.
 
     Attributes:
-        local_ok: ``a + b == result``, the step's own arithmetic.
+        local_ok: ``a + b (+ more) == result``, the step's own arithmetic.
         on_track: ``result`` is the true running total of the addends so far (the statement's order).
     """
 
@@ -177,7 +177,7 @@ def first_error(labels: Sequence[StepLabel]) -> int:
 
 def label_response(problem: Problem, response: str) -> tuple[list[StepLabel], bool]:
     """The step labels of a written response and whether its boxed answer is right."""
-    steps = parse_steps(response)
+    steps = parse_steps(response, names_addends(problem.problem))
     boxed = response.rsplit("\\boxed{", 1)
     answer = boxed[1].split("}", 1)[0].strip() if len(boxed) == 2 else None
     return step_truth(problem, steps), answer == problem.answer

@@ -40,12 +40,12 @@ from megatron_rgm.evaluation.report import run as evaluate
 from megatron_rgm.inference.best_of_n import BestOfNConfig, load_problems, run_megatron
 from megatron_rgm.launch import free_port, run_ranks
 from megatron_rgm.rollout.sampler import SamplingParams
-from megatron_rgm.tasks.knobs import LONG_RESPONSE, LONG_VOCAB, Knobs
-
-LONG_MICROBATCH_TOKENS = 1024  # 1.8x the tokens/s of padded SFT micro-batches on the long task (docs/RESULTS.md)
+from megatron_rgm.tasks.knobs import LONG_RESPONSE, Knobs
 from megatron_rgm.tasks.prepare import add_knob_args, knobs_from_args, prepare, task_paths
 from megatron_rgm.tasks.probe import format_report as format_probe
 from megatron_rgm.tasks.probe import report as probe_report
+
+LONG_MICROBATCH_TOKENS = 1024  # 1.8x the tokens/s of padded SFT micro-batches on the long task (docs/PERFORMANCE.md)
 
 
 @dataclass
@@ -81,9 +81,9 @@ class PipelineConfig:
     extra: list[str] = field(default_factory=list)
     sft_from: str | None = None
     knobs: Knobs | None = None  # the knobbed task (tasks/knobs.py) instead of the plain one
-    vocab_size: int | None = None  # the tokenizer's upper bound; None: 512, or knobs.LONG_VOCAB with the long knob
+    vocab_size: int | None = None  # the tokenizer's upper bound; None: prepare's (512, or LONG_VOCAB for the long task)
     # micro-batches of SFT and RGM grouped by length under this many tokens (--max-tokens-per-microbatch); None:
-    # LONG_MICROBATCH_TOKENS with the long knob (its texts are 60-320 tokens long), else --micro-batch-size samples
+    # LONG_MICROBATCH_TOKENS with the long knob (its texts are 35-255 tokens long), else --micro-batch-size samples
     max_tokens_per_microbatch: int | None = None
 
 
@@ -137,15 +137,22 @@ def task_flags(max_tokens_per_microbatch: int | None, meta: dict) -> list[str]:
     tokenizer outgrows the tiny preset's 512 rows, and the micro-batches' token budget (``max_tokens_per_microbatch``
     if given, else ``LONG_MICROBATCH_TOKENS`` for a task made with the long knob, else none)."""
     flags = ["--vocab-size", str(meta["vocab_size"])] if meta["vocab_size"] > 512 else []
-    budget = max_tokens_per_microbatch or (LONG_MICROBATCH_TOKENS if (meta.get("knobs") or {}).get("long") else None)
+    budget = max_tokens_per_microbatch
+    if budget is None and (meta.get("knobs") or {}).get("long"):
+        budget = LONG_MICROBATCH_TOKENS
     return flags + (["--max-tokens-per-microbatch", str(budget)] if budget else [])
 
 
 def run(cfg: PipelineConfig) -> dict:
     """Run every stage; returns the evaluation metrics."""
     from megatron_rgm.convert import mcore_to_hf
+    from megatron_rgm.model.presets import preset
 
     out = Path(cfg.output).resolve()
+    positions = preset("tiny")["max_position_embeddings"]
+    if cfg.max_tokens_per_microbatch is not None and cfg.max_tokens_per_microbatch < positions:
+        raise ConfigError(f"--max-tokens-per-microbatch {cfg.max_tokens_per_microbatch} cannot hold one sequence of "
+                          f"the tiny preset ({positions} positions): pass at least {positions}, or leave it out")
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--output {out} exists and is not empty: choose a new directory (OUTDIR=...)")
     torch.set_num_threads(1)  # a 128-wide model: one thread per process beats contention on a small machine
@@ -170,8 +177,7 @@ def run(cfg: PipelineConfig) -> dict:
         _say(f"1/6 task: {cfg.n_train} train / {cfg.n_eval} eval problems, {cfg.n_sft} SFT traces, tokenizer")
         task = prepare(out / "task", seed=cfg.seed, n_train=cfg.n_train, n_eval=cfg.n_eval, n_sft=cfg.n_sft,
                        max_value=cfg.max_value, max_terms=cfg.max_terms, error_rate=cfg.error_rate,
-                       fix_rate=cfg.fix_rate, order=cfg.order, vocab_size=cfg.vocab_size or
-                       (LONG_VOCAB if cfg.knobs is not None and cfg.knobs.long else 512), knobs=cfg.knobs)
+                       fix_rate=cfg.fix_rate, order=cfg.order, vocab_size=cfg.vocab_size, knobs=cfg.knobs)
     meta = json.loads(task["meta"].read_text())
     max_response = response_budget(cfg.max_response, meta)
     common = ["--preset", "tiny", "--num-layers", str(cfg.num_layers), "--tokenizer", str(task["tokenizer"]),

@@ -28,7 +28,7 @@ from megatron_rgm.tasks.arithmetic import (
     sft_texts,
     train_tokenizer,
 )
-from megatron_rgm.tasks.knobs import Knobs, knob_problems, knob_sft_texts, named_symbols
+from megatron_rgm.tasks.knobs import LONG_VOCAB, Knobs, knob_problems, knob_sft_texts, named_symbols
 from megatron_rgm.tokenizer import load_tokenizer
 
 
@@ -49,7 +49,7 @@ def task_paths(out_dir: str | Path) -> dict[str, Path]:
 def prepare(out_dir: str | Path, seed: int = 0, n_train: int = 2000, n_eval: int = 200, n_sft: int = 4000, *,
             error_rate: float = 0.3, min_terms: int = 3, max_terms: int = 6, max_value: int = 9,
             tree_fraction: float = 0.0, fix_rate: float = 0.0, order: str = "shuffled",
-            vocab_size: int = 512, knobs: Knobs | None = None) -> dict[str, Path]:
+            vocab_size: int | None = None, knobs: Knobs | None = None) -> dict[str, Path]:
     """Generate the task's files under ``out_dir``.
 
     Args:
@@ -63,7 +63,7 @@ def prepare(out_dir: str | Path, seed: int = 0, n_train: int = 2000, n_eval: int
         min_terms, max_terms, max_value: problem ranges (see :func:`make_problems`).
         tree_fraction: fraction of SFT traces on the ``tree`` route.
         order: ``shuffled`` (addends in a random order) or ``given`` (the statement's order).
-        vocab_size: upper bound of the tokenizer's vocabulary.
+        vocab_size: upper bound of the tokenizer's vocabulary (None: 512, or ``LONG_VOCAB`` with ``knobs.long``).
         knobs: the knobbed task (:mod:`megatron_rgm.tasks.knobs`): its slips, always in the statement's order
             (no ``tree_fraction``), and with ``knobs.long`` its 5-31 addends instead of ``min_terms`` /
             ``max_terms``, named by letters in the statement and the steps (letter and value one token).
@@ -88,6 +88,8 @@ def prepare(out_dir: str | Path, seed: int = 0, n_train: int = 2000, n_eval: int
     out.mkdir(parents=True, exist_ok=True)
     # One draw, then a split: the eval set does not change with n_train.
     long = knobs is not None and knobs.long
+    if vocab_size is None:
+        vocab_size = LONG_VOCAB if long else 512
     if long:  # the knob's 5-31 addends, named by letters
         problems = knob_problems(n_eval + n_train, seed, knobs, max_value)
     else:
@@ -149,7 +151,8 @@ def main(argv=None) -> int:
     p.add_argument("--tree-fraction", type=float, default=0.0, help="fraction of SFT traces on the tree route")
     p.add_argument("--order", choices=("shuffled", "given"), default="shuffled",
                    help="addends in a random order, or in the statement's order")
-    p.add_argument("--vocab-size", type=int, default=512, help="upper bound of the tokenizer's vocabulary")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help=f"upper bound of the tokenizer's vocabulary (default 512; {LONG_VOCAB} with --long)")
     add_knob_args(p)
     a = p.parse_args(argv)
 

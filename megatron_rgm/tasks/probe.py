@@ -44,7 +44,7 @@ from megatron_rgm.evaluation.processbench import first_error, processbench_metri
 from megatron_rgm.evaluation.report import aggregate_scores
 from megatron_rgm.head import SPRMHead
 from megatron_rgm.hf import HFFeature, RGMScorer
-from megatron_rgm.tasks.arithmetic import Step, parse_steps
+from megatron_rgm.tasks.arithmetic import Step, names_addends, parse_steps
 from megatron_rgm.tokenizer import load_tokenizer
 
 
@@ -109,7 +109,7 @@ def load_candidates(path: str | Path) -> list[Candidate]:
             if c.get("correct") is None:
                 raise ConfigError(f"{path}: record {n + 1} ({row['id']}) has an ungraded candidate: run "
                                   "best_of_n with --complete-all and a gold answer")
-            steps = parse_steps(c["text"])
+            steps = parse_steps(c["text"], names_addends(row["problem"]))
             ok = step_labels(numbers, steps) if len(steps) == len(c["step_scores"]) else None
             out.append(Candidate(str(row["id"]), n, bool(c["correct"]), PROMPT_TEMPLATE.format(problem=row["problem"]),
                                  c["text"], list(c["step_scores"]), ok))
@@ -301,7 +301,7 @@ def rollout_lucky(store_dir: str | Path, tokenizer_path: str | Path) -> dict:
         if not t.correct or t.step_scores is None:
             continue
         statement = re.search(r"Add ([^.]*)\.", tok.decode(t.tokens[~t.response_mask].tolist()))
-        steps = parse_steps(tok.decode(t.tokens[t.response_mask].tolist()))
+        steps = parse_steps(tok.decode(t.tokens[t.response_mask].tolist()), names_addends(statement.group(0)))
         if statement is None or len(steps) != len(t.step_scores):
             continue
         ok = step_labels([int(x) for x in re.findall(r"\d+", statement.group(1))], steps)

@@ -107,38 +107,39 @@ def table(runs: list[str | Path], k: int = 8) -> tuple[str, dict[str, dict[str, 
 
 
 def length_row(run: str | Path, k: int) -> dict[str, float]:
-    """The length table's values of one run: its first ``k`` candidates per problem, by the head's scores."""
+    """The length table's values of one run. Candidates are taken ``k`` at a time, in order, and each aggregation
+    picks in each group as ``tools/evaluate.py`` does (a stopped candidate last, then the highest score, then the
+    first); a candidate without steps scores 0. Shares are per group, averaged over each problem, then over the
+    problems; the candidates' lengths are over all of them."""
     path = Path(run) / "samples.jsonl"
     if not path.is_file():
         raise ConfigError(f"{path} does not exist: pass the output directory of a finished tiny run")
     steps = {True: [], False: []}
-    varied = problems = 0
-    picks = {a: [0, 0, 0] for a in AGGREGATIONS}  # correct picks, steps of the picks, shortest picks
+    per_problem = []  # per problem: its shares by column
     for n, row in enumerate(read_jsonl(path), 1):
-        cands = [c for c in row.get("candidates", [])[:k] if c.get("step_scores")]
-        if any(c.get("correct") is None for c in cands):
-            raise ConfigError(f"{path}: record {n} has an ungraded candidate: run best_of_n with --complete-all")
-        if not cands:
-            continue
-        problems += 1
-        lens = [len(c["step_scores"]) for c in cands]
-        varied += len(set(lens)) > 1
-        for c, length in zip(cands, lens):
-            steps[bool(c["correct"])].append(length)
-        scores = aggregate_scores([c["step_scores"] for c in cands])
+        cands = row.get("candidates") or []
+        if len(cands) < k or any(c.get("correct") is None for c in cands):
+            raise ConfigError(f"{path}: record {n} has {len(cands)} candidates, fewer than k={k} or not all graded: "
+                              "pass a smaller --k, or a samples file of best_of_n with --complete-all")
+        lens = [len(c.get("step_scores") or []) for c in cands]
+        correct = [bool(c["correct"]) for c in cands]
+        stopped = row.get("stopped") or [False] * len(cands)
+        for length, ok in zip(lens, correct):
+            steps[ok].append(length)
+        scores = aggregate_scores([c.get("step_scores") or [] for c in cands])
+        groups = [range(i, i + k) for i in range(0, len(cands) - k + 1, k)]
+        shares = {"lengths differ %": _mean([float(len({lens[i] for i in g}) > 1) for g in groups])}
         for a in AGGREGATIONS:
-            values = scores[a]
-            best = max(range(len(cands)), key=values.__getitem__)  # the first of equal scores, as Best-of-N
-            picks[a] = [x + y for x, y in zip(picks[a], (bool(cands[best]["correct"]), lens[best],
-                                                         lens[best] == min(lens)))]
-    if not problems:
-        raise ConfigError(f"{path} has no candidates with step scores: run best_of_n with --complete-all")
-    out = {"steps, correct": _mean(steps[True]), "steps, incorrect": _mean(steps[False]),
-           "lengths differ %": varied / problems}
-    for a, (right, length, shortest) in picks.items():
-        out |= {f"BoN@{k} {a} %": right / problems, f"{a}: pick steps": length / problems,
-                f"{a}: picks shortest %": shortest / problems}
-    return out
+            best = [max(g, key=lambda i: (not stopped[i], scores[a][i], -i)) for g in groups]
+            shares[f"BoN@{k} {a} %"] = _mean([float(correct[i]) for i in best])
+            shares[f"{a}: pick steps"] = _mean([float(lens[i]) for i in best])
+            shares[f"{a}: picks shortest %"] = _mean([float(lens[i] == min(lens[j] for j in g))
+                                                      for i, g in zip(best, groups)])
+        per_problem.append(shares)
+    if not per_problem:
+        raise ConfigError(f"{path} holds no problems: pass the samples.jsonl of a finished run")
+    out = {"steps, correct": _mean(steps[True]), "steps, incorrect": _mean(steps[False])}
+    return out | {h: _mean([p[h] for p in per_problem]) for h in per_problem[0]}
 
 
 def lengths_table(runs: list[str | Path], k: int = 8) -> tuple[str, dict[str, dict[str, float]]]:
@@ -148,7 +149,8 @@ def lengths_table(runs: list[str | Path], k: int = 8) -> tuple[str, dict[str, di
     rows["mean"] = {h: _mean([r[h] for r in rows.values()]) for h in heads}
     lines = ["| run | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(heads)]
     for name, r in rows.items():
-        cells = [f"{100 * r[h]:.1f}" if h.endswith("%") else f"{r[h]:.1f}" for h in heads]
+        cells = ["" if math.isnan(r[h]) else f"{100 * r[h]:.1f}" if h.endswith("%") else f"{r[h]:.1f}"
+                 for h in heads]
         lines.append(f"| {'**mean**' if name == 'mean' else name} | " + " | ".join(cells) + " |")
     return "\n".join(lines), rows
 
