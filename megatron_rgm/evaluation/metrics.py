@@ -67,13 +67,19 @@ def pairwise_accuracy(scores: Sequence[float], correct: Sequence[bool], groups: 
     return (hits / pairs if pairs else float("nan")), pairs
 
 
-def _groups(n: int, k: int, pid: str) -> list[range]:
+def k_groups(n: int, k: int, pid: str) -> list[range]:
+    """A problem's ``n`` samples taken ``k`` at a time, in order (the rest left out): what @k metrics average over."""
     if k < 1:
         raise ConfigError(f"--k must be >= 1 (samples per group), got {k}")
     if n < k:
         raise ConfigError(f"problem {pid} has {n} samples, fewer than k={k}: sample at least k per problem "
                           "or drop that k")
     return [range(i, i + k) for i in range(0, n - k + 1, k)]
+
+
+def bon_pick(group: Sequence[int], scores: Sequence[float], stopped: Sequence[bool]) -> int:
+    """Best-of-N's sample in ``group``: a stopped one last, then the highest score, then the first."""
+    return max(group, key=lambda i: (not stopped[i], scores[i], -i))
 
 
 def cluster(answers: Sequence[str | None], same: Callable[[str, str], bool]) -> list[int]:
@@ -114,7 +120,7 @@ def problem_metrics(p: Problem, ks: Sequence[int], clusters: Sequence[int]) -> d
     n, c = len(p.correct), sum(p.correct)
     out = {"pass@1": c / n if n else 0.0}
     for k in ks:
-        groups = _groups(n, k, p.id)
+        groups = k_groups(n, k, p.id)
         out[f"pass@{k}"] = pass_at_k(n, c, k)
         out[f"oracle@{k}"] = sum(any(p.correct[i] for i in g) for g in groups) / len(groups)
         ones = [1.0] * n
@@ -124,7 +130,7 @@ def problem_metrics(p: Problem, ks: Sequence[int], clusters: Sequence[int]) -> d
             out[f"tokens@{k}"] = sum(sum(p.tokens[i] for i in g) for g in groups) / len(groups)
         stopped = p.stopped or [False] * n
         for agg, scores in p.scores.items():
-            best = [max(g, key=lambda i: (not stopped[i], scores[i], -i)) for g in groups]
+            best = [bon_pick(g, scores, stopped) for g in groups]
             out[f"bon@{k}/{agg}"] = sum(p.correct[i] for i in best) / len(groups)
             if agg == "geometric":
                 wmaj = [_vote(g, clusters, scores) for g in groups]

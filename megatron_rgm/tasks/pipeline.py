@@ -129,7 +129,12 @@ def response_budget(max_response: int | None, meta: dict) -> int:
     ``meta``, also an ``--sft-from`` run's) made with the long knob."""
     if max_response is not None:
         return max_response
-    return LONG_RESPONSE if (meta.get("knobs") or {}).get("long") else 48
+    return LONG_RESPONSE if _is_long(meta) else 48
+
+
+def _is_long(meta: dict) -> bool:
+    """Whether a task (its ``task.json`` ``meta``) was made with the long knob."""
+    return bool((meta.get("knobs") or {}).get("long"))
 
 
 def task_flags(max_tokens_per_microbatch: int | None, meta: dict) -> list[str]:
@@ -138,7 +143,7 @@ def task_flags(max_tokens_per_microbatch: int | None, meta: dict) -> list[str]:
     if given, else ``LONG_MICROBATCH_TOKENS`` for a task made with the long knob, else none)."""
     flags = ["--vocab-size", str(meta["vocab_size"])] if meta["vocab_size"] > 512 else []
     budget = max_tokens_per_microbatch
-    if budget is None and (meta.get("knobs") or {}).get("long"):
+    if budget is None and _is_long(meta):
         budget = LONG_MICROBATCH_TOKENS
     return flags + (["--max-tokens-per-microbatch", str(budget)] if budget else [])
 

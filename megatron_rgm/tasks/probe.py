@@ -2,15 +2,13 @@
 
     python -m megatron_rgm.tasks.probe RUN_DIR [--k 8] [--folds 2] [--all-layers] [--json RUN_DIR/scorer.json]
 
-Reads ``RUN_DIR/samples.jsonl`` (Best-of-N output with every candidate graded)
-and ``RUN_DIR/hf`` (the HF export) of a tiny-preset run. For the SPRM head as
-trained, and for a *supervised probe* (a head of the same shape trained with
-plain BCE on the true step labels of other problems' candidates: the upper
-bound of what any step scorer reading these features can do), it reports:
+Reads ``RUN_DIR/samples.jsonl`` (Best-of-N output with every candidate graded) and ``RUN_DIR/hf`` (the HF
+export) of a tiny-preset run. For the SPRM head as trained, and for a *supervised probe* (a head of the same shape
+trained with plain BCE on the true step labels of other problems' candidates: the upper bound of what any step
+scorer reading these features can do), it reports:
 
-* ``pairwise``: within-problem pairwise accuracy, the fraction of (correct,
-  incorrect) candidate pairs of one problem whose geometric-mean scores are
-  ordered right (ties count half);
+* ``pairwise``: within-problem pairwise accuracy, the fraction of (correct, incorrect) candidate pairs of one
+  problem whose geometric-mean scores are ordered right (ties count half);
 * ``margin``: mean geometric score of correct candidates minus incorrect ones;
 * ``step_auc``: AUC of the step score between right and wrong steps (a step is
   wrong when its sum is wrong or it adds a number that is not the next one);
@@ -301,8 +299,10 @@ def rollout_lucky(store_dir: str | Path, tokenizer_path: str | Path) -> dict:
         if not t.correct or t.step_scores is None:
             continue
         statement = re.search(r"Add ([^.]*)\.", tok.decode(t.tokens[~t.response_mask].tolist()))
+        if statement is None:
+            continue
         steps = parse_steps(tok.decode(t.tokens[t.response_mask].tolist()), names_addends(statement.group(0)))
-        if statement is None or len(steps) != len(t.step_scores):
+        if len(steps) != len(t.step_scores):
             continue
         ok = step_labels([int(x) for x in re.findall(r"\d+", statement.group(1))], steps)
         wrong = [float(p) for p, o in zip(t.step_scores, ok) if not o]

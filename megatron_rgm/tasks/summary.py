@@ -25,6 +25,7 @@ from pathlib import Path
 
 from megatron_rgm.config import ConfigError, run_tool
 from megatron_rgm.data.benchmarks import read_jsonl
+from megatron_rgm.evaluation.metrics import bon_pick, k_groups
 from megatron_rgm.evaluation.report import aggregate_scores
 
 AGGREGATIONS = ("geometric", "arithmetic", "product")
@@ -118,19 +119,19 @@ def length_row(run: str | Path, k: int) -> dict[str, float]:
     per_problem = []  # per problem: its shares by column
     for n, row in enumerate(read_jsonl(path), 1):
         cands = row.get("candidates") or []
-        if len(cands) < k or any(c.get("correct") is None for c in cands):
-            raise ConfigError(f"{path}: record {n} has {len(cands)} candidates, fewer than k={k} or not all graded: "
-                              "pass a smaller --k, or a samples file of best_of_n with --complete-all")
+        if any(c.get("correct") is None for c in cands):
+            raise ConfigError(f"{path}: record {n} has an ungraded candidate: pass a samples file of best_of_n "
+                              "with --complete-all")
+        groups = k_groups(len(cands), k, str(row.get("id", n)))
         lens = [len(c.get("step_scores") or []) for c in cands]
         correct = [bool(c["correct"]) for c in cands]
         stopped = row.get("stopped") or [False] * len(cands)
         for length, ok in zip(lens, correct):
             steps[ok].append(length)
         scores = aggregate_scores([c.get("step_scores") or [] for c in cands])
-        groups = [range(i, i + k) for i in range(0, len(cands) - k + 1, k)]
         shares = {"lengths differ %": _mean([float(len({lens[i] for i in g}) > 1) for g in groups])}
         for a in AGGREGATIONS:
-            best = [max(g, key=lambda i: (not stopped[i], scores[a][i], -i)) for g in groups]
+            best = [bon_pick(g, scores[a], stopped) for g in groups]
             shares[f"BoN@{k} {a} %"] = _mean([float(correct[i]) for i in best])
             shares[f"{a}: pick steps"] = _mean([float(lens[i]) for i in best])
             shares[f"{a}: picks shortest %"] = _mean([float(lens[i] == min(lens[j] for j in g))
