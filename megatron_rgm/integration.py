@@ -22,6 +22,7 @@ from megatron_rgm import arguments, ops
 from megatron_rgm.arguments import grpo_config_from_args, rgm_config_from_args
 from megatron_rgm.checkpoint import HEAD_PREFIX
 from megatron_rgm.config import GRPOConfig, OptimConfig, RGMConfig
+from megatron_rgm.model.context_parallel import cp_size, split_batch
 from megatron_rgm.model.rgm_model import (
     RGMModel,
     attach_sprm_head,
@@ -151,22 +152,31 @@ def rgm_loss_func(model, batch: dict, rgm_config: RGMConfig, grpo: GRPOConfig, o
         main = (output_tensor.float() * loss_mask).sum() / num_tokens.clamp(min=1)
         report["lm loss"] = main.detach()
     total = None if main is None else main * num_tokens
+    # Under context parallelism this rank holds a share of the micro-batch's steps: its SPR term is its share of
+    # the micro-batch's loss (the denominators are the whole micro-batch's), so the CP ranks' terms add up.
+    split = parallel_state.get_context_parallel_group() if cp_size() > 1 else None
     if "step_mask" in batch and "correct" in batch:
         step_logits = sprm_step_logits(model, batch["step_mask"])
         cu = batch.get("cu_steps")  # packed rows hold several trajectories
         cu = StepLayout.from_mask(batch["step_mask"]).cu_steps if cu is None else cu
         if rgm_config.sprm_loss == "bce":
             spr = ops.step_bce_loss(step_logits, cu, batch["correct"])
+            if split is not None:
+                steps = torch.tensor([float(step_logits.numel())], dtype=torch.float64, device=step_logits.device)
+                torch.distributed.all_reduce(steps, group=split)
+                spr = spr * (step_logits.numel() / max(float(steps), 1.0))
         else:
-            group = parallel_state.get_data_parallel_group() if parallel_state.model_parallel_is_initialized() else None
+            group = (parallel_state.get_data_parallel_group(with_context_parallel=True)
+                     if parallel_state.model_parallel_is_initialized() else None)
             spr, stats = ops.spr_loss(step_logits, cu, batch["correct"], pos_weight=rgm_config.sprm_pos_weight,
-                                      group=group, return_stats=True)
+                                      group=group, split_group=split, return_stats=True)
             report["spr positives"] = stats.positives.float()
             report["spr negatives"] = stats.negatives.float()
         report["steps"] = torch.tensor(float(step_logits.numel()), device=step_logits.device)
         # Like the policy term, times num_tokens unless the batch says what (megatron_rgm's trainer: the share of the
         # optimizer step's steps this micro-batch holds, times the step's token count; see training/batching.py).
-        scale = batch.get("spr_scale", num_tokens.clamp(min=1))
+        whole = num_tokens if split is None else _whole_tokens(batch, num_tokens, split)
+        scale = batch.get("spr_scale", whole.clamp(min=1))
         spr_term = rgm_config.sprm_loss_weight * spr * scale
         total = spr_term if total is None else total + spr_term
         report["spr loss"] = spr.detach()
@@ -175,21 +185,36 @@ def rgm_loss_func(model, batch: dict, rgm_config: RGMConfig, grpo: GRPOConfig, o
     n = num_tokens.detach()
     # Megatron-LM's reporting convention: [sum over tokens, token count] per key.
     report = {k: torch.stack([v.float() * n, n]) for k, v in report.items()}
+    if "spr loss" in report and split is not None:
+        # This context-parallel rank's term is a share of the micro-batch's SPR loss: weighed by the micro-batch's
+        # tokens over the CP size, the ranks' pairs add up to the micro-batch's [loss x tokens, tokens].
+        whole = whole.detach().float()
+        report["spr loss"] = torch.stack([spr.detach().float() * whole, whole / cp_size()])
     return total, num_tokens.int(), report
+
+
+def _whole_tokens(batch: dict, num_tokens: torch.Tensor, split) -> torch.Tensor:
+    """The response tokens of the whole micro-batch a context-parallel share belongs to."""
+    if "cp_tokens" in batch:  # split_batch counted them
+        return batch["cp_tokens"].to(num_tokens.dtype)
+    whole = num_tokens.detach().clone()
+    torch.distributed.all_reduce(whole, group=split)
+    return whole
 
 
 def batch_inputs(batch: dict) -> tuple:
     """``(tokens, position_ids, attention_mask, model kwargs)`` of a micro-batch dict.
 
     Without ``position_ids`` every row counts from 0; a packed row (``cu_seqlens``, see
-    :func:`megatron_rgm.data.packing.collate_packed`) also has RoPE follow its ``position_ids``.
+    :func:`megatron_rgm.data.packing.collate_packed`) and a context-parallel share of a batch
+    (:func:`megatron_rgm.model.context_parallel.split_batch`) also have RoPE follow their ``position_ids``.
     """
     tokens = batch["tokens"]
     positions = batch.get("position_ids")
     if positions is None:
         b, s = tokens.shape
         positions = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
-    kwargs = {"rope_positions": True} if "cu_seqlens" in batch else {}
+    kwargs = {"rope_positions": True} if "cu_seqlens" in batch or batch.get("cp_local") else {}
     return tokens, positions, batch.get("attention_mask"), kwargs
 
 
@@ -206,9 +231,12 @@ def forward_step(data_iterator, model, *, rgm_config: RGMConfig | None = None, g
     advantages the LM loss over ``loss_mask`` is kept. Works with an
     :class:`RGMModel` or any GPTModel given :func:`attach_sprm_head`.
     Bind ``rgm_config`` / ``grpo`` (and ``vocab_size``, ``policy_loss``; see
-    :func:`rgm_loss_func`) with ``functools.partial``.
+    :func:`rgm_loss_func`) with ``functools.partial``. Under context
+    parallelism give whole micro-batches: each rank takes its share
+    (:func:`megatron_rgm.model.context_parallel.split_batch`, megatron's
+    load-balanced split; a batch already split carries ``cp_local``).
     """
-    batch = next(data_iterator)
+    batch = split_batch(next(data_iterator))
     tokens, positions, attention_mask, kwargs = batch_inputs(batch)
     rgm_config = rgm_config or unwrap(model).sprm.rgm_config
     grpo = grpo or GRPOConfig()

@@ -21,8 +21,10 @@ RNG_KEY = "rng_state_per_rank"  # ours; "rng_state" holds Megatron-LM's layout (
 def layout() -> dict:
     from megatron.core import parallel_state as ps
 
-    return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
-            "dp": ps.get_data_parallel_world_size()}
+    out = {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
+           "dp": ps.get_data_parallel_world_size()}
+    cp = ps.get_context_parallel_world_size()
+    return {**out, "cp": cp} if cp > 1 else out  # without CP, the layout checkpoints recorded before CP ran
 
 
 def rng_state(data_generator: torch.Generator | None = None) -> dict:
@@ -54,12 +56,15 @@ def rng_object(data_generator: torch.Generator | None, key: str = "rng_state"):
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing import ShardedObject
 
-    # One object per (pp, tp, dp) rank: the states differ between all of them.
-    return ShardedObject(key, rng_state(data_generator),
-                         (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
-                          ps.get_data_parallel_world_size()),
-                         (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
-                          ps.get_data_parallel_rank()), replica_id=0)
+    # One object per (pp, tp, dp) rank, and per context-parallel rank under CP: the states differ between all of
+    # them (a CP rank's dropout draws as many numbers as its share of the batch holds steps).
+    shape = [ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
+             ps.get_data_parallel_world_size()]
+    offset = [ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank()]
+    if ps.get_context_parallel_world_size() > 1:  # (the three-way shape of checkpoints without CP stays as it was)
+        shape.append(ps.get_context_parallel_world_size())
+        offset.append(ps.get_context_parallel_rank())
+    return ShardedObject(key, rng_state(data_generator), tuple(shape), tuple(offset), replica_id=0)
 
 
 def _megatron_lm_rng_state() -> dict:

@@ -108,8 +108,6 @@ class SPRMAttachment:
         self.decoder = model.decoder
         if not model.post_process:
             return
-        if config.context_parallel_size > 1:
-            raise ConfigError("the SPRM head does not support context parallelism yet: use --context-parallel-size 1")
         layers = model.decoder.layers
         first = layers[0].layer_number - 1 if len(layers) else config.num_layers
         if first <= self.feature_layer < first + len(layers):
@@ -166,7 +164,8 @@ class _rope_at:
     """While active, ``model.rotary_pos_emb`` returns its angles at ``positions`` ``[b, s]``: ``[s, b, 1, d]``.
 
     megatron's unfused RoPE broadcasts the angles over ``[s, b, heads, d]``, so a per-row angle table needs no
-    other change. ``positions=None``: nothing changes.
+    other change. ``positions=None``: nothing changes. Packed rows (every sample from 0) and a context-parallel
+    rank's share of a sequence (its global positions) rotate this way.
     """
 
     def __init__(self, model: GPTModel, positions: torch.Tensor | None):
@@ -176,14 +175,14 @@ class _rope_at:
     def __enter__(self):
         if self.rope is None:
             return
-        cp = getattr(self.rope, "cp_group", None)
-        if type(self.rope) is not RotaryEmbedding or (cp is not None and cp.size() > 1):
-            raise ConfigError(f"packed rows need the plain RoPE without context parallelism, not "
-                              f"{self.rope.__class__.__name__}: run without --pack-sequences")
+        if type(self.rope) is not RotaryEmbedding:
+            raise ConfigError(f"packed rows and context parallelism need the plain RoPE, not "
+                              f"{self.rope.__class__.__name__}: run without --pack-sequences and with "
+                              "--context-parallel-size 1")
         positions, original = self.positions, self.rope.forward
 
         def at_positions(max_seq_len, *args, **kwargs):
-            table = original(int(positions.max()) + 1)  # [n, 1, 1, d]
+            table = original(int(positions.max()) + 1, packed_seq=True)  # [n, 1, 1, d], not sliced for CP
             return table[:, 0][positions.t()]  # [s, b, 1, d]
 
         self.rope.forward = at_positions
@@ -302,7 +301,8 @@ class RGMModel(GPTModel):
             step_mask: ``[b, s]`` bool, True at the positions whose hidden state
                 is scored (the position *before* each step token).
             rope_positions: rotate by ``position_ids`` instead of 0..s-1 (packed rows, where every sample
-                starts again at 0; GPTModel's RoPE reads only the sequence length).
+                starts again at 0, and a context-parallel share of a sequence; GPTModel's RoPE reads only the
+                sequence length).
 
         Returns:
             Not last stage: the hidden states to send on. Last stage, no

@@ -1,9 +1,11 @@
 """Layer specs: megatron-core's local modules (default) or Transformer Engine's.
 
-The local spec is megatron-core's own, with one change: its norms are
+The local spec is megatron-core's own, with two changes: its norms are
 :class:`RGMNorm`, which, unlike ``WrappedTorchNorm``, accepts sequence
 parallelism (megatron-core's local norm refuses it, and the TE/apex norms that
-allow it need a GPU).
+allow it need a GPU), and under context parallelism its attention is
+:class:`~megatron_rgm.model.context_parallel.ContextParallelAttention`
+(megatron-core's local attention refuses CP).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from megatron_rgm import lazy
 from megatron_rgm.compat.mcore import (biased_experts_train, router_without_transformer_engine,
                                       windows_keep_the_mask)
 from megatron_rgm.config import ConfigError
+from megatron_rgm.model.context_parallel import ContextParallelAttention
 
 
 class RGMNorm(torch.nn.Module):
@@ -84,6 +87,8 @@ def layer_spec(config: TransformerConfig, transformer_impl: str = "local") -> Mo
     sub.input_layernorm = RGMNorm
     sub.pre_mlp_layernorm = RGMNorm
     attn = sub.self_attention.submodules
+    if config.context_parallel_size > 1:
+        attn.core_attention = ContextParallelAttention
     if attn.q_layernorm is not IdentityOp:
         attn.q_layernorm = RGMNorm
         attn.k_layernorm = RGMNorm

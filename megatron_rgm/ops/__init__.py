@@ -118,7 +118,8 @@ def _check_packed(values: torch.Tensor, cu_steps: torch.Tensor, name: str, check
 
 
 def spr_loss(step_logits: torch.Tensor, cu_steps: torch.Tensor, correct: torch.Tensor, *,
-             pos_weight: float = 1.5, group: dist.ProcessGroup | None = None, return_stats: bool = False):
+             pos_weight: float = 1.5, group: dist.ProcessGroup | None = None,
+             split_group: dist.ProcessGroup | None = None, return_stats: bool = False):
     """The self-supervised process reward (SPR) loss.
 
     Mask ``m = (z > 0 and y = 1) or (z < 0 and y = 0)``; weights ``pos_weight
@@ -131,6 +132,8 @@ def spr_loss(step_logits: torch.Tensor, cu_steps: torch.Tensor, correct: torch.T
         correct: ``[T]`` final-answer correctness (bool or 0/1).
         pos_weight: positive-class multiplier (1.5).
         group: data-parallel group the counts are summed over; None: this batch only.
+        split_group: the group this batch's steps are split over (context parallelism; inside ``group``): the
+            denominator is the whole batch's, so the split ranks' losses add up to the batch's loss.
         return_stats: also return :class:`SPRStats`.
 
     Returns:
@@ -151,17 +154,23 @@ def spr_loss(step_logits: torch.Tensor, cu_steps: torch.Tensor, correct: torch.T
         counts = local[:2]
     else:
         counts = reference.spr_counts(step_logits, cu_steps, correct).to(torch.float64)
+    batch_counts = counts.to(torch.float64)
+    if split_group is not None and dist.get_world_size(split_group) > 1:
+        batch_counts = batch_counts.clone()
+        dist.all_reduce(batch_counts, group=split_group)
     if group is not None and dist.get_world_size(group) > 1:
         counts = counts.clone()
         dist.all_reduce(counts, group=group)
     w_pos, w_neg = reference.spr_weights(counts.tolist(), pos_weight)
     if ext is not None:
         p_loc, n_loc, bce_pos, bce_neg = local.tolist()
-        den = w_pos * p_loc + w_neg * n_loc + SPR_EPS
+        p_all, n_all = batch_counts.tolist()
+        den = w_pos * p_all + w_neg * n_all + SPR_EPS
         loss = _SPRLoss.apply(step_logits, cu_steps, correct, (w_pos * bce_pos + w_neg * bce_neg) / den,
                               (w_pos, w_neg, den))
     else:
-        loss = reference.spr_loss(step_logits, cu_steps, correct, counts=counts, pos_weight=pos_weight)
+        loss = reference.spr_loss(step_logits, cu_steps, correct, counts=counts, pos_weight=pos_weight,
+                                  batch_counts=batch_counts)
     if return_stats:
         return loss, SPRStats(counts[0].clone(), counts[1].clone())
     return loss

@@ -46,7 +46,8 @@ def spr_weights(counts, pos_weight: float) -> tuple[float, float]:
 
 
 def spr_loss(step_logits: torch.Tensor, cu_steps: torch.Tensor, correct: torch.Tensor,
-             counts: torch.Tensor | None = None, pos_weight: float = 1.5) -> torch.Tensor:
+             counts: torch.Tensor | None = None, pos_weight: float = 1.5,
+             batch_counts: torch.Tensor | None = None) -> torch.Tensor:
     """Masked, class-weighted BCE of the SPR loss.
 
     Args:
@@ -55,6 +56,8 @@ def spr_loss(step_logits: torch.Tensor, cu_steps: torch.Tensor, correct: torch.T
         correct: ``[T]`` final-answer correctness (the label of every step of t).
         counts: ``[2]`` (P, N) summed over data-parallel ranks; default: this batch's.
         pos_weight: multiplier of the positive class weight.
+        batch_counts: ``[2]`` (P, N) of the whole batch when these steps are a share of it (context
+            parallelism): the denominator is then the batch's; default: these steps'.
 
     Returns:
         ``[]`` loss; zero (with a graph to ``step_logits``) when no step is masked.
@@ -68,7 +71,10 @@ def spr_loss(step_logits: torch.Tensor, cu_steps: torch.Tensor, correct: torch.T
         mask = ((z > 0) & (y > 0.5)) | ((z < 0) & (y < 0.5))
         w = (y * w_pos + (1 - y) * w_neg) * mask  # y is 0/1; keeps fp64 inputs in fp64
     bce = F.binary_cross_entropy_with_logits(z, y, reduction="none")
-    return (w * bce).sum() / (w.sum() + SPR_EPS)
+    if batch_counts is None:
+        return (w * bce).sum() / (w.sum() + SPR_EPS)
+    p, n = (float(c) for c in batch_counts)
+    return (w * bce).sum() / (w_pos * p + w_neg * n + SPR_EPS)
 
 
 def step_bce_loss(step_logits: torch.Tensor, cu_steps: torch.Tensor, correct: torch.Tensor) -> torch.Tensor:

@@ -113,11 +113,7 @@ class Sampler:
         head = None
         if self.score_steps and self.model.sprm_head is not None:
             feature = self.model.sprm.feature()  # [s, b, h]: the head reads the last position only
-            if self.model.config.sequence_parallel:
-                last = torch.ones(feature.shape[1], 1, dtype=torch.bool, device=feature.device)
-                head = self.model.sprm.score(self.model.sprm_head, feature[-1:], last).view(-1)
-            else:
-                head = _head_logits(self.model.sprm_head, feature[-1])
+            head = _head_logits(self.model.sprm_head, feature[-1])
         return logits, head
 
     def _is_megatron(self) -> bool:
@@ -285,6 +281,37 @@ class Sampler:
         requests = [Request(list(p), num_samples, par, self._check_request(p, num_samples, par))
                     for p, par in zip(prompts, params)]
         self.model.eval()
+        with self._whole_sequences():
+            self._run(requests, num_samples, max_batch, use_cache, stopper)
+        return [self._rollout(req) for req in requests]
+
+    @contextlib.contextmanager
+    def _whole_sequences(self):
+        """Sequence and context parallelism switched off while sampling, as megatron-core's own inference does
+        for sequence parallelism (a decode step's one token cannot be split): every TP and CP rank runs whole
+        sequences. CP ranks decode the same ones: a sample's generator is seeded by its prompt and index."""
+        config = getattr(self.model, "config", None)
+        sp = self._is_megatron() and config.sequence_parallel
+        if not sp and (not self._is_megatron() or config.context_parallel_size == 1):
+            yield
+            return
+        from megatron.core.transformer.moe.moe_layer import BaseMoELayer  # megatron-core models only
+        from megatron.core.transformer.utils import set_model_to_sequence_parallel
+
+        from megatron_rgm.model.context_parallel import context_parallel_off
+        # Experts under expert parallelism keep it: their token exchange runs on the sequence-parallel layout.
+        keep = [BaseMoELayer] if config.tensor_model_parallel_size > 1 and config.expert_model_parallel_size > 1 else None
+        if sp:
+            set_model_to_sequence_parallel(self.model, False, exclude_modules=keep)
+        try:
+            with context_parallel_off([self.model]):
+                yield
+        finally:
+            if sp:
+                set_model_to_sequence_parallel(self.model, True, exclude_modules=keep)
+
+    def _run(self, requests: list[Request], num_samples: int, max_batch: int | None, use_cache: bool,
+             stopper) -> None:
         device = next(self.model.parameters()).device
         if requests and use_cache and self._continuous():
             slots = min(max_batch or num_samples * len(requests), num_samples * len(requests))
@@ -297,4 +324,3 @@ class Sampler:
             for req in requests:
                 req.allocate(device)
                 self._lockstep(req, use_cache)
-        return [self._rollout(req) for req in requests]

@@ -25,8 +25,11 @@ from megatron_rgm.training.metrics import device
 
 
 def length_multiple(args) -> int:
-    """What an input length is rounded up to: 8, times the TP size under sequence parallelism."""
-    return 8 * (args.parallel.tensor_model_parallel_size if args.parallel.sequence_parallel else 1)
+    """What an input length is rounded up to: 8, times the TP size under sequence parallelism, times ``2 x cp``
+    under context parallelism (every rank's share is two equal chunks)."""
+    par = args.parallel
+    cp = par.context_parallel_size
+    return 8 * (par.tensor_model_parallel_size if par.sequence_parallel else 1) * (2 * cp if cp > 1 else 1)
 
 
 class MicroBatcher:

@@ -18,11 +18,12 @@ def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def dp_sum(ps, values: list[float]) -> list[float]:
-    """``values`` summed over the data-parallel group (float64)."""
+def dp_sum(ps, values: list[float], with_cp: bool = False) -> list[float]:
+    """``values`` summed over the data-parallel group (float64); ``with_cp``: and over context-parallel ranks,
+    which hold shares of the same samples."""
     t = torch.tensor(values, dtype=torch.float64, device=device())
-    if ps.get_data_parallel_world_size() > 1:
-        dist.all_reduce(t, group=ps.get_data_parallel_group())
+    if ps.get_data_parallel_world_size(with_context_parallel=with_cp) > 1:
+        dist.all_reduce(t, group=ps.get_data_parallel_group(with_context_parallel=with_cp))
     return t.tolist()
 
 
@@ -53,11 +54,12 @@ def loss_metrics(ps, reports: list[dict]) -> dict[str, float]:
     """Token-weighted means of the micro-batches' loss reports over all replicas (the last stage's reports).
 
     Each report maps a name to ``(sum, weight)``. The SPR class counts and the step count are totals, not
-    means; ``masked step fraction`` is the share of steps the SPR mask kept.
+    means; ``masked step fraction`` is the share of steps the SPR mask kept. Under context parallelism each rank
+    reports its share of a micro-batch, and the shares are summed too.
     """
     if not reports:
         return {}
-    dp = ps.get_data_parallel_world_size()
+    dp = ps.get_data_parallel_world_size(with_context_parallel=True)  # the SPR counts come summed over these
     keys = sorted(reports[0])
     values = []
     for k in keys:
@@ -68,7 +70,7 @@ def loss_metrics(ps, reports: list[dict]) -> dict[str, float]:
             values += [float(sum(per_micro)), 1.0]
         else:
             values += [float(sum(r[k][0] for r in reports)), float(sum(r[k][1] for r in reports))]
-    summed = dp_sum(ps, values)
+    summed = dp_sum(ps, values, with_cp=True)
     out = {}
     for i, k in enumerate(keys):
         total, weight = summed[2 * i], summed[2 * i + 1]

@@ -16,6 +16,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_rgm.checkpoint import load_checkpoint, rng_state, set_rng_state
 from megatron_rgm.integration import batch_inputs, forward_step
 from megatron_rgm.model import build_model, unwrap
+from megatron_rgm.model.context_parallel import gather_sequence, gather_step_logits, split_batch
 from megatron_rgm.rl import chunked_log_probs_and_entropy
 
 
@@ -98,13 +99,15 @@ def add_reference_log_probs(ref: list, batches: list[dict], length: int, micro_b
     """Adds ``ref_log_probs`` to each batch (last stage; other stages only pass activations)."""
 
     def step(data_iterator, model):
-        batch = next(data_iterator)
+        whole = next(data_iterator)
+        batch = split_batch(whole)  # context parallelism: this rank's share, gathered back below
         tokens, positions, attention_mask, kwargs = batch_inputs(batch)
         out = model(tokens, positions, attention_mask, **kwargs)
 
         def loss(output):
-            batch["ref_log_probs"] = chunked_log_probs_and_entropy(output, batch["labels"], vocab, grpo.temperature,
-                                                                   entropy=False)[0].detach()
+            mine = chunked_log_probs_and_entropy(output, batch["labels"], vocab, grpo.temperature,
+                                                 entropy=False)[0].detach()
+            whole["ref_log_probs"] = gather_sequence(mine, whole["tokens"].shape[1])
             return torch.zeros((), device=output.device), {}
         return out, loss
 
@@ -126,17 +129,20 @@ def policy_log_probs_and_step_logits(model: list, batches: list[dict], length: i
     log_probs, collected, counts = [], [], []
 
     def step(data_iterator, chunk):
-        batch = next(data_iterator)
+        whole = next(data_iterator)
+        batch = split_batch(whole)  # context parallelism: this rank's share, gathered back below
         tokens, positions, attention_mask, kwargs = batch_inputs(batch)
         out = chunk(tokens, positions, attention_mask, step_mask=batch["step_mask"], **kwargs)
-        counts.append(batch["step_mask"].sum(1).cpu())
+        counts.append(whole["step_mask"].sum(1).cpu())
+        length = whole["tokens"].shape[1]
 
         def loss(output):
             if temperatures:
-                log_probs.append(torch.stack([chunked_log_probs_and_entropy(output[0], batch["labels"], vocab, t,
-                                                                            entropy=False)[0].float().cpu()
-                                              for t in temperatures]))
-            collected.append(output[1].detach().float().cpu())
+                log_probs.append(torch.stack([
+                    gather_sequence(chunked_log_probs_and_entropy(output[0], batch["labels"], vocab, t,
+                                                                  entropy=False)[0].float(), length).cpu()
+                    for t in temperatures]))
+            collected.append(gather_step_logits(output[1].detach().float(), whole).cpu())
             return torch.zeros((), device=output[1].device), {}
         return out, loss
 
