@@ -12,6 +12,8 @@
 #   generate   the native sampler at that size, 8 prompts x k=8, batched vs one prompt at a time: tokens/s
 #   bench_ops  the op benchmark, GB/s against a device-to-device copy of the same bytes
 #   logprobs   chunked vs whole-vocabulary log-probs and entropy at [4, 8192] x vocab 152064: peak memory, time
+#   cp         context parallelism on CUDA: a training step at CP = 2 (two ranks on the one GPU, over gloo: NCCL
+#              takes one rank per GPU) against CP = 1, per parameter (tests/test_context_parallel.py)
 #
 # Needs torch with CUDA, ninja, pybind11, pytest, transformers, sentencepiece; megatron-core and the other
 # wheels the device image lacks travel in .whl/ (see docs/PERFORMANCE.md, "GPU") and are installed under
@@ -92,7 +94,7 @@ section() {
 # GPU_CHECK_REPEATS (default 2): timed rounds of the training benchmarks.
 # GPU_CHECK_SECTIONS picks sections (a device lease is short: a rerun can leave out what already ran); without
 # build, the ops run their pure-torch references and the tests and op benchmark are left out.
-SECTIONS=" ${GPU_CHECK_SECTIONS:-build tests train reference packing generate bench_ops logprobs} "
+SECTIONS=" ${GPU_CHECK_SECTIONS:-build tests train reference packing generate bench_ops logprobs cp} "
 want() { [[ $SECTIONS == *" $1 "* ]]; }
 built=0
 if want build; then
@@ -115,6 +117,8 @@ want generate && section generate 90 "$PY" tools/bench_generate.py "${GEN[@]}"
 # The whole-vocabulary path at the first size may not fit on the device (it then says so); the second fits both.
 want logprobs && section logprobs 60 bash -c '"$0" tools/bench_logprobs.py "$@" && "$0" tools/bench_logprobs.py \
 "${@/--batch=4/--batch=2}"' "$PY" "${LOGP[@]}"
+want cp && section cp 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_context_parallel.py -m multirank \
+    -k "training_step and (cp2-spr or cp2-bce)"
 echo "== summary"
 cat "$summary"
 exit $status

@@ -5,7 +5,8 @@ loss (GRPO + the SPR or BCE head term, :func:`megatron_rgm.integration.forward_s
 recording gradients, loss reports, step logits and reference log-probs. It then re-initialises megatron with the
 layout, loads the same weights into its shards and runs the same micro-batches through megatron's pipeline
 schedule, DDP and ``finalize_model_grads`` exactly as the trainer does: each CP rank takes its share of every
-sequence. It writes the differences it sees to <out>/rank<r>.json.
+sequence. It writes the differences it sees to <out>/rank<r>.json. With a GPU (tools/gpu_check.sh) every rank
+runs on it, over gloo.
 """
 
 import argparse
@@ -18,7 +19,7 @@ import torch
 from common import tiny_args
 
 from megatron_rgm import distributed
-from megatron_rgm.data.sources import collate
+from megatron_rgm.data.sources import collate, to_device
 from megatron_rgm.data.store import Trajectory
 from megatron_rgm.integration import forward_step, sprm_step_logits
 from megatron_rgm.model import build_model
@@ -34,6 +35,8 @@ LENGTH = 32  # 2 x CP x TP chunks of whole tokens
 def argv(layout: dict, loss: str) -> list[str]:
     extra = ["--context-parallel-size", str(layout.get("cp", 1)), "--sprm-dropout", "0", "--sprm-loss", loss,
              "--grpo-kl-coef", "0.05", "--grpo-entropy-coef", "0.01", "--seq-length", str(LENGTH)]
+    if torch.cuda.is_available():  # tools/gpu_check.sh: both ranks on its one GPU, which NCCL refuses
+        extra += ["--distributed-backend", "gloo"]
     return dict(tp=layout.get("tp", 1), pp=layout.get("pp", 1), sp=layout.get("sp", False), extra=extra)
 
 
@@ -51,9 +54,18 @@ def samples() -> list[Trajectory]:
     return out
 
 
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def batches() -> list[dict]:
     s, adv = samples(), torch.tensor([0.7, -1.2, 0.4, 1.5])
-    return [collate(s[:2], LENGTH, advantages=adv[:2]), collate(s[2:], LENGTH, advantages=adv[2:])]
+    return [to_device(collate(s[:2], LENGTH, advantages=adv[:2]), device()),
+            to_device(collate(s[2:], LENGTH, advantages=adv[2:]), device())]
+
+
+def positions(batch: dict) -> torch.Tensor:
+    return torch.arange(LENGTH, device=device()).expand(batch["tokens"].shape[0], -1)
 
 
 def centre_head(model, full: dict) -> dict:
@@ -63,7 +75,7 @@ def centre_head(model, full: dict) -> dict:
     with torch.no_grad():
         z, y = [], []
         for b in batches():
-            model(b["tokens"], torch.arange(LENGTH).expand(b["tokens"].shape[0], -1), None)
+            model(b["tokens"], positions(b), None)
             z.append(sprm_step_logits(model, b["step_mask"]))
             y.append(b["correct"].repeat_interleave(b["step_mask"].sum(1)))
         z, y = torch.cat(z), torch.cat(y)
@@ -90,7 +102,7 @@ def reference(layout: dict, loss: str):
     reports, step_logits, ref_lp = [], [], []
     for batch in batches():
         with torch.no_grad():
-            logits = ref(batch["tokens"], torch.arange(LENGTH).expand(batch["tokens"].shape[0], -1), None)
+            logits = ref(batch["tokens"], positions(batch), None)
             batch["ref_log_probs"] = chunked_log_probs_and_entropy(logits, batch["labels"], vocab, args.grpo.temperature,
                                                                    entropy=False)[0]
         ref_lp.append(batch["ref_log_probs"])
@@ -175,7 +187,7 @@ def main():
             r["grad_rel"][n] = r["grad_diff"][n] / scale
             r["grad_abs_max"][n] = g.abs().max().item()
         if ps.is_pipeline_last_stage():
-            r["step_logits_diff"] = (seen["step_logits"] - ref_steps.float()).abs().max().item()
+            r["step_logits_diff"] = (seen["step_logits"].cpu() - ref_steps.float().cpu()).abs().max().item()
             r["num_steps"] = int(seen["step_logits"].numel())
             r["ref_log_probs_diff"] = max((x - y).abs().max().item() for x, y in zip(seen["ref_log_probs"], ref_lp))
             r["metrics"] = metrics(reports)
