@@ -189,20 +189,26 @@ def test_a_token_budget_with_pipeline_and_context_parallelism_trains_as_padded_b
     _same_run(padded, budget, keys=tuple(k for k in EXACT if k != "spr loss"))
 
 
+@pytest.fixture(scope="module")
+def colocated(task, tmp_path_factory):
+    """Two iterations sampling their rollouts in the loop, on one rank: the flags and the metrics."""
+    common = [*TINY, "--train-iters", "2", "--prompts", str(task["train"]), "--tokenizer", str(task["tokenizer"]),
+              "--sprm-dropout", "0", "--grpo-kl-coef", "0.01"]
+    return common, _pretrain(1, common, tmp_path_factory.mktemp("colocated") / "one.jsonl")
+
+
 @pytest.mark.multirank
 @pytest.mark.parametrize("layout", [(2, ["--context-parallel-size", "2"]),
                                     (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
                                     (4, ["--context-parallel-size", "2", "--tensor-model-parallel-size", "2",
                                          "--sequence-parallel"])],
                          ids=["cp2", "tp2_sp", "cp2_tp2_sp"])
-def test_rollouts_sampled_in_the_loop_under_context_and_sequence_parallelism(task, tmp_path, layout):
+def test_rollouts_sampled_in_the_loop_under_context_and_sequence_parallelism(colocated, tmp_path, layout):
     """The sampler runs whole sequences with CP and SP switched off (a decode step's one token cannot be split);
     training then splits them. The same rollouts as on one rank, and the training log-probs equal the sampler's
     (``ppo kl`` 0 at one optimizer step per iteration)."""
     nproc, extra = layout
-    common = [*TINY, "--train-iters", "2", "--prompts", str(task["train"]), "--tokenizer", str(task["tokenizer"]),
-              "--sprm-dropout", "0", "--grpo-kl-coef", "0.01"]
-    one = _pretrain(1, common, tmp_path / "one.jsonl")
+    common, one = colocated
     split = _pretrain(nproc, [*common, *extra], tmp_path / "split.jsonl")
     _same_run(one, split)
     for r in split:
