@@ -21,7 +21,7 @@ from megatron.core.optimizer import ParamKey
 from megatron_rgm import arguments, ops
 from megatron_rgm.arguments import grpo_config_from_args, rgm_config_from_args
 from megatron_rgm.checkpoint import HEAD_PREFIX
-from megatron_rgm.config import GRPOConfig, OptimConfig, RGMConfig
+from megatron_rgm.config import ConfigError, GRPOConfig, OptimConfig, RGMConfig
 from megatron_rgm.model.context_parallel import cp_size, split_batch
 from megatron_rgm.model.rgm_model import (
     RGMModel,
@@ -36,6 +36,7 @@ from megatron_rgm.steps import StepLayout
 __all__ = ["attach_sprm_head", "model_provider", "forward_step", "batch_inputs", "add_rgm_args", "rgm_config_from_args",
            "grpo_config_from_args", "rgm_loss_func", "sprm_step_logits", "sprm_param_group"]
 
+TOTALS = ("spr positives", "spr negatives", "steps")  # reported as totals, not as token means
 HEAD_PARAMS = f"*{HEAD_PREFIX}*"  # the head's parameter names, under any wrapper (module.sprm_head.0.weight)
 
 
@@ -155,6 +156,10 @@ def rgm_loss_func(model, batch: dict, rgm_config: RGMConfig, grpo: GRPOConfig, o
     # Under context parallelism this rank holds a share of the micro-batch's steps: its SPR term is its share of
     # the micro-batch's loss (the denominators are the whole micro-batch's), so the CP ranks' terms add up.
     split = parallel_state.get_context_parallel_group() if cp_size() > 1 else None
+    if split is not None and not unwrap(model).config.calculate_per_token_loss:
+        raise ConfigError("context parallelism needs megatron's per-token loss normalisation: each rank's share of "
+                          "a micro-batch then adds up to the whole one's loss. Add --calculate-per-token-loss "
+                          "(Megatron-LM; TransformerConfig.calculate_per_token_loss in a loop of your own)")
     if "step_mask" in batch and "correct" in batch:
         step_logits = sprm_step_logits(model, batch["step_mask"])
         cu = batch.get("cu_steps")  # packed rows hold several trajectories
@@ -183,8 +188,10 @@ def rgm_loss_func(model, batch: dict, rgm_config: RGMConfig, grpo: GRPOConfig, o
     if total is None:
         raise ValueError("nothing to train on this micro-batch: policy_loss=False needs step_mask and correct")
     n = num_tokens.detach()
-    # Megatron-LM's reporting convention: [sum over tokens, token count] per key.
-    report = {k: torch.stack([v.float() * n, n]) for k, v in report.items()}
+    # Megatron-LM's reporting convention: [sum over tokens, token count] per key; the SPR counts and the step count
+    # are totals, not token means: [total, 1] (a context-parallel share without response tokens reports them too).
+    one = torch.ones_like(n)
+    report = {k: torch.stack([v.float(), one] if k in TOTALS else [v.float() * n, n]) for k, v in report.items()}
     if "spr loss" in report and split is not None:
         # This context-parallel rank's term is a share of the micro-batch's SPR loss: weighed by the micro-batch's
         # tokens over the CP size, the ranks' pairs add up to the micro-batch's [loss x tokens, tokens].
@@ -206,15 +213,19 @@ def batch_inputs(batch: dict) -> tuple:
     """``(tokens, position_ids, attention_mask, model kwargs)`` of a micro-batch dict.
 
     Without ``position_ids`` every row counts from 0; a packed row (``cu_seqlens``, see
-    :func:`megatron_rgm.data.packing.collate_packed`) and a context-parallel share of a batch
-    (:func:`megatron_rgm.model.context_parallel.split_batch`) also have RoPE follow their ``position_ids``.
+    :func:`megatron_rgm.data.packing.collate_packed`) also has RoPE follow its ``position_ids``. A context-parallel
+    share of a batch (:func:`megatron_rgm.model.context_parallel.split_batch`) carries its global positions; RoPE
+    takes the same chunks of its table from megatron-core's own CP slicing.
     """
     tokens = batch["tokens"]
     positions = batch.get("position_ids")
+    if positions is None and batch.get("cp_local"):
+        raise ConfigError("a batch split for context parallelism (cp_local) needs its global position_ids: pass "
+                          "them, or give forward_step the whole batch and let it split")
     if positions is None:
         b, s = tokens.shape
         positions = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
-    kwargs = {"rope_positions": True} if "cu_seqlens" in batch or batch.get("cp_local") else {}
+    kwargs = {"rope_positions": True} if "cu_seqlens" in batch else {}
     return tokens, positions, batch.get("attention_mask"), kwargs
 
 

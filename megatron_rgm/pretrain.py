@@ -31,6 +31,7 @@ from megatron_rgm.arguments import Args, check_stage, parse_args
 from megatron_rgm.checkpoint import latest_iteration, load_checkpoint, save_checkpoint
 from megatron_rgm.config import ConfigError
 from megatron_rgm.model import build_model
+from megatron_rgm.model.context_parallel import check_context_parallel, split_batch
 from megatron_rgm.model.load import recorded_geometry
 from megatron_rgm.rollout.sampling import derive_seed
 from megatron_rgm.training.loop import TrainingError, train
@@ -54,14 +55,20 @@ def synthetic_batch(args: Args, generator: torch.Generator):
 
 def _loss_func(stats: dict, output):
     token_loss, step_logits = output
-    loss = token_loss.float().mean()
+    total = token_loss.float().sum()
+    whole = torch.stack([total.detach(), torch.tensor(float(token_loss.numel()), device=total.device)])
+    if parallel_state.get_context_parallel_world_size() > 1:  # this rank holds a share of the micro-batch
+        torch.distributed.all_reduce(whole, group=parallel_state.get_context_parallel_group())
+    # The share's part of the micro-batch's mean: megatron multiplies it by the CP size, DDP averages over DP x CP.
+    loss = total / whole[1]
     stats.setdefault("score", []).append(torch.sigmoid(step_logits.detach()).mean() if step_logits.numel() else None)
-    return loss, {"lm loss": loss.detach()}
+    return loss, {"lm loss": whole[0] / whole[1]}
 
 
 def _forward_step(stats: dict, data_iterator, model):
     tokens, labels, positions, step_mask = next(data_iterator)
-    output = model(tokens, positions, None, labels=labels, step_mask=step_mask)
+    b = split_batch(dict(tokens=tokens, labels=labels, position_ids=positions, step_mask=step_mask))  # CP: a share
+    output = model(b["tokens"], b["position_ids"], None, labels=b["labels"], step_mask=b["step_mask"])
     return output, partial(_loss_func, stats)
 
 
@@ -126,7 +133,8 @@ def backbone_check(args: Args) -> list[float]:
             losses.append(loss)
             scores = [s for s in stats.get("score", []) if s is not None]
             score = torch.stack(scores).mean().item() if scores else float("nan")
-            if parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0:
+            if (parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_context_parallel_rank() == 0
+                    and parallel_state.get_data_parallel_rank() == 0):
                 print(f" iteration {it:8d}/{args.run.train_iters:8d} | lm loss: {loss:.6E} | "
                       f"grad norm: {grad_norm:.3f} | mean step score: {score:.4f} | "
                       f"elapsed time per iteration (ms): {elapsed:.1f}", flush=True)
@@ -141,6 +149,7 @@ def backbone_check(args: Args) -> list[float]:
 def run(args: Args):
     """Run ``--stage``: the backbone check's losses, or the training loop's per-iteration metrics."""
     check_stage(args)
+    check_context_parallel(args)
     if args.run.stage == "backbone-check":
         return backbone_check(args)
 

@@ -215,15 +215,25 @@ def test_rollouts_sampled_in_the_loop_under_context_and_sequence_parallelism(col
         assert abs(r["ppo kl"]) < 1e-5, r["ppo kl"]
 
 
-def test_the_vllm_backend_is_refused_under_context_parallelism():
-    """Every CP rank would start an engine of its own: refused before one starts, naming both ways out."""
-    from workers.common import tiny_args
+@pytest.mark.parametrize("flags, message", [
+    (["--rollout-backend", "vllm"], "--rollout-backend native with --context-parallel-size > 1"),
+    (["--transformer-impl", "transformer_engine"], "switched off, which needs --transformer-impl local"),
+    (["--max-position-embeddings", "40"], "--max-position-embeddings 40 is not a multiple of 32"),
+    (["--stage", "backbone-check", "--seq-length", "18"], "--seq-length 18 does not split into 4 equal chunks"),
+], ids=["vllm", "transformer-engine-sampling", "position-cap", "backbone-seq-length"])
+def test_what_context_parallelism_cannot_run_is_refused_at_start(flags, message, tmp_path):
+    """Refused before a model is built, naming the flag and the fix (the vLLM backend: every CP rank would start
+    an engine of its own; Transformer Engine: the sampler switches CP off on the local attention only)."""
+    from megatron_rgm.arguments import parse_args
+    from megatron_rgm.model.context_parallel import check_context_parallel
 
-    from megatron_rgm.training.vllm_rollouts import VLLMRollouts
-
-    args = tiny_args(extra=["--context-parallel-size", "2"])
-    with pytest.raises(ConfigError, match="--rollout-backend native with --context-parallel-size > 1"):
-        VLLMRollouts(args, [torch.nn.Linear(1, 1)], None, 0)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"problem": "1 + 1", "answer": "2"}\n')
+    base = ["--preset", "tiny", "--context-parallel-size", "2", "--stage", "rgm", "--prompts", str(prompts),
+            "--tokenizer", str(tmp_path), "--max-position-embeddings", "64"]
+    check_context_parallel(parse_args(base))  # the base itself runs
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        check_context_parallel(parse_args([*base, *flags]))
 
 
 @pytest.mark.multirank
@@ -243,3 +253,33 @@ def test_a_run_under_context_parallelism_resumes_exactly(task, tmp_path):
     for key in (*EXACT, "spr positives", "spr negatives"):
         if key != "kl":  # (no reference model: --grpo-kl-coef 0)
             assert straight[-1][key] == resumed[-1][key], (key, straight[-1][key], resumed[-1][key])
+
+
+@pytest.mark.multirank
+def test_the_backbone_check_under_context_parallelism_gives_cp1_losses():
+    """--stage backbone-check at CP 2: the same LM losses as on one rank (each share's part of the mean, the
+    printed loss the whole micro-batch's)."""
+    import re
+
+    line = re.compile(r"iteration\s+(\d+)/\s*\d+ \| lm loss: (\S+) \| grad norm: (\S+)")
+    args = ["--preset", "tiny", "--stage", "backbone-check", "--train-iters", "3", "--micro-batch-size", "2",
+            "--lr", "1e-3", "--seq-length", "32", "--hidden-dropout", "0", "--attention-dropout", "0"]
+    runs = []
+    for nproc, extra in ((1, []), (2, ["--context-parallel-size", "2"])):
+        out = torchrun("-m megatron_rgm.pretrain", nproc, [*args, *extra]).stdout
+        runs.append([(int(m.group(1)), float(m.group(2)), float(m.group(3))) for m in map(line.search, out.splitlines())
+                     if m])
+    one, cp2 = runs
+    assert [r[0] for r in one] == [r[0] for r in cp2] == [1, 2, 3]
+    for (_, loss_a, norm_a), (_, loss_b, norm_b) in zip(one, cp2):
+        assert loss_a == pytest.approx(loss_b, rel=1e-5) and norm_a == pytest.approx(norm_b, rel=1e-3)
+
+
+def test_a_batch_split_elsewhere_must_carry_its_global_positions():
+    from megatron_rgm.integration import batch_inputs
+
+    tokens = torch.zeros(2, 8, dtype=torch.long)
+    with pytest.raises(ConfigError, match="needs its global position_ids"):
+        batch_inputs({"tokens": tokens, "cp_local": True})
+    positions = torch.arange(8, 16).expand(2, 8)
+    assert torch.equal(batch_inputs({"tokens": tokens, "cp_local": True, "position_ids": positions})[1], positions)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 from megatron.core import parallel_state
 
+from megatron_rgm.model.context_parallel import from_first_cp_rank
 from megatron_rgm.model.rgm_model import RGMModel, SPRMHead, attach_sprm_head, sprm_step_logits, unwrap
 from megatron_rgm.model.specs import RGMNorm, block_spec, layer_spec
 
 __all__ = ["RGMModel", "SPRMHead", "RGMNorm", "attach_sprm_head", "sprm_step_logits", "unwrap", "block_spec",
-           "layer_spec", "build_model"]
+           "layer_spec", "build_model", "from_first_cp_rank"]
 
 
 def build_model(args) -> list[RGMModel]:

@@ -37,6 +37,35 @@ def cp_size() -> int:
     return ps.get_context_parallel_world_size()
 
 
+def check_context_parallel(args) -> None:
+    """What a run under context parallelism needs, refused at start rather than mid-run (``args``: the run's
+    :class:`megatron_rgm.arguments.Args`)."""
+    par, run = args.parallel, args.run
+    cp = par.context_parallel_size
+    if cp == 1:
+        return
+    multiple = 2 * cp * (par.tensor_model_parallel_size if par.sequence_parallel else 1)
+    if run.stage == "backbone-check":
+        if args.seq_length % multiple:
+            raise ConfigError(f"--seq-length {args.seq_length} does not split into {2 * cp} equal chunks for "
+                              f"--context-parallel-size {cp}: use a multiple of {multiple}")
+        return
+    multiple *= 8  # training pads micro-batches to multiples of 8 (training.batching.length_multiple)
+    if args.max_position_embeddings % multiple:
+        raise ConfigError(f"--max-position-embeddings {args.max_position_embeddings} is not a multiple of {multiple}: "
+                          f"a sample that long could not be split into {2 * cp} equal chunks for "
+                          f"--context-parallel-size {cp}; use a multiple of {multiple}")
+    if run.stage == "rgm" and args.data.prompts:
+        if args.data.rollout_backend == "vllm":
+            raise ConfigError("--rollout-backend vllm starts one engine per model-parallel group, and context-"
+                              "parallel ranks would each start their own: use --rollout-backend native with "
+                              "--context-parallel-size > 1, or --context-parallel-size 1")
+        if args.model.transformer_impl != "local":
+            raise ConfigError("rollouts sampled in the loop run with context parallelism switched off, which needs "
+                              "--transformer-impl local: use it, or sample with tools/generate_rollouts.py and "
+                              "train with --rollouts")
+
+
 def chunk_positions(length: int, size: int, rank: int, device=None) -> torch.Tensor:
     """The global positions ``[length / size]`` CP rank ``rank`` of ``size`` holds: chunks ``rank`` and
     ``2 size - 1 - rank`` of ``2 size``."""
@@ -68,14 +97,32 @@ def split_batch(batch: dict) -> dict:
     tokens = batch["tokens"]
     b, s = tokens.shape
     index = chunk_positions(s, size, ps.get_context_parallel_rank(), tokens.device)
-    out = {k: v.index_select(1, index) if torch.is_tensor(v) and v.dim() >= 2 and tuple(v.shape[:2]) == (b, s) else v
-           for k, v in batch.items()}
+
+    def share(key, v):
+        if not torch.is_tensor(v) or v.dim() < 2:
+            return v
+        if tuple(v.shape[:2]) == (b, s) or (key == "position_ids" and v.shape[-1] == s):  # ([1, s] broadcast)
+            return v.index_select(1, index)
+        return v
+
+    out = {k: share(k, v) for k, v in batch.items()}
     if "position_ids" not in batch:
         out["position_ids"] = index.unsqueeze(0).expand(b, -1)
     if "loss_mask" in batch:
         out["cp_tokens"] = batch["loss_mask"].float().sum()
     out["cp_local"] = True
     return out
+
+
+def from_first_cp_rank(make):
+    """``make()`` run on CP rank 0 only, its result sent to the other ranks of its CP group (rollouts: the CP ranks
+    train on shares of the same samples, which they need not draw alike; their TP and PP groups are their own)."""
+    if cp_size() == 1:
+        return make()
+    group = ps.get_context_parallel_group()
+    box = [make() if ps.get_context_parallel_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+    return box[0]
 
 
 @torch.no_grad()
@@ -117,6 +164,10 @@ class _GatherSequence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous()
+        if dist.get_backend(ctx.group) == "nccl":
+            mine = grad.new_empty((ctx.rows,) + tuple(grad.shape[1:]))
+            dist.reduce_scatter_tensor(mine, grad, group=ctx.group)
+            return mine, None
         dist.all_reduce(grad, group=ctx.group)  # gloo has no reduce-scatter
         rank = dist.get_rank(ctx.group)
         return grad[rank * ctx.rows:(rank + 1) * ctx.rows], None

@@ -164,8 +164,7 @@ class _rope_at:
     """While active, ``model.rotary_pos_emb`` returns its angles at ``positions`` ``[b, s]``: ``[s, b, 1, d]``.
 
     megatron's unfused RoPE broadcasts the angles over ``[s, b, heads, d]``, so a per-row angle table needs no
-    other change. ``positions=None``: nothing changes. Packed rows (every sample from 0) and a context-parallel
-    rank's share of a sequence (its global positions) rotate this way.
+    other change. ``positions=None``: nothing changes.
     """
 
     def __init__(self, model: GPTModel, positions: torch.Tensor | None):
@@ -175,14 +174,14 @@ class _rope_at:
     def __enter__(self):
         if self.rope is None:
             return
-        if type(self.rope) is not RotaryEmbedding:
-            raise ConfigError(f"packed rows and context parallelism need the plain RoPE, not "
-                              f"{self.rope.__class__.__name__}: run without --pack-sequences and with "
-                              "--context-parallel-size 1")
+        cp = getattr(self.rope, "cp_group", None)
+        if type(self.rope) is not RotaryEmbedding or (cp is not None and cp.size() > 1):
+            raise ConfigError(f"packed rows need the plain RoPE without context parallelism, not "
+                              f"{self.rope.__class__.__name__}: run without --pack-sequences")
         positions, original = self.positions, self.rope.forward
 
         def at_positions(max_seq_len, *args, **kwargs):
-            table = original(int(positions.max()) + 1, packed_seq=True)  # [n, 1, 1, d], not sliced for CP
+            table = original(int(positions.max()) + 1)  # [n, 1, 1, d]
             return table[:, 0][positions.t()]  # [s, b, 1, d]
 
         self.rope.forward = at_positions
@@ -301,8 +300,7 @@ class RGMModel(GPTModel):
             step_mask: ``[b, s]`` bool, True at the positions whose hidden state
                 is scored (the position *before* each step token).
             rope_positions: rotate by ``position_ids`` instead of 0..s-1 (packed rows, where every sample
-                starts again at 0, and a context-parallel share of a sequence; GPTModel's RoPE reads only the
-                sequence length).
+                starts again at 0; GPTModel's RoPE reads only the sequence length).
 
         Returns:
             Not last stage: the hidden states to send on. Last stage, no

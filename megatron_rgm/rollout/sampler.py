@@ -289,26 +289,23 @@ class Sampler:
     def _whole_sequences(self):
         """Sequence and context parallelism switched off while sampling, as megatron-core's own inference does
         for sequence parallelism (a decode step's one token cannot be split): every TP and CP rank runs whole
-        sequences. CP ranks decode the same ones: a sample's generator is seeded by its prompt and index."""
+        sequences. (The trainer samples on CP rank 0 and sends the rollouts to the others.)"""
         config = getattr(self.model, "config", None)
         sp = self._is_megatron() and config.sequence_parallel
         if not sp and (not self._is_megatron() or config.context_parallel_size == 1):
             yield
             return
-        from megatron.core.transformer.moe.moe_layer import BaseMoELayer  # megatron-core models only
-        from megatron.core.transformer.utils import set_model_to_sequence_parallel
+        from megatron.core.transformer.utils import set_model_to_sequence_parallel  # megatron-core models only
 
         from megatron_rgm.model.context_parallel import context_parallel_off
-        # Experts under expert parallelism keep it: their token exchange runs on the sequence-parallel layout.
-        keep = [BaseMoELayer] if config.tensor_model_parallel_size > 1 and config.expert_model_parallel_size > 1 else None
         if sp:
-            set_model_to_sequence_parallel(self.model, False, exclude_modules=keep)
+            set_model_to_sequence_parallel(self.model, False)
         try:
             with context_parallel_off([self.model]):
                 yield
         finally:
             if sp:
-                set_model_to_sequence_parallel(self.model, True, exclude_modules=keep)
+                set_model_to_sequence_parallel(self.model, True)
 
     def _run(self, requests: list[Request], num_samples: int, max_batch: int | None, use_cache: bool,
              stopper) -> None:

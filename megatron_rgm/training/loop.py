@@ -41,7 +41,7 @@ from megatron_rgm.data.sources import (
 )
 from megatron_rgm.data.store import Trajectory, tokenizer_fingerprint
 from megatron_rgm.head import HEAD_FIELDS
-from megatron_rgm.model import build_model, unwrap
+from megatron_rgm.model import build_model, from_first_cp_rank, unwrap
 from megatron_rgm.model.load import describe_checkpoint
 from megatron_rgm.rl import group_advantages
 from megatron_rgm.rollout.colocated import RolloutRecorder, sample_groups
@@ -235,13 +235,13 @@ class Trainer:
             samples = [s for g in groups for s in g]
             extra = self.vllm.score(groups, self._length(samples), self.run.micro_batch_size)
         else:
-            extra = {}
-            groups = sample_groups(unwrap(self.model[0]), self.vocab, self.tokenizer, self.segmenter,
-                                   self.args.data, prompts, self.args.parallel.seed, iteration)
+            extra = {}  # (context-parallel ranks take CP rank 0's rollouts: their shares must be of the same ones)
+            groups = from_first_cp_rank(lambda: sample_groups(unwrap(self.model[0]), self.vocab, self.tokenizer,
+                                        self.segmenter, self.args.data, prompts, self.args.parallel.seed, iteration))
         for m in self.model:
             m.train()
         if self.recorder is not None:
-            writer = self.ps.get_tensor_model_parallel_rank() == 0 and self.last_stage
+            writer = self.last_stage and self.ps.get_tensor_model_parallel_rank() == self.ps.get_context_parallel_rank() == 0
             self.recorder.append(iteration, groups, self.dp_rank, writer)
         return groups, extra
 

@@ -49,10 +49,6 @@ class VLLMRollouts:
         if len(model) > 1:
             raise ConfigError("--rollout-backend vllm gathers one model chunk per stage: drop "
                               "--num-layers-per-virtual-pipeline-stage, or use --rollout-backend native")
-        if args.parallel.context_parallel_size > 1:
-            raise ConfigError("--rollout-backend vllm starts one engine per model-parallel group, and context-parallel "
-                              "ranks would each start their own: use --rollout-backend native with "
-                              "--context-parallel-size > 1, or --context-parallel-size 1")
         self.args, self.model, self.tokenizer, self.vocab = args, model, tokenizer, vocab
         self.group = ps.get_model_parallel_group()
         self.leader = dist.get_global_rank(self.group, 0)
