@@ -283,3 +283,17 @@ def test_a_batch_split_elsewhere_must_carry_its_global_positions():
         batch_inputs({"tokens": tokens, "cp_local": True})
     positions = torch.arange(8, 16).expand(2, 8)
     assert torch.equal(batch_inputs({"tokens": tokens, "cp_local": True, "position_ids": positions})[1], positions)
+
+
+@pytest.mark.multirank
+def test_the_sft_stage_under_context_parallelism_matches_cp1(task, tmp_path):
+    """The language-model warm start: the loss over each share's response tokens, normalised over the step, gives
+    CP 1's losses and gradients."""
+    common = ["--preset", "tiny", "--stage", "sft", "--sft-data", str(task["sft"]), "--tokenizer",
+              str(task["tokenizer"]), "--train-iters", "2", "--micro-batch-size", "4", "--lr", "1e-3",
+              "--hidden-dropout", "0", "--attention-dropout", "0"]
+    one = _pretrain(1, common, tmp_path / "one.jsonl")
+    cp2 = _pretrain(2, [*common, "--context-parallel-size", "2"], tmp_path / "cp2.jsonl")
+    for a, b in zip(one, cp2, strict=True):
+        for key in ("lm loss", "grad norm"):
+            assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (key, a[key], b[key])
