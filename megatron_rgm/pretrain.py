@@ -31,9 +31,10 @@ from megatron_rgm.arguments import Args, check_stage, parse_args
 from megatron_rgm.checkpoint import latest_iteration, load_checkpoint, save_checkpoint
 from megatron_rgm.config import ConfigError
 from megatron_rgm.model import build_model
-from megatron_rgm.model.context_parallel import check_context_parallel, split_batch
+from megatron_rgm.model.context_parallel import split_batch
 from megatron_rgm.model.load import recorded_geometry
 from megatron_rgm.rollout.sampling import derive_seed
+from megatron_rgm.training.batching import check_context_parallel
 from megatron_rgm.training.loop import TrainingError, train
 
 

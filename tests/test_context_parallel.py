@@ -225,7 +225,7 @@ def test_what_context_parallelism_cannot_run_is_refused_at_start(flags, message,
     """Refused before a model is built, naming the flag and the fix (the vLLM backend: every CP rank would start
     an engine of its own; Transformer Engine: the sampler switches CP off on the local attention only)."""
     from megatron_rgm.arguments import parse_args
-    from megatron_rgm.model.context_parallel import check_context_parallel
+    from megatron_rgm.training.batching import check_context_parallel
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"problem": "1 + 1", "answer": "2"}\n')

@@ -37,35 +37,6 @@ def cp_size() -> int:
     return ps.get_context_parallel_world_size()
 
 
-def check_context_parallel(args) -> None:
-    """What a run under context parallelism needs, refused at start rather than mid-run (``args``: the run's
-    :class:`megatron_rgm.arguments.Args`)."""
-    par, run = args.parallel, args.run
-    cp = par.context_parallel_size
-    if cp == 1:
-        return
-    multiple = 2 * cp * (par.tensor_model_parallel_size if par.sequence_parallel else 1)
-    if run.stage == "backbone-check":
-        if args.seq_length % multiple:
-            raise ConfigError(f"--seq-length {args.seq_length} does not split into {2 * cp} equal chunks for "
-                              f"--context-parallel-size {cp}: use a multiple of {multiple}")
-        return
-    multiple *= 8  # training pads micro-batches to multiples of 8 (training.batching.length_multiple)
-    if args.max_position_embeddings % multiple:
-        raise ConfigError(f"--max-position-embeddings {args.max_position_embeddings} is not a multiple of {multiple}: "
-                          f"a sample that long could not be split into {2 * cp} equal chunks for "
-                          f"--context-parallel-size {cp}; use a multiple of {multiple}")
-    if run.stage == "rgm" and args.data.prompts:
-        if args.data.rollout_backend == "vllm":
-            raise ConfigError("--rollout-backend vllm starts one engine per model-parallel group, and context-"
-                              "parallel ranks would each start their own: use --rollout-backend native with "
-                              "--context-parallel-size > 1, or --context-parallel-size 1")
-        if args.model.transformer_impl != "local":
-            raise ConfigError("rollouts sampled in the loop run with context parallelism switched off, which needs "
-                              "--transformer-impl local: use it, or sample with tools/generate_rollouts.py and "
-                              "train with --rollouts")
-
-
 def chunk_positions(length: int, size: int, rank: int, device=None) -> torch.Tensor:
     """The global positions ``[length / size]`` CP rank ``rank`` of ``size`` holds: chunks ``rank`` and
     ``2 size - 1 - rank`` of ``2 size``."""

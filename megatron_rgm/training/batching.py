@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from megatron_rgm.config import ConfigError
 from megatron_rgm.data.packing import collate_packed, empty_batch, input_length, plan_microbatches, round_up
 from megatron_rgm.data.sources import collate, to_device
 from megatron_rgm.data.store import Trajectory
@@ -30,6 +31,35 @@ def length_multiple(args) -> int:
     par = args.parallel
     cp = par.context_parallel_size
     return 8 * (par.tensor_model_parallel_size if par.sequence_parallel else 1) * (2 * cp if cp > 1 else 1)
+
+
+def check_context_parallel(args) -> None:
+    """What a run under context parallelism needs, refused at start rather than mid-run (``args``: the run's
+    :class:`megatron_rgm.arguments.Args`)."""
+    par, run = args.parallel, args.run
+    cp = par.context_parallel_size
+    if cp == 1:
+        return
+    multiple = length_multiple(args)
+    if run.stage == "backbone-check":  # its sequences are not padded to multiples of 8, only split
+        multiple //= 8
+        if args.seq_length % multiple:
+            raise ConfigError(f"--seq-length {args.seq_length} does not split into {2 * cp} equal chunks for "
+                              f"--context-parallel-size {cp}: use a multiple of {multiple}")
+        return
+    if args.max_position_embeddings % multiple:
+        raise ConfigError(f"--max-position-embeddings {args.max_position_embeddings} is not a multiple of {multiple}: "
+                          f"a sample that long could not be split into {2 * cp} equal chunks for "
+                          f"--context-parallel-size {cp}; use a multiple of {multiple}")
+    if run.stage == "rgm" and args.data.prompts:
+        if args.data.rollout_backend == "vllm":
+            raise ConfigError("--rollout-backend vllm starts one engine per model-parallel group, and context-"
+                              "parallel ranks would each start their own: use --rollout-backend native with "
+                              "--context-parallel-size > 1, or --context-parallel-size 1")
+        if args.model.transformer_impl != "local":
+            raise ConfigError("rollouts sampled in the loop run with context parallelism switched off, which needs "
+                              "--transformer-impl local: use it, or sample with tools/generate_rollouts.py and "
+                              "train with --rollouts")
 
 
 class MicroBatcher:
