@@ -203,6 +203,28 @@ def test_a_failure_leaves_no_output(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_early_stopping_rule_on_hand_values():
+    """Which candidates of one problem end: (running aggregate, steps, still decoding) each."""
+    from megatron_rgm.inference.pruning import PruneRule
+
+    group = [(0.9999, 2, True), (0.99, 2, True), (0.5, 2, True), (0.2, 1, True), (0.95, 3, False)]
+    # On probabilities the saturated pair is 0.0099 apart: only 0.5 trails the best (0.9999) by more than 0.1; the
+    # one-step candidate is not judged yet and a finished one is never ended.
+    assert PruneRule(0.1, min_steps=2).stops(group) == [2]
+    # On log-odds (9.21, 4.60, 0, -, 2.94) a margin of 2 ends 0.99 as well.
+    assert PruneRule(2.0, min_steps=2, scale="logit").stops(group) == [1, 2]
+    assert PruneRule(5.0, min_steps=2, scale="logit").stops(group) == [2]
+    # A finished candidate sets the bar; a best with too few steps does not.
+    assert PruneRule(2.0, min_steps=2, scale="logit").stops([(0.99, 2, True), (0.9999, 4, False)]) == [0]
+    assert PruneRule(0.1, min_steps=2).stops([(0.3, 2, True), (0.99, 1, True)]) == []
+    assert PruneRule(0.1, min_steps=1).stops([(0.3, 2, True), (0.99, 1, True)]) == [0]
+    # Aggregates of exactly 0 and 1 have finite log-odds: 1 ends 0, and equal aggregates end nothing.
+    assert PruneRule(1.0, min_steps=1, scale="logit").stops([(1.0, 1, True), (0.0, 1, True)]) == [1]
+    assert PruneRule(1.0, min_steps=1, scale="logit").stops([(1.0, 1, True), (1.0, 1, True)]) == []
+    with pytest.raises(ConfigError, match="--bon-prune-scale must be one of prob, logit"):
+        PruneRule(0.1, scale="odds")
+
+
 # --- a tiny random Qwen2, both backends, then tools/evaluate.py -----------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -423,6 +445,8 @@ def test_k1_chooses_the_single_candidate(setup, tmp_path):
     ("missing_ckpt", "does not exist"),
     ("no_hf_path", "--backend hf needs --hf-path"),
     ("bad_hf_path", "is not a directory"),
+    ("prune_margin", "--bon-prune-margin must be in (0, 1) with --bon-prune-scale prob"),
+    ("prune_logit", "--bon-prune-margin must be > 0 with --bon-prune-scale logit"),
 ])
 def test_user_errors(tmp_path, capsys, case, expect):
     prompts = tmp_path / "p.jsonl"
@@ -433,10 +457,14 @@ def test_user_errors(tmp_path, capsys, case, expect):
     argv += {"missing_prompts": ["--prompts", str(tmp_path / "none.jsonl")], "empty_prompts": [],
              "k0": ["--k", "0"], "aggregation": ["--aggregation", "median"],
              "missing_ckpt": ["--mcore-path", str(tmp_path / "nope")], "no_hf_path": ["--backend", "hf"],
-             "bad_hf_path": ["--backend", "hf", "--hf-path", str(tmp_path / "nope")]}[case]
+             "bad_hf_path": ["--backend", "hf", "--hf-path", str(tmp_path / "nope")],
+             "prune_margin": ["--bon-prune-margin", "1.5"],
+             "prune_logit": ["--bon-prune-margin", "0", "--bon-prune-scale", "logit"]}[case]
     if case == "empty_prompts":
         argv += ["--backend", "hf", "--hf-path", str(tmp_path)]
     assert tool("best_of_n").main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and expect in err and "\n" not in err, err
+    # One line of ours, last; a first import of megatron-core may log torch's "No CUDA runtime" line before it.
+    lines = capsys.readouterr().err.strip().splitlines()
+    ours = [line for line in lines if line.startswith("error: ")]
+    assert len(ours) == 1 and lines[-1] == ours[0] and expect in ours[0], lines
     assert not out.exists()

@@ -44,7 +44,7 @@ from megatron_rgm import distributed, ops
 from megatron_rgm.config import AGGREGATIONS, ConfigError, check_template, option
 from megatron_rgm.data.benchmarks import KNOWN, read_jsonl
 from megatron_rgm.hf import RGMScorer
-from megatron_rgm.inference.pruning import PruneRule, ReflectivePruner
+from megatron_rgm.inference.pruning import PRUNE_SCALES, PruneRule, ReflectivePruner
 from megatron_rgm.rollout.generate import (
     PROMPT_TEMPLATE,
     check_prompt_lengths,
@@ -103,6 +103,9 @@ class BestOfNConfig:
     prune_min_steps: int = option(2, "steps both candidates need before one is compared with the other",
                                   flag="--bon-prune-min-steps")
     prune_every: int = option(8, "decode steps between early-stopping checks", flag="--bon-prune-every")
+    prune_scale: str = option("prob", "what the margin measures: the aggregates (prob) or their log-odds (logit; one "
+                              "margin for heads whose scores saturate)", flag="--bon-prune-scale",
+                              choices=PRUNE_SCALES)
     verifier: str = option("math", cli=False)  # the prompts' (PromptFileConfig)
     template: str = option(PROMPT_TEMPLATE, cli=False)
 
@@ -121,13 +124,14 @@ class BestOfNConfig:
             raise ConfigError(f"--verifier {self.verifier!r} is unknown: use one of {', '.join(VERIFIERS)}")
         if self.max_batch < 1:
             raise ConfigError(f"--max-batch must be >= 1, got {self.max_batch}")
+        self.prune_rule()  # the --bon-prune-* flags, checked before any model loads
         check_template(self.template)
 
     def prune_rule(self) -> PruneRule | None:
         """The early-stopping rule these options ask for (None: off)."""
         if self.prune_margin is None:
             return None
-        return PruneRule(self.prune_margin, self.prune_min_steps, self.prune_every)
+        return PruneRule(self.prune_margin, self.prune_min_steps, self.prune_every, self.prune_scale)
 
 
 def choose(aggregates: list[float], stopped: list[bool] | None = None) -> int:

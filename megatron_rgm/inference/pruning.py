@@ -4,7 +4,10 @@ The head's step scores come out of the sampling passes, so a candidate's running
 being written. Every ``every`` decode steps, for each problem, the rule takes the running aggregate of each of
 its candidates (the candidate's steps so far, as :func:`megatron_rgm.inference.best_of_n.score_candidates`
 aggregates them at the end) and ends every candidate still decoding that has at least ``min_steps`` steps and
-trails the best candidate with ``min_steps`` steps by more than ``margin``. An ended candidate is never chosen;
+trails the best candidate with ``min_steps`` steps by more than ``margin``, measured on the probabilities or on their
+log-odds (``scale``). A head whose scores saturate near 0 or 1 puts a right and a wrong candidate a few thousandths
+apart in probability and several units apart in log-odds, so one log-odds margin serves heads that a probability
+margin would need retuning for. An ended candidate is never chosen;
 its slot goes to a waiting sequence (another problem's candidate). A sample draws from its own generator, so the
 candidates that are not stopped are exactly those of the same run without the rule: the two compare on the same
 draws.
@@ -14,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import torch
 
 from megatron_rgm import ops
@@ -21,21 +26,57 @@ from megatron_rgm.config import ConfigError
 from megatron_rgm.steps import StepSegmenter
 
 
+PRUNE_SCALES = ("prob", "logit")
+_EDGE = 1e-12  # log-odds of aggregates at 0 or 1 are clamped here (about +-27.6)
+
+
 @dataclass(frozen=True)
 class PruneRule:
-    """When to end a candidate: it trails its group's best running aggregate by more than ``margin``, both with at
-    least ``min_steps`` steps, at a check (every ``every`` decode steps)."""
+    """When to end a candidate: it trails its group's best running aggregate by more than ``margin`` (on ``scale``:
+    the aggregate itself or its log-odds), both with at least ``min_steps`` steps, at a check (every ``every``
+    decode steps)."""
 
     margin: float
     min_steps: int = 2
     every: int = 8
+    scale: str = "prob"
 
     def __post_init__(self):
-        if not 0 < self.margin < 1:
-            raise ConfigError(f"--bon-prune-margin must be in (0, 1) (aggregates are probabilities), got {self.margin}")
+        if self.scale not in PRUNE_SCALES:
+            raise ConfigError(f"--bon-prune-scale must be one of {', '.join(PRUNE_SCALES)}, got {self.scale!r}")
+        if self.scale == "prob" and not 0 < self.margin < 1:
+            raise ConfigError(f"--bon-prune-margin must be in (0, 1) with --bon-prune-scale prob (aggregates are "
+                              f"probabilities), got {self.margin}")
+        if self.scale == "logit" and not self.margin > 0:
+            raise ConfigError(f"--bon-prune-margin must be > 0 with --bon-prune-scale logit, got {self.margin}")
         if self.min_steps < 1 or self.every < 1:
             raise ConfigError(f"--bon-prune-min-steps and --bon-prune-every must be >= 1, got {self.min_steps} and "
                               f"{self.every}")
+
+    def value(self, aggregate: float) -> float:
+        """``aggregate`` on the rule's scale."""
+        if self.scale == "prob":
+            return aggregate
+        p = min(max(aggregate, _EDGE), 1 - _EDGE)
+        return math.log(p) - math.log1p(-p)
+
+    def stops(self, candidates: list[tuple[float, int, bool]]) -> list[int]:
+        """Which of one problem's candidates end now.
+
+        Args:
+            candidates: (running aggregate, steps so far, still decoding) of each candidate not already stopped; a
+                finished candidate counts with its final aggregate.
+
+        Returns:
+            Indices into ``candidates`` of those still decoding that have ``min_steps`` steps and trail the best
+            candidate with ``min_steps`` steps by more than the margin.
+        """
+        eligible = [self.value(agg) for agg, steps, _ in candidates if steps >= self.min_steps]
+        if not eligible:
+            return []
+        bar = max(eligible) - self.margin
+        return [i for i, (agg, steps, decoding) in enumerate(candidates)
+                if decoding and steps >= self.min_steps and self.value(agg) < bar]
 
 
 class ReflectivePruner:
@@ -79,10 +120,6 @@ class ReflectivePruner:
                     self.ended[key] = self.running(s.tokens, s.position_logits, len(req.prompt))
                 scored.append((s, self.ended[key] if s.slot is None else
                                self.running(s.tokens, s.position_logits, len(req.prompt))))
-            eligible = [agg for _, (agg, steps) in scored if steps >= self.rule.min_steps]
-            if not eligible:
-                continue
-            best = max(eligible)
-            stop += [s.slot for s, (agg, steps) in scored
-                     if s.slot is not None and steps >= self.rule.min_steps and agg < best - self.rule.margin]
+            ends = self.rule.stops([(agg, steps, s.slot is not None) for s, (agg, steps) in scored])
+            stop += [scored[i][0].slot for i in ends]
         return stop
