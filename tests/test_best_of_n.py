@@ -223,6 +223,8 @@ def test_early_stopping_rule_on_hand_values():
     assert PruneRule(1.0, min_steps=1, scale="logit").stops([(1.0, 1, True), (1.0, 1, True)]) == []
     with pytest.raises(ConfigError, match="--bon-prune-scale must be one of prob, logit"):
         PruneRule(0.1, scale="odds")
+    with pytest.raises(ConfigError, match="--bon-prune-scale 'odds' is unknown"):
+        BestOfNConfig(prune_scale="odds")  # checked with or without a margin
 
 
 # --- a tiny random Qwen2, both backends, then tools/evaluate.py -----------------------------------------------

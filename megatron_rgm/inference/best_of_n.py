@@ -124,6 +124,8 @@ class BestOfNConfig:
             raise ConfigError(f"--verifier {self.verifier!r} is unknown: use one of {', '.join(VERIFIERS)}")
         if self.max_batch < 1:
             raise ConfigError(f"--max-batch must be >= 1, got {self.max_batch}")
+        if self.prune_scale not in PRUNE_SCALES:
+            raise ConfigError(f"--bon-prune-scale {self.prune_scale!r} is unknown: use one of {', '.join(PRUNE_SCALES)}")
         self.prune_rule()  # the --bon-prune-* flags, checked before any model loads
         check_template(self.template)
 

@@ -27,7 +27,9 @@ from megatron_rgm.steps import StepSegmenter
 
 
 PRUNE_SCALES = ("prob", "logit")
-_EDGE = 1e-12  # log-odds of aggregates at 0 or 1 are clamped here (about +-27.6)
+# Log-odds of aggregates at 1 (or 0) are clamped here: +-27.6, above any float64 sigmoid short of exactly 1. (The
+# geometric mean and the product floor each step at 1e-10, so their aggregates stay above log-odds -23.)
+_EDGE = 1e-12
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,9 @@ class ReflectivePruner:
         tokens = tokens.cpu()[None]
         response = torch.arange(tokens.shape[1])[None] >= prompt_length
         mask = self.segmenter(tokens, response_mask=response).mask[0]
-        probs = torch.sigmoid(position_logits.cpu().float()[mask])
+        # float64: in float32 the largest score short of 1 has log-odds 16.6 while 1 itself clamps to 27.6, a gap
+        # a log-odds margin would read as evidence.
+        probs = torch.sigmoid(position_logits.cpu().double()[mask])
         if probs.numel() == 0:
             return 0.0, 0
         cu = torch.tensor([0, probs.numel()], dtype=torch.int32)
