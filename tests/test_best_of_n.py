@@ -221,7 +221,7 @@ def test_early_stopping_rule_on_hand_values():
     # Aggregates of exactly 0 and 1 have finite log-odds: 1 ends 0, and equal aggregates end nothing.
     assert PruneRule(1.0, min_steps=1, scale="logit").stops([(1.0, 1, True), (0.0, 1, True)]) == [1]
     assert PruneRule(1.0, min_steps=1, scale="logit").stops([(1.0, 1, True), (1.0, 1, True)]) == []
-    with pytest.raises(ConfigError, match="--bon-prune-scale must be one of prob, logit"):
+    with pytest.raises(ConfigError, match="--bon-prune-scale 'odds' is unknown: use one of prob, logit"):
         PruneRule(0.1, scale="odds")
     with pytest.raises(ConfigError, match="--bon-prune-scale 'odds' is unknown"):
         BestOfNConfig(prune_scale="odds")  # checked with or without a margin

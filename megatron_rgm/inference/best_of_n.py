@@ -44,7 +44,7 @@ from megatron_rgm import distributed, ops
 from megatron_rgm.config import AGGREGATIONS, ConfigError, check_template, option
 from megatron_rgm.data.benchmarks import KNOWN, read_jsonl
 from megatron_rgm.hf import RGMScorer
-from megatron_rgm.inference.pruning import PRUNE_SCALES, PruneRule, ReflectivePruner
+from megatron_rgm.inference.pruning import PRUNE_SCALES, PruneRule, ReflectivePruner, check_scale
 from megatron_rgm.rollout.generate import (
     PROMPT_TEMPLATE,
     check_prompt_lengths,
@@ -124,8 +124,7 @@ class BestOfNConfig:
             raise ConfigError(f"--verifier {self.verifier!r} is unknown: use one of {', '.join(VERIFIERS)}")
         if self.max_batch < 1:
             raise ConfigError(f"--max-batch must be >= 1, got {self.max_batch}")
-        if self.prune_scale not in PRUNE_SCALES:
-            raise ConfigError(f"--bon-prune-scale {self.prune_scale!r} is unknown: use one of {', '.join(PRUNE_SCALES)}")
+        check_scale(self.prune_scale)  # also when no margin asks for a rule
         self.prune_rule()  # the --bon-prune-* flags, checked before any model loads
         check_template(self.template)
 

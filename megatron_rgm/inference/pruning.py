@@ -15,9 +15,8 @@ draws.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -32,6 +31,12 @@ PRUNE_SCALES = ("prob", "logit")
 _EDGE = 1e-12
 
 
+def check_scale(scale: str) -> None:
+    """Raises ConfigError unless ``scale`` is one of :data:`PRUNE_SCALES` (``--bon-prune-scale``)."""
+    if scale not in PRUNE_SCALES:
+        raise ConfigError(f"--bon-prune-scale {scale!r} is unknown: use one of {', '.join(PRUNE_SCALES)}")
+
+
 @dataclass(frozen=True)
 class PruneRule:
     """When to end a candidate: it trails its group's best running aggregate by more than ``margin`` (on ``scale``:
@@ -44,8 +49,7 @@ class PruneRule:
     scale: str = "prob"
 
     def __post_init__(self):
-        if self.scale not in PRUNE_SCALES:
-            raise ConfigError(f"--bon-prune-scale must be one of {', '.join(PRUNE_SCALES)}, got {self.scale!r}")
+        check_scale(self.scale)
         if self.scale == "prob" and not 0 < self.margin < 1:
             raise ConfigError(f"--bon-prune-margin must be in (0, 1) with --bon-prune-scale prob (aggregates are "
                               f"probabilities), got {self.margin}")
@@ -73,12 +77,12 @@ class PruneRule:
             Indices into ``candidates`` of those still decoding that have ``min_steps`` steps and trail the best
             candidate with ``min_steps`` steps by more than the margin.
         """
-        eligible = [self.value(agg) for agg, steps, _ in candidates if steps >= self.min_steps]
-        if not eligible:
+        judged = [(i, self.value(agg), decoding) for i, (agg, steps, decoding) in enumerate(candidates)
+                  if steps >= self.min_steps]
+        if not judged:
             return []
-        bar = max(eligible) - self.margin
-        return [i for i, (agg, steps, decoding) in enumerate(candidates)
-                if decoding and steps >= self.min_steps and self.value(agg) < bar]
+        bar = max(value for _, value, _ in judged) - self.margin
+        return [i for i, value, decoding in judged if decoding and value < bar]
 
 
 class ReflectivePruner:
