@@ -21,7 +21,7 @@ def test_shrunken_pipeline_writes_every_artefact_and_a_consistent_table(tmp_path
     proc = subprocess.run(
         [sys.executable, "-m", "megatron_rgm.tasks.pipeline", "--output", str(out), "--n-train", "48", "--n-eval",
          "6", "--n-sft", "192", "--sft-iters", "8", "--sft-batch", "16", "--rgm-iters", "2", "--prompts-per-iter",
-         "2", "--k", "4", "--eval-k", "4", "--ks", "1", "2", "4", "--max-response", "40"],
+         "2", "--k", "4", "--eval-k", "4", "--ks", "1", "2", "4", "--max-response", "40", "--mask-warmup-iters", "1"],
         env=clean_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
     lines = proc.stdout.strip().splitlines()
@@ -34,7 +34,11 @@ def test_shrunken_pipeline_writes_every_artefact_and_a_consistent_table(tmp_path
                  "hf/tokenizer.model", "samples.jsonl", "eval.json", "eval.md", "accuracy_vs_k.png",
                  "score_divergence.png", "train_metrics.jsonl", "scorer.json"):
         assert (out / name).exists(), name
-    assert len((out / "train_metrics.jsonl").read_text().splitlines()) == 2
+    train = [json.loads(line) for line in (out / "train_metrics.jsonl").read_text().splitlines()]
+    assert len(train) == 2
+    # --mask-warmup-iters 1: the head's first iteration is plain BCE (no mask, no class counts), the second SPR
+    assert "spr positives" not in train[0] and "spr positives" in train[1]
+    assert "the head on plain BCE for the first 1" in proc.stdout
     # The head reads the last layer at this size (docs/RESULTS.md), and the export says so for serving.
     assert json.loads((out / "hf" / "sprm_config.json").read_text())["sprm_layer"] == -1
 
@@ -80,6 +84,14 @@ def test_pipeline_refuses_a_non_empty_output(tmp_path, capsys):
     fresh = tmp_path / "fresh"
     assert main(["--output", str(fresh), "--long", "--max-tokens-per-microbatch", "100"]) == 2
     assert "--max-tokens-per-microbatch 100 cannot hold one sequence" in capsys.readouterr().err
+    assert not fresh.exists()
+    # the head's mask warm-up: the pipeline's own flag, below the RGM iterations, never given twice
+    assert main(["--output", str(fresh), "--rgm-iters", "5"]) == 2  # the default warm-up is 5
+    assert "--mask-warmup-iters 5 must be >= 0 and below --rgm-iters 5" in capsys.readouterr().err
+    assert main(["--output", str(fresh), "--mask-warmup-iters", "-1"]) == 2
+    assert "--mask-warmup-iters -1 must be >= 0" in capsys.readouterr().err
+    assert main(["--output", str(fresh), "--", "--sprm-mask-warmup-iters", "0"]) == 2
+    assert "pass --mask-warmup-iters N before --" in capsys.readouterr().err
     assert not fresh.exists()
 
 

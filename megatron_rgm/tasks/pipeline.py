@@ -76,6 +76,9 @@ class PipelineConfig:
     max_response: int | None = None  # tokens per response; None: 48, or knobs.LONG_RESPONSE with the long knob
     rgm_lr: float = 2e-5
     sprm_lr: float = 1e-3
+    # plain BCE for the head on the RGM stage's first N iterations, then SPR (--sprm-mask-warmup-iters): a fresh
+    # head meeting noisy step labels can lock SPR's mask on a head that does not read the steps (docs/RESULTS.md)
+    mask_warmup_iters: int = 5
     eval_k: int = 8
     ks: tuple[int, ...] = (1, 2, 8)
     extra: list[str] = field(default_factory=list)
@@ -158,6 +161,13 @@ def run(cfg: PipelineConfig) -> dict:
     if cfg.max_tokens_per_microbatch is not None and cfg.max_tokens_per_microbatch < positions:
         raise ConfigError(f"--max-tokens-per-microbatch {cfg.max_tokens_per_microbatch} cannot hold one sequence of "
                           f"the tiny preset ({positions} positions): pass at least {positions}, or leave it out")
+    if "--sprm-mask-warmup-iters" in cfg.extra:
+        raise ConfigError("--sprm-mask-warmup-iters after -- would override the pipeline's own: pass "
+                          "--mask-warmup-iters N before -- (0: SPR from the first iteration)")
+    if not 0 <= cfg.mask_warmup_iters < cfg.rgm_iters:
+        raise ConfigError(f"--mask-warmup-iters {cfg.mask_warmup_iters} must be >= 0 and below --rgm-iters "
+                          f"{cfg.rgm_iters}, or the head never trains with SPR: pass fewer, or 0 for SPR from the "
+                          "first iteration")
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--output {out} exists and is not empty: choose a new directory (OUTDIR=...)")
     torch.set_num_threads(1)  # a 128-wide model: one thread per process beats contention on a small machine
@@ -198,8 +208,9 @@ def run(cfg: PipelineConfig) -> dict:
                               "--log-interval", str(max(1, cfg.sft_iters // 10)), "--save", str(out / "sft")],
                   out / "sft.log")
 
+    warmup = f", the head on plain BCE for the first {cfg.mask_warmup_iters}" if cfg.mask_warmup_iters else ""
     _say(f"3/6 RGM (GRPO + SPR): {cfg.rgm_iters} iterations x {cfg.prompts_per_iter} prompts x k={cfg.k}, "
-         f"{' '.join(cfg.rgm_layout)}")
+         f"{' '.join(cfg.rgm_layout)}{warmup}")
     _torchrun(cfg.nproc, [*common, *cfg.rgm_layout, "--prompts", str(task["train"]), "--verifier", "exact",
                           "--pretrained-checkpoint", str(out / "sft"), "--train-iters", str(cfg.rgm_iters),
                           "--prompts-per-iter", str(cfg.prompts_per_iter), "--grpo-group-size", str(cfg.k),
@@ -208,7 +219,7 @@ def run(cfg: PipelineConfig) -> dict:
                           "--lr", str(cfg.rgm_lr), "--sprm-lr", str(cfg.sprm_lr), "--sprm-layer",
                           str(cfg.sprm_layer), "--save", str(out / "rgm"), "--save-rollouts", str(out / "rollouts"),
                           "--metrics-file", str(out / "train_metrics.jsonl"), "--tensorboard-dir",
-                          str(out / "tensorboard"),
+                          str(out / "tensorboard"), "--sprm-mask-warmup-iters", str(cfg.mask_warmup_iters),
                           *cfg.extra], out / "rgm.log")
 
     _say(f"4/6 Best-of-N on {cfg.n_eval} eval problems: k={cfg.eval_k}, every candidate answered")
@@ -245,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
                  "rgm_iters", "prompts_per_iter", "k", "max_response", "eval_k", "vocab_size",
                  "max_tokens_per_microbatch"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+    p.add_argument("--mask-warmup-iters", type=int, default=d.mask_warmup_iters, metavar="N",
+                   help="train the head with plain BCE on the RGM stage's first N iterations, then with SPR "
+                        "(--sprm-mask-warmup-iters; 0: SPR from the first iteration, as the paper)")
     for name in ("error_rate", "fix_rate", "sft_lr", "rgm_lr", "sprm_lr", "temperature"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     p.add_argument("--sprm-layer", type=int, default=d.sprm_layer,
