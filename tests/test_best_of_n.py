@@ -437,6 +437,108 @@ def test_k1_chooses_the_single_candidate(setup, tmp_path):
     assert metrics["bon@1/geometric"] == metrics["pass@1"] == sum(r["correct"] for r in rows) / len(rows)
 
 
+# --- rescoring a draw with another export's head (tools/rescore.py) ------------------------------------------
+
+@pytest.fixture(scope="module")
+def hf_draw(setup, tmp_path_factory):
+    """A draw of the steered export (hf backend, every candidate answered) and a second export: the same weights
+    with the head's output negated, a head that ranks the candidates its own way."""
+    root, prompts = setup
+    tmp = tmp_path_factory.mktemp("rescore")
+    draw = tmp / "draw.jsonl"
+    assert tool("best_of_n").main(["--prompts", str(prompts), "--output", str(draw), "--backend", "hf",
+                                   "--hf-path", str(root / "hf"), *SAMPLED]) == 0
+    other = tmp / "other"
+    other.mkdir()
+    for f in (root / "hf").iterdir():
+        if f.is_file():
+            (other / f.name).write_bytes(f.read_bytes())
+    head = torch.load(other / "score_module.pt", weights_only=True)
+    head["3.weight"], head["3.bias"] = -head["3.weight"], -head["3.bias"]
+    torch.save(head, other / "score_module.pt")
+    return root, draw, other, tmp
+
+
+def test_rescoring_keeps_the_candidates_and_counts_the_re_tokenised_ones(hf_draw, capsys):
+    root, draw, _, tmp = hf_draw
+    out = tmp / "self.jsonl"
+    assert tool("rescore").main([str(draw), "--hf-path", str(root / "hf"), "--output", str(out)]) == 0
+    before, after = read(draw), read(out)
+    keep = ("text", "response", "prediction", "correct", "finish", "tokens")
+    moved, first = 0, 0
+    for r, q in zip(before, after, strict=True):
+        assert (q["id"], q["problem"], q["answer"], q["responses"]) == (r["id"], r["problem"], r["answer"], r["responses"])
+        for c, d in zip(r["candidates"], q["candidates"], strict=True):
+            assert {k: d.get(k) for k in keep} == {k: c.get(k) for k in keep}
+            moved += len(c["step_scores"]) != len(d["step_scores"])
+            # A candidate is scored from its text. This random model samples bytes that are no UTF-8 (decoded
+            # as U+FFFD) and splits that encoding merges, so only a clean text re-encodes to the tokens sampled
+            # (a trained policy's: docs/RESULTS.md). Where the text before the first step is one or two ASCII
+            # characters (little room for another split), that step scores as the sampler scored it.
+            head = c["text"].split(".\n\n")[0]
+            if c["step_scores"] and head.isascii() and len(head) <= 2:
+                assert d["step_scores"][0] == pytest.approx(c["step_scores"][0], abs=1e-5)
+                first += 1
+    assert first >= 1, "no candidate of this draw starts with a clean step"
+    assert f"{moved} candidates scored on another number of steps" in capsys.readouterr().out
+    assert all(q["scored_by"] == str(root / "hf") for q in after)
+
+
+def test_another_head_picks_by_its_own_scores_on_the_same_candidates(hf_draw):
+    from megatron_rgm.evaluation.report import aggregate_scores, run
+    from megatron_rgm.hf import RGMScorer
+
+    _, draw, other, tmp = hf_draw
+    out = tmp / "other.jsonl"
+    assert tool("rescore").main([str(draw), "--hf-path", str(other), "--output", str(out),
+                                 "--aggregation", "arithmetic"]) == 0
+    before, after = read(draw), read(out)
+    scorer = RGMScorer.from_pretrained(str(other))
+    for r, q in zip(before, after, strict=True):
+        assert [c["text"] for c in q["candidates"]] == [c["text"] for c in r["candidates"]]  # the same candidates
+        assert q["responses"] == r["responses"] and q["aggregation"] == "arithmetic"
+        direct = scorer.score_responses([r["problem"]] * 4, [c["text"] for c in r["candidates"]], PROMPT_TEMPLATE)
+        for d, want in zip(q["candidates"], direct):
+            assert d["step_scores"] == pytest.approx(want.step_scores, abs=1e-6)
+        aggregates = [c["aggregate"] for c in q["candidates"]]
+        assert aggregates == aggregate_scores(q["step_scores"])["arithmetic"]  # what evaluate's BoN ranks by
+        assert q["chosen"] == choose(aggregates)
+        best = q["candidates"][q["chosen"]]
+        assert (q["response"], q["prediction"], q["correct"]) == (best["response"], best["prediction"], best["correct"])
+    assert any(q["chosen"] != r["chosen"] for r, q in zip(before, after)), "the negated head should pick otherwise"
+    metrics = run(out, [1, 4])
+    assert metrics["bon@4/arithmetic"] == sum(q["correct"] for q in after) / len(after)
+
+
+@pytest.mark.parametrize("case, expect", [
+    ("unanswered", "candidate 1 never answered: draw with --complete-all"),
+    ("stopped", "candidate 2 stopped early, with no answer"),
+    ("not_samples", "has no 'candidates'/'problem'"),
+    ("same_file", "is the samples file"),
+    ("aggregation", "--aggregation 'median' is unknown"),
+    ("template", "has no {problem} field"),
+])
+def test_rescore_user_errors(hf_draw, case, expect, capsys):
+    root, draw, _, tmp = hf_draw
+    rows = read(draw)
+    bad = tmp / f"{case}.jsonl"
+    if case == "unanswered":
+        del rows[0]["candidates"][1]["response"]
+    if case == "stopped":
+        rows[1]["candidates"][2]["finish"] = "stopped"
+    if case == "not_samples":
+        rows = [{"id": "0", "answer": "1", "responses": ["x"]}]
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = bad if case == "same_file" else tmp / f"{case}.out.jsonl"
+    argv = [str(bad), "--hf-path", str(root / "hf"), "--output", str(out)]
+    argv += {"aggregation": ["--aggregation", "median"], "template": ["--prompt-template", "Q: "]}.get(case, [])
+    assert tool("rescore").main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert expect in lines[-1] and lines[-1].startswith("error: ")
+    assert case == "same_file" or not out.exists()
+    assert not list(tmp.glob("*.tmp*"))
+
+
 # --- user errors: one line, exit 2, nothing written -----------------------------------------------------------
 
 @pytest.mark.parametrize("case, expect", [

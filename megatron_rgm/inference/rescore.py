@@ -1,0 +1,110 @@
+"""Best-of-N again on candidates already drawn: every candidate's thinking scored by an RGM export's head.
+
+Two heads compared on one draw see the same candidates, so the difference between their picks is the heads'
+alone, not the draws' (two runs' policies sample apart as soon as their weights differ at all). One draw of k
+candidates also serves any number of heads: the draw is the expensive part, a scoring pass is a forward each.
+
+The input is a Best-of-N samples file (``tools/best_of_n.py --complete-all``: every candidate answered and
+graded, so whichever the new scores pick has its answer). The output has the same records and candidates,
+their ``step_scores`` and ``aggregate`` from the new head, ``chosen`` its argmax (ties: the lowest index, as
+``bon@k`` in the evaluation) and ``response``, ``prediction``, ``correct`` those of the new pick;
+``scored_by`` names the export. ``tools/evaluate.py`` reads it like any samples file.
+
+A candidate is scored from its text: the prompt as the template renders it, then the thinking's tokens as the
+export's tokenizer encodes it. A policy that sampled a non-canonical split of a token (``"1"``, ``"2"`` for
+``"12"``) is scored on the merged token, which moves the features a little; the summary counts the candidates
+whose number of steps changed that way.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from megatron_rgm import ops
+from megatron_rgm.config import AGGREGATIONS, ConfigError, check_template
+from megatron_rgm.data.benchmarks import read_jsonl
+from megatron_rgm.hf import RGMScorer
+from megatron_rgm.inference.best_of_n import choose
+
+
+def check_samples(rows: list[dict], path: str | Path) -> None:
+    """Every record must hold answered candidates, none stopped early: the new head may pick any of them."""
+    if not rows:
+        raise ConfigError(f"{path} holds no records: pass the output of tools/best_of_n.py")
+    for n, row in enumerate(rows, 1):
+        if not row.get("candidates") or "problem" not in row:
+            raise ConfigError(f"{path}: record {n} has no 'candidates'/'problem': pass the output of "
+                              "tools/best_of_n.py")
+        for j, c in enumerate(row["candidates"]):
+            if c.get("finish") == "stopped":
+                raise ConfigError(f"{path}: record {n} ({row.get('id')}) has candidate {j} stopped early, with no "
+                                  "answer: rescore a draw made without --bon-prune-margin")
+            if "response" not in c:
+                raise ConfigError(f"{path}: record {n} ({row.get('id')}) has candidate {j} never answered: draw "
+                                  "with --complete-all, so that every candidate the new head may pick has its answer")
+
+
+def rescore_record(row: dict, scorer: RGMScorer, template: str, aggregation: str, source: str) -> tuple[dict, int]:
+    """``row`` with its candidates scored by ``scorer`` (the export at ``source``) and the pick made again; and
+    how many candidates were scored on a different number of steps than recorded (re-tokenised text)."""
+    cands = row["candidates"]
+    scored = scorer.score_responses([row["problem"]] * len(cands), [c["text"] for c in cands], template)
+    steps = [s.step_scores for s in scored]
+    # The aggregates from the float32 probabilities, as tools/evaluate.py computes them from step_scores.
+    flat = torch.tensor([p for s in steps for p in s], dtype=torch.float32)
+    cu = torch.zeros(len(steps) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor([len(s) for s in steps]).cumsum(0)
+    aggregates = ops.segment_aggregate(flat, cu, aggregation, from_probs=True).tolist()
+    changed = sum(len(s) != len(c["step_scores"]) for s, c in zip(steps, cands))
+    out = copy.deepcopy(row)
+    for c, s, a in zip(out["candidates"], steps, aggregates):
+        c["step_scores"], c["aggregate"] = s, a
+    chosen = choose(aggregates)
+    best = out["candidates"][chosen]
+    out.update(aggregation=aggregation, chosen=chosen, response=best["response"], prediction=best.get("prediction"),
+               correct=best.get("correct"), step_scores=steps, scored_by=source)
+    return out, changed
+
+
+def rescore(samples: str | Path, hf_path: str | Path, output: str | Path, template: str,
+            aggregation: str = "geometric") -> dict:
+    """Score every candidate of ``samples`` with the export at ``hf_path``; write ``output`` all at once.
+
+    Returns:
+        ``{"problems", "candidates", "picks_changed", "steps_changed", "graded", "correct"}``.
+    """
+    check_template(template)
+    if aggregation not in AGGREGATIONS:
+        raise ConfigError(f"--aggregation {aggregation!r} is unknown: use one of {', '.join(AGGREGATIONS)}")
+    rows = read_jsonl(samples)
+    check_samples(rows, samples)
+    out = Path(output)
+    if out.resolve() == Path(samples).resolve():
+        raise ConfigError(f"--output {out} is the samples file: write the rescored draw to a new file")
+    scorer = RGMScorer.from_pretrained(str(hf_path))
+    summary = {"problems": len(rows), "candidates": 0, "picks_changed": 0, "steps_changed": 0, "graded": 0,
+               "correct": 0}
+    records = []
+    for row in rows:
+        record, changed = rescore_record(row, scorer, template, aggregation, str(hf_path))
+        records.append(record)
+        summary["candidates"] += len(row["candidates"])
+        summary["picks_changed"] += int(record["chosen"] != row.get("chosen"))
+        summary["steps_changed"] += changed
+        if record["correct"] is not None:
+            summary["graded"] += 1
+            summary["correct"] += int(record["correct"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    try:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return summary
