@@ -172,22 +172,27 @@ class RGMScorer:
         if len(problems) != len(responses):
             raise ConfigError(f"score_responses got {len(problems)} problems and {len(responses)} responses: pass "
                               "one problem per response")
-        return self.score_ids([prompt_ids(self.tokenizer, prompt_template, p) + encode(self.tokenizer, r)
-                               for p, r in zip(problems, responses)])
+        prompts = [prompt_ids(self.tokenizer, prompt_template, p) for p in problems]
+        return self.score_ids([q + encode(self.tokenizer, r) for q, r in zip(prompts, responses)],
+                              [len(q) for q in prompts])
 
     def _need_tokenizer(self, call: str) -> None:
         if self.segmenter is None:
             raise ConfigError(f"RGMScorer.{call} needs a tokenizer: pass one, or use score_ids / step_logits on ids")
 
     @torch.no_grad()
-    def score_ids(self, sequences: list[list[int]]) -> list[ScoredText]:
-        """Step scores and the aggregate of each token-id sequence (one at a time: no padding effects)."""
+    def score_ids(self, sequences: list[list[int]], prompt_lengths: list[int] | None = None) -> list[ScoredText]:
+        """Step scores and the aggregate of each token-id sequence (one at a time: no padding effects); with
+        ``prompt_lengths``, only the response's tokens end steps, as in sampling (a problem may hold a step string)."""
         self._need_tokenizer("score_ids")
         results = []
         device = next(self.model.parameters()).device
-        for seq in sequences:
+        for n, seq in enumerate(sequences):
             ids = torch.tensor([list(seq)], device=device)
-            layout = self.segmenter(ids)
+            response = None
+            if prompt_lengths is not None:
+                response = (torch.arange(ids.shape[1], device=device) >= prompt_lengths[n]).unsqueeze(0)
+            layout = self.segmenter(ids, response_mask=response)
             _, logits = self.step_logits(ids, layout.mask)
             agg = ops.segment_aggregate(logits.cpu(), layout.cu_steps.cpu(), self.aggregation)
             results.append(ScoredText(torch.sigmoid(logits).tolist(), float(agg[0]), layout.positions.tolist()))

@@ -465,21 +465,15 @@ def test_rescoring_keeps_the_candidates_and_counts_the_re_tokenised_ones(hf_draw
     assert tool("rescore").main([str(draw), "--hf-path", str(root / "hf"), "--output", str(out)]) == 0
     before, after = read(draw), read(out)
     keep = ("text", "response", "prediction", "correct", "finish", "tokens")
-    moved, first = 0, 0
+    moved = 0
     for r, q in zip(before, after, strict=True):
         assert (q["id"], q["problem"], q["answer"], q["responses"]) == (r["id"], r["problem"], r["answer"], r["responses"])
+        assert r["prompt_template"] == q["prompt_template"] == PROMPT_TEMPLATE  # best_of_n names it; rescore reads it
         for c, d in zip(r["candidates"], q["candidates"], strict=True):
             assert {k: d.get(k) for k in keep} == {k: c.get(k) for k in keep}
             moved += len(c["step_scores"]) != len(d["step_scores"])
-            # A candidate is scored from its text. This random model samples bytes that are no UTF-8 (decoded
-            # as U+FFFD) and splits that encoding merges, so only a clean text re-encodes to the tokens sampled
-            # (a trained policy's: docs/RESULTS.md). Where the text before the first step is one or two ASCII
-            # characters (little room for another split), that step scores as the sampler scored it.
-            head = c["text"].split(".\n\n")[0]
-            if c["step_scores"] and head.isascii() and len(head) <= 2:
-                assert d["step_scores"][0] == pytest.approx(c["step_scores"][0], abs=1e-5)
-                first += 1
-    assert first >= 1, "no candidate of this draw starts with a clean step"
+    # A candidate is scored from its text, which a policy's non-canonical token splits (and, for this random
+    # model, bytes that are no UTF-8) do not survive: the summary counts the candidates whose steps moved.
     assert f"{moved} candidates scored on another number of steps" in capsys.readouterr().out
     assert all(q["scored_by"] == str(root / "hf") for q in after)
 
@@ -517,6 +511,10 @@ def test_another_head_picks_by_its_own_scores_on_the_same_candidates(hf_draw):
     ("same_file", "is the samples file"),
     ("aggregation", "--aggregation 'median' is unknown"),
     ("template", "has no {problem} field"),
+    ("other_template", "is not the draw's '{problem}\\n<think>\\n'"),
+    ("no_text", "has candidate 0 without its 'text' and 'step_scores'"),
+    ("output_dir", "is a directory: pass a file path"),
+    ("output_under_file", "is a file, not a directory"),
 ])
 def test_rescore_user_errors(hf_draw, case, expect, capsys):
     root, draw, _, tmp = hf_draw
@@ -528,14 +526,18 @@ def test_rescore_user_errors(hf_draw, case, expect, capsys):
         rows[1]["candidates"][2]["finish"] = "stopped"
     if case == "not_samples":
         rows = [{"id": "0", "answer": "1", "responses": ["x"]}]
+    if case == "no_text":
+        del rows[2]["candidates"][0]["text"]
     bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = bad if case == "same_file" else tmp / f"{case}.out.jsonl"
+    out = {"same_file": bad, "output_dir": tmp, "output_under_file": bad / "x.jsonl"}.get(case, tmp / f"{case}.out.jsonl")
     argv = [str(bad), "--hf-path", str(root / "hf"), "--output", str(out)]
-    argv += {"aggregation": ["--aggregation", "median"], "template": ["--prompt-template", "Q: "]}.get(case, [])
+    argv += {"aggregation": ["--aggregation", "median"], "template": ["--prompt-template", "Q: "],
+             "other_template": ["--prompt-template", "Q: {problem}\\nA:"]}.get(case, [])
     assert tool("rescore").main(argv) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert expect in lines[-1] and lines[-1].startswith("error: ")
-    assert case == "same_file" or not out.exists()
+    assert case in ("same_file", "output_dir") or not out.exists()
+    assert bad.read_text() == "".join(json.dumps(r) + "\n" for r in rows)  # the draw is left as it was
     assert not list(tmp.glob("*.tmp*"))
 
 

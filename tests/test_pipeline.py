@@ -90,8 +90,11 @@ def test_pipeline_refuses_a_non_empty_output(tmp_path, capsys):
     assert "--mask-warmup-iters 5 must be >= 0 and below --rgm-iters 5" in capsys.readouterr().err
     assert main(["--output", str(fresh), "--mask-warmup-iters", "-1"]) == 2
     assert "--mask-warmup-iters -1 must be >= 0" in capsys.readouterr().err
-    assert main(["--output", str(fresh), "--", "--sprm-mask-warmup-iters", "0"]) == 2
-    assert "pass --mask-warmup-iters N before --" in capsys.readouterr().err
+    for flag in (["--sprm-mask-warmup-iters", "0"], ["--sprm-mask-warmup-iters=0"], ["--sprm-mask-warmup", "0"]):
+        assert main(["--output", str(fresh), "--", *flag]) == 2
+        assert "pass --mask-warmup-iters N before --" in capsys.readouterr().err
+    assert main(["--output", str(fresh), "--rgm-iters", "0"]) == 2
+    assert "--rgm-iters must be >= 1, got 0" in capsys.readouterr().err
     assert not fresh.exists()
 
 

@@ -79,3 +79,10 @@ def test_the_hf_scorer_scores_a_response_behind_its_chat_prompt():
                                     for p in chat.step_positions]
     with pytest.raises(ConfigError, match="got 2 problems and 1 responses"):
         scorer.score_responses([PROBLEM, PROBLEM], [response])
+    # Only the response ends steps, as in sampling: a problem that holds the step string, behind a template
+    # that opens no <think>, adds no step (scoring the whole sequence finds its two as well).
+    two_steps = "Two numbers.\n\nAdd them.\n\nWhat is 7 + 5?"
+    ids = prompt_ids(tok, "Q: {problem}\nA: ", two_steps)
+    alone = scorer.score_responses([two_steps], [response], prompt_template="Q: {problem}\nA: ")[0]
+    assert len(alone.step_scores) == 2 and min(alone.step_positions) >= len(ids)
+    assert len(scorer.score_ids([ids + encode(tok, response)])[0].step_scores) == 4

@@ -21,9 +21,9 @@ def main(argv=None) -> int:
     p.add_argument("samples", help="a tools/best_of_n.py output drawn with --complete-all")
     p.add_argument("--hf-path", required=True, help="the RGM export whose head scores (mcore-to-hf)")
     p.add_argument("--output", required=True, help="jsonl written here, all at once when every record is scored")
-    p.add_argument("--prompt-template", type=decode_escapes, default=PROMPT_TEMPLATE,
-                   help="how the draw's problems became prompts: the --prompt-template best_of_n was given "
-                        "('chat': the tokenizer's chat template)")
+    p.add_argument("--prompt-template", type=decode_escapes, default=None,
+                   help="how the draw's problems became prompts, for a draw whose records do not name it (default: "
+                        f"{PROMPT_TEMPLATE!r}; 'chat': the tokenizer's chat template)")
     p.add_argument("--aggregation", default="geometric", help=f"one of {', '.join(AGGREGATIONS)}")
     a = p.parse_args(argv)
 

@@ -18,7 +18,7 @@ the problem, the candidate and the seed, so the chosen response is the same with
 
 Output (jsonl, one line per problem; also a samples file for ``tools/evaluate.py``)::
 
-    {"id", "problem", "answer" (gold or null), "aggregation", "chosen": int,
+    {"id", "problem", "answer" (gold or null), "aggregation", "prompt_template", "chosen": int,
      "candidates": [{"text", "step_scores": [p, ...], "aggregate", "finish": "think_end"|"eos"|"length",
                      "response"?, "prediction"?, "correct"?}, ...],
      "response", "prediction", "correct" (null without gold),
@@ -271,7 +271,8 @@ class BestOfN:
                 c.update(self._grade(c["response"], problem.get("answer")))
         best = candidates[chosen]
         return {"id": problem["id"], "problem": problem["problem"], "answer": problem.get("answer"),
-                "aggregation": self.cfg.aggregation, "chosen": chosen, "candidates": candidates,
+                "aggregation": self.cfg.aggregation, "prompt_template": self.cfg.template, "chosen": chosen,
+                "candidates": candidates,
                 "response": best["response"], "prediction": best.get("prediction"), "correct": best.get("correct"),
                 "responses": [c.get("response", c["text"]) for c in candidates],
                 "step_scores": [c["step_scores"] for c in candidates],

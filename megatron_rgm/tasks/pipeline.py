@@ -161,9 +161,12 @@ def run(cfg: PipelineConfig) -> dict:
     if cfg.max_tokens_per_microbatch is not None and cfg.max_tokens_per_microbatch < positions:
         raise ConfigError(f"--max-tokens-per-microbatch {cfg.max_tokens_per_microbatch} cannot hold one sequence of "
                           f"the tiny preset ({positions} positions): pass at least {positions}, or leave it out")
-    if "--sprm-mask-warmup-iters" in cfg.extra:
-        raise ConfigError("--sprm-mask-warmup-iters after -- would override the pipeline's own: pass "
-                          "--mask-warmup-iters N before -- (0: SPR from the first iteration)")
+    warmup_flag = "--sprm-mask-warmup-iters"
+    if any(len(a.split("=")[0]) > len("--sprm-mask") and warmup_flag.startswith(a.split("=")[0]) for a in cfg.extra):
+        raise ConfigError(f"{warmup_flag} after -- would override the pipeline's own: pass --mask-warmup-iters N "
+                          "before -- (0: SPR from the first iteration)")
+    if cfg.rgm_iters < 1:
+        raise ConfigError(f"--rgm-iters must be >= 1, got {cfg.rgm_iters}")
     if not 0 <= cfg.mask_warmup_iters < cfg.rgm_iters:
         raise ConfigError(f"--mask-warmup-iters {cfg.mask_warmup_iters} must be >= 0 and below --rgm-iters "
                           f"{cfg.rgm_iters}, or the head never trains with SPR: pass fewer, or 0 for SPR from the "
