@@ -24,11 +24,9 @@ import json
 import os
 from pathlib import Path
 
-import torch
-
-from megatron_rgm import ops
 from megatron_rgm.config import AGGREGATIONS, PROMPT_TEMPLATE, ConfigError, check_template
 from megatron_rgm.data.benchmarks import read_jsonl
+from megatron_rgm.evaluation.report import aggregate_scores
 from megatron_rgm.hf import RGMScorer
 from megatron_rgm.inference.best_of_n import choose
 
@@ -68,11 +66,7 @@ def rescore_record(row: dict, scorer: RGMScorer, template: str, aggregation: str
     cands = row["candidates"]
     scored = scorer.score_responses([row["problem"]] * len(cands), [c["text"] for c in cands], template)
     steps = [s.step_scores for s in scored]
-    # The aggregates from the float32 probabilities, as tools/evaluate.py computes them from step_scores.
-    flat = torch.tensor([p for s in steps for p in s], dtype=torch.float32)
-    cu = torch.zeros(len(steps) + 1, dtype=torch.int32)
-    cu[1:] = torch.tensor([len(s) for s in steps]).cumsum(0)
-    aggregates = ops.segment_aggregate(flat, cu, aggregation, from_probs=True).tolist()
+    aggregates = aggregate_scores(steps)[aggregation]  # tools/evaluate.py's own, so its bon@k ranks the same
     changed = sum(len(s) != len(c["step_scores"]) for s, c in zip(steps, cands))
     out = copy.deepcopy(row)
     for c, s, a in zip(out["candidates"], steps, aggregates):

@@ -162,7 +162,8 @@ def run(cfg: PipelineConfig) -> dict:
         raise ConfigError(f"--max-tokens-per-microbatch {cfg.max_tokens_per_microbatch} cannot hold one sequence of "
                           f"the tiny preset ({positions} positions): pass at least {positions}, or leave it out")
     warmup_flag = "--sprm-mask-warmup-iters"
-    if any(len(a.split("=")[0]) > len("--sprm-mask") and warmup_flag.startswith(a.split("=")[0]) for a in cfg.extra):
+    given = (a.split("=")[0] for a in cfg.extra)  # as the trainer's parser reads them: --flag=N, abbreviated
+    if any(len(flag) > len("--sprm-mask") and warmup_flag.startswith(flag) for flag in given):
         raise ConfigError(f"{warmup_flag} after -- would override the pipeline's own: pass --mask-warmup-iters N "
                           "before -- (0: SPR from the first iteration)")
     if cfg.rgm_iters < 1:
